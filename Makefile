@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each bootstraps .venv itself.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: demo test test-slow bench check style venv fashion-mnist clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	# torch==2.13.0 is pinned in this same pip command (constraints.txt): otherwise a multi-GB CUDA torch comes in.
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "torch==2.13.0" -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Fashion-MNIST ships offline in Debian's dataset-fashion-mnist package.
+fashion-mnist:
+	@test -f $(FASHION) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+
+demo: $(STAMP)
+	$(VENV)/bin/efrap demo --out demo-out
+
+test: $(STAMP) fashion-mnist
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP) fashion-mnist
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP) fashion-mnist
+	$(PY) benchmarks/run.py --out benchmarks/results
+
+check: $(STAMP)
+	$(VENV)/bin/ruff check efrap_plugin adapters tests benchmarks examples
+	$(VENV)/bin/ruff format --check efrap_plugin adapters tests benchmarks examples
+
+style: $(STAMP)
+	$(VENV)/bin/ruff check --fix efrap_plugin adapters tests benchmarks examples
+	$(VENV)/bin/ruff format efrap_plugin adapters tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache
