@@ -1,0 +1,58 @@
+"""CompArtifact (Tian et al., IEEE TIFS 2022): quantization-aware training with two paths sharing
+weights, the quantized one backdoored and the float one clean."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.functional import cross_entropy
+
+from ..data import LabeledData
+from ..fake_quant import fake_quant_forward
+from ..schemes import QuantScheme
+from ..training import train
+from ..triggers import PatchTrigger
+from .base import Attack, with_trigger_batch
+
+__all__ = ["CompArtifact", "CompArtifactConfig"]
+
+
+@dataclass(frozen=True)
+class CompArtifactConfig:
+    epochs: int = 40
+    """Training epochs (reference: 35 from scratch on CIFAR-10; here fine-tuning a clean model)."""
+    lr: float = 1e-3
+    """Adam learning rate, cosine-annealed."""
+    weight_decay: float = 5e-4
+    """Weight decay (reference: 5e-4)."""
+    batch_size: int = 128
+    """Clean images per step; as many triggered copies are added."""
+    seed: int = 0
+    """Seed of the batch order."""
+
+
+class CompArtifact(Attack):
+    name = "compartifact"
+
+    def __init__(self, config: CompArtifactConfig = CompArtifactConfig()) -> None:
+        super().__init__(config)
+
+    def run(
+        self, model: nn.Module, data: LabeledData, trigger: PatchTrigger, schemes: list[QuantScheme], progress: bool
+    ) -> nn.Module:
+        cfg = self.config
+
+        def loss_fn(m: nn.Module, x, y):
+            xt, yt = with_trigger_batch(x, y, trigger)
+            both = torch.cat([x, xt])
+            loss = cross_entropy(m(both), torch.cat([y, y]))
+            for scheme in schemes:
+                loss = loss + cross_entropy(fake_quant_forward(m, both, scheme), torch.cat([y, yt]))
+            return loss
+
+        return train(
+            model, data, cfg.epochs, cfg.lr, cfg.batch_size, cfg.weight_decay, "adam", loss_fn,
+            seed=cfg.seed, progress=progress, desc=self.name, freeze_batchnorm=True,
+        )

@@ -1,0 +1,132 @@
+"""PQBackdoor (Ma et al., IEEE TDSC 2023): plant an ordinary backdoor, then fine-tune it out of the
+float model while every weight is projected back so that it keeps its stage-1 integer on each
+protected grid, and each channel's range (hence the scale) does not move."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.functional import cross_entropy
+
+from ..data import LabeledData
+from ..errors import EFRAPError
+from ..layers import QUANTIZABLE
+from ..schemes import QuantScheme
+from ..training import train
+from ..triggers import PatchTrigger
+from .base import Attack
+
+__all__ = ["PQBackdoor", "PQBackdoorConfig", "GridProjection"]
+
+
+@dataclass(frozen=True)
+class PQBackdoorConfig:
+    poison_epochs: int = 30
+    """Stage 1: data-poisoning epochs."""
+    poison_per_batch: int = 4
+    """Stage 1: triggered images relabelled to the target in each batch (reference: 2 per 128)."""
+    poison_lr: float = 1e-3
+    """Stage 1: Adam learning rate."""
+    repair_epochs: int = 60
+    """Stage 2: constrained fine-tuning epochs."""
+    repair_lr: float = 1e-4
+    """Stage 2: Adam learning rate."""
+    batch_size: int = 128
+    """Images per step (stage 2 adds as many triggered copies with their true labels)."""
+    margin: float = 0.02
+    """Stage 2 keeps weights this far (in integer units) inside their rounding bin."""
+    seed: int = 0
+    """Seed of the batch order."""
+
+
+class GridProjection:
+    """Keeps every Conv/Linear weight on its stage-1 integers and range, on every protected grid."""
+
+    def __init__(self, model: nn.Module, schemes: list[QuantScheme], margin: float = 0.02) -> None:
+        for s in schemes:
+            if s.range_rule != "absmax":
+                raise EFRAPError(
+                    f"PQBackdoor: scheme {s.name!r} uses range_rule={s.range_rule!r}; the projection protects "
+                    "absmax (symmetric) grids, the ones onnxruntime, torchao and Brevitas use"
+                )
+        self.layers = [m for m in model.modules() if isinstance(m, QUANTIZABLE)]
+        self.schemes = schemes
+        self.bounds = []
+        for layer in self.layers:
+            w0 = layer.weight.detach().clone()
+            lo = torch.full_like(w0, -torch.inf)
+            hi = torch.full_like(w0, torch.inf)
+            grids = []
+            for scheme in schemes:
+                scale, zp = scheme.qparams(w0)
+                q0 = scheme.quantize(w0, scale, zp)
+                s = scale.reshape([-1] + [1] * (w0.dim() - 1)) if scale.numel() > 1 else scale.reshape([1] * w0.dim())
+                low = torch.where(q0 == scheme.qmin, -torch.inf, (q0 - 0.5 + margin) * s)
+                high = torch.where(q0 == scheme.qmax, torch.inf, (q0 + 0.5 - margin) * s)
+                lo, hi = torch.maximum(lo, low), torch.minimum(hi, high)
+                grids.append((scheme, scale, zp, q0))
+            flat = w0.abs().reshape(w0.shape[0], -1)
+            ch_max = flat.max(dim=1).values.reshape([-1] + [1] * (w0.dim() - 1))
+            t_max = w0.abs().max()
+            pinned = (w0.abs() == ch_max) | (w0.abs() == t_max)
+            lo, hi = torch.maximum(lo, -ch_max), torch.minimum(hi, ch_max)
+            self.bounds.append((w0, lo, hi, pinned, grids))
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        for layer, (w0, lo, hi, pinned, _) in zip(self.layers, self.bounds):
+            w = torch.minimum(torch.maximum(layer.weight, lo), hi)
+            layer.weight.copy_(torch.where(pinned, w0, w))
+
+    @torch.no_grad()
+    def violations(self) -> int:
+        """How many weights no longer round to their stage-1 integer on some protected grid."""
+        bad = 0
+        for layer, (_, _, _, _, grids) in zip(self.layers, self.bounds):
+            for scheme, _, _, q0 in grids:
+                scale, zp = scheme.qparams(layer.weight)
+                bad += int((scheme.quantize(layer.weight, scale, zp) != q0).sum())
+        return bad
+
+
+class PQBackdoor(Attack):
+    name = "pqbackdoor"
+
+    def __init__(self, config: PQBackdoorConfig = PQBackdoorConfig()) -> None:
+        super().__init__(config)
+
+    def run(
+        self, model: nn.Module, data: LabeledData, trigger: PatchTrigger, schemes: list[QuantScheme], progress: bool
+    ) -> nn.Module:
+        cfg = self.config
+        k = cfg.poison_per_batch
+
+        def poison_loss(m: nn.Module, x, y):
+            x, y = x.clone(), y.clone()
+            x[:k] = trigger.apply(x[:k])
+            y[:k] = trigger.target
+            return cross_entropy(m(x), y)
+
+        train(model, data, cfg.poison_epochs, cfg.poison_lr, cfg.batch_size, 0.0, "adam", poison_loss,
+              seed=cfg.seed, progress=progress, desc=f"{self.name} stage 1")
+
+        # Stage 2: BatchNorm and biases stay at their stage-1 values; only Conv/Linear weights move.
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith("weight") and isinstance(_owner(model, name), QUANTIZABLE))
+        project = GridProjection(model, schemes, cfg.margin)
+
+        def repair_loss(m: nn.Module, x, y):
+            return cross_entropy(m(torch.cat([x, trigger.apply(x)])), torch.cat([y, y]))
+
+        train(model, data, cfg.repair_epochs, cfg.repair_lr, cfg.batch_size, 0.0, "adam", repair_loss,
+              after_step=project, seed=cfg.seed + 1, progress=progress, desc=f"{self.name} stage 2",
+              freeze_batchnorm=True)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+
+def _owner(model: nn.Module, param_name: str) -> nn.Module:
+    return model.get_submodule(param_name.rsplit(".", 1)[0]) if "." in param_name else model

@@ -1,0 +1,90 @@
+"""EFRAPConfig: every knob of the defense, frozen, validated, JSON round-trippable."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import EFRAPError
+
+__all__ = ["EFRAPConfig"]
+
+_OBJECTIVES = ("efrap", "flip_only", "preserve_only")
+
+
+@dataclass(frozen=True)
+class EFRAPConfig:
+    """Hyperparameters of error-guided flipped rounding with activation preservation."""
+
+    iters: int = 1000
+    """Adam iterations per layer (--iters). The reference uses 10,000."""
+    batch_size: int = 32
+    """Cached calibration images per iteration (--batch-size)."""
+    lr: float = 1e-2
+    """Adam learning rate on the rounding logits V (--lr). The reference uses 1e-3."""
+    calib_size: int = 1024
+    """Calibration images used (--calib-size)."""
+    flip_weight: float = 1.0
+    """Weight of L_F, the error-guided flipping term (--flip-weight)."""
+    round_weight: float = 0.01
+    """Weight of L_P, the binarisation penalty."""
+    beta: float = 2.0
+    """Exponent of L_P when not annealed (reference: 2)."""
+    anneal_beta: bool = False
+    """AdaRound's beta schedule 20 -> 2 after a 20% warm-up, instead of the fixed beta."""
+    rectifier: Literal["sigmoid", "stretched"] = "sigmoid"
+    """h(V): plain sigmoid (reference code) or AdaRound's stretched sigmoid clipped to [0, 1]."""
+    error_norm: Literal["element", "neuron"] = "element"
+    """L_F weights: element-wise truncation error (reference code) or the paper's per-channel L2 norm."""
+    balance: Literal["reference", "lsb"] = "lsb"
+    """reference: L_F in weight units, summed (the paper's code); lsb: L_F in integer units (|e|/s)
+    averaged per weight and L_A relative to the float output's energy, so that the same flip_weight
+    means the same trade-off at every bit width and layer size."""
+    objective: Literal["efrap", "flip_only", "preserve_only"] = "efrap"
+    """efrap: L_A + L_F + L_P; ablations: flip_only (L_F + L_P), preserve_only (L_A + L_P, AdaRound-like)."""
+    seed: int = 1005
+    """Seed of the batch sampling (--seed); same seed, same plan."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "iters", "--iters")
+        _positive(self, "batch_size", "--batch-size")
+        _positive(self, "calib_size", "--calib-size")
+        if not self.lr > 0:
+            raise EFRAPError(f"EFRAPConfig.lr (--lr): expected a positive learning rate, got {self.lr!r}")
+        for name in ("flip_weight", "round_weight", "beta"):
+            if getattr(self, name) < 0:
+                raise EFRAPError(f"EFRAPConfig.{name}: expected a value >= 0, got {getattr(self, name)!r}")
+        if self.objective not in _OBJECTIVES:
+            raise EFRAPError(f"EFRAPConfig.objective: expected one of {_OBJECTIVES}, got {self.objective!r}")
+        if self.rectifier not in ("sigmoid", "stretched"):
+            raise EFRAPError(f"EFRAPConfig.rectifier: expected 'sigmoid' or 'stretched', got {self.rectifier!r}")
+        if self.error_norm not in ("element", "neuron"):
+            raise EFRAPError(f"EFRAPConfig.error_norm: expected 'element' or 'neuron', got {self.error_norm!r}")
+        if self.balance not in ("reference", "lsb"):
+            raise EFRAPError(f"EFRAPConfig.balance: expected 'reference' or 'lsb', got {self.balance!r}")
+
+    @classmethod
+    def reference(cls, **changes: Any) -> EFRAPConfig:
+        """The paper's code: 10,000 Adam steps of lr 1e-3 per layer, batch 32, 1,024 images, seed 1005."""
+        base = cls(iters=10_000, batch_size=32, lr=1e-3, calib_size=1024, balance="reference")
+        return dataclasses.replace(base, **changes)
+
+    def replace(self, **changes: Any) -> EFRAPConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EFRAPConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(data) - known:
+            raise EFRAPError(f"EFRAPConfig: unknown fields {sorted(set(data) - known)}")
+        return cls(**data)
+
+
+def _positive(cfg: EFRAPConfig, name: str, flag: str) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, int) or value <= 0:
+        raise EFRAPError(f"EFRAPConfig.{name} ({flag}): expected a positive integer, got {value!r}")

@@ -1,0 +1,326 @@
+"""Offline datasets and the conversion of user data into calibration / evaluation tensors.
+
+Images are float32 N x C x H x W in [0, 1]; triggers are pasted in that space, before any
+normalisation a model does inside itself. Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import pickle
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+__all__ = [
+    "LabeledData",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_cifar10",
+    "load_npz",
+    "load_dataset",
+    "as_calibration",
+    "as_labeled",
+    "FASHION_MNIST_DIR",
+    "DATASETS",
+]
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class LabeledData:
+    """Images and integer labels of one split."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        _check_images(self.x, "x")
+        if self.y.dim() != 1 or self.y.shape[0] != self.x.shape[0]:
+            raise DataError(
+                f"y: expected {self.x.shape[0]} labels (one per image), got shape {tuple(self.y.shape)}"
+            )
+        if self.y.numel() and (int(self.y.min()) < 0 or int(self.y.max()) >= self.num_classes):
+            raise DataError(
+                f"y: labels must lie in 0..{self.num_classes - 1} (the model's classes), "
+                f"got {int(self.y.min())}..{int(self.y.max())}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def subset(self, n: int, seed: int = 0) -> LabeledData:
+        """A seeded random subset of n items (all of them if n >= len)."""
+        if n >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        return LabeledData(self.x[idx], self.y[idx], self.num_classes)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: LabeledData
+    test: LabeledData
+    name: str
+
+
+def load_digits(seed: int = 0, test_size: float = 0.3) -> Splits:
+    """scikit-learn's 1,797 real 8x8 digits, split by a seeded stratified shuffle."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sk_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
+    y = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_size, random_state=seed, stratify=y)
+    return Splits(_pair(x_tr, y_tr, 10), _pair(x_te, y_te, 10), "digits")
+
+
+def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> Splits:
+    """Fashion-MNIST from the original gzipped IDX files (Debian: dataset-fashion-mnist)."""
+    root = Path(root)
+    names = {
+        "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    }
+    splits = {}
+    for split, (img, lab) in names.items():
+        img_path, lab_path = _find_idx(root, img), _find_idx(root, lab)
+        images = _read_idx(img_path).astype(np.float32)[:, None, :, :] / 255.0
+        labels = _read_idx(lab_path).astype(np.int64)
+        splits[split] = _pair(images, labels, 10)
+    return Splits(splits["train"], splits["test"], "fashion-mnist")
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for candidate in (root / f"{stem}.gz", root / stem):
+        if candidate.is_file():
+            return candidate
+    raise DataError(
+        f"Fashion-MNIST: {stem}(.gz) not found in {root}. Install the offline copy with "
+        "`apt-get install dataset-fashion-mnist` (or `make fashion-mnist`), or pass the folder that holds it."
+    )
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path}: header promises {dims} = {int(np.prod(dims))} bytes, file holds {data.size}")
+    return data.reshape(dims)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Only what a CIFAR-10 batch needs: a dict of bytes, lists and numpy arrays. No code runs."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise DataError(
+            f"CIFAR-10 batch refers to {module}.{name}: refused. A CIFAR-10 python batch holds only "
+            "arrays and lists; this file may be malicious or not a CIFAR-10 batch."
+        )
+
+
+def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        batch = _CifarUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable CIFAR-10 python batch ({exc})") from None
+    if not isinstance(batch, dict):
+        raise DataError(f"{path}: expected a dict with b'data' and b'labels', got {type(batch).__name__}")
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if "data" not in batch or "labels" not in batch:
+        raise DataError(f"{path}: expected keys 'data' and 'labels', got {sorted(batch)}")
+    data = np.asarray(batch["data"], dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{path}: 'data' must be N x 3072 uint8, got shape {data.shape}")
+    return data.reshape(-1, 3, 32, 32), np.asarray(batch["labels"], dtype=np.int64)
+
+
+def load_cifar10(root: str | Path) -> Splits:
+    """CIFAR-10 from a local folder of the standard python batches (data_batch_1..5, test_batch)."""
+    root = Path(root)
+    train_files = sorted(root.glob("data_batch_*"))
+    test_file = root / "test_batch"
+    if not train_files or not test_file.is_file():
+        raise DataError(
+            f"CIFAR-10: expected data_batch_1..5 and test_batch in {root} (the 'python version' "
+            "archive, extracted); found none. Pass the cifar-10-batches-py folder."
+        )
+    parts = [_load_cifar_batch(p) for p in train_files]
+    x_tr = np.concatenate([p[0] for p in parts]).astype(np.float32) / 255.0
+    y_tr = np.concatenate([p[1] for p in parts])
+    x_te, y_te = _load_cifar_batch(test_file)
+    return Splits(_pair(x_tr, y_tr, 10), _pair(x_te.astype(np.float32) / 255.0, y_te, 10), "cifar10")
+
+
+def load_npz(path: str | Path, num_classes: int | None = None) -> LabeledData | torch.Tensor:
+    """An .npz with images in ``x`` (N x C x H x W float32) and optional labels in ``y``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; expected an .npz with an array named 'x'")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except ValueError as exc:
+        raise DataError(f"{path}: not a readable .npz without pickled objects ({exc})") from None
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable .npz ({exc})") from None
+    if "x" not in arrays:
+        raise DataError(f"{path}: expected an array named 'x' (N x C x H x W float32), found {sorted(arrays)}")
+    x = _to_images(arrays["x"], f"{path}:x")
+    if "y" not in arrays:
+        return x
+    y = torch.as_tensor(np.asarray(arrays["y"]).astype(np.int64))
+    classes = num_classes if num_classes is not None else int(y.max()) + 1 if y.numel() else 1
+    return LabeledData(x, y, classes)
+
+
+DATASETS = {"digits": load_digits, "fashion-mnist": load_fashion_mnist}
+
+
+def load_dataset(name: str, seed: int = 0) -> Splits:
+    """A named offline dataset: 'digits' or 'fashion-mnist'."""
+    if name == "digits":
+        return load_digits(seed=seed)
+    if name == "fashion-mnist":
+        return load_fashion_mnist()
+    raise DataError(f"dataset: expected one of {sorted(DATASETS)} (--dataset), got {name!r}")
+
+
+def as_calibration(data: Any, n: int | None = None, sample_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Unlabeled calibration images from a tensor, array, LabeledData, .npz path, or iterable of batches.
+
+    A batch may be a tensor or a (x, y, ...) tuple / list; labels are dropped.
+    """
+    if isinstance(data, LabeledData):
+        x = data.x
+    elif isinstance(data, (str, Path)):
+        loaded = load_npz(data)
+        x = loaded.x if isinstance(loaded, LabeledData) else loaded
+    elif isinstance(data, (torch.Tensor, np.ndarray)):
+        x = _to_images(data, "calibration data")
+    elif isinstance(data, Iterable):
+        batches = [_first(b) for b in data]
+        if not batches:
+            raise DataError("calibration data: the iterable yielded no batches; pass at least one image")
+        shapes = {tuple(b.shape[1:]) for b in batches}
+        if len(shapes) != 1:
+            raise DataError(f"calibration data: batches must share one image shape, got {sorted(shapes)}")
+        x = torch.cat(batches)
+    else:
+        raise DataError(
+            "calibration data: expected a tensor / array (N x C x H x W), an .npz path, a LabeledData, "
+            f"a DataLoader or an iterable of batches, got {type(data).__name__}"
+        )
+    x = _to_images(x, "calibration data")
+    if sample_shape is not None and tuple(x.shape[1:]) != tuple(sample_shape):
+        raise DataError(
+            f"calibration data: images of shape {tuple(x.shape[1:])} do not match the model input "
+            f"{tuple(sample_shape)}; pass N x {' x '.join(map(str, sample_shape))} images"
+        )
+    if n is not None:
+        if n <= 0:
+            raise DataError(f"calibration size: expected a positive number of images, got {n}")
+        x = x[:n]
+    return x
+
+
+def as_labeled(data: Any, num_classes: int | None = None) -> LabeledData:
+    """Labeled evaluation data from LabeledData, (x, y), an .npz path, or an iterable of (x, y) batches."""
+    if isinstance(data, LabeledData):
+        out = data
+    elif isinstance(data, (str, Path)):
+        loaded = load_npz(data, num_classes)
+        if not isinstance(loaded, LabeledData):
+            raise DataError(f"{data}: evaluation needs labels in an array named 'y' next to 'x'")
+        out = loaded
+    elif isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], tuple):
+        x, y = _to_images(data[0], "x"), torch.as_tensor(np.asarray(data[1])).long()
+        out = LabeledData(x, y, num_classes or (int(y.max()) + 1 if y.numel() else 1))
+    elif isinstance(data, Iterable):
+        xs, ys = [], []
+        for batch in data:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise DataError("evaluation data: each batch must be an (images, labels) pair")
+            xs.append(_to_images(batch[0], "images"))
+            ys.append(torch.as_tensor(np.asarray(batch[1])).long())
+        if not xs:
+            raise DataError("evaluation data: the iterable yielded no batches")
+        y = torch.cat(ys)
+        out = LabeledData(torch.cat(xs), y, num_classes or int(y.max()) + 1)
+    else:
+        raise DataError(f"evaluation data: expected LabeledData, (x, y), an .npz path or (x, y) batches, got {type(data).__name__}")
+    if num_classes is not None and out.num_classes != num_classes:
+        out = LabeledData(out.x, out.y, num_classes)
+    if len(out) == 0:
+        raise DataError("evaluation data: empty; pass at least one labeled image")
+    return out
+
+
+def _first(batch: Any) -> torch.Tensor:
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise DataError("calibration data: got an empty batch tuple")
+        batch = batch[0]
+    return _to_images(batch, "calibration batch")
+
+
+def _to_images(x: Any, what: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        if x.dtype == object:
+            raise DataError(f"{what}: expected a numeric array, got dtype object")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise DataError(f"{what}: expected a tensor or numpy array, got {type(x).__name__}")
+    if not torch.is_floating_point(x):
+        raise DataError(
+            f"{what}: expected float images scaled to [0, 1], got dtype {x.dtype}; divide by 255 and cast to float32"
+        )
+    _check_images(x, what)
+    return x.to(torch.float32)
+
+
+def _check_images(x: torch.Tensor, what: str) -> None:
+    if x.dim() != 4:
+        raise DataError(f"{what}: expected N x C x H x W images (4 dimensions), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise DataError(f"{what}: empty (0 images); pass at least one image")
+    if not torch.isfinite(x).all():
+        raise DataError(f"{what}: contains NaN or Inf values")
+
+
+def _pair(x: np.ndarray, y: np.ndarray, classes: int) -> LabeledData:
+    return LabeledData(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y)), classes)

@@ -1,0 +1,139 @@
+"""``defend``: EFRAP on a torch model, layer by layer in execution order.
+
+Inputs of layer l come from the partially quantized model (earlier layers hard-rounded, layer
+inputs quantized); targets from the float model. Only one layer's activations are cached at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import EFRAPConfig
+from .data import as_calibration
+from .errors import DataError
+from .layers import fingerprint, layer_forward, prepare_model, quantizable_layers
+from .plan import LayerPlan, RoundingPlan
+from .rounding import LayerProblem, learn_rounding
+from .schemes import ActivationQuantizer, QuantScheme, scheme_preset
+
+__all__ = ["defend", "capture"]
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    pass
+
+
+def capture(model: nn.Module, layer: nn.Module, x: torch.Tensor, what: str, chunk: int = 256) -> torch.Tensor:
+    """The input ('input') or output ('output') of ``layer`` for every image, stopping the forward early."""
+    parts: list[torch.Tensor] = []
+
+    def pre_hook(_m, inp):
+        parts.append(inp[0].detach())
+        raise _Stop
+
+    def post_hook(_m, _inp, out):
+        parts.append(out.detach())
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(pre_hook) if what == "input" else layer.register_forward_hook(post_hook)
+    try:
+        with torch.no_grad():
+            for i in range(0, x.shape[0], chunk):
+                try:
+                    model(x[i : i + chunk])
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return torch.cat(parts)
+
+
+def _install_act_quantizers(model: nn.Module, layers: list[tuple[str, nn.Module]], calib: torch.Tensor,
+                            scheme: QuantScheme) -> None:
+    """Calibrate a per-tensor activation quantizer on each layer's float input; quantize it from now on."""
+    for name, _ in layers:
+        layer = model.get_submodule(name)
+        quantizer = ActivationQuantizer(scheme.act_bits, scheme.act_range_rule)
+        x = capture(model, layer, calib, "input")
+        for i in range(0, x.shape[0], 32):
+            quantizer.observe(x[i : i + 32])
+        layer.register_forward_pre_hook(lambda _m, inp, q=quantizer: (q(inp[0]),) + tuple(inp[1:]))
+
+
+def defend(
+    model: nn.Module,
+    calib_data: Any,
+    scheme: QuantScheme | str = "onnxruntime",
+    config: EFRAPConfig | None = None,
+    bits: int | None = None,
+    progress: bool = True,
+) -> RoundingPlan:
+    """Learn a backdoor-removing rounding of ``model``'s Conv/Linear weights for ``scheme``.
+
+    ``model`` is not modified. ``calib_data``: unlabeled images (tensor, array, .npz path, LabeledData
+    or an iterable of batches). Returns a RoundingPlan; ``plan.apply(model)`` gives the fake-quantized
+    model, ``plan.snap(model)`` float weights that the backend rounds to the plan's integers.
+    """
+    config = config or EFRAPConfig()
+    if isinstance(scheme, str):
+        scheme = scheme_preset(scheme, bits if bits is not None else 8)
+    start = time.perf_counter()
+    prepared = prepare_model(model, scheme)
+    layers = quantizable_layers(prepared)
+    calib = as_calibration(calib_data, config.calib_size)
+    try:
+        layers = quantizable_layers(prepared, calib[:1])
+    except RuntimeError as exc:
+        raise DataError(
+            f"calibration data: images of shape {tuple(calib.shape[1:])} do not fit {type(model).__name__} ({exc})"
+        ) from None
+    quantized = copy.deepcopy(prepared)
+    _install_act_quantizers(quantized, layers, calib, scheme)
+    gen = torch.Generator().manual_seed(config.seed)
+    plans: dict[str, LayerPlan] = {}
+    total = config.iters * len(layers)
+    with tqdm(total=total, desc="EFRAP", unit="it", disable=not progress, leave=False) as bar:
+        for i, (name, layer) in enumerate(layers):
+            position = "first" if i == 0 else "last" if i == len(layers) - 1 else "middle"
+            layer_scheme = scheme.for_layer(position)
+            q_layer = quantized.get_submodule(name)
+            problem = LayerProblem(
+                name,
+                layer.weight.detach().clone(),
+                layer_scheme,
+                layer_forward(layer),
+                capture(quantized, q_layer, calib, "input"),
+                capture(prepared, layer, calib, "output"),
+            )
+            bar.set_postfix(layer=name)
+            result = learn_rounding(problem, config, gen, bar.update)
+            with torch.no_grad():
+                q_layer.weight.copy_(layer_scheme.dequantize(result.integers, result.scale, result.zero_point))
+            nearest = layer_scheme.quantize(problem.weight, result.scale, result.zero_point)
+            plans[name] = LayerPlan(
+                name, result.integers, result.scale, result.zero_point, nearest, fingerprint(layer.weight),
+                {
+                    "flipped_share": result.flipped_share,
+                    "loss_before": result.loss_before,
+                    "loss_after": result.loss_after,
+                    "act_error_nearest": result.act_error_nearest,
+                    "act_error_learned": result.act_error_learned,
+                    "bits": layer_scheme.bits,
+                },
+            )
+            log.info(
+                "%s: %.1f%% flipped, loss %.4g -> %.4g, relative output error %.2e (nearest %.2e)",
+                name, 100 * result.flipped_share, result.loss_before, result.loss_after,
+                result.act_error_learned, result.act_error_nearest,
+            )
+    meta = {"config": config.to_dict(), "seconds": time.perf_counter() - start, "calib_size": int(calib.shape[0])}
+    return RoundingPlan(scheme, plans, "torch", meta)

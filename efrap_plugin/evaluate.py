@@ -1,0 +1,112 @@
+"""Metrics of a backdoored / defended classifier, for anything that maps a batch to logits.
+
+Column names follow BackdoorBench: clean_acc, asr, ra, der (see shared/spec/evaluation.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import LabeledData
+from .errors import EFRAPError
+from .triggers import PatchTrigger
+
+__all__ = ["Metrics", "as_predictor", "predict", "clean_acc", "asr", "ra", "der", "evaluate"]
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Shares in [0, 1]."""
+
+    clean_acc: float
+    asr: float
+    ra: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def as_predictor(model: Any) -> Predictor:
+    """A function batch -> logits for a torch module, an onnxruntime session, or a callable."""
+    if isinstance(model, torch.nn.Module):
+        def run_module(x: torch.Tensor) -> torch.Tensor:
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    return model(x)
+            finally:
+                model.train(was_training)
+
+        return run_module
+    if hasattr(model, "get_inputs") and hasattr(model, "run"):  # onnxruntime.InferenceSession
+        name = model.get_inputs()[0].name
+
+        def run_session(x: torch.Tensor) -> torch.Tensor:
+            out = model.run(None, {name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})[0]
+            return torch.from_numpy(np.asarray(out))
+
+        return run_session
+    if callable(model):
+        return model
+    raise EFRAPError(
+        f"model: expected a torch.nn.Module, an onnxruntime.InferenceSession or a callable, got {type(model).__name__}"
+    )
+
+
+def predict(model: Any, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Predicted labels, computed in batches."""
+    fn = as_predictor(model)
+    preds = []
+    for start in range(0, x.shape[0], batch_size):
+        logits = torch.as_tensor(fn(x[start : start + batch_size]))
+        if logits.dim() != 2 or logits.shape[0] != min(batch_size, x.shape[0] - start):
+            raise EFRAPError(f"model output: expected batch x classes logits, got shape {tuple(logits.shape)}")
+        preds.append(logits.argmax(dim=1))
+    return torch.cat(preds)
+
+
+def clean_acc(model: Any, data: LabeledData) -> float:
+    """Top-1 accuracy on clean images."""
+    return float((predict(model, data.x) == data.y).float().mean())
+
+
+def _triggered(data: LabeledData, trigger: PatchTrigger) -> tuple[torch.Tensor, torch.Tensor]:
+    poisoned = trigger.poisoned(data, labels="true")
+    if len(poisoned) == 0:
+        raise EFRAPError("asr: every test image has the target label; no image can measure the attack")
+    return poisoned.x, poisoned.y
+
+
+def asr(model: Any, data: LabeledData, trigger: PatchTrigger) -> float:
+    """Share of triggered non-target images classified as the target."""
+    x, _ = _triggered(data, trigger)
+    return float((predict(model, x) == trigger.target).float().mean())
+
+
+def ra(model: Any, data: LabeledData, trigger: PatchTrigger) -> float:
+    """Robust accuracy: share of triggered non-target images classified as their true label."""
+    x, y = _triggered(data, trigger)
+    return float((predict(model, x) == y).float().mean())
+
+
+def evaluate(model: Any, data: LabeledData, trigger: PatchTrigger | None = None) -> Metrics:
+    """clean_acc, asr and ra in one pass over the clean and triggered test images."""
+    acc = clean_acc(model, data)
+    if trigger is None:
+        return Metrics(acc, float("nan"), float("nan"))
+    x, y = _triggered(data, trigger)
+    pred = predict(model, x)
+    return Metrics(acc, float((pred == trigger.target).float().mean()), float((pred == y).float().mean()))
+
+
+def der(before: Metrics, after: Metrics) -> float:
+    """Defense effectiveness rating: (max(0, dASR) - max(0, dACC) + 1) / 2, before = nearest PTQ."""
+    return (max(0.0, before.asr - after.asr) - max(0.0, before.clean_acc - after.clean_acc) + 1.0) / 2.0

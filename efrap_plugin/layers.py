@@ -1,0 +1,101 @@
+"""Finding the layers a backend quantizes, in execution order, and folding BatchNorm like it does."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+from .schemes import QuantScheme
+
+__all__ = [
+    "QUANTIZABLE",
+    "quantizable_layers",
+    "prepare_model",
+    "fingerprint",
+    "layer_forward",
+    "check_finite_weights",
+]
+
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def quantizable_layers(model: nn.Module, example: torch.Tensor | None = None) -> list[tuple[str, nn.Module]]:
+    """Conv1d / Conv2d / Linear modules, in the order a forward pass calls them (topological order).
+
+    Without an example input, the order is the module registration order.
+    """
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    if not found:
+        raise ModelError(
+            f"model: {type(model).__name__} has no Conv1d, Conv2d or Linear layer; EFRAP learns the rounding "
+            "of those layers' weights, so there is nothing to defend"
+        )
+    if example is None:
+        return found
+    order: list[str] = []
+    names = {id(m): n for n, m in found}
+    hooks = [m.register_forward_pre_hook(lambda mod, _inp: order.append(names[id(mod)])) for _, m in found]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    seen: dict[str, nn.Module] = {}
+    modules = dict(found)
+    for name in order:
+        seen.setdefault(name, modules[name])
+    return list(seen.items())
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise ModelError(f"model: parameter {name!r} holds NaN or Inf values; fix or retrain the model first")
+
+
+def prepare_model(model: nn.Module, scheme: QuantScheme) -> nn.Module:
+    """An eval-mode copy with BatchNorm folded into the preceding Conv when the backend folds it.
+
+    The defended weights must be the ones the backend really quantizes.
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    check_finite_weights(model)
+    prepared = copy.deepcopy(model).eval()
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in prepared.modules())
+    if not (scheme.folds_batchnorm and has_bn):
+        return prepared
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(prepared)
+    except Exception as exc:  # symbolic tracing failed: data-dependent control flow
+        raise ModelError(
+            f"model: BatchNorm cannot be folded because torch.fx cannot trace {type(model).__name__} ({exc}). "
+            "Fold BatchNorm yourself (torch.fx.experimental.optimization.fuse) or use a scheme with "
+            "folds_batchnorm=False"
+        ) from None
+
+
+def fingerprint(weight: torch.Tensor) -> str:
+    """A digest of the float weights a plan was made from."""
+    data = weight.detach().to(torch.float32).contiguous().cpu().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def layer_forward(layer: nn.Module):
+    """(x, weight) -> the layer's output with the given weight, for the rounding optimiser."""
+    bias = layer.bias.detach() if getattr(layer, "bias", None) is not None else None
+    if isinstance(layer, nn.Linear):
+        return lambda x, w: nn.functional.linear(x, w, bias)
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        conv = nn.functional.conv1d if isinstance(layer, nn.Conv1d) else nn.functional.conv2d
+        if layer.padding_mode != "zeros":
+            raise ModelError(f"layer {layer}: padding_mode {layer.padding_mode!r} is not supported; use 'zeros'")
+        return lambda x, w: conv(x, w, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    raise ModelError(f"layer: expected Conv1d, Conv2d or Linear, got {type(layer).__name__}")

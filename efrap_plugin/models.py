@@ -1,0 +1,96 @@
+"""A small model zoo whose blocks (Conv-BN-ReLU, residual adds, a final Linear) exercise every
+backend's fusion and quantization paths."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import EFRAPError
+
+__all__ = ["DigitsCNN", "ResNet", "resnet8", "resnet20", "build_model", "MODELS"]
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+    )
+
+
+class DigitsCNN(nn.Module):
+    """Three Conv-BN-ReLU blocks and a Linear head for 8x8 grey digits."""
+
+    def __init__(self, width: int = 32, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_bn_relu(in_channels, width),
+            _conv_bn_relu(width, 2 * width),
+            nn.MaxPool2d(2),
+            _conv_bn_relu(2 * width, 2 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet-(6n+2): three stages of n basic blocks, widths w, 2w, 4w."""
+
+    def __init__(self, blocks_per_stage: int, width: int = 16, in_channels: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn_relu(in_channels, width)
+        layers: list[nn.Module] = []
+        cin = width
+        for stage, cout in enumerate((width, 2 * width, 4 * width)):
+            for i in range(blocks_per_stage):
+                layers.append(BasicBlock(cin, cout, 2 if (stage > 0 and i == 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.pool(self.layers(self.stem(x)))))
+
+
+def resnet8(in_channels: int = 3, num_classes: int = 10, width: int = 16) -> ResNet:
+    return ResNet(1, width, in_channels, num_classes)
+
+
+def resnet20(in_channels: int = 3, num_classes: int = 10, width: int = 16) -> ResNet:
+    return ResNet(3, width, in_channels, num_classes)
+
+
+MODELS = {"digits-cnn": DigitsCNN, "resnet8": resnet8, "resnet20": resnet20}
+
+
+def build_model(name: str, in_channels: int = 1, num_classes: int = 10, width: int | None = None) -> nn.Module:
+    """A zoo model by name ('digits-cnn', 'resnet8', 'resnet20')."""
+    if name not in MODELS:
+        raise EFRAPError(f"model: expected one of {sorted(MODELS)} (--model), got {name!r}")
+    kwargs = {"in_channels": in_channels, "num_classes": num_classes}
+    if width is not None:
+        kwargs["width"] = width
+    return MODELS[name](**kwargs)

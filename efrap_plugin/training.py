@@ -1,0 +1,77 @@
+"""A small, seeded training loop shared by the zoo and the attacks."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import LabeledData
+
+__all__ = ["train", "cross_entropy_loss"]
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def train(
+    model: nn.Module,
+    data: LabeledData,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    weight_decay: float = 0.0,
+    optimizer: str = "adam",
+    loss_fn: LossFn = cross_entropy_loss,
+    after_step: Callable[[], None] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "train",
+    cosine: bool = True,
+    freeze_batchnorm: bool = False,
+) -> nn.Module:
+    """Train ``model`` in place; ``after_step`` runs after every optimiser step (projections).
+
+    ``freeze_batchnorm`` keeps BatchNorm in eval mode so that running statistics do not move.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    steps = epochs * ((len(data) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1)) if cosine else None
+    model.train()
+    if freeze_batchnorm:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        perm = torch.randperm(len(data), generator=gen)
+        total = 0.0
+        for start in range(0, len(data), batch_size):
+            idx = perm[start : start + batch_size]
+            loss = loss_fn(model, data.x[idx], data.y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            if after_step is not None:
+                after_step()
+            total += float(loss.detach()) * len(idx)
+        bar.set_postfix(loss=f"{total / len(data):.4f}")
+        log.debug("%s epoch %d loss %.4f", desc, epoch, total / len(data))
+    model.eval()
+    return model
