@@ -1,0 +1,81 @@
+"""efrap-plugin: EFRAP (Li et al., CVPR 2024) against quantization-conditioned backdoors.
+
+The backend-neutral core. ``defend(model, calib_data, scheme, config) -> RoundingPlan``; adapters
+for onnxruntime (efrap_onnx) turn plans into real int8 artifacts.
+"""
+
+from .config import EFRAPConfig
+from .data import (
+    LabeledData,
+    as_calibration,
+    as_labeled,
+    load_cifar10,
+    load_dataset,
+    load_digits,
+    load_fashion_mnist,
+    load_npz,
+)
+from .engine import capture, defend
+from .errors import DataError, EFRAPError, ModelError, PlanMismatchError
+from .evaluate import Metrics, as_predictor, asr, clean_acc, der, evaluate, predict, ra
+from .fake_quant import fake_quant_forward
+from .layers import fingerprint, prepare_model, quantizable_layers
+from .models import DigitsCNN, ResNet, build_model, resnet8, resnet20
+from .plan import LayerPlan, RoundingPlan, atomic_write, snap_weight
+from .rounding import LayerProblem, LayerResult, learn_rounding, learnable_bounds, truncation_error
+from .schemes import SCHEME_PRESETS, ActivationQuantizer, QuantScheme, scheme_preset
+from .training import train
+from .triggers import PatchTrigger
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationQuantizer",
+    "DataError",
+    "DigitsCNN",
+    "EFRAPConfig",
+    "EFRAPError",
+    "LabeledData",
+    "LayerPlan",
+    "LayerProblem",
+    "LayerResult",
+    "Metrics",
+    "ModelError",
+    "PatchTrigger",
+    "PlanMismatchError",
+    "QuantScheme",
+    "ResNet",
+    "RoundingPlan",
+    "SCHEME_PRESETS",
+    "as_calibration",
+    "as_labeled",
+    "as_predictor",
+    "asr",
+    "atomic_write",
+    "build_model",
+    "capture",
+    "clean_acc",
+    "defend",
+    "der",
+    "evaluate",
+    "fake_quant_forward",
+    "fingerprint",
+    "learn_rounding",
+    "learnable_bounds",
+    "load_cifar10",
+    "load_dataset",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_npz",
+    "predict",
+    "prepare_model",
+    "quantizable_layers",
+    "ra",
+    "resnet20",
+    "resnet8",
+    "scheme_preset",
+    "snap_weight",
+    "train",
+    "truncation_error",
+    "__version__",
+]

@@ -39,8 +39,8 @@ class EFRAPConfig:
     """L_F weights: element-wise truncation error (reference code) or the paper's per-channel L2 norm."""
     balance: Literal["reference", "lsb"] = "lsb"
     """reference: L_F in weight units, summed (the paper's code); lsb: L_F in integer units (|e|/s)
-    averaged per weight and L_A relative to the float output's energy, so that the same flip_weight
-    means the same trade-off at every bit width and layer size."""
+    averaged per weight, and L_A divided by the L_A of moving every weight one integer step, so that
+    the same flip_weight means the same trade-off at every bit width, layer size and input scale."""
     objective: Literal["efrap", "flip_only", "preserve_only"] = "efrap"
     """efrap: L_A + L_F + L_P; ablations: flip_only (L_F + L_P), preserve_only (L_A + L_P, AdaRound-like)."""
     seed: int = 1005

@@ -124,6 +124,23 @@ def _act_error(problem: LayerProblem, w: torch.Tensor, chunk: int = 256) -> floa
     return total / max(energy, 1e-12)
 
 
+def _flip_cost(problem: LayerProblem, s: torch.Tensor, generator: torch.Generator | None) -> float:
+    """L_A of moving every weight by one integer step in a random direction: what 'flip everything' costs.
+
+    Dividing L_A by it makes the trade-off against L_F (in integer units) the same at every bit width,
+    layer size and input scale.
+    """
+    x = problem.inputs[: min(problem.inputs.shape[0], 256)]
+    with torch.no_grad():
+        zero = problem.forward(x, torch.zeros_like(problem.weight))
+        costs = []
+        for _ in range(2):
+            signs = torch.randint(0, 2, problem.weight.shape, generator=generator).to(torch.float32) * 2 - 1
+            diff = (problem.forward(x, signs * s) - zero).pow(2)
+            costs.append(float(diff.sum(dim=1).mean() if diff.dim() > 1 else diff.mean()))
+    return sum(costs) / len(costs)
+
+
 def learn_rounding(
     problem: LayerProblem,
     config: EFRAPConfig,
@@ -152,9 +169,7 @@ def learn_rounding(
     if config.balance == "lsb":
         err = err / s
         flip_scale = 1.0 / w.numel()
-        t2 = problem.targets.pow(2)
-        energy = float(t2.sum(dim=1).mean() if t2.dim() > 1 else t2.mean())
-        act_scale = 1.0 / max(energy, 1e-12)
+        act_scale = 1.0 / max(_flip_cost(problem, s, generator), 1e-20)
     else:
         flip_scale, act_scale = 1.0, 1.0
     learnable = ~frozen

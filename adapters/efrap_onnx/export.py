@@ -1,0 +1,105 @@
+"""From a torch model to ONNX: the float export, and a defended QDQ int8 model from a RoundingPlan."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnxruntime.quantization import QuantType
+
+from efrap_plugin import EFRAPError, PlanMismatchError, RoundingPlan, as_calibration, fingerprint
+
+from .model_io import initializer_array, save_onnx
+from .quantize import ListDataReader, quantize_static
+from .verify import VerifyReport, verify
+
+__all__ = ["export_float_onnx", "export_defended", "onnx_plan"]
+
+log = logging.getLogger(__name__)
+
+
+def export_float_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path) -> Path:
+    """torch.onnx.export (dynamo) with a dynamic batch dimension; input 'input', output 'logits'."""
+    model = model.eval()
+    with tempfile.TemporaryDirectory(prefix="efrap-export-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (example[:2],), dynamo=True, verbose=False, input_names=["input"], output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+        )
+        tmp_path = Path(tmp) / "model.onnx"
+        program.save(str(tmp_path))
+        data = onnx.load(str(tmp_path))
+    return save_onnx(data, path)
+
+
+def onnx_plan(plan: RoundingPlan, float_onnx: onnx.ModelProto, qdq: onnx.ModelProto) -> RoundingPlan:
+    """The torch plan re-keyed by the ONNX initializers that hold the same (snapped) weights."""
+    by_print: dict[str, tuple[str, bool]] = {}
+    for t in float_onnx.graph.initializer:
+        arr = initializer_array(t)
+        if arr.dtype != np.float32 or arr.ndim < 2:
+            continue
+        by_print[fingerprint(torch.from_numpy(arr))] = (t.name, False)
+        if arr.ndim == 2:
+            by_print[fingerprint(torch.from_numpy(np.ascontiguousarray(arr.T)))] = (t.name, True)
+    inits = {t.name for t in qdq.graph.initializer}
+    layers, layout = {}, {}
+    for name, lp in plan.layers.items():
+        snapped = plan.scheme.dequantize(lp.integers, lp.scale, lp.zero_point)
+        key = lp.stats.get("snapped_fingerprint") or fingerprint(snapped)
+        if key not in by_print:
+            raise PlanMismatchError(f"export: no ONNX initializer holds the snapped weights of layer {name!r}")
+        onnx_name, transpose = by_print[key]
+        if f"{onnx_name}_quantized" not in inits:
+            raise PlanMismatchError(f"export: onnxruntime did not quantize {onnx_name!r} (layer {name!r})")
+        layers[onnx_name] = dataclasses.replace(lp, name=onnx_name)
+        layout[onnx_name] = {"quantized": f"{onnx_name}_quantized", "scale": f"{onnx_name}_scale",
+                             "transpose": transpose, "node": name}
+    return RoundingPlan(plan.scheme, layers, "onnx", {**plan.meta, "layout": layout})
+
+
+def export_defended(
+    model: torch.nn.Module,
+    plan: RoundingPlan,
+    calib_data,
+    path: str | Path,
+    per_channel: bool = True,
+) -> tuple[RoundingPlan, VerifyReport]:
+    """Write a QDQ int8 (or int4) ONNX model whose weight integers are ``plan``'s, and prove it.
+
+    The model is snapped to the plan's grid, exported, quantized by onnxruntime's stock
+    quantize_static (its own observer and rounding), then the integers are read back and compared.
+    """
+    if plan.scheme.name != "onnxruntime":
+        raise EFRAPError(
+            f"plan: made for the {plan.scheme.name!r} scheme; onnxruntime needs a plan made with "
+            "scheme='onnxruntime' (its scale rule and integer range differ)"
+        )
+    calib = as_calibration(calib_data)
+    snapped = plan.snap(model)
+    with tempfile.TemporaryDirectory(prefix="efrap-export-") as tmp:
+        float_path = export_float_onnx(snapped, calib[:2], Path(tmp) / "snapped.onnx")
+        quantize_static(
+            float_path, path, ListDataReader.from_array("input", calib.numpy()), per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8 if plan.scheme.bits == 8 else QuantType.QInt4, efrap=False,
+        )
+        keyed = onnx_plan(snapshot_prints(plan, snapped), onnx.load(str(float_path)), onnx.load(str(path)))
+    return keyed, verify(path, keyed)
+
+
+def snapshot_prints(plan: RoundingPlan, snapped: torch.nn.Module) -> RoundingPlan:
+    """Record each layer's snapped-weight fingerprint, by which the ONNX initializer is found."""
+    modules = dict(snapped.named_modules())
+    layers = {
+        name: dataclasses.replace(lp, stats={**lp.stats, "snapped_fingerprint": fingerprint(modules[name].weight)})
+        for name, lp in plan.layers.items()
+    }
+    return dataclasses.replace(plan, layers=layers)

@@ -1,0 +1,131 @@
+"""The quantized layers of a QDQ graph, and the torch function each one computes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+
+from efrap_plugin import ModelError
+
+from .model_io import initializer_array
+
+__all__ = ["QuantizedLayer", "find_quantized_layers", "attribute"]
+
+log = logging.getLogger(__name__)
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+@dataclass
+class QuantizedLayer:
+    """A Conv / Gemm / MatMul whose weight a DequantizeLinear feeds from a quantized initializer."""
+
+    node: str
+    op_type: str
+    float_weight: str
+    quantized: str
+    scale: str
+    zero_point: str
+    axis: int
+    transpose: bool
+    input_name: str
+    output_name: str
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def find_quantized_layers(qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> tuple[list[QuantizedLayer], list[str]]:
+    """Quantized layers in graph order, and the names of weight-bearing nodes that stay in float."""
+    inits = _initializers(qdq)
+    float_inits = _initializers(float_model)
+    producers = {out: n for n in qdq.graph.node for out in n.output}
+    float_nodes = {n.name: n for n in float_model.graph.node if n.name}
+    layers, skipped = [], []
+    for node in qdq.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        dq = producers.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            if node.op_type == "Conv" or node.input[1] in float_inits:
+                skipped.append(node.name or node.output[0])
+            continue
+        fnode = float_nodes.get(node.name)
+        if fnode is None or fnode.input[1] not in float_inits:
+            skipped.append(node.name or node.output[0])
+            continue
+        forward = _forward(node, fnode, float_inits)
+        if forward is None:
+            skipped.append(node.name or node.output[0])
+            continue
+        transpose = node.op_type == "MatMul" or (node.op_type == "Gemm" and not attribute(node, "transB", 0))
+        layers.append(
+            QuantizedLayer(
+                node.name or node.output[0], node.op_type, fnode.input[1], dq.input[0], dq.input[1],
+                dq.input[2] if len(dq.input) > 2 else "", attribute(dq, "axis", 1), transpose,
+                node.input[0], fnode.output[0], forward,
+            )
+        )
+    return layers, skipped
+
+
+def _bias(fnode: onnx.NodeProto, index: int, inits: dict[str, onnx.TensorProto]) -> torch.Tensor | None | bool:
+    if len(fnode.input) <= index or not fnode.input[index]:
+        return None
+    if fnode.input[index] not in inits:
+        return False
+    return torch.from_numpy(np.array(initializer_array(inits[fnode.input[index]]), dtype=np.float32))
+
+
+def _forward(node: onnx.NodeProto, fnode: onnx.NodeProto, inits) -> Callable | None:
+    """(x, w in [out, ...] layout) -> the node's output; None where the node is outside what we model."""
+    if node.op_type == "Conv":
+        bias = _bias(fnode, 2, inits)
+        if bias is False or attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+            return None
+        rank = len(attribute(node, "kernel_shape", [0, 0]) or [0, 0])
+        if rank not in (1, 2):
+            return None
+        strides = attribute(node, "strides", [1] * rank)
+        dilations = attribute(node, "dilations", [1] * rank)
+        pads = attribute(node, "pads", [0] * (2 * rank))
+        group = attribute(node, "group", 1)
+        conv = F.conv1d if rank == 1 else F.conv2d
+        symmetric = list(pads[:rank]) == list(pads[rank:])
+        torch_pad = [p for i in reversed(range(rank)) for p in (pads[i], pads[i + rank])]
+
+        def run_conv(x, w):
+            if not symmetric:
+                x = F.pad(x, torch_pad)
+            return conv(x, w, bias, strides, list(pads[:rank]) if symmetric else 0, dilations, group)
+
+        return run_conv
+    if node.op_type == "Gemm":
+        if attribute(node, "transA", 0):
+            return None
+        bias = _bias(fnode, 2, inits)
+        if bias is False:
+            return None
+        alpha, beta = attribute(node, "alpha", 1.0), attribute(node, "beta", 1.0)
+
+        def run_gemm(x, w):
+            y = alpha * (x @ w.T)
+            return y + beta * bias if bias is not None else y
+
+        return run_gemm
+    if node.op_type == "MatMul":
+        return lambda x, w: x @ w.T
+    raise ModelError(f"node {node.name!r}: unexpected op {node.op_type}")
