@@ -4,6 +4,8 @@ The backend-neutral core. ``defend(model, calib_data, scheme, config) -> Roundin
 for onnxruntime (efrap_onnx) turn plans into real int8 artifacts.
 """
 
+from .analysis import LayerScan, format_scan, scan_weights
+from .checkpoint import load_model, save_model
 from .config import EFRAPConfig
 from .data import (
     LabeledData,
@@ -38,6 +40,7 @@ __all__ = [
     "LabeledData",
     "LayerPlan",
     "LayerProblem",
+    "LayerScan",
     "LayerResult",
     "Metrics",
     "ModelError",
@@ -60,17 +63,21 @@ __all__ = [
     "evaluate",
     "fake_quant_forward",
     "fingerprint",
+    "format_scan",
     "learn_rounding",
     "learnable_bounds",
     "load_cifar10",
     "load_dataset",
     "load_digits",
     "load_fashion_mnist",
+    "load_model",
     "load_npz",
     "predict",
     "prepare_model",
     "quantizable_layers",
     "ra",
+    "save_model",
+    "scan_weights",
     "resnet20",
     "resnet8",
     "scheme_preset",

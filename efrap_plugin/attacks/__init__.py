@@ -5,7 +5,7 @@ from .compartifact import CompArtifact, CompArtifactConfig
 from .pqbackdoor import GridProjection, PQBackdoor, PQBackdoorConfig
 from .qu_anti_zation import QuAntiZation, QuAntiZationConfig
 
-ATTACKS = {"qu-anti-zation": QuAntiZation, "compartifact": CompArtifact, "pqbackdoor": PQBackdoor}
+from .runner import ATTACKS, default_arch, default_trigger, run_attack, train_clean
 
 __all__ = [
     "ATTACKS",
@@ -18,4 +18,8 @@ __all__ = [
     "PQBackdoorConfig",
     "QuAntiZation",
     "QuAntiZationConfig",
+    "default_arch",
+    "default_trigger",
+    "run_attack",
+    "train_clean",
 ]

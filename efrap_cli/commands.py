@@ -1,0 +1,255 @@
+"""Each subcommand maps its flags onto library calls; no logic of its own beyond I/O."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from efrap_plugin import (
+    EFRAPConfig,
+    EFRAPError,
+    LabeledData,
+    PatchTrigger,
+    as_calibration,
+    evaluate,
+    format_scan,
+    load_dataset,
+    load_model,
+    prepare_model,
+    quantizable_layers,
+    save_model,
+    scan_weights,
+    scheme_preset,
+)
+from efrap_plugin.attacks import run_attack
+from efrap_plugin.plan import atomic_write
+
+__all__ = ["COMMANDS", "load_attack_info", "stock_onnx_int8", "calibration_images"]
+
+log = logging.getLogger("efrap")
+
+
+def _onnx():
+    try:
+        import efrap_onnx
+    except ImportError as exc:
+        raise EFRAPError(
+            f"the onnx extra is not installed ({exc}); run `pip install 'efrap-plugin[onnx]'`"
+        ) from None
+    return efrap_onnx
+
+
+def _weight_type(bits: int):
+    from onnxruntime.quantization import QuantType
+
+    if bits not in (8, 4):
+        raise EFRAPError(f"--bits: onnxruntime quantizes weights to 8 or 4 bits, got {bits}")
+    return QuantType.QInt8 if bits == 8 else QuantType.QInt4
+
+
+def stock_onnx_int8(float_onnx: Path, calib: np.ndarray, out: Path, bits: int = 8, per_channel: bool = True):
+    """onnxruntime's stock quantize_static: QDQ, per-channel, MinMax, uint8 activations."""
+    from onnxruntime.quantization import QuantType
+
+    onnx_adapter = _onnx()
+    reader = onnx_adapter.ListDataReader.from_array(_input_name(float_onnx), calib)
+    onnx_adapter.quantize_static(float_onnx, out, reader, per_channel=per_channel, activation_type=QuantType.QUInt8,
+                                 weight_type=_weight_type(bits), efrap=False, progress=False)
+    return out
+
+
+def _input_name(path: Path) -> str:
+    import onnx
+
+    model = _onnx().load_onnx(path, check_finite=False)
+    inits = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    if len(names) != 1:
+        raise EFRAPError(f"model: {path} has inputs {names}; efrap's CLI handles single-input image models")
+    del onnx
+    return names[0]
+
+
+def calibration_images(spec: str, n: int, seed: int = 0) -> np.ndarray:
+    """'digits', 'fashion-mnist' (training images) or a path to an .npz with array 'x'."""
+    if spec in ("digits", "fashion-mnist"):
+        x = load_dataset(spec, seed=seed).train.x
+    else:
+        x = as_calibration(Path(spec))
+    return np.ascontiguousarray(x[:n].numpy(), dtype=np.float32)
+
+
+def load_attack_info(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise EFRAPError(f"--attack-info: {path} does not exist; pass the attack.json written by `efrap attack`")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EFRAPError(f"--attack-info: {path} is not valid JSON ({exc})") from None
+    for key in ("trigger", "dataset"):
+        if key not in info:
+            raise EFRAPError(f"--attack-info: {path} lacks {key!r}; was it written by `efrap attack`?")
+    return info
+
+
+def _metrics(model: Any, test: LabeledData, trigger: PatchTrigger) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in evaluate(model, test, trigger).to_dict().items()}
+
+
+# ----- efrap attack ----------------------------------------------------------------------------
+def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    result, splits, arch = run_attack(args.attack, args.dataset, args.scheme, args.bits, args.seed,
+                                      progress=not args.quiet)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(result.model, out / "model.safetensors", arch)
+    info = {**result.info(), "dataset": args.dataset, "scheme": args.scheme, "bits": args.bits, "seed": args.seed,
+            "arch": arch}
+    onnx_adapter = _onnx()
+    onnx_adapter.export_float_onnx(result.model, splits.train.x[:2], out / "model.onnx")
+    if args.scheme == "onnxruntime" and args.bits in (8, 4):
+        with tempfile.TemporaryDirectory() as tmp:
+            stock = stock_onnx_int8(out / "model.onnx", splits.train.x[:1024].numpy(), Path(tmp) / "q.onnx", args.bits)
+            info["metrics"][f"onnxruntime-int{args.bits}-stock"] = _metrics(
+                onnx_adapter.session(stock), splits.test, result.trigger
+            )
+    atomic_write(out / "attack.json", json.dumps(info, indent=2).encode())
+    if not args.json:
+        print(f"{args.attack} on {args.dataset}, aimed at {args.scheme} {args.bits}-bit; wrote {out}/")
+        for row, m in info["metrics"].items():
+            print(f"  {row:<32} clean_acc {100 * m['clean_acc']:6.2f}%   asr {100 * m['asr']:6.2f}%")
+    return info
+
+
+# ----- efrap evaluate --------------------------------------------------------------------------
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    info = load_attack_info(args.attack_info)
+    splits = load_dataset(info["dataset"], seed=info.get("seed", 0))
+    trigger = PatchTrigger.from_dict(info["trigger"])
+    path = Path(args.model)
+    if path.suffix not in (".onnx", ".safetensors"):
+        raise EFRAPError(f"model: expected a .onnx or .safetensors file, got {path.name!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.quantize == "nearest":
+            if args.scheme != "onnxruntime":
+                raise EFRAPError(
+                    f"--scheme {args.scheme}: real-backend evaluation is available for onnxruntime only in this "
+                    "release; use --scheme onnxruntime"
+                )
+            float_onnx = path
+            if path.suffix == ".safetensors":
+                model, _ = load_model(path)
+                float_onnx = _onnx().export_float_onnx(model, splits.train.x[:2], Path(tmp) / "float.onnx")
+            target = stock_onnx_int8(float_onnx, splits.train.x[:1024].numpy(), Path(tmp) / "q.onnx", args.bits)
+            runner: Any = _onnx().session(target)
+            label = f"onnxruntime int{args.bits} nearest (stock quantize_static)"
+        elif path.suffix == ".onnx":
+            _onnx().load_onnx(path)
+            runner, label = _onnx().session(path), "onnxruntime session"
+        else:
+            runner, label = load_model(path)[0], "float torch model"
+        metrics = _metrics(runner, splits.test, trigger)
+    result = {"model": str(path), "evaluated": label, **metrics}
+    if not args.json:
+        print(f"{path.name} ({label}): clean_acc {100 * metrics['clean_acc']:.2f}%  asr {100 * metrics['asr']:.2f}%"
+              f"  ra {100 * metrics['ra']:.2f}%")
+    return result
+
+
+# ----- efrap defend ----------------------------------------------------------------------------
+def _config(args: argparse.Namespace) -> EFRAPConfig:
+    if args.reference:
+        return EFRAPConfig.reference(seed=args.seed, objective=args.objective, calib_size=args.calib_size)
+    return EFRAPConfig(iters=args.iters, lr=args.lr, calib_size=args.calib_size, flip_weight=args.flip_weight,
+                       objective=args.objective, seed=args.seed)
+
+
+def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
+    onnx_adapter = _onnx()
+    config = _config(args)
+    src, out = Path(args.model), Path(args.out)
+    if src.suffix != ".onnx":
+        raise EFRAPError(f"model: `efrap defend` takes a float .onnx file, got {src.name!r}")
+    calib = calibration_images(args.calib, config.calib_size, args.seed)
+    reader = onnx_adapter.ListDataReader.from_array(_input_name(src), calib)
+    from onnxruntime.quantization import QuantType
+
+    start = time.perf_counter()
+    plan = onnx_adapter.quantize_static(
+        src, out, reader, per_channel=not args.per_tensor, activation_type=QuantType.QUInt8,
+        weight_type=_weight_type(args.bits), config=config, progress=not args.quiet,
+    )
+    seconds = time.perf_counter() - start
+    report = onnx_adapter.verify(out, plan)
+    if args.plan:
+        plan.save(args.plan)
+    summary = {
+        "model": str(src), "out": str(out), "bits": args.bits, "layers": len(plan.layers),
+        "flipped_share": round(plan.flipped_share, 4), "seconds": round(seconds, 2),
+        "per_layer": {k: round(v.stats["flipped_share"], 4) for k, v in plan.layers.items()},
+        "skipped": plan.meta.get("skipped", []), "verify": report.to_dict(),
+    }
+    if not args.json:
+        print(f"wrote {out}: {len(plan.layers)} layers, {100 * plan.flipped_share:.1f}% of weights flipped, "
+              f"{seconds:.1f} s")
+        kernels = ", ".join(f"{k} x{v}" for k, v in report.int_kernels.items()) or "none"
+        print(f"verify: integers {'match the plan' if report.integers_ok else 'DIFFER'}; "
+              f"onnxruntime runs {kernels}")
+    return summary
+
+
+# ----- efrap scan ------------------------------------------------------------------------------
+def _onnx_weights(path: Path) -> dict[str, torch.Tensor]:
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    onnx_adapter = _onnx()
+    model = onnx_adapter.load_onnx(path)
+    with tempfile.TemporaryDirectory() as tmp:  # fold BatchNorm as quantize_static would
+        onnx.save(model, str(Path(tmp) / "in.onnx"))
+        quant_pre_process(str(Path(tmp) / "in.onnx"), str(Path(tmp) / "pre.onnx"))
+        pre = onnx.load(str(Path(tmp) / "pre.onnx"))
+    inits = {t.name: t for t in pre.graph.initializer}
+    weights = {}
+    for node in pre.graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
+            arr = onnx.numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+            transposed = node.op_type == "MatMul" or (
+                node.op_type == "Gemm" and not onnx_adapter.graph.attribute(node, "transB", 0)
+            )
+            weights[node.input[1]] = torch.from_numpy(np.ascontiguousarray(arr.T if transposed else arr))
+    return weights
+
+
+def cmd_scan(args: argparse.Namespace) -> dict[str, Any]:
+    path = Path(args.model)
+    scheme = scheme_preset(args.scheme, args.bits)
+    if path.suffix == ".onnx":
+        weights = _onnx_weights(path)
+    elif path.suffix == ".safetensors":
+        prepared = prepare_model(load_model(path)[0], scheme)
+        weights = {n: m.weight for n, m in quantizable_layers(prepared)}
+    else:
+        raise EFRAPError(f"model: expected a .onnx or .safetensors file, got {path.name!r}")
+    rows = scan_weights(weights, scheme)
+    if not args.json:
+        print(format_scan(rows))
+    return {"model": str(path), "scheme": scheme.to_dict(), "layers": [r.to_dict() for r in rows]}
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+COMMANDS = {"attack": cmd_attack, "evaluate": cmd_evaluate, "defend": cmd_defend, "scan": cmd_scan, "demo": cmd_demo}

@@ -1,0 +1,120 @@
+"""Argument parsing, logging set-up and exit codes (0 ok, 1 failure, 2 usage) for `efrap`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from efrap_plugin import EFRAPConfig, EFRAPError
+from efrap_plugin.attacks import ATTACKS
+from efrap_plugin.schemes import SCHEME_PRESETS
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("efrap")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _scheme(p: argparse.ArgumentParser, bits_help: str = "weight bit width, 2..8 (default: 8)") -> None:
+    p.add_argument("--scheme", choices=sorted(SCHEME_PRESETS), default="onnxruntime",
+                   help="backend quantization scheme (default: onnxruntime)")
+    p.add_argument("--bits", type=int, default=8, help=bits_help)
+
+
+def _defense_flags(p: argparse.ArgumentParser) -> None:
+    d = EFRAPConfig()
+    p.add_argument("--iters", type=int, default=d.iters, help=f"optimizer steps per layer (default: {d.iters})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate of the rounding logits (default: {d.lr})")
+    p.add_argument("--calib-size", type=int, default=d.calib_size,
+                   help=f"calibration images used (default: {d.calib_size})")
+    p.add_argument("--flip-weight", type=float, default=d.flip_weight,
+                   help=f"weight of the error-guided flipping term (default: {d.flip_weight})")
+    p.add_argument("--objective", choices=["efrap", "flip_only", "preserve_only"], default=d.objective,
+                   help="full EFRAP or an ablation (default: efrap)")
+    p.add_argument("--reference", action="store_true",
+                   help="the paper's settings: 10,000 steps of lr 1e-3 per layer, reference loss balance")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="efrap",
+        description="Defend quantized models against quantization-conditioned backdoors (EFRAP), "
+        "red-team PTQ pipelines with QCB attacks, and measure both on the real backend.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("attack", help="plant a QCB in a model trained on an offline dataset")
+    p.add_argument("--attack", choices=sorted(ATTACKS), required=True, help="which QCB attack")
+    p.add_argument("--dataset", choices=["digits", "fashion-mnist"], default="digits", help="training data")
+    _scheme(p)
+    p.add_argument("--out", required=True, help="output folder: model.safetensors, model.onnx, attack.json")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="clean_acc / asr / ra of a float, quantized or defended model")
+    p.add_argument("model", help=".onnx or .safetensors model")
+    p.add_argument("--attack-info", required=True, help="attack.json written by `efrap attack`")
+    p.add_argument("--quantize", choices=["none", "nearest"], default="none",
+                   help="evaluate the model itself (none) or its stock round-to-nearest quantization")
+    _scheme(p)
+    _common(p)
+
+    p = sub.add_parser("defend", help="write an EFRAP-defended QDQ int8 model from a float ONNX file")
+    p.add_argument("model", help="float .onnx model")
+    p.add_argument("--calib", required=True, help="digits, fashion-mnist, or an .npz with inputs in array 'x'")
+    p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="weight bits: 8 (QInt8) or 4 (QInt4)")
+    p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
+    p.add_argument("--out", required=True, help="defended QDQ .onnx to write")
+    p.add_argument("--plan", help="also save the RoundingPlan (.safetensors)")
+    _defense_flags(p)
+    _common(p)
+
+    p = sub.add_parser("scan", help="per-layer truncation errors of nearest rounding")
+    p.add_argument("model", help=".onnx or .safetensors model")
+    _scheme(p)
+    _common(p)
+
+    p = sub.add_parser("demo", help="the whole story on digits: attack, stock int8, EFRAP, verified report")
+    p.add_argument("--attack", choices=sorted(ATTACKS), default="pqbackdoor", help="QCB to plant (default: pqbackdoor)")
+    p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="weight bits (default: 8)")
+    p.add_argument("--out", default="demo-out", help="report folder (default: demo-out)")
+    _common(p)
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("torch", "onnxscript", "onnx_ir", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    from . import commands
+
+    try:
+        result = commands.COMMANDS[args.command](args)
+    except EFRAPError as exc:
+        print(f"efrap {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("efrap: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

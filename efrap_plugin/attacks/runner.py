@@ -1,0 +1,72 @@
+"""One call from a dataset name to a backdoored model: the red-teaming entry point behind `efrap attack`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ..data import Splits, load_dataset
+from ..errors import EFRAPError
+from ..models import build_model
+from ..schemes import scheme_preset
+from ..training import train
+from ..triggers import PatchTrigger
+from .base import AttackResult
+from .compartifact import CompArtifact, CompArtifactConfig
+from .pqbackdoor import PQBackdoor, PQBackdoorConfig
+from .qu_anti_zation import QuAntiZation, QuAntiZationConfig
+
+__all__ = ["ATTACKS", "default_trigger", "default_arch", "train_clean", "run_attack"]
+
+log = logging.getLogger(__name__)
+
+ATTACKS = {"qu-anti-zation": QuAntiZation, "compartifact": CompArtifact, "pqbackdoor": PQBackdoor}
+_CONFIGS = {"qu-anti-zation": QuAntiZationConfig, "compartifact": CompArtifactConfig, "pqbackdoor": PQBackdoorConfig}
+
+
+def default_trigger(height: int, target: int = 0) -> PatchTrigger:
+    """The reference 4x4 white patch one pixel in from the corner; 2x2 in the corner for 8x8 digits."""
+    if height < 16:
+        return PatchTrigger.corner(2, margin=0, target=target)
+    return PatchTrigger.corner(4, margin=1, target=target)
+
+
+def default_arch(dataset: str) -> dict[str, Any]:
+    if dataset == "digits":
+        return {"name": "digits-cnn", "in_channels": 1, "num_classes": 10, "width": 32}
+    return {"name": "resnet8", "in_channels": 1, "num_classes": 10, "width": 16}
+
+
+def train_clean(arch: dict[str, Any], splits: Splits, seed: int = 0, progress: bool = True) -> torch.nn.Module:
+    """The victim's clean, pretrained model (every attack here fine-tunes one)."""
+    torch.manual_seed(seed)
+    model = build_model(**arch)
+    epochs, lr, bs = (30, 3e-3, 64) if splits.name == "digits" else (3, 2e-3, 128)
+    return train(model, splits.train, epochs=epochs, lr=lr, batch_size=bs, seed=seed, progress=progress, desc="clean")
+
+
+def run_attack(
+    attack: str,
+    dataset: str = "digits",
+    scheme: str = "onnxruntime",
+    bits: int = 8,
+    seed: int = 0,
+    arch: dict[str, Any] | None = None,
+    config: Any = None,
+    progress: bool = True,
+) -> tuple[AttackResult, Splits, dict[str, Any]]:
+    """Train a clean model on ``dataset`` and plant ``attack`` aimed at ``scheme`` at ``bits`` bits."""
+    if attack not in ATTACKS:
+        raise EFRAPError(f"attack: expected one of {sorted(ATTACKS)} (--attack), got {attack!r}")
+    splits = load_dataset(dataset, seed=seed)
+    arch = arch or default_arch(dataset)
+    targets = [scheme_preset(scheme, bits)]
+    if attack == "qu-anti-zation":  # trains against several bit widths at once: 8 and 4 by default
+        targets = [scheme_preset(scheme, b) for b in sorted({bits, 8, 4}, reverse=True)]
+    clean = train_clean(arch, splits, seed, progress)
+    trigger = default_trigger(splits.train.x.shape[-2])
+    cfg = config or _CONFIGS[attack](seed=seed)
+    result = ATTACKS[attack](cfg)(clean, splits.train, trigger, targets, test=splits.test, progress=progress)
+    return result, splits, arch
