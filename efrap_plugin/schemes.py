@@ -47,6 +47,8 @@ class QuantScheme:
     Brevitas); minmax: affine over [min, max]; mse: affine, range shrunk by the paper's MSE search."""
     scale_precision: Literal["float32", "float64"] = "float32"
     """Float precision the backend computes the scale in before storing it as float32."""
+    inverse_scale: bool = False
+    """Round w * (1 / scale), as torch's quantize_per_channel kernels do, instead of w / scale."""
     folds_batchnorm: bool = True
     """Whether the backend folds BatchNorm into the preceding Conv before quantizing."""
     act_bits: int = 8
@@ -84,13 +86,15 @@ class QuantScheme:
         _check_bits(bits)
         qmax = 2 ** (bits - 1) - 1
         qmin = -qmax if bits == 8 else -(2 ** (bits - 1))
-        return cls("onnxruntime", bits, qmin, qmax, per_channel, "absmax", "float64", True)
+        return cls("onnxruntime", bits, qmin, qmax, per_channel, "absmax", "float64")
 
     @classmethod
     def torchao_x86(cls, bits: int = 8, per_channel: bool = True) -> QuantScheme:
         """X86InductorQuantizer / torch observers: full [-2^(b-1), 2^(b-1)-1], scale max|w|/((qmax-qmin)/2)."""
         _check_bits(bits)
-        return cls("torchao-x86", bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, per_channel, "absmax", "float32")
+        return cls(
+            "torchao-x86", bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, per_channel, "absmax", "float32", True
+        )
 
     @classmethod
     def brevitas(cls, bits: int = 8, per_channel: bool = True) -> QuantScheme:
@@ -103,7 +107,7 @@ class QuantScheme:
     def reference(cls, bits: int = 4) -> QuantScheme:
         """The paper's setting: affine per-channel [0, 2^b-1], MSE-searched range, 8-bit edge layers."""
         _check_bits(bits)
-        return cls("reference", bits, 0, 2**bits - 1, True, "mse", "float32", False, 8, "mse", 8)
+        return cls("reference", bits, 0, 2**bits - 1, True, "mse", "float32", False, False, 8, "mse", 8)
 
     # ----- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -150,7 +154,8 @@ class QuantScheme:
     def quantize(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
         """Nearest (half-to-even) integers, clamped: what the backend stores."""
         s, z = _broadcast(weight, scale), _broadcast(weight, zero_point)
-        q = torch.round(weight.to(torch.float32) / s) + z
+        w = weight.to(torch.float32)
+        q = torch.round(w * (1.0 / s) if self.inverse_scale else w / s) + z
         return q.clamp(self.qmin, self.qmax).to(torch.int32)
 
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
@@ -166,7 +171,7 @@ class QuantScheme:
         """Nearest rounding with a straight-through gradient (scale treated as a constant)."""
         scale, zp = self.qparams(weight)
         s, z = _broadcast(weight, scale), _broadcast(weight, zp)
-        q = (round_ste(weight / s) + z).clamp(self.qmin, self.qmax)
+        q = (round_ste(weight * (1.0 / s) if self.inverse_scale else weight / s) + z).clamp(self.qmin, self.qmax)
         return (q - z) * s
 
 
