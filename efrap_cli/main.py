@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("torch", "onnxscript", "onnx_ir", "torch.onnx"):
+    for noisy in ("torch", "onnxscript", "onnx_ir", "torch.onnx", "onnxruntime", "matplotlib", "root"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 

@@ -41,6 +41,9 @@ class EFRAPConfig:
     """reference: L_F in weight units, summed (the paper's code); lsb: L_F in integer units (|e|/s)
     averaged per weight, and L_A divided by the L_A of moving every weight one integer step, so that
     the same flip_weight means the same trade-off at every bit width, layer size and input scale."""
+    unit: Literal["activation", "layer"] = "activation"
+    """What L_A preserves: the layer's output after its ReLU when one follows (the reference's unit,
+    errors on negative pre-activations cost nothing), or the raw layer output."""
     objective: Literal["efrap", "flip_only", "preserve_only"] = "efrap"
     """efrap: L_A + L_F + L_P; ablations: flip_only (L_F + L_P), preserve_only (L_A + L_P, AdaRound-like)."""
     seed: int = 1005
@@ -61,6 +64,8 @@ class EFRAPConfig:
             raise EFRAPError(f"EFRAPConfig.rectifier: expected 'sigmoid' or 'stretched', got {self.rectifier!r}")
         if self.error_norm not in ("element", "neuron"):
             raise EFRAPError(f"EFRAPConfig.error_norm: expected 'element' or 'neuron', got {self.error_norm!r}")
+        if self.unit not in ("activation", "layer"):
+            raise EFRAPError(f"EFRAPConfig.unit: expected 'activation' or 'layer', got {self.unit!r}")
         if self.balance not in ("reference", "lsb"):
             raise EFRAPError(f"EFRAPConfig.balance: expected 'reference' or 'lsb', got {self.balance!r}")
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .config import EFRAPConfig
 from .data import as_calibration
 from .errors import DataError
-from .layers import fingerprint, layer_forward, prepare_model, quantizable_layers
+from .layers import fingerprint, followed_by_relu, layer_forward, prepare_model, quantizable_layers
 from .plan import LayerPlan, RoundingPlan
 from .rounding import LayerProblem, learn_rounding
 from .schemes import ActivationQuantizer, QuantScheme, scheme_preset
@@ -69,6 +69,10 @@ def _install_act_quantizers(model: nn.Module, layers: list[tuple[str, nn.Module]
         layer.register_forward_pre_hook(lambda _m, inp, q=quantizer: (q(inp[0]),) + tuple(inp[1:]))
 
 
+def _then_relu(forward):
+    return lambda x, w: torch.relu(forward(x, w))
+
+
 def defend(
     model: nn.Module,
     calib_data: Any,
@@ -96,6 +100,7 @@ def defend(
         raise DataError(
             f"calibration data: images of shape {tuple(calib.shape[1:])} do not fit {type(model).__name__} ({exc})"
         ) from None
+    with_relu = followed_by_relu(prepared) if config.unit == "activation" else set()
     quantized = copy.deepcopy(prepared)
     _install_act_quantizers(quantized, layers, calib, scheme)
     gen = torch.Generator().manual_seed(config.seed)
@@ -106,13 +111,12 @@ def defend(
             position = "first" if i == 0 else "last" if i == len(layers) - 1 else "middle"
             layer_scheme = scheme.for_layer(position)
             q_layer = quantized.get_submodule(name)
+            forward, targets = layer_forward(layer), capture(prepared, layer, calib, "output")
+            if name in with_relu:
+                forward, targets = _then_relu(forward), torch.relu(targets)
             problem = LayerProblem(
-                name,
-                layer.weight.detach().clone(),
-                layer_scheme,
-                layer_forward(layer),
-                capture(quantized, q_layer, calib, "input"),
-                capture(prepared, layer, calib, "output"),
+                name, layer.weight.detach().clone(), layer_scheme, forward,
+                capture(quantized, q_layer, calib, "input"), targets,
             )
             bar.set_postfix(layer=name)
             result = learn_rounding(problem, config, gen, bar.update)

@@ -99,3 +99,31 @@ def layer_forward(layer: nn.Module):
             raise ModelError(f"layer {layer}: padding_mode {layer.padding_mode!r} is not supported; use 'zeros'")
         return lambda x, w: conv(x, w, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
     raise ModelError(f"layer: expected Conv1d, Conv2d or Linear, got {type(layer).__name__}")
+
+
+def followed_by_relu(model: nn.Module) -> set[str]:
+    """Names of Conv/Linear layers whose only consumer is a ReLU (the reference's unit: layer + activation).
+
+    Found by torch.fx tracing; a model that does not trace gets an empty set (plain layer outputs).
+    """
+    import torch.fx
+
+    try:
+        graph = model.graph if isinstance(model, torch.fx.GraphModule) else torch.fx.symbolic_trace(model).graph
+    except Exception:
+        return set()
+    modules = dict(model.named_modules())
+    found = set()
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), QUANTIZABLE):
+            continue
+        users = list(node.users)
+        if len(users) != 1:
+            continue
+        user = users[0]
+        is_relu = (user.op == "call_module" and isinstance(modules.get(user.target), nn.ReLU)) or (
+            user.op in ("call_function", "call_method") and user.target in (torch.relu, nn.functional.relu, "relu")
+        )
+        if is_relu:
+            found.add(node.target)
+    return found

@@ -43,7 +43,7 @@ def onnx_plan(plan: RoundingPlan, float_onnx: onnx.ModelProto, qdq: onnx.ModelPr
     """The torch plan re-keyed by the ONNX initializers that hold the same (snapped) weights."""
     by_print: dict[str, tuple[str, bool]] = {}
     for t in float_onnx.graph.initializer:
-        arr = initializer_array(t)
+        arr = np.array(initializer_array(t))
         if arr.dtype != np.float32 or arr.ndim < 2:
             continue
         by_print[fingerprint(torch.from_numpy(arr))] = (t.name, False)

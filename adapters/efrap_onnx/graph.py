@@ -48,8 +48,23 @@ def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in model.graph.initializer}
 
 
-def find_quantized_layers(qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> tuple[list[QuantizedLayer], list[str]]:
-    """Quantized layers in graph order, and the names of weight-bearing nodes that stay in float."""
+def _relu_after(float_model: onnx.ModelProto, tensor: str) -> str | None:
+    """The output of a Relu that is the only consumer of ``tensor``, if there is one."""
+    users = [n for n in float_model.graph.node if tensor in n.input]
+    graph_outputs = {o.name for o in float_model.graph.output}
+    if len(users) == 1 and users[0].op_type == "Relu" and tensor not in graph_outputs:
+        return users[0].output[0]
+    return None
+
+
+def find_quantized_layers(
+    qdq: onnx.ModelProto, float_model: onnx.ModelProto, include_relu: bool = True
+) -> tuple[list[QuantizedLayer], list[str]]:
+    """Quantized layers in graph order, and the names of weight-bearing nodes that stay in float.
+
+    With ``include_relu`` a layer followed only by a Relu is preserved at the Relu's output (the
+    reference's unit: Conv/Linear + its activation), so errors on negative outputs cost nothing.
+    """
     inits = _initializers(qdq)
     float_inits = _initializers(float_model)
     producers = {out: n for n in qdq.graph.node for out in n.output}
@@ -72,11 +87,15 @@ def find_quantized_layers(qdq: onnx.ModelProto, float_model: onnx.ModelProto) ->
             skipped.append(node.name or node.output[0])
             continue
         transpose = node.op_type == "MatMul" or (node.op_type == "Gemm" and not attribute(node, "transB", 0))
+        output = fnode.output[0]
+        relu = _relu_after(float_model, output) if include_relu else None
+        if relu is not None:
+            forward, output = (lambda f: lambda x, w: torch.relu(f(x, w)))(forward), relu
         layers.append(
             QuantizedLayer(
                 node.name or node.output[0], node.op_type, fnode.input[1], dq.input[0], dq.input[1],
                 dq.input[2] if len(dq.input) > 2 else "", attribute(dq, "axis", 1), transpose,
-                node.input[0], fnode.output[0], forward,
+                node.input[0], output, forward,
             )
         )
     return layers, skipped

@@ -192,7 +192,7 @@ def defend_qdq(
     progress: bool = True,
 ) -> RoundingPlan:
     """Replace the weight integers of ``qdq`` (in place) by EFRAP's; return the plan."""
-    layers, skipped = find_quantized_layers(qdq, float_model)
+    layers, skipped = find_quantized_layers(qdq, float_model, include_relu=config.unit == "activation")
     if skipped:
         log.warning("left in float or at nearest rounding (unsupported form): %s", ", ".join(skipped))
     if not layers:
