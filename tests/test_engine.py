@@ -1,0 +1,138 @@
+"""defend(): the learned rounding removes a real QCB, deterministically, and rejects bad input clearly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from efrap_plugin import (
+    DataError,
+    EFRAPConfig,
+    EFRAPError,
+    LayerProblem,
+    ModelError,
+    QuantScheme,
+    defend,
+    evaluate,
+    learn_rounding,
+    learnable_bounds,
+)
+
+FAST = EFRAPConfig(iters=200, calib_size=256)
+
+
+def test_efrap_removes_pqbackdoor_in_fake_quantization(pq8, digits):
+    """The headline cell: asr <= 3% and clean_acc within 1 point of float, where nearest keeps asr >= 90%."""
+    plan = defend(pq8.model, digits.train.x, "onnxruntime", progress=False)
+    float_m = evaluate(pq8.model, digits.test, pq8.trigger)
+    efrap_m = evaluate(plan.apply(pq8.model), digits.test, pq8.trigger)
+    nearest = pq8.metrics["fake-onnxruntime-8bit"]
+    assert nearest["asr"] >= 0.90
+    assert efrap_m.asr <= 0.03
+    assert efrap_m.clean_acc >= float_m.clean_acc - 0.01
+    assert 0.05 < plan.flipped_share < 0.95
+
+
+def test_same_seed_same_plan_other_seed_other_plan(clean_cnn, digits):
+    a = defend(clean_cnn, digits.train.x, "onnxruntime", FAST, progress=False)
+    b = defend(clean_cnn, digits.train.x, "onnxruntime", FAST, progress=False)
+    c = defend(clean_cnn, digits.train.x, "onnxruntime", FAST.replace(seed=7), progress=False)
+    assert all(torch.equal(a[n].integers, b[n].integers) for n in a.layers)
+    assert any(not torch.equal(a[n].integers, c[n].integers) for n in a.layers)
+
+
+def test_defend_does_not_mutate_the_model(clean_cnn, digits):
+    before = copy.deepcopy(clean_cnn.state_dict())
+    defend(clean_cnn, digits.train.x, "onnxruntime", FAST, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in clean_cnn.state_dict().items())
+
+
+def test_ablations_flip_only_flips_more_than_preserve_only(clean_cnn, digits):
+    flip = defend(clean_cnn, digits.train.x, "onnxruntime", FAST.replace(objective="flip_only"), progress=False)
+    keep = defend(clean_cnn, digits.train.x, "onnxruntime", FAST.replace(objective="preserve_only"), progress=False)
+    assert flip.flipped_share > 0.6
+    assert keep.flipped_share < flip.flipped_share / 2
+
+
+def test_plan_integers_stay_on_the_grid_and_keep_each_channel_range(clean_cnn, digits):
+    for scheme in (QuantScheme.onnxruntime(8), QuantScheme.torchao_x86(4), QuantScheme.reference(4)):
+        plan = defend(clean_cnn, digits.train.x, scheme, FAST, progress=False)
+        for lp in plan.layers.values():
+            assert int(lp.integers.min()) >= scheme.qmin and int(lp.integers.max()) <= 255
+            assert int((lp.integers - lp.nearest).abs().max()) <= 1  # a flip moves one step at most
+            if scheme.range_rule == "absmax":  # the abs-max integer of every channel is untouched
+                peak = lp.nearest.abs().flatten(1).max(dim=1).values
+                assert torch.equal(lp.integers.abs().flatten(1).max(dim=1).values, peak)
+
+
+def test_bounds_freeze_the_abs_max_element():
+    w = torch.tensor([[0.5, -1.0, 0.2], [0.3, 0.1, 0.3]])
+    scheme = QuantScheme.torchao_x86(8)
+    s, z = scheme.qparams(w)
+    lo, hi, frozen = learnable_bounds(w, scheme, s, z)
+    assert frozen.tolist() == [[False, True, False], [True, False, True]]
+    assert hi[0, 0] == 127 and lo[0, 0] == -127  # |q| <= floor(127.5): no learned integer outgrows the max
+
+
+class _NoQuantizable(nn.Module):
+    def forward(self, x):
+        return x.flatten(1)
+
+
+@pytest.mark.parametrize(
+    "model_fn,data,message,error",
+    [
+        (lambda m: _NoQuantizable(), torch.rand(4, 1, 8, 8), r"has no Conv1d, Conv2d or Linear layer", ModelError),
+        (lambda m: m, torch.rand(0, 1, 8, 8), r"empty \(0 images\)", DataError),
+        (lambda m: m, torch.rand(4, 3, 8, 8), r"images of shape \(3, 8, 8\) do not fit DigitsCNN", DataError),
+        (lambda m: m, torch.rand(4, 8, 8), r"expected N x C x H x W images", DataError),
+        (lambda m: _with_nan(m), torch.rand(4, 1, 8, 8), r"parameter 'features.0.0.weight' holds NaN", ModelError),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(clean_cnn, model_fn, data, message, error):
+    with pytest.raises(error, match=message):
+        defend(model_fn(clean_cnn), data, "onnxruntime", FAST, progress=False)
+
+
+def _with_nan(model):
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        bad.features[0][0].weight[0, 0, 0, 0] = float("nan")
+    return bad
+
+
+def test_bits_and_config_validation_name_the_flag(clean_cnn, digits):
+    with pytest.raises(EFRAPError, match=r"bits: expected an integer in 2\.\.8 \(--bits\), got 12"):
+        defend(clean_cnn, digits.train.x, "onnxruntime", FAST, bits=12, progress=False)
+    with pytest.raises(EFRAPError, match=r"EFRAPConfig.iters \(--iters\): expected a positive integer, got 0"):
+        EFRAPConfig(iters=0)
+    with pytest.raises(EFRAPError, match=r"EFRAPConfig.objective: expected one of"):
+        EFRAPConfig(objective="both")
+    assert EFRAPConfig.from_dict(EFRAPConfig.reference().to_dict()) == EFRAPConfig.reference()
+    assert EFRAPConfig.reference().iters == 10_000 and EFRAPConfig.reference().lr == 1e-3
+
+
+def test_learn_rounding_rejects_nan_weights():
+    scheme = QuantScheme.onnxruntime(8)
+    with pytest.raises(EFRAPError, match=r"layer 'fc': weight holds NaN or Inf"):
+        LayerProblem("fc", torch.tensor([[float("nan"), 1.0]]), scheme, lambda x, w: x @ w.T,
+                     torch.rand(3, 2), torch.rand(3, 1))
+
+
+def test_learn_rounding_flips_toward_the_targets_when_only_flipping():
+    torch.manual_seed(0)
+    w = torch.randn(4, 16)
+    scheme = QuantScheme.onnxruntime(4)
+    x = torch.randn(64, 16)
+    problem = LayerProblem("fc", w, scheme, lambda a, b: a @ b.T, x, x @ w.T)
+    cfg = EFRAPConfig(iters=2000, objective="flip_only")  # logits start up to 9.2 from 0 at lr 1e-2
+    result = learn_rounding(problem, cfg, torch.Generator().manual_seed(0))
+    nearest = scheme.quantize(w, result.scale, result.zero_point)
+    _, _, frozen = learnable_bounds(w, scheme, result.scale, result.zero_point)
+    err = (w / result.scale[:, None] - nearest).abs()
+    worth = ~frozen & (err >= 0.05)  # error-guided: near-zero truncation errors carry no flip incentive
+    assert bool((result.integers != nearest)[worth].all())
+    assert bool((result.integers == nearest)[frozen].all())
