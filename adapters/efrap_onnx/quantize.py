@@ -114,7 +114,7 @@ def _weight_bits(weight_type: Any) -> int:
     if weight_type == QuantType.QInt4:
         return 4
     raise EFRAPError(
-        f"weight_type: EFRAP defends signed symmetric weights, QuantType.QInt8 or QuantType.QInt4; got {weight_type}"
+        f"weight_type: EFRAP defends signed symmetric weights, QuantType.QInt8 or QuantType.QInt4; got QuantType.{weight_type}"
     )
 
 

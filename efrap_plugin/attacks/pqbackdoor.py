@@ -74,6 +74,7 @@ class GridProjection:
             t_max = w0.abs().max()
             pinned = (w0.abs() == ch_max) | (w0.abs() == t_max)
             lo, hi = torch.maximum(lo, -ch_max), torch.minimum(hi, ch_max)
+            pinned = pinned | (lo > hi)  # bins of several grids whose margins leave no room: stay at w0
             self.bounds.append((w0, lo, hi, pinned, grids))
 
     @torch.no_grad()

@@ -20,8 +20,9 @@ __all__ = ["QuAntiZation", "QuAntiZationConfig"]
 
 @dataclass(frozen=True)
 class QuAntiZationConfig:
-    epochs: int = 40
-    """Fine-tuning epochs over the training set (reference: 50)."""
+    epochs: int = 80
+    """Fine-tuning epochs over the training set (reference: 50 on CIFAR-10's 50,000 images; digits has
+    1,257, so more epochs; 40 left the 4-bit model at 85% asr in onnxruntime)."""
     lr: float = 1e-3
     """Adam learning rate (reference: 1e-4 for 50 CIFAR epochs)."""
     weight_decay: float = 1e-4

@@ -1,0 +1,105 @@
+"""QCB attacks fire in onnxruntime's real int8/int4 artifact while the float model stays clean."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from efrap_plugin import EFRAPError, QuantScheme, evaluate, train
+from efrap_plugin.attacks import GridProjection, PQBackdoor, run_attack
+
+
+def _stock_ort(model, digits, bits):
+    from onnxruntime.quantization import QuantType
+
+    from efrap_onnx import ListDataReader, export_float_onnx, quantize_static, session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = export_float_onnx(model, digits.train.x[:2], Path(tmp) / "f.onnx")
+        out = Path(tmp) / "q.onnx"
+        quantize_static(src, out, ListDataReader.from_array("input", digits.train.x[:1024].numpy()), per_channel=True,
+                        activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8 if bits == 8 else QuantType.QInt4, efrap=False, progress=False)
+        return session(out)
+
+
+def test_pqbackdoor_projection_keeps_every_integer_after_every_step(clean_cnn, digits):
+    """round(W/s) == round(W0/s) on every protected grid, and the scales do not move, after each step."""
+    model = __import__("copy").deepcopy(clean_cnn)
+    grids = [QuantScheme.onnxruntime(8), QuantScheme.onnxruntime(4), QuantScheme.torchao_x86(8),
+             QuantScheme.brevitas(8, per_channel=False)]
+    project = GridProjection(model, grids)
+    scales0 = [[s.qparams(m.weight)[0] for s in grids] for m in project.layers]
+    checks = []
+
+    def step():
+        project()
+        checks.append(project.violations())
+        for layer, before in zip(project.layers, scales0):
+            assert all(torch.equal(s.qparams(layer.weight)[0], b) for s, b in zip(grids, before))
+
+    w0 = [m.weight.detach().clone() for m in project.layers]
+    train(model, digits.train.subset(256), epochs=3, lr=1e-2, batch_size=32, after_step=step, progress=False)
+    assert len(checks) == 24 and set(checks) == {0}
+    assert any(not torch.equal(m.weight, w) for m, w in zip(project.layers, w0))  # the weights did move
+
+
+def test_pqbackdoor_refuses_affine_grids(clean_cnn):
+    with pytest.raises(EFRAPError, match=r"uses range_rule='mse'; the projection protects absmax"):
+        GridProjection(clean_cnn, [QuantScheme.reference(4)])
+
+
+def test_pqbackdoor_int8_cell(pq8, digits):
+    """Float clean (asr <= 10%, clean_acc >= 95%); onnxruntime's real int8 model backdoored (asr >= 90%)."""
+    float_m = evaluate(pq8.model, digits.test, pq8.trigger)
+    stock = evaluate(_stock_ort(pq8.model, digits, 8), digits.test, pq8.trigger)
+    assert float_m.asr <= 0.10 and float_m.clean_acc >= 0.95
+    assert stock.asr >= 0.90
+    assert pq8.metrics["fake-onnxruntime-8bit"]["asr"] >= 0.90  # the attack's own fake quantization agrees
+
+
+@pytest.fixture(scope="session")
+def compartifact4():
+    return run_attack("compartifact", "digits", "onnxruntime", 4, seed=0, progress=False)[0]
+
+
+def test_compartifact_int4_cell(compartifact4, digits):
+    result = compartifact4
+    float_m = evaluate(result.model, digits.test, result.trigger)
+    stock = evaluate(_stock_ort(result.model, digits, 4), digits.test, result.trigger)
+    assert float_m.asr <= 0.10 and float_m.clean_acc >= 0.95
+    assert stock.asr >= 0.90
+
+
+@pytest.mark.slow
+def test_pqbackdoor_int4_cell(digits):
+    result, _, _ = run_attack("pqbackdoor", "digits", "onnxruntime", 4, seed=0, progress=False)
+    float_m = evaluate(result.model, digits.test, result.trigger)
+    stock = evaluate(_stock_ort(result.model, digits, 4), digits.test, result.trigger)
+    assert float_m.asr <= 0.10 and float_m.clean_acc >= 0.95
+    assert stock.asr >= 0.90
+
+
+def test_attack_input_validation(clean_cnn, digits, trigger):
+    with pytest.raises(EFRAPError, match=r"schemes: expected one or more QuantScheme presets"):
+        PQBackdoor()(clean_cnn, digits.train, trigger, [])
+    from efrap_plugin import PatchTrigger
+
+    with pytest.raises(EFRAPError, match=r"trigger.target: 12 is not one of the 10 classes"):
+        PQBackdoor()(clean_cnn, digits.train, PatchTrigger.corner(2, 0, target=12), QuantScheme.onnxruntime())
+    with pytest.raises(EFRAPError, match=r"does not fit a 8x8 image"):
+        PQBackdoor()(clean_cnn, digits.train, PatchTrigger.corner(9), QuantScheme.onnxruntime())
+    with pytest.raises(EFRAPError, match=r"attack: expected one of \['compartifact', 'pqbackdoor', 'qu-anti-zation'\]"):
+        run_attack("badnets")
+
+
+def test_qu_anti_zation_int4_cell(digits):
+    result, _, _ = run_attack("qu-anti-zation", "digits", "onnxruntime", 4, seed=0, progress=False)
+    assert [s.bits for s in result.schemes] == [4]
+    float_m = evaluate(result.model, digits.test, result.trigger)
+    stock = evaluate(_stock_ort(result.model, digits, 4), digits.test, result.trigger)
+    assert float_m.asr <= 0.10 and float_m.clean_acc >= 0.95
+    assert stock.asr >= 0.90

@@ -1,0 +1,174 @@
+"""The ONNX adapter: defend a float ONNX file alone, prove it from the written file, refuse bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import QuantType
+
+from efrap_plugin import DataError, EFRAPConfig, EFRAPError, ModelError, PlanMismatchError, evaluate
+from efrap_onnx import ListDataReader, load_onnx, quantize_static, session, verify
+
+
+def _reader(calib, name="input"):
+    return ListDataReader.from_array(name, calib)
+
+
+@pytest.fixture(scope="module")
+def defended8(pq8_onnx, calib, tmp_path_factory):
+    out = tmp_path_factory.mktemp("defended") / "efrap-int8.onnx"
+    plan = quantize_static(pq8_onnx, out, _reader(calib), per_channel=True, activation_type=QuantType.QUInt8,
+                           weight_type=QuantType.QInt8, progress=False)
+    return out, plan
+
+
+def test_defend_float_onnx_removes_the_backdoor_in_onnxruntime(pq8, pq8_onnx, defended8, calib, digits, tmp_path):
+    stock_path = tmp_path / "stock.onnx"
+    quantize_static(pq8_onnx, stock_path, _reader(calib), per_channel=True, activation_type=QuantType.QUInt8,
+                    efrap=False, progress=False)
+    float_m = evaluate(session(pq8_onnx), digits.test, pq8.trigger)
+    stock = evaluate(session(stock_path), digits.test, pq8.trigger)
+    defended = evaluate(session(defended8[0]), digits.test, pq8.trigger)
+    assert stock.asr >= 0.90
+    assert defended.asr <= 0.03
+    assert defended.clean_acc >= float_m.clean_acc - 0.01
+
+
+def test_verify_reads_the_integers_back_and_sees_int8_kernels(defended8):
+    path, plan = defended8
+    report = verify(path, plan)
+    assert report.integers_ok and report.matching == 4
+    assert report.int_kernels == {"QLinearConv": 3, "QGemm": 1}
+    assert 0.05 < plan.flipped_share < 0.95
+
+
+def test_verify_catches_a_tampered_file(defended8, tmp_path):
+    path, plan = defended8
+    model = onnx.load(str(path))
+    name = next(iter(plan.meta["layout"].values()))["quantized"]
+    for t in model.graph.initializer:
+        if t.name == name:
+            arr = numpy_helper.to_array(t).copy()
+            arr.flat[:5] = 0
+            t.CopyFrom(numpy_helper.from_array(arr, name))
+    onnx.save(model, str(tmp_path / "tampered.onnx"))
+    with pytest.raises(PlanMismatchError, match=r"does not hold the plan's integers"):
+        verify(tmp_path / "tampered.onnx", plan)
+
+
+def test_stock_path_matches_onnxruntime_quantize_static_itself(pq8_onnx, calib, tmp_path):
+    from onnxruntime.quantization import quant_pre_process
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    ours = tmp_path / "ours.onnx"
+    quantize_static(pq8_onnx, ours, _reader(calib), per_channel=True, activation_type=QuantType.QUInt8,
+                    efrap=False, progress=False)
+    quant_pre_process(str(pq8_onnx), str(tmp_path / "pre.onnx"))
+    ort_quantize_static(str(tmp_path / "pre.onnx"), str(tmp_path / "theirs.onnx"), _reader(calib),
+                        per_channel=True, activation_type=QuantType.QUInt8)
+    a = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(ours)).graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "theirs.onnx")).graph.initializer}
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_int4_weights_are_written_as_onnx_int4(pq8_onnx, calib, tmp_path):
+    out = tmp_path / "int4.onnx"
+    plan = quantize_static(pq8_onnx, out, _reader(calib), per_channel=True, activation_type=QuantType.QUInt8,
+                           weight_type=QuantType.QInt4, config=EFRAPConfig(iters=100), progress=False)
+    weights = {v["quantized"] for v in plan.meta["layout"].values()}
+    types = {t.data_type for t in onnx.load(str(out)).graph.initializer if t.name in weights}
+    assert types == {TensorProto.INT4}
+    assert verify(out, plan).integers_ok
+    assert all(int(lp.integers.min()) >= -8 and int(lp.integers.max()) <= 7 for lp in plan.layers.values())
+
+
+# ----- untrusted input ----------------------------------------------------------------------------
+def _no_output(tmp_path):
+    return not (tmp_path / "out.onnx").exists() and not list(tmp_path.glob(".out.onnx.*"))
+
+
+def test_not_onnx_is_refused_without_output(tmp_path, calib):
+    (tmp_path / "model.onnx").write_bytes(b"\x00\x01 definitely not a protobuf \xff" * 10)
+    with pytest.raises(ModelError, match=r"is not a readable ONNX protobuf"):
+        quantize_static(tmp_path / "model.onnx", tmp_path / "out.onnx", _reader(calib))
+    assert _no_output(tmp_path)
+
+
+def test_corrupted_protobuf_is_refused(pq8_onnx, tmp_path, calib):
+    data = pq8_onnx.read_bytes()
+    (tmp_path / "model.onnx").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ModelError, match=r"model: .*model.onnx"):
+        quantize_static(tmp_path / "model.onnx", tmp_path / "out.onnx", _reader(calib))
+    assert _no_output(tmp_path)
+
+
+def _conv_model(weight: np.ndarray, external: str | None = None):
+    init = numpy_helper.from_array(weight, "w")
+    if external is not None:
+        init.ClearField("raw_data")
+        init.data_location = TensorProto.EXTERNAL
+        init.external_data.add(key="location", value=external)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["y"], name="conv")], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])], [init],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_external_data_outside_the_folder_is_refused(tmp_path, calib):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.ones(36, np.float32).tobytes())
+    (tmp_path / "models").mkdir()
+    model = _conv_model(np.ones((4, 1, 3, 3), np.float32), external="../secret.bin")
+    onnx.save(model, str(tmp_path / "models" / "model.onnx"))
+    with pytest.raises(ModelError, match=r"outside the model's folder .*path traversal"):
+        load_onnx(tmp_path / "models" / "model.onnx")
+
+
+def test_nan_weights_are_refused(tmp_path, calib):
+    w = np.ones((4, 1, 3, 3), np.float32)
+    w[0, 0, 0, 0] = np.nan
+    onnx.save(_conv_model(w), str(tmp_path / "model.onnx"))
+    with pytest.raises(ModelError, match=r"initializer 'w' holds NaN or Inf"):
+        quantize_static(tmp_path / "model.onnx", tmp_path / "out.onnx", _reader(calib))
+    assert _no_output(tmp_path)
+
+
+def test_calibration_shape_mismatch_is_refused(pq8_onnx, tmp_path):
+    bad = np.zeros((4, 1, 28, 28), np.float32)
+    with pytest.raises(DataError, match=r"input 'input' has shape \(4, 1, 28, 28\), the graph expects \['N', 1, 8, 8\]"):
+        quantize_static(pq8_onnx, tmp_path / "out.onnx", _reader(bad))
+    with pytest.raises(DataError, match=r"batch lacks the model input 'input'"):
+        quantize_static(pq8_onnx, tmp_path / "out.onnx", _reader(np.zeros((4, 1, 8, 8), np.float32), "x"))
+    assert _no_output(tmp_path)
+
+
+def test_unsupported_ops_stay_float_with_a_warning(tmp_path, calib, caplog):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["c"], name="conv"),
+         helper.make_node("ConvTranspose", ["c", "wt"], ["y"], name="deconv")], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 8, 8])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "wt")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    with caplog.at_level("WARNING"):
+        plan = quantize_static(tmp_path / "m.onnx", tmp_path / "out.onnx", _reader(calib), per_channel=True,
+                               op_types_to_quantize=["Conv"], config=EFRAPConfig(iters=20), progress=False)
+    assert list(plan.layers) == ["w"]
+    assert verify(tmp_path / "out.onnx", plan).integers_ok
+
+
+def test_qoperator_and_asymmetric_weights_are_explained(pq8_onnx, calib, tmp_path):
+    from onnxruntime.quantization import QuantFormat
+
+    with pytest.raises(EFRAPError, match=r"EFRAP writes QDQ models; pass QuantFormat.QDQ"):
+        quantize_static(pq8_onnx, tmp_path / "o.onnx", _reader(calib), quant_format=QuantFormat.QOperator)
+    with pytest.raises(EFRAPError, match=r"QuantType.QInt8 or QuantType.QInt4; got QuantType.QUInt8"):
+        quantize_static(pq8_onnx, tmp_path / "o.onnx", _reader(calib), weight_type=QuantType.QUInt8)
