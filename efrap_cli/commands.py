@@ -78,10 +78,11 @@ def _input_name(path: Path) -> str:
     return names[0]
 
 
-def calibration_images(spec: str, n: int, seed: int = 0) -> np.ndarray:
-    """'digits', 'fashion-mnist' (training images) or a path to an .npz with array 'x'."""
+def calibration_images(spec: str, n: int) -> np.ndarray:
+    """'digits', 'fashion-mnist' (the training split of the canonical seed-0 split, disjoint from the
+    test split `efrap evaluate` uses) or a path to an .npz with array 'x'."""
     if spec in ("digits", "fashion-mnist"):
-        x = load_dataset(spec, seed=seed).train.x
+        x = load_dataset(spec, seed=0).train.x
     else:
         x = as_calibration(Path(spec))
     return np.ascontiguousarray(x[:n].numpy(), dtype=np.float32)
@@ -133,7 +134,7 @@ def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
 # ----- efrap evaluate --------------------------------------------------------------------------
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     info = load_attack_info(args.attack_info)
-    splits = load_dataset(info["dataset"], seed=info.get("seed", 0))
+    splits = load_dataset(info["dataset"])
     trigger = PatchTrigger.from_dict(info["trigger"])
     path = Path(args.model)
     if path.suffix not in (".onnx", ".safetensors"):
@@ -179,7 +180,7 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
     src, out = Path(args.model), Path(args.out)
     if src.suffix != ".onnx":
         raise EFRAPError(f"model: `efrap defend` takes a float .onnx file, got {src.name!r}")
-    calib = calibration_images(args.calib, config.calib_size, args.seed)
+    calib = calibration_images(args.calib, config.calib_size)
     reader = onnx_adapter.ListDataReader.from_array(_input_name(src), calib)
     from onnxruntime.quantization import QuantType
 

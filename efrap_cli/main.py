@@ -17,9 +17,9 @@ __all__ = ["build_parser", "main"]
 log = logging.getLogger("efrap")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, seed: int = 0) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="defended QDQ .onnx to write")
     p.add_argument("--plan", help="also save the RoundingPlan (.safetensors)")
     _defense_flags(p)
-    _common(p)
+    _common(p, seed=EFRAPConfig().seed)
 
     p = sub.add_parser("scan", help="per-layer truncation errors of nearest rounding")
     p.add_argument("model", help=".onnx or .safetensors model")

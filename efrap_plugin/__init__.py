@@ -1,7 +1,7 @@
 """efrap-plugin: EFRAP (Li et al., CVPR 2024) against quantization-conditioned backdoors.
 
 The backend-neutral core. ``defend(model, calib_data, scheme, config) -> RoundingPlan``; adapters
-for onnxruntime (efrap_onnx) turn plans into real int8 artifacts.
+(installed beside it, one per backend) turn plans into real int8 artifacts.
 """
 
 from .analysis import LayerScan, format_scan, scan_weights

@@ -57,10 +57,14 @@ def run_attack(
     config: Any = None,
     progress: bool = True,
 ) -> tuple[AttackResult, Splits, dict[str, Any]]:
-    """Train a clean model on ``dataset`` and plant ``attack`` aimed at ``scheme`` at ``bits`` bits."""
+    """Train a clean model on ``dataset`` and plant ``attack`` aimed at ``scheme`` at ``bits`` bits.
+
+    The data split is the canonical one (seed 0) so that calibration images drawn from its training
+    split never overlap the test split; ``seed`` drives initialisation and batch order.
+    """
     if attack not in ATTACKS:
         raise EFRAPError(f"attack: expected one of {sorted(ATTACKS)} (--attack), got {attack!r}")
-    splits = load_dataset(dataset, seed=seed)
+    splits = load_dataset(dataset)
     arch = arch or default_arch(dataset)
     targets = [scheme_preset(scheme, bits)]
     if attack == "qu-anti-zation" and bits == 8:

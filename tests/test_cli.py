@@ -1,0 +1,127 @@
+"""The `efrap` CLI: helps, exit codes (0 ok, 1 failure, 2 usage), JSON output, no traceback for user mistakes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from efrap_cli import main
+
+SUBCOMMANDS = ["attack", "defend", "evaluate", "scan", "demo"]
+
+
+def _run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "efrap_cli.main", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+def test_help_lists_every_subcommand():
+    out = _run("--help")
+    assert out.returncode == 0
+    for sub in SUBCOMMANDS:
+        assert sub in out.stdout
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_each_subcommand_has_help_with_the_common_flags(sub, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([sub, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--json", "--seed", "--quiet"):
+        assert flag in text
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["defend", "model.onnx"])
+    assert exc.value.code == 2
+    assert "the following arguments are required: --calib, --out" in capsys.readouterr().err
+
+
+def test_user_mistakes_exit_1_with_one_clear_line(tmp_path):
+    out = _run("defend", str(tmp_path / "missing.onnx"), "--calib", "digits", "--out", str(tmp_path / "d.onnx"))
+    assert out.returncode == 1
+    assert "efrap defend: error: model: " in out.stderr and "does not exist" in out.stderr
+    assert "Traceback" not in out.stderr
+    (tmp_path / "calib.npz").write_bytes(b"junk")
+    out = _run("scan", str(tmp_path / "model.pt"))
+    assert out.returncode == 1 and "expected a .onnx or .safetensors file" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def attack_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("attack")
+    code = main(["attack", "--attack", "pqbackdoor", "--dataset", "digits", "--scheme", "onnxruntime", "--bits", "8",
+                 "--seed", "0", "--out", str(out), "--quiet", "--json"])
+    assert code == 0
+    return out
+
+
+def test_attack_writes_model_onnx_and_attack_json(attack_dir):
+    assert (attack_dir / "model.safetensors").is_file() and (attack_dir / "model.onnx").is_file()
+    info = json.loads((attack_dir / "attack.json").read_text())
+    assert info["attack"] == "pqbackdoor" and info["dataset"] == "digits" and info["bits"] == 8
+    assert info["trigger"] == {"size": 2, "row": -2, "col": -2, "value": 1.0, "target": 0}
+    assert info["metrics"]["float"]["asr"] <= 0.10
+    assert info["metrics"]["onnxruntime-int8-stock"]["asr"] >= 0.90
+
+
+def test_evaluate_float_and_stock_int8(attack_dir, capsys):
+    info = str(attack_dir / "attack.json")
+    assert main(["evaluate", str(attack_dir / "model.onnx"), "--attack-info", info, "--json"]) == 0
+    float_m = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(attack_dir / "model.safetensors"), "--attack-info", info, "--quantize", "nearest",
+                 "--json"]) == 0
+    stock = json.loads(capsys.readouterr().out)
+    assert float_m["asr"] <= 0.10 and stock["asr"] >= 0.90
+    assert stock["evaluated"].startswith("onnxruntime int8 nearest")
+
+
+def test_defend_then_evaluate_the_defended_file(attack_dir, tmp_path, capsys):
+    out = tmp_path / "defended.onnx"
+    assert main(["defend", str(attack_dir / "model.onnx"), "--calib", "digits", "--bits", "8", "--out", str(out),
+                 "--plan", str(tmp_path / "plan.safetensors"), "--json", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["layers"] == 4 and summary["verify"]["integers_ok"] and summary["verify"]["runs_int_kernels"]
+    assert 0 < summary["flipped_share"] < 1 and (tmp_path / "plan.safetensors").is_file()
+    assert main(["evaluate", str(out), "--attack-info", str(attack_dir / "attack.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["asr"] <= 0.03
+
+
+def test_defend_from_an_npz(attack_dir, tmp_path, capsys):
+    import numpy as np
+
+    from efrap_plugin import load_digits
+
+    np.savez(tmp_path / "calib.npz", x=load_digits().train.x[:256].numpy())
+    assert main(["defend", str(attack_dir / "model.onnx"), "--calib", str(tmp_path / "calib.npz"), "--iters", "50",
+                 "--out", str(tmp_path / "d.onnx"), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["verify"]["integers_ok"]
+    np.savez(tmp_path / "wrong.npz", x=np.zeros((4, 1, 28, 28), np.float32))
+    assert main(["defend", str(attack_dir / "model.onnx"), "--calib", str(tmp_path / "wrong.npz"),
+                 "--out", str(tmp_path / "w.onnx"), "--quiet"]) == 1
+    assert "the graph expects ['N', 1, 8, 8]" in capsys.readouterr().err
+    assert not (tmp_path / "w.onnx").exists()
+
+
+def test_scan_shows_pqbackdoor_weights_piled_at_the_rounding_boundary(attack_dir, capsys):
+    assert main(["scan", str(attack_dir / "model.onnx"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["layers"]
+    assert len(rows) == 4
+    # PQBackdoor's stage 2 pushes weights to the edges of their rounding bins: EFRAP's signal
+    assert all(r["near_boundary"] > 0.5 for r in rows)
+    assert main(["scan", str(attack_dir / "model.safetensors")]) == 0
+    assert "mean|e| (LSB)" in capsys.readouterr().out
+
+
+def test_evaluate_rejects_a_bad_attack_info(attack_dir, tmp_path, capsys):
+    (tmp_path / "a.json").write_text("{not json")
+    assert main(["evaluate", str(attack_dir / "model.onnx"), "--attack-info", str(tmp_path / "a.json")]) == 1
+    assert "is not valid JSON" in capsys.readouterr().err
+    assert main(["evaluate", str(attack_dir / "model.onnx"), "--attack-info", str(attack_dir / "attack.json"),
+                 "--quantize", "nearest", "--scheme", "brevitas-int8"]) == 1
+    assert "available for onnxruntime only" in capsys.readouterr().err

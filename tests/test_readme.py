@@ -1,0 +1,37 @@
+"""The README's recipes run as written, so they cannot rot."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _recipe(name: str) -> str:
+    match = re.search(rf"<!-- recipe: {name} -->\n```python\n(.*?)```", README.read_text(), re.S)
+    assert match, f"README has no '{name}' recipe"
+    return match.group(1)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_onnx_recipe(in_tmp, pq8_onnx, calib):
+    import shutil
+
+    shutil.copy(pq8_onnx, in_tmp / "model.onnx")
+    exec(compile(_recipe("onnx"), "README:onnx", "exec"), {"calib": calib})
+    assert (in_tmp / "defended.onnx").is_file()
+
+
+def test_torch_recipe(in_tmp, pq8, digits):
+    scope = {"model": pq8.model, "calib": digits.train.x[:1024]}
+    exec(compile(_recipe("torch"), "README:torch", "exec"), scope)
+    assert (in_tmp / "defended.onnx").is_file() and (in_tmp / "plan.safetensors").is_file()
+    assert scope["report"].matching == 4
