@@ -47,6 +47,14 @@ def _onnx():
     return efrap_onnx
 
 
+def _torchao():
+    try:
+        import efrap_torchao
+    except ImportError as exc:
+        raise EFRAPError(f"the torchao extra is not installed ({exc}); run `pip install 'efrap-plugin[torchao]'`") from None
+    return efrap_torchao
+
+
 def _weight_type(bits: int):
     from onnxruntime.quantization import QuantType
 
@@ -123,6 +131,9 @@ def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
             info["metrics"][f"onnxruntime-int{args.bits}-stock"] = _metrics(
                 onnx_adapter.session(stock), splits.test, result.trigger
             )
+    elif args.scheme == "torchao-x86" and args.bits == 8:
+        converted = _torchao().quantize_pt2e(result.model, splits.train.x[:1024])
+        info["metrics"]["torchao-pt2e-int8-stock"] = _metrics(converted, splits.test, result.trigger)
     atomic_write(out / "attack.json", json.dumps(info, indent=2).encode())
     if not args.json:
         print(f"{args.attack} on {args.dataset}, aimed at {args.scheme} {args.bits}-bit; wrote {out}/")
@@ -140,11 +151,19 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if path.suffix not in (".onnx", ".safetensors"):
         raise EFRAPError(f"model: expected a .onnx or .safetensors file, got {path.name!r}")
     with tempfile.TemporaryDirectory() as tmp:
-        if args.quantize == "nearest":
+        if args.quantize == "nearest" and args.scheme == "torchao-x86":
+            if path.suffix != ".safetensors" or args.bits != 8:
+                raise EFRAPError(
+                    "--scheme torchao-x86: PT2E quantizes a torch model to int8; pass the .safetensors model "
+                    "and --bits 8"
+                )
+            runner = _torchao().quantize_pt2e(load_model(path)[0], splits.train.x[:1024])
+            label = "torchao PT2E int8 nearest (X86InductorQuantizer, convert_pt2e)"
+        elif args.quantize == "nearest":
             if args.scheme != "onnxruntime":
                 raise EFRAPError(
-                    f"--scheme {args.scheme}: real-backend evaluation is available for onnxruntime only in this "
-                    "release; use --scheme onnxruntime"
+                    f"--scheme {args.scheme}: real-backend evaluation is available for onnxruntime and "
+                    "torchao-x86 in this release; the Brevitas adapter is not written yet"
                 )
             float_onnx = path
             if path.suffix == ".safetensors":

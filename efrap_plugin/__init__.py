@@ -7,6 +7,7 @@ The backend-neutral core. ``defend(model, calib_data, scheme, config) -> Roundin
 from .analysis import LayerScan, format_scan, scan_weights
 from .checkpoint import load_model, save_model
 from .config import EFRAPConfig
+from .conformance import IntegerReport, compare_integers
 from .data import (
     LabeledData,
     as_calibration,
@@ -37,6 +38,7 @@ __all__ = [
     "DigitsCNN",
     "EFRAPConfig",
     "EFRAPError",
+    "IntegerReport",
     "LabeledData",
     "LayerPlan",
     "LayerProblem",
@@ -58,6 +60,7 @@ __all__ = [
     "build_model",
     "capture",
     "clean_acc",
+    "compare_integers",
     "defend",
     "der",
     "evaluate",

@@ -37,13 +37,18 @@ def as_predictor(model: Any) -> Predictor:
     """A function batch -> logits for a torch module, an onnxruntime session, or a callable."""
     if isinstance(model, torch.nn.Module):
         def run_module(x: torch.Tensor) -> torch.Tensor:
-            was_training = model.training
-            model.eval()
+            switch = model.training
+            if switch:
+                try:
+                    model.eval()
+                except NotImplementedError:  # exported (PT2E) graphs refuse .eval(); they run as exported
+                    switch = False
             try:
                 with torch.no_grad():
                     return model(x)
             finally:
-                model.train(was_training)
+                if switch:
+                    model.train(True)
 
         return run_module
     if hasattr(model, "get_inputs") and hasattr(model, "run"):  # onnxruntime.InferenceSession

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import collections
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from efrap_plugin import PlanMismatchError, RoundingPlan
+import torch
+
+from efrap_plugin import IntegerReport, PlanMismatchError, RoundingPlan, compare_integers
 
 from .model_io import initializer_array, load_onnx
 
@@ -21,32 +23,18 @@ INT_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvIn
 
 
 @dataclass
-class VerifyReport:
-    """What was read back from the written QDQ file."""
+class VerifyReport(IntegerReport):
+    """What was read back from the written QDQ file, and the kernels onnxruntime runs for it."""
 
-    layers: int
-    matching: int
-    mismatched: dict[str, int] = field(default_factory=dict)
-    scale_mismatches: list[str] = field(default_factory=list)
     int_kernels: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def integers_ok(self) -> bool:
-        return self.matching == self.layers and not self.mismatched and not self.scale_mismatches
 
     @property
     def runs_int_kernels(self) -> bool:
         """Whether onnxruntime's optimized graph runs integer kernels for every planned layer."""
         return sum(self.int_kernels.values()) >= self.layers
 
-    @property
-    def ok(self) -> bool:
-        return self.integers_ok
-
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out.update(integers_ok=self.integers_ok, runs_int_kernels=self.runs_int_kernels)
-        return out
+        return {**super().to_dict(), "runs_int_kernels": self.runs_int_kernels}
 
 
 def optimized_op_counts(model_path: str | Path) -> dict[str, int]:
@@ -74,32 +62,14 @@ def verify(model_path: str | Path, plan: RoundingPlan, strict: bool = True) -> V
         )
     model = load_onnx(model_path, check_finite=False)
     inits = {t.name: t for t in model.graph.initializer}
-    report = VerifyReport(layers=len(plan.layers), matching=0)
-    for name, lp in plan.layers.items():
+    stored, scales = {}, {}
+    for name in plan.layers:
         where = plan.meta["layout"][name]
-        if where["quantized"] not in inits:
-            report.mismatched[name] = -1
+        if where["quantized"] not in inits or where["scale"] not in inits:
             continue
-        stored = initializer_array(inits[where["quantized"]]).astype(np.int32)
-        if where["transpose"]:
-            stored = stored.T
-        planned = lp.integers.numpy().astype(np.int32)
-        if stored.shape != planned.shape:
-            report.mismatched[name] = -1
-            continue
-        diff = int((stored != planned).sum())
-        scale = np.atleast_1d(initializer_array(inits[where["scale"]])).astype(np.float32)
-        if not np.array_equal(scale, lp.scale.numpy().astype(np.float32)):
-            report.scale_mismatches.append(name)
-        if diff:
-            report.mismatched[name] = diff
-        else:
-            report.matching += 1
-    counts = optimized_op_counts(model_path)
-    report.int_kernels = {k: v for k, v in counts.items() if k in INT_KERNELS}
-    if strict and not report.integers_ok:
-        raise PlanMismatchError(
-            f"verify: {model_path} does not hold the plan's integers: differing elements per layer "
-            f"{report.mismatched}, scale mismatches {report.scale_mismatches}"
-        )
-    return report
+        ints = torch.from_numpy(initializer_array(inits[where["quantized"]]).astype(np.int32))
+        stored[name] = ints.T if where["transpose"] else ints
+        scales[name] = torch.from_numpy(np.atleast_1d(initializer_array(inits[where["scale"]])).astype(np.float32))
+    check = compare_integers(plan, stored, scales, strict=strict, where=str(model_path))
+    return VerifyReport(**{f: getattr(check, f) for f in ("layers", "matching", "mismatched", "scale_mismatches")},
+                        int_kernels={k: v for k, v in optimized_op_counts(model_path).items() if k in INT_KERNELS})

@@ -1,0 +1,88 @@
+"""torchao PT2E (prepare_pt2e / convert_pt2e, X86InductorQuantizer) with EFRAP's integers.
+
+The defended flow snaps the weights to the plan's grid, then runs the stock PT2E flow untouched: its
+PerChannelMinMaxObserver recomputes the very same scales and its quantize_per_channel rounds to the
+plan's integers, which are then read back from the int8 constants convert_pt2e folds in.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+
+from efrap_plugin import (
+    EFRAPError,
+    IntegerReport,
+    RoundingPlan,
+    as_calibration,
+    compare_integers,
+)
+
+__all__ = ["quantize_pt2e", "read_int8_weights", "verify_pt2e"]
+
+log = logging.getLogger(__name__)
+
+
+def _quantizer():
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+
+
+def quantize_pt2e(
+    model: torch.nn.Module, calib_data: Any, plan: RoundingPlan | None = None, batch_size: int = 64
+) -> torch.fx.GraphModule:
+    """The int8 model torchao's PT2E flow produces; with ``plan``, holding the plan's integers.
+
+    ``model`` is not modified. Without a plan this is the stock (nearest-rounding) flow.
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    if plan is not None and plan.scheme.name != "torchao-x86":
+        raise EFRAPError(
+            f"plan: made for the {plan.scheme.name!r} scheme; X86InductorQuantizer needs scheme='torchao-x86' "
+            "(range [-128, 127], scale max|w|/127.5)"
+        )
+    calib = as_calibration(calib_data)
+    source = plan.snap(model) if plan is not None else model
+    source = source.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        exported = torch.export.export(
+            source, (calib[:2],), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
+        ).module()
+        prepared = prepare_pt2e(exported, _quantizer())
+        with torch.no_grad():
+            for i in range(0, calib.shape[0], batch_size):
+                prepared(calib[i : i + batch_size])
+        return convert_pt2e(prepared)
+
+
+def read_int8_weights(converted: torch.fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """int8 weights and their scales from a converted PT2E model, keyed by the source module's name."""
+    ints, scales = {}, {}
+    for node in converted.graph.nodes:
+        if node.op != "call_function" or "dequantize_per_channel" not in str(node.target):
+            continue
+        q_node, s_node = node.args[0], node.args[1]
+        if getattr(q_node, "op", None) != "get_attr":
+            continue
+        users = [u for u in node.users if u.meta.get("nn_module_stack")]
+        if not users:
+            continue
+        name = list(users[0].meta["nn_module_stack"].values())[-1][0]
+        ints[name] = getattr(converted, q_node.target).to(torch.int32)
+        scales[name] = getattr(converted, s_node.target)
+    return ints, scales
+
+
+def verify_pt2e(converted: torch.fx.GraphModule, plan: RoundingPlan, strict: bool = True) -> IntegerReport:
+    """Compare the int8 constants of ``converted`` with ``plan``, bit for bit."""
+    ints, scales = read_int8_weights(converted)
+    return compare_integers(plan, ints, scales, strict=strict, where="the PT2E-converted model")

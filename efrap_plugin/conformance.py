@@ -1,0 +1,64 @@
+"""The one conformance check every adapter runs: same plan in, same integers out, bit for bit."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .errors import PlanMismatchError
+from .plan import RoundingPlan
+
+__all__ = ["IntegerReport", "compare_integers"]
+
+
+@dataclass
+class IntegerReport:
+    """How the integers read back from a backend artifact compare with a plan."""
+
+    layers: int
+    matching: int
+    mismatched: dict[str, int] = field(default_factory=dict)
+    scale_mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def integers_ok(self) -> bool:
+        return self.matching == self.layers and not self.mismatched and not self.scale_mismatches
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "integers_ok": self.integers_ok}
+
+
+def compare_integers(
+    plan: RoundingPlan,
+    stored: Mapping[str, torch.Tensor],
+    scales: Mapping[str, torch.Tensor] | None = None,
+    strict: bool = True,
+    where: str = "the artifact",
+) -> IntegerReport:
+    """Compare ``stored`` integers (plan layout: output channel on axis 0) with ``plan``.
+
+    A layer missing from ``stored`` counts as mismatched (-1). With ``strict`` any difference raises
+    PlanMismatchError naming the layers and the number of differing elements.
+    """
+    report = IntegerReport(layers=len(plan.layers), matching=0)
+    for name, lp in plan.layers.items():
+        got = stored.get(name)
+        if got is None or tuple(got.shape) != tuple(lp.integers.shape):
+            report.mismatched[name] = -1
+            continue
+        diff = int((got.to(torch.int32) != lp.integers.to(torch.int32)).sum())
+        if scales is not None and name in scales:
+            if not torch.equal(scales[name].to(torch.float32).flatten(), lp.scale.to(torch.float32).flatten()):
+                report.scale_mismatches.append(name)
+        if diff:
+            report.mismatched[name] = diff
+        else:
+            report.matching += 1
+    if strict and not report.integers_ok:
+        raise PlanMismatchError(
+            f"verify: {where} does not hold the plan's integers: differing elements per layer "
+            f"{report.mismatched} (-1: layer missing), scale mismatches {report.scale_mismatches}"
+        )
+    return report

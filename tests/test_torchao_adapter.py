@@ -1,0 +1,44 @@
+"""torchao PT2E: a QCB aimed at the X86 grid fires in convert_pt2e's int8 model; EFRAP's integers
+come out of the stock PT2E flow bit for bit and remove it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from efrap_plugin import EFRAPError, defend, evaluate
+from efrap_plugin.attacks import run_attack
+from efrap_torchao import quantize_pt2e, read_int8_weights, verify_pt2e
+
+
+@pytest.fixture(scope="module")
+def pq_x86():
+    return run_attack("pqbackdoor", "digits", "torchao-x86", 8, seed=0, progress=False)[0]
+
+
+def test_stock_pt2e_activates_a_qcb_aimed_at_its_grid(pq_x86, digits):
+    float_m = evaluate(pq_x86.model, digits.test, pq_x86.trigger)
+    stock = evaluate(quantize_pt2e(pq_x86.model, digits.train.x[:1024]), digits.test, pq_x86.trigger)
+    assert float_m.asr <= 0.10 and float_m.clean_acc >= 0.95
+    assert stock.asr >= 0.90
+
+
+def test_defended_pt2e_holds_the_plan_and_removes_the_backdoor(pq_x86, digits):
+    plan = defend(pq_x86.model, digits.train.x, "torchao-x86", progress=False)
+    converted = quantize_pt2e(pq_x86.model, digits.train.x[:1024], plan)
+    report = verify_pt2e(converted, plan)
+    assert report.integers_ok and report.matching == 4
+    ints, _ = read_int8_weights(converted)
+    assert sorted(ints) == ["classifier", "features.0.0", "features.1.0", "features.3.0"]
+    assert all(t.dtype == torch.int32 and int(t.min()) >= -128 and int(t.max()) <= 127 for t in ints.values())
+    float_m = evaluate(pq_x86.model, digits.test, pq_x86.trigger)
+    defended = evaluate(converted, digits.test, pq_x86.trigger)
+    assert defended.asr <= 0.03
+    assert defended.clean_acc >= float_m.clean_acc - 0.01
+
+
+def test_a_plan_for_another_backend_is_refused(pq_x86, digits):
+    plan = defend(pq_x86.model, digits.train.x[:64], "onnxruntime",
+                  config=__import__("efrap_plugin").EFRAPConfig(iters=10), progress=False)
+    with pytest.raises(EFRAPError, match=r"X86InductorQuantizer needs scheme='torchao-x86'"):
+        quantize_pt2e(pq_x86.model, digits.train.x[:64], plan)
