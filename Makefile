@@ -33,12 +33,12 @@ bench: $(STAMP) fashion-mnist
 	$(PY) benchmarks/run.py --out benchmarks/results
 
 check: $(STAMP)
-	$(VENV)/bin/ruff check efrap_plugin adapters tests benchmarks examples
-	$(VENV)/bin/ruff format --check efrap_plugin adapters tests benchmarks examples
+	$(VENV)/bin/ruff check efrap_plugin efrap_cli adapters tests benchmarks examples
+	$(VENV)/bin/ruff format --check efrap_plugin efrap_cli adapters tests benchmarks examples
 
 style: $(STAMP)
-	$(VENV)/bin/ruff check --fix efrap_plugin adapters tests benchmarks examples
-	$(VENV)/bin/ruff format efrap_plugin adapters tests benchmarks examples
+	$(VENV)/bin/ruff check --fix efrap_plugin efrap_cli adapters tests benchmarks examples
+	$(VENV)/bin/ruff format efrap_plugin efrap_cli adapters tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -17,21 +17,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from efrap_onnx import ListDataReader, export_float_onnx, quantize_static, session
 from onnxruntime.quantization import QuantType
 
 from efrap_plugin import EFRAPConfig, evaluate, load_digits
 from efrap_plugin.attacks import run_attack
-from efrap_onnx import ListDataReader, export_float_onnx, quantize_static, session
 
-CELLS = [("pqbackdoor", 8), ("pqbackdoor", 4), ("compartifact", 8), ("compartifact", 4),
-         ("qu-anti-zation", 8), ("qu-anti-zation", 4)]
+CELLS = [
+    ("pqbackdoor", 8),
+    ("pqbackdoor", 4),
+    ("compartifact", 8),
+    ("compartifact", 4),
+    ("qu-anti-zation", 8),
+    ("qu-anti-zation", 4),
+]
 
 
 def _quantize(src, out, calib, bits, config=None, efrap=True):
     wt = QuantType.QInt8 if bits == 8 else QuantType.QInt4
-    return quantize_static(src, out, ListDataReader.from_array("input", calib), per_channel=True,
-                           activation_type=QuantType.QUInt8, weight_type=wt, efrap=efrap, config=config,
-                           progress=False)
+    return quantize_static(
+        src,
+        out,
+        ListDataReader.from_array("input", calib),
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=wt,
+        efrap=efrap,
+        config=config,
+        progress=False,
+    )
 
 
 def _pct(values):
@@ -67,19 +81,31 @@ def bench_cells(out: Path, seeds: int) -> list[dict]:
                 variants[objective] = (accs, asrs, secs)
         acc, asr_, secs = variants["efrap"]
         row = {
-            "attack": attack, "bits": bits, "float_acc": f"{100 * f.clean_acc:.2f}", "float_asr": f"{100 * f.asr:.2f}",
-            "stock_acc": f"{100 * stock.clean_acc:.2f}", "stock_asr": f"{100 * stock.asr:.2f}",
-            "efrap_acc": _pct(acc), "efrap_asr": _pct(asr_),
-            "flip_only_acc": _pct(variants["flip_only"][0]), "flip_only_asr": _pct(variants["flip_only"][1]),
+            "attack": attack,
+            "bits": bits,
+            "float_acc": f"{100 * f.clean_acc:.2f}",
+            "float_asr": f"{100 * f.asr:.2f}",
+            "stock_acc": f"{100 * stock.clean_acc:.2f}",
+            "stock_asr": f"{100 * stock.asr:.2f}",
+            "efrap_acc": _pct(acc),
+            "efrap_asr": _pct(asr_),
+            "flip_only_acc": _pct(variants["flip_only"][0]),
+            "flip_only_asr": _pct(variants["flip_only"][1]),
             "preserve_only_acc": _pct(variants["preserve_only"][0]),
             "preserve_only_asr": _pct(variants["preserve_only"][1]),
             "attack_met": f.asr <= 0.10 and f.clean_acc >= 0.95 and stock.asr >= 0.90,
             "defense_met": max(asr_) <= 0.03 and min(acc) >= f.clean_acc - 0.01,
-            "attack_s": f"{attack_s:.0f}", "defense_s": f"{statistics.mean(secs):.1f}",
+            "attack_s": f"{attack_s:.0f}",
+            "defense_s": f"{statistics.mean(secs):.1f}",
         }
         logging.info("%s", row)
         rows.append(row)
-    _write(out, "cells", rows, f"EFRAP over {seeds} defense seeds (1005..), attack seed 0; percentages, mean ± spread")
+    _write(
+        out,
+        "cells",
+        rows,
+        f"EFRAP over {seeds} defense seeds (1005..), attack seed 0; percentages, mean ± spread",
+    )
     return rows
 
 
@@ -91,14 +117,26 @@ def bench_speed(out: Path) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         src = export_float_onnx(result.model, digits.train.x[:2], Path(tmp) / "f.onnx")
-        for name, cfg in (("default", EFRAPConfig()), ("reference", EFRAPConfig.reference()),
-                          ("reference-objective-fast", EFRAPConfig(balance="reference", lr=1e-3))):
+        for name, cfg in (
+            ("default", EFRAPConfig()),
+            ("reference", EFRAPConfig.reference()),
+            ("reference-objective-fast", EFRAPConfig(balance="reference", lr=1e-3)),
+        ):
             t0 = time.perf_counter()
             _quantize(src, Path(tmp) / "d.onnx", calib, 8, cfg)
             secs = time.perf_counter() - t0
             m = evaluate(session(Path(tmp) / "d.onnx"), digits.test, result.trigger)
-            rows.append({"config": name, "iters_per_layer": cfg.iters, "lr": cfg.lr, "balance": cfg.balance,
-                         "seconds": f"{secs:.1f}", "clean_acc": f"{100 * m.clean_acc:.2f}", "asr": f"{100 * m.asr:.2f}"})
+            rows.append(
+                {
+                    "config": name,
+                    "iters_per_layer": cfg.iters,
+                    "lr": cfg.lr,
+                    "balance": cfg.balance,
+                    "seconds": f"{secs:.1f}",
+                    "clean_acc": f"{100 * m.clean_acc:.2f}",
+                    "asr": f"{100 * m.asr:.2f}",
+                }
+            )
     base = float(rows[1]["seconds"])
     for r in rows:
         r["time_vs_reference"] = f"{float(r['seconds']) / base:.3f}"
@@ -126,10 +164,16 @@ def bench_latency(out: Path, repeats: int = 200) -> list[dict]:
                     sess.run(None, {"input": x})
                     timings[k].append(time.perf_counter() - t0)
             med = {k: statistics.median(v) * 1e6 for k, v in timings.items()}
-            rows.append({"batch": batch, "float_us": f"{med['f']:.0f}", "stock_int8_us": f"{med['stock']:.0f}",
-                         "efrap_int8_us": f"{med['efrap']:.0f}",
-                         "efrap_vs_stock": f"{med['efrap'] / med['stock']:.3f}",
-                         "efrap_vs_float": f"{med['efrap'] / med['f']:.3f}"})
+            rows.append(
+                {
+                    "batch": batch,
+                    "float_us": f"{med['f']:.0f}",
+                    "stock_int8_us": f"{med['stock']:.0f}",
+                    "efrap_int8_us": f"{med['efrap']:.0f}",
+                    "efrap_vs_stock": f"{med['efrap'] / med['stock']:.3f}",
+                    "efrap_vs_float": f"{med['efrap'] / med['f']:.3f}",
+                }
+            )
     _write(out, "latency", rows, f"median of {repeats} interleaved runs, 1 intra-op thread default session")
     return rows
 
@@ -141,8 +185,16 @@ def _write(out: Path, name: str, rows: list[dict], note: str) -> None:
         writer.writeheader()
         writer.writerows(rows)
     cols = list(rows[0])
-    md = [f"# {name}", "", f"Command: `{' '.join(['python'] + sys.argv)}`", "", note, "",
-          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md = [
+        f"# {name}",
+        "",
+        f"Command: `{' '.join(['python'] + sys.argv)}`",
+        "",
+        note,
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
     md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
 
@@ -158,8 +210,11 @@ def main() -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     torch.set_num_threads(1)
     out = Path(args.out)
-    jobs = {"cells": lambda: bench_cells(out, args.defense_seeds), "speed": lambda: bench_speed(out),
-            "latency": lambda: bench_latency(out)}
+    jobs = {
+        "cells": lambda: bench_cells(out, args.defense_seeds),
+        "speed": lambda: bench_speed(out),
+        "latency": lambda: bench_latency(out),
+    }
     for name in args.only.split(","):
         t0 = time.perf_counter()
         jobs[name]()

@@ -19,6 +19,7 @@ from efrap_plugin import (
     LabeledData,
     PatchTrigger,
     as_calibration,
+    atomic_write,
     evaluate,
     format_scan,
     load_dataset,
@@ -30,7 +31,6 @@ from efrap_plugin import (
     scheme_preset,
 )
 from efrap_plugin.attacks import run_attack
-from efrap_plugin.plan import atomic_write
 
 __all__ = ["COMMANDS", "load_attack_info", "stock_onnx_int8", "calibration_images"]
 
@@ -51,7 +51,9 @@ def _torchao():
     try:
         import efrap_torchao
     except ImportError as exc:
-        raise EFRAPError(f"the torchao extra is not installed ({exc}); run `pip install 'efrap-plugin[torchao]'`") from None
+        raise EFRAPError(
+            f"the torchao extra is not installed ({exc}); run `pip install 'efrap-plugin[torchao]'`"
+        ) from None
     return efrap_torchao
 
 
@@ -69,8 +71,16 @@ def stock_onnx_int8(float_onnx: Path, calib: np.ndarray, out: Path, bits: int = 
 
     onnx_adapter = _onnx()
     reader = onnx_adapter.ListDataReader.from_array(_input_name(float_onnx), calib)
-    onnx_adapter.quantize_static(float_onnx, out, reader, per_channel=per_channel, activation_type=QuantType.QUInt8,
-                                 weight_type=_weight_type(bits), efrap=False, progress=False)
+    onnx_adapter.quantize_static(
+        float_onnx,
+        out,
+        reader,
+        per_channel=per_channel,
+        activation_type=QuantType.QUInt8,
+        weight_type=_weight_type(bits),
+        efrap=False,
+        progress=False,
+    )
     return out
 
 
@@ -99,7 +109,9 @@ def calibration_images(spec: str, n: int) -> np.ndarray:
 def load_attack_info(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise EFRAPError(f"--attack-info: {path} does not exist; pass the attack.json written by `efrap attack`")
+        raise EFRAPError(
+            f"--attack-info: {path} does not exist; pass the attack.json written by `efrap attack`"
+        )
     try:
         info = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -117,17 +129,26 @@ def _metrics(model: Any, test: LabeledData, trigger: PatchTrigger) -> dict[str, 
 # ----- efrap attack ----------------------------------------------------------------------------
 def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
-    result, splits, arch = run_attack(args.attack, args.dataset, args.scheme, args.bits, args.seed,
-                                      progress=not args.quiet)
+    result, splits, arch = run_attack(
+        args.attack, args.dataset, args.scheme, args.bits, args.seed, progress=not args.quiet
+    )
     out.mkdir(parents=True, exist_ok=True)
     save_model(result.model, out / "model.safetensors", arch)
-    info = {**result.info(), "dataset": args.dataset, "scheme": args.scheme, "bits": args.bits, "seed": args.seed,
-            "arch": arch}
+    info = {
+        **result.info(),
+        "dataset": args.dataset,
+        "scheme": args.scheme,
+        "bits": args.bits,
+        "seed": args.seed,
+        "arch": arch,
+    }
     onnx_adapter = _onnx()
     onnx_adapter.export_float_onnx(result.model, splits.train.x[:2], out / "model.onnx")
     if args.scheme == "onnxruntime" and args.bits in (8, 4):
         with tempfile.TemporaryDirectory() as tmp:
-            stock = stock_onnx_int8(out / "model.onnx", splits.train.x[:1024].numpy(), Path(tmp) / "q.onnx", args.bits)
+            stock = stock_onnx_int8(
+                out / "model.onnx", splits.train.x[:1024].numpy(), Path(tmp) / "q.onnx", args.bits
+            )
             info["metrics"][f"onnxruntime-int{args.bits}-stock"] = _metrics(
                 onnx_adapter.session(stock), splits.test, result.trigger
             )
@@ -169,7 +190,9 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
             if path.suffix == ".safetensors":
                 model, _ = load_model(path)
                 float_onnx = _onnx().export_float_onnx(model, splits.train.x[:2], Path(tmp) / "float.onnx")
-            target = stock_onnx_int8(float_onnx, splits.train.x[:1024].numpy(), Path(tmp) / "q.onnx", args.bits)
+            target = stock_onnx_int8(
+                float_onnx, splits.train.x[:1024].numpy(), Path(tmp) / "q.onnx", args.bits
+            )
             runner: Any = _onnx().session(target)
             label = f"onnxruntime int{args.bits} nearest (stock quantize_static)"
         elif path.suffix == ".onnx":
@@ -180,8 +203,10 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         metrics = _metrics(runner, splits.test, trigger)
     result = {"model": str(path), "evaluated": label, **metrics}
     if not args.json:
-        print(f"{path.name} ({label}): clean_acc {100 * metrics['clean_acc']:.2f}%  asr {100 * metrics['asr']:.2f}%"
-              f"  ra {100 * metrics['ra']:.2f}%")
+        print(
+            f"{path.name} ({label}): clean_acc {100 * metrics['clean_acc']:.2f}%  asr {100 * metrics['asr']:.2f}%"
+            f"  ra {100 * metrics['ra']:.2f}%"
+        )
     return result
 
 
@@ -189,8 +214,14 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 def _config(args: argparse.Namespace) -> EFRAPConfig:
     if args.reference:
         return EFRAPConfig.reference(seed=args.seed, objective=args.objective, calib_size=args.calib_size)
-    return EFRAPConfig(iters=args.iters, lr=args.lr, calib_size=args.calib_size, flip_weight=args.flip_weight,
-                       objective=args.objective, seed=args.seed)
+    return EFRAPConfig(
+        iters=args.iters,
+        lr=args.lr,
+        calib_size=args.calib_size,
+        flip_weight=args.flip_weight,
+        objective=args.objective,
+        seed=args.seed,
+    )
 
 
 def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
@@ -205,25 +236,40 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
 
     start = time.perf_counter()
     plan = onnx_adapter.quantize_static(
-        src, out, reader, per_channel=not args.per_tensor, activation_type=QuantType.QUInt8,
-        weight_type=_weight_type(args.bits), config=config, progress=not args.quiet,
+        src,
+        out,
+        reader,
+        per_channel=not args.per_tensor,
+        activation_type=QuantType.QUInt8,
+        weight_type=_weight_type(args.bits),
+        config=config,
+        progress=not args.quiet,
     )
     seconds = time.perf_counter() - start
     report = onnx_adapter.verify(out, plan)
     if args.plan:
         plan.save(args.plan)
     summary = {
-        "model": str(src), "out": str(out), "bits": args.bits, "layers": len(plan.layers),
-        "flipped_share": round(plan.flipped_share, 4), "seconds": round(seconds, 2),
+        "model": str(src),
+        "out": str(out),
+        "bits": args.bits,
+        "layers": len(plan.layers),
+        "flipped_share": round(plan.flipped_share, 4),
+        "seconds": round(seconds, 2),
         "per_layer": {k: round(v.stats["flipped_share"], 4) for k, v in plan.layers.items()},
-        "skipped": plan.meta.get("skipped", []), "verify": report.to_dict(),
+        "skipped": plan.meta.get("skipped", []),
+        "verify": report.to_dict(),
     }
     if not args.json:
-        print(f"wrote {out}: {len(plan.layers)} layers, {100 * plan.flipped_share:.1f}% of weights flipped, "
-              f"{seconds:.1f} s")
+        print(
+            f"wrote {out}: {len(plan.layers)} layers, {100 * plan.flipped_share:.1f}% of weights flipped, "
+            f"{seconds:.1f} s"
+        )
         kernels = ", ".join(f"{k} x{v}" for k, v in report.int_kernels.items()) or "none"
-        print(f"verify: integers {'match the plan' if report.integers_ok else 'DIFFER'}; "
-              f"onnxruntime runs {kernels}")
+        print(
+            f"verify: integers {'match the plan' if report.integers_ok else 'DIFFER'}; "
+            f"onnxruntime runs {kernels}"
+        )
     return summary
 
 
@@ -272,4 +318,10 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return run_demo(args)
 
 
-COMMANDS = {"attack": cmd_attack, "evaluate": cmd_evaluate, "defend": cmd_defend, "scan": cmd_scan, "demo": cmd_demo}
+COMMANDS = {
+    "attack": cmd_attack,
+    "evaluate": cmd_evaluate,
+    "defend": cmd_defend,
+    "scan": cmd_scan,
+    "demo": cmd_demo,
+}

@@ -33,7 +33,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     say(f"[1/4] training a digits CNN and planting {args.attack} aimed at onnxruntime int{args.bits} ...")
     t0 = time.perf_counter()
-    result, splits, arch = run_attack(args.attack, "digits", "onnxruntime", args.bits, args.seed, progress=progress)
+    result, splits, arch = run_attack(
+        args.attack, "digits", "onnxruntime", args.bits, args.seed, progress=progress
+    )
     attack_seconds = time.perf_counter() - t0
     save_model(result.model, out / "model.safetensors", arch)
     float_onnx = onnx_adapter.export_float_onnx(result.model, splits.train.x[:2], out / "model.onnx")
@@ -49,9 +51,14 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     defended = out / f"efrap-int{args.bits}.onnx"
     plan = onnx_adapter.quantize_static(
-        float_onnx, defended, onnx_adapter.ListDataReader.from_array("input", calib), per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8 if args.bits == 8 else QuantType.QInt4,
-        config=EFRAPConfig(), progress=progress,
+        float_onnx,
+        defended,
+        onnx_adapter.ListDataReader.from_array("input", calib),
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8 if args.bits == 8 else QuantType.QInt4,
+        config=EFRAPConfig(),
+        progress=progress,
     )
     efrap_seconds = time.perf_counter() - t0
     plan.save(out / "plan.safetensors")
@@ -59,8 +66,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     say("[4/4] measuring every model in onnxruntime and writing the report ...")
     rows = {}
-    for key, path, seconds in (("float", float_onnx, attack_seconds), ("stock", stock, stock_seconds),
-                               ("efrap", defended, efrap_seconds)):
+    for key, path, seconds in (
+        ("float", float_onnx, attack_seconds),
+        ("stock", stock, stock_seconds),
+        ("efrap", defended, efrap_seconds),
+    ):
         m = evaluate(onnx_adapter.session(path), test, trigger)
         rows[key] = {**m.to_dict(), "seconds": round(seconds, 2), "file": Path(path).name}
     from efrap_plugin import Metrics
@@ -75,9 +85,15 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         s = lp.scale.reshape([-1] + [1] * (w.dim() - 1))
         layers[name] = ((w - torch.round(w / s) * s).abs() / s).flatten().numpy()
     results = {
-        "attack": args.attack, "bits": args.bits, "seed": args.seed, "dataset": "digits",
-        "trigger": trigger.to_dict(), "rows": rows, "der": der(as_metrics["stock"], as_metrics["efrap"]),
-        "fake_quant": result.metrics, "verify": report.to_dict(),
+        "attack": args.attack,
+        "bits": args.bits,
+        "seed": args.seed,
+        "dataset": "digits",
+        "trigger": trigger.to_dict(),
+        "rows": rows,
+        "der": der(as_metrics["stock"], as_metrics["efrap"]),
+        "fake_quant": result.metrics,
+        "verify": report.to_dict(),
         "per_layer_flipped": {k: v.stats["flipped_share"] for k, v in plan.layers.items()},
         "defense_seconds": round(efrap_seconds, 2),
     }
@@ -87,7 +103,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         print(format_table(results))
         print()
         kernels = ", ".join(f"{k} x{n}" for k, n in report.int_kernels.items())
-        print(f"verify: integers in {defended.name} {'match the plan' if report.integers_ok else 'DIFFER'}; "
-              f"onnxruntime runs {kernels}")
+        print(
+            f"verify: integers in {defended.name} {'match the plan' if report.integers_ok else 'DIFFER'}; "
+            f"onnxruntime runs {kernels}"
+        )
         print(f"report: {', '.join(str(f) for f in files)}")
     return results

@@ -25,23 +25,46 @@ def _common(p: argparse.ArgumentParser, seed: int = 0) -> None:
 
 
 def _scheme(p: argparse.ArgumentParser, bits_help: str = "weight bit width, 2..8 (default: 8)") -> None:
-    p.add_argument("--scheme", choices=sorted(SCHEME_PRESETS), default="onnxruntime",
-                   help="backend quantization scheme (default: onnxruntime)")
+    p.add_argument(
+        "--scheme",
+        choices=sorted(SCHEME_PRESETS),
+        default="onnxruntime",
+        help="backend quantization scheme (default: onnxruntime)",
+    )
     p.add_argument("--bits", type=int, default=8, help=bits_help)
 
 
 def _defense_flags(p: argparse.ArgumentParser) -> None:
     d = EFRAPConfig()
-    p.add_argument("--iters", type=int, default=d.iters, help=f"optimizer steps per layer (default: {d.iters})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate of the rounding logits (default: {d.lr})")
-    p.add_argument("--calib-size", type=int, default=d.calib_size,
-                   help=f"calibration images used (default: {d.calib_size})")
-    p.add_argument("--flip-weight", type=float, default=d.flip_weight,
-                   help=f"weight of the error-guided flipping term (default: {d.flip_weight})")
-    p.add_argument("--objective", choices=["efrap", "flip_only", "preserve_only"], default=d.objective,
-                   help="full EFRAP or an ablation (default: efrap)")
-    p.add_argument("--reference", action="store_true",
-                   help="the paper's settings: 10,000 steps of lr 1e-3 per layer, reference loss balance")
+    p.add_argument(
+        "--iters", type=int, default=d.iters, help=f"optimizer steps per layer (default: {d.iters})"
+    )
+    p.add_argument(
+        "--lr", type=float, default=d.lr, help=f"learning rate of the rounding logits (default: {d.lr})"
+    )
+    p.add_argument(
+        "--calib-size",
+        type=int,
+        default=d.calib_size,
+        help=f"calibration images used (default: {d.calib_size})",
+    )
+    p.add_argument(
+        "--flip-weight",
+        type=float,
+        default=d.flip_weight,
+        help=f"weight of the error-guided flipping term (default: {d.flip_weight})",
+    )
+    p.add_argument(
+        "--objective",
+        choices=["efrap", "flip_only", "preserve_only"],
+        default=d.objective,
+        help="full EFRAP or an ablation (default: efrap)",
+    )
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="the paper's settings: 10,000 steps of lr 1e-3 per layer, reference loss balance",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,16 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="clean_acc / asr / ra of a float, quantized or defended model")
     p.add_argument("model", help=".onnx or .safetensors model")
     p.add_argument("--attack-info", required=True, help="attack.json written by `efrap attack`")
-    p.add_argument("--quantize", choices=["none", "nearest"], default="none",
-                   help="evaluate the model itself (none) or its stock round-to-nearest quantization")
+    p.add_argument(
+        "--quantize",
+        choices=["none", "nearest"],
+        default="none",
+        help="evaluate the model itself (none) or its stock round-to-nearest quantization",
+    )
     _scheme(p)
     _common(p)
 
     p = sub.add_parser("defend", help="write an EFRAP-defended QDQ int8 model from a float ONNX file")
     p.add_argument("model", help="float .onnx model")
-    p.add_argument("--calib", required=True, help="digits, fashion-mnist, or an .npz with inputs in array 'x'")
+    p.add_argument(
+        "--calib", required=True, help="digits, fashion-mnist, or an .npz with inputs in array 'x'"
+    )
     p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="weight bits: 8 (QInt8) or 4 (QInt4)")
-    p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
+    p.add_argument(
+        "--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)"
+    )
     p.add_argument("--out", required=True, help="defended QDQ .onnx to write")
     p.add_argument("--plan", help="also save the RoundingPlan (.safetensors)")
     _defense_flags(p)
@@ -83,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("demo", help="the whole story on digits: attack, stock int8, EFRAP, verified report")
-    p.add_argument("--attack", choices=sorted(ATTACKS), default="pqbackdoor", help="QCB to plant (default: pqbackdoor)")
+    p.add_argument(
+        "--attack", choices=sorted(ATTACKS), default="pqbackdoor", help="QCB to plant (default: pqbackdoor)"
+    )
     p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="weight bits (default: 8)")
     p.add_argument("--out", default="demo-out", help="report folder (default: demo-out)")
     _common(p)

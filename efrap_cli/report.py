@@ -8,20 +8,25 @@ from typing import Any
 
 import numpy as np
 
-from efrap_plugin.plan import atomic_write
+from efrap_plugin import atomic_write
 
 __all__ = ["format_table", "write_report"]
 
-ROWS = (("float", "float model (onnxruntime fp32)"), ("stock", "stock int8 (quantize_static)"),
-        ("efrap", "EFRAP int8 (efrap defend)"))
+ROWS = (
+    ("float", "float model (onnxruntime fp32)"),
+    ("stock", "stock int8 (quantize_static)"),
+    ("efrap", "EFRAP int8 (efrap defend)"),
+)
 
 
 def format_table(results: dict[str, Any]) -> str:
     lines = [f"{'model':<34} {'clean_acc':>9} {'asr':>8} {'ra':>8} {'seconds':>8}", "-" * 71]
     for key, label in ROWS:
         m = results["rows"][key]
-        lines.append(f"{label:<34} {100 * m['clean_acc']:>8.2f}% {100 * m['asr']:>7.2f}% {100 * m['ra']:>7.2f}% "
-                     f"{m['seconds']:>8.1f}")
+        lines.append(
+            f"{label:<34} {100 * m['clean_acc']:>8.2f}% {100 * m['asr']:>7.2f}% {100 * m['ra']:>7.2f}% "
+            f"{m['seconds']:>8.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -42,7 +47,9 @@ def _figures(results: dict[str, Any], layers: dict[str, np.ndarray], out: Path) 
     ax.set_xticks(np.arange(3), labels)
     ax.set_ylabel("%")
     ax.set_ylim(0, 125)
-    ax.set_title(f"{results['attack']} on digits, onnxruntime int{results['bits']}: metrics on the real backend")
+    ax.set_title(
+        f"{results['attack']} on digits, onnxruntime int{results['bits']}: metrics on the real backend"
+    )
     ax.legend(loc="upper center", ncol=3, fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=120)
@@ -85,8 +92,10 @@ def write_report(results: dict[str, Any], layers: dict[str, np.ndarray], out: Pa
     ]
     for key, label in ROWS:
         m = results["rows"][key]
-        md.append(f"| {label} | {100 * m['clean_acc']:.2f}% | {100 * m['asr']:.2f}% | {100 * m['ra']:.2f}% | "
-                  f"{m['seconds']:.1f} |")
+        md.append(
+            f"| {label} | {100 * m['clean_acc']:.2f}% | {100 * m['asr']:.2f}% | {100 * m['ra']:.2f}% | "
+            f"{m['seconds']:.1f} |"
+        )
     md += [
         "",
         f"DER (defense effectiveness rating, stock -> EFRAP): {results['der']:.3f}",

@@ -22,9 +22,10 @@ from .engine import capture, defend
 from .errors import DataError, EFRAPError, ModelError, PlanMismatchError
 from .evaluate import Metrics, as_predictor, asr, clean_acc, der, evaluate, predict, ra
 from .fake_quant import fake_quant_forward
+from .files import atomic_write, read_safetensors
 from .layers import fingerprint, prepare_model, quantizable_layers
 from .models import DigitsCNN, ResNet, build_model, resnet8, resnet20
-from .plan import LayerPlan, RoundingPlan, atomic_write, snap_weight
+from .plan import LayerPlan, RoundingPlan, snap_weight
 from .rounding import LayerProblem, LayerResult, learn_rounding, learnable_bounds, truncation_error
 from .schemes import SCHEME_PRESETS, ActivationQuantizer, QuantScheme, scheme_preset
 from .training import train
@@ -79,6 +80,7 @@ __all__ = [
     "prepare_model",
     "quantizable_layers",
     "ra",
+    "read_safetensors",
     "save_model",
     "scan_weights",
     "resnet20",

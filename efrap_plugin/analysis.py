@@ -47,8 +47,13 @@ def scan_weights(weights: Mapping[str, torch.Tensor], scheme: QuantScheme) -> li
         neuron = err.reshape(err.shape[0], -1).norm(dim=1)
         rows.append(
             LayerScan(
-                name, tuple(w.shape), scheme.bits, float(err.mean()), float(((frac - 0.5).abs() < 0.05).float().mean()),
-                float(neuron.max()), float(neuron.mean()),
+                name,
+                tuple(w.shape),
+                scheme.bits,
+                float(err.mean()),
+                float(((frac - 0.5).abs() < 0.05).float().mean()),
+                float(neuron.max()),
+                float(neuron.mean()),
             )
         )
     return rows
@@ -56,7 +61,9 @@ def scan_weights(weights: Mapping[str, torch.Tensor], scheme: QuantScheme) -> li
 
 def format_scan(rows: list[LayerScan]) -> str:
     """A plain-text table for the terminal."""
-    header = f"{'layer':<32} {'shape':<18} {'bits':>4} {'mean|e| (LSB)':>14} {'near 0.5':>9} {'max ||e_i||':>12}"
+    header = (
+        f"{'layer':<32} {'shape':<18} {'bits':>4} {'mean|e| (LSB)':>14} {'near 0.5':>9} {'max ||e_i||':>12}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(

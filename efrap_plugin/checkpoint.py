@@ -9,8 +9,8 @@ from typing import Any
 from torch import nn
 
 from .errors import ModelError
+from .files import atomic_write, read_safetensors
 from .models import build_model
-from .plan import atomic_write
 
 __all__ = ["save_model", "load_model"]
 
@@ -25,19 +25,11 @@ def save_model(model: nn.Module, path: str | Path, arch: dict[str, Any]) -> Path
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """A zoo model rebuilt from its safetensors file, in eval mode."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"model: {path} does not exist; pass a .safetensors file written by `efrap attack`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise ModelError(f"model: {path} is not a readable safetensors file ({exc})") from None
+    meta, state = read_safetensors(path, "model", "a .safetensors file written by `efrap attack`")
     if "arch" not in meta:
-        raise ModelError(f"model: {path} has no 'arch' metadata; load it with your own model class and load_state_dict")
+        raise ModelError(
+            f"model: {path} has no 'arch' metadata; load it with your own model class and load_state_dict"
+        )
     arch = json.loads(meta["arch"])
     model = build_model(**arch)
     try:

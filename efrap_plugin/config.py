@@ -61,9 +61,13 @@ class EFRAPConfig:
         if self.objective not in _OBJECTIVES:
             raise EFRAPError(f"EFRAPConfig.objective: expected one of {_OBJECTIVES}, got {self.objective!r}")
         if self.rectifier not in ("sigmoid", "stretched"):
-            raise EFRAPError(f"EFRAPConfig.rectifier: expected 'sigmoid' or 'stretched', got {self.rectifier!r}")
+            raise EFRAPError(
+                f"EFRAPConfig.rectifier: expected 'sigmoid' or 'stretched', got {self.rectifier!r}"
+            )
         if self.error_norm not in ("element", "neuron"):
-            raise EFRAPError(f"EFRAPConfig.error_norm: expected 'element' or 'neuron', got {self.error_norm!r}")
+            raise EFRAPError(
+                f"EFRAPConfig.error_norm: expected 'element' or 'neuron', got {self.error_norm!r}"
+            )
         if self.unit not in ("activation", "layer"):
             raise EFRAPError(f"EFRAPConfig.unit: expected 'activation' or 'layer', got {self.unit!r}")
         if self.balance not in ("reference", "lsb"):

@@ -50,7 +50,9 @@ def compare_integers(
             continue
         diff = int((got.to(torch.int32) != lp.integers.to(torch.int32)).sum())
         if scales is not None and name in scales:
-            if not torch.equal(scales[name].to(torch.float32).flatten(), lp.scale.to(torch.float32).flatten()):
+            if not torch.equal(
+                scales[name].to(torch.float32).flatten(), lp.scale.to(torch.float32).flatten()
+            ):
                 report.scale_mismatches.append(name)
         if diff:
             report.mismatched[name] = diff

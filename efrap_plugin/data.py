@@ -125,7 +125,9 @@ def _read_idx(path: Path) -> np.ndarray:
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise DataError(f"{path}: header promises {dims} = {int(np.prod(dims))} bytes, file holds {data.size}")
+        raise DataError(
+            f"{path}: header promises {dims} = {int(np.prod(dims))} bytes, file holds {data.size}"
+        )
     return data.reshape(dims)
 
 
@@ -199,7 +201,9 @@ def load_npz(path: str | Path, num_classes: int | None = None) -> LabeledData | 
     except Exception as exc:
         raise DataError(f"{path}: not a readable .npz ({exc})") from None
     if "x" not in arrays:
-        raise DataError(f"{path}: expected an array named 'x' (N x C x H x W float32), found {sorted(arrays)}")
+        raise DataError(
+            f"{path}: expected an array named 'x' (N x C x H x W float32), found {sorted(arrays)}"
+        )
     x = _to_images(arrays["x"], f"{path}:x")
     if "y" not in arrays:
         return x
@@ -220,7 +224,9 @@ def load_dataset(name: str, seed: int = 0) -> Splits:
     raise DataError(f"dataset: expected one of {sorted(DATASETS)} (--dataset), got {name!r}")
 
 
-def as_calibration(data: Any, n: int | None = None, sample_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+def as_calibration(
+    data: Any, n: int | None = None, sample_shape: tuple[int, ...] | None = None
+) -> torch.Tensor:
     """Unlabeled calibration images from a tensor, array, LabeledData, .npz path, or iterable of batches.
 
     A batch may be a tensor or a (x, y, ...) tuple / list; labels are dropped.
@@ -282,7 +288,9 @@ def as_labeled(data: Any, num_classes: int | None = None) -> LabeledData:
         y = torch.cat(ys)
         out = LabeledData(torch.cat(xs), y, num_classes or int(y.max()) + 1)
     else:
-        raise DataError(f"evaluation data: expected LabeledData, (x, y), an .npz path or (x, y) batches, got {type(data).__name__}")
+        raise DataError(
+            f"evaluation data: expected LabeledData, (x, y), an .npz path or (x, y) batches, got {type(data).__name__}"
+        )
     if num_classes is not None and out.num_classes != num_classes:
         out = LabeledData(out.x, out.y, num_classes)
     if len(out) == 0:
@@ -323,4 +331,6 @@ def _check_images(x: torch.Tensor, what: str) -> None:
 
 
 def _pair(x: np.ndarray, y: np.ndarray, classes: int) -> LabeledData:
-    return LabeledData(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y)), classes)
+    return LabeledData(
+        torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y)), classes
+    )

@@ -44,7 +44,11 @@ def capture(model: nn.Module, layer: nn.Module, x: torch.Tensor, what: str, chun
         parts.append(out.detach())
         raise _Stop
 
-    handle = layer.register_forward_pre_hook(pre_hook) if what == "input" else layer.register_forward_hook(post_hook)
+    handle = (
+        layer.register_forward_pre_hook(pre_hook)
+        if what == "input"
+        else layer.register_forward_hook(post_hook)
+    )
     try:
         with torch.no_grad():
             for i in range(0, x.shape[0], chunk):
@@ -57,8 +61,9 @@ def capture(model: nn.Module, layer: nn.Module, x: torch.Tensor, what: str, chun
     return torch.cat(parts)
 
 
-def _install_act_quantizers(model: nn.Module, layers: list[tuple[str, nn.Module]], calib: torch.Tensor,
-                            scheme: QuantScheme) -> None:
+def _install_act_quantizers(
+    model: nn.Module, layers: list[tuple[str, nn.Module]], calib: torch.Tensor, scheme: QuantScheme
+) -> None:
     """Calibrate a per-tensor activation quantizer on each layer's float input; quantize it from now on."""
     for name, _ in layers:
         layer = model.get_submodule(name)
@@ -115,16 +120,27 @@ def defend(
             if name in with_relu:
                 forward, targets = _then_relu(forward), torch.relu(targets)
             problem = LayerProblem(
-                name, layer.weight.detach().clone(), layer_scheme, forward,
-                capture(quantized, q_layer, calib, "input"), targets,
+                name,
+                layer.weight.detach().clone(),
+                layer_scheme,
+                forward,
+                capture(quantized, q_layer, calib, "input"),
+                targets,
             )
             bar.set_postfix(layer=name)
             result = learn_rounding(problem, config, gen, bar.update)
             with torch.no_grad():
-                q_layer.weight.copy_(layer_scheme.dequantize(result.integers, result.scale, result.zero_point))
+                q_layer.weight.copy_(
+                    layer_scheme.dequantize(result.integers, result.scale, result.zero_point)
+                )
             nearest = layer_scheme.quantize(problem.weight, result.scale, result.zero_point)
             plans[name] = LayerPlan(
-                name, result.integers, result.scale, result.zero_point, nearest, fingerprint(layer.weight),
+                name,
+                result.integers,
+                result.scale,
+                result.zero_point,
+                nearest,
+                fingerprint(layer.weight),
                 {
                     "flipped_share": result.flipped_share,
                     "loss_before": result.loss_before,
@@ -136,8 +152,16 @@ def defend(
             )
             log.info(
                 "%s: %.1f%% flipped, loss %.4g -> %.4g, relative output error %.2e (nearest %.2e)",
-                name, 100 * result.flipped_share, result.loss_before, result.loss_after,
-                result.act_error_learned, result.act_error_nearest,
+                name,
+                100 * result.flipped_share,
+                result.loss_before,
+                result.loss_after,
+                result.act_error_learned,
+                result.act_error_nearest,
             )
-    meta = {"config": config.to_dict(), "seconds": time.perf_counter() - start, "calib_size": int(calib.shape[0])}
+    meta = {
+        "config": config.to_dict(),
+        "seconds": time.perf_counter() - start,
+        "calib_size": int(calib.shape[0]),
+    }
     return RoundingPlan(scheme, plans, "torch", meta)

@@ -36,6 +36,7 @@ class Metrics:
 def as_predictor(model: Any) -> Predictor:
     """A function batch -> logits for a torch module, an onnxruntime session, or a callable."""
     if isinstance(model, torch.nn.Module):
+
         def run_module(x: torch.Tensor) -> torch.Tensor:
             switch = model.training
             if switch:
@@ -73,7 +74,9 @@ def predict(model: Any, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     for start in range(0, x.shape[0], batch_size):
         logits = torch.as_tensor(fn(x[start : start + batch_size]))
         if logits.dim() != 2 or logits.shape[0] != min(batch_size, x.shape[0] - start):
-            raise EFRAPError(f"model output: expected batch x classes logits, got shape {tuple(logits.shape)}")
+            raise EFRAPError(
+                f"model output: expected batch x classes logits, got shape {tuple(logits.shape)}"
+            )
         preds.append(logits.argmax(dim=1))
     return torch.cat(preds)
 

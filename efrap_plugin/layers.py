@@ -55,7 +55,9 @@ def quantizable_layers(model: nn.Module, example: torch.Tensor | None = None) ->
 def check_finite_weights(model: nn.Module) -> None:
     for name, param in model.named_parameters():
         if not torch.isfinite(param).all():
-            raise ModelError(f"model: parameter {name!r} holds NaN or Inf values; fix or retrain the model first")
+            raise ModelError(
+                f"model: parameter {name!r} holds NaN or Inf values; fix or retrain the model first"
+            )
 
 
 def prepare_model(model: nn.Module, scheme: QuantScheme) -> nn.Module:
@@ -96,7 +98,9 @@ def layer_forward(layer: nn.Module):
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         conv = nn.functional.conv1d if isinstance(layer, nn.Conv1d) else nn.functional.conv2d
         if layer.padding_mode != "zeros":
-            raise ModelError(f"layer {layer}: padding_mode {layer.padding_mode!r} is not supported; use 'zeros'")
+            raise ModelError(
+                f"layer {layer}: padding_mode {layer.padding_mode!r} is not supported; use 'zeros'"
+            )
         return lambda x, w: conv(x, w, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
     raise ModelError(f"layer: expected Conv1d, Conv2d or Linear, got {type(layer).__name__}")
 
@@ -109,7 +113,9 @@ def followed_by_relu(model: nn.Module) -> set[str]:
     import torch.fx
 
     try:
-        graph = model.graph if isinstance(model, torch.fx.GraphModule) else torch.fx.symbolic_trace(model).graph
+        graph = (
+            model.graph if isinstance(model, torch.fx.GraphModule) else torch.fx.symbolic_trace(model).graph
+        )
     except Exception:
         return set()
     modules = dict(model.named_modules())
@@ -122,7 +128,8 @@ def followed_by_relu(model: nn.Module) -> set[str]:
             continue
         user = users[0]
         is_relu = (user.op == "call_module" and isinstance(modules.get(user.target), nn.ReLU)) or (
-            user.op in ("call_function", "call_method") and user.target in (torch.relu, nn.functional.relu, "relu")
+            user.op in ("call_function", "call_method")
+            and user.target in (torch.relu, nn.functional.relu, "relu")
         )
         if is_relu:
             found.add(node.target)

@@ -46,7 +46,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
         self.relu2 = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +59,9 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """CIFAR-style ResNet-(6n+2): three stages of n basic blocks, widths w, 2w, 4w."""
 
-    def __init__(self, blocks_per_stage: int, width: int = 16, in_channels: int = 3, num_classes: int = 10) -> None:
+    def __init__(
+        self, blocks_per_stage: int, width: int = 16, in_channels: int = 3, num_classes: int = 10
+    ) -> None:
         super().__init__()
         self.stem = _conv_bn_relu(in_channels, width)
         layers: list[nn.Module] = []
@@ -86,7 +90,9 @@ def resnet20(in_channels: int = 3, num_classes: int = 10, width: int = 16) -> Re
 MODELS = {"digits-cnn": DigitsCNN, "resnet8": resnet8, "resnet20": resnet20}
 
 
-def build_model(name: str, in_channels: int = 1, num_classes: int = 10, width: int | None = None) -> nn.Module:
+def build_model(
+    name: str, in_channels: int = 1, num_classes: int = 10, width: int | None = None
+) -> nn.Module:
     """A zoo model by name ('digits-cnn', 'resnet8', 'resnet20')."""
     if name not in MODELS:
         raise EFRAPError(f"model: expected one of {sorted(MODELS)} (--model), got {name!r}")

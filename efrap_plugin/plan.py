@@ -6,8 +6,6 @@ Serialised as one safetensors file whose header carries the JSON metadata: no pi
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +15,11 @@ import torch
 from torch import nn
 
 from .errors import ModelError, PlanMismatchError
+from .files import atomic_write, read_safetensors
 from .layers import QUANTIZABLE, fingerprint, prepare_model
 from .schemes import QuantScheme
 
-__all__ = ["LayerPlan", "RoundingPlan", "atomic_write"]
+__all__ = ["LayerPlan", "RoundingPlan", "snap_weight"]
 
 _FORMAT = "efrap-plan/1"
 
@@ -132,19 +131,11 @@ class RoundingPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> RoundingPlan:
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise ModelError(f"plan: {path} does not exist; pass a file written by RoundingPlan.save")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:
-            raise ModelError(f"plan: {path} is not a readable safetensors file ({exc})") from None
+        header, tensors = read_safetensors(path, "plan", "a file written by RoundingPlan.save")
         if header.get("format") != _FORMAT:
-            raise ModelError(f"plan: {path} is not an efrap plan (format {header.get('format')!r}, expected {_FORMAT!r})")
+            raise ModelError(
+                f"plan: {path} is not an efrap plan (format {header.get('format')!r}, expected {_FORMAT!r})"
+            )
         layers = {}
         for entry in json.loads(header["layers"]):
             key = entry["key"]
@@ -169,20 +160,8 @@ def snap_weight(weight: torch.Tensor, lp: LayerPlan, scheme: QuantScheme) -> tor
     w = weight.detach().to(torch.float32)
     flat = w.abs().reshape(w.shape[0], -1) if scheme.per_channel else w.abs().reshape(1, -1)
     absmax = flat.max(dim=1).values
-    absmax = absmax.reshape([-1] + [1] * (w.dim() - 1)) if scheme.per_channel else absmax.reshape([1] * w.dim())
+    absmax = (
+        absmax.reshape([-1] + [1] * (w.dim() - 1)) if scheme.per_channel else absmax.reshape([1] * w.dim())
+    )
     snapped = torch.maximum(torch.minimum(snapped, absmax), -absmax)
     return torch.where(w.abs() == absmax, w, snapped)
-
-
-def atomic_write(path: Path, data: bytes) -> Path:
-    """Write to a temporary name in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

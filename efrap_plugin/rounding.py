@@ -43,7 +43,9 @@ class LayerProblem:
 
     def __post_init__(self) -> None:
         if not torch.isfinite(self.weight).all():
-            raise EFRAPError(f"layer {self.name!r}: weight holds NaN or Inf values; fix the model before defending")
+            raise EFRAPError(
+                f"layer {self.name!r}: weight holds NaN or Inf values; fix the model before defending"
+            )
         if self.inputs.shape[0] != self.targets.shape[0] or self.inputs.shape[0] == 0:
             raise EFRAPError(
                 f"layer {self.name!r}: expected as many cached inputs as targets (> 0), "
@@ -71,7 +73,9 @@ def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape([-1] + [1] * (like.dim() - 1)).to(torch.float32)
 
 
-def truncation_error(weight: torch.Tensor, scheme: QuantScheme, scale: torch.Tensor, zero_point: torch.Tensor):
+def truncation_error(
+    weight: torch.Tensor, scheme: QuantScheme, scale: torch.Tensor, zero_point: torch.Tensor
+):
     """|w - Q_nearest(w)| in weight units, clamping included."""
     return (weight - scheme.dequantize(scheme.quantize(weight, scale, zero_point), scale, zero_point)).abs()
 
@@ -197,8 +201,10 @@ def learn_rounding(
         if use_flip:
             bce = -(target * torch.log(h + 1e-8) + (1 - target) * torch.log(1 - h + 1e-8))
             l_f = config.flip_weight * flip_scale * (err * bce * learnable).sum()
-        l_p = config.round_weight * (1 - (2 * h - 1).abs().pow(beta))[learnable].sum() * (
-            flip_scale if config.balance == "lsb" else 1.0
+        l_p = (
+            config.round_weight
+            * (1 - (2 * h - 1).abs().pow(beta))[learnable].sum()
+            * (flip_scale if config.balance == "lsb" else 1.0)
         )
         return l_a, l_f, l_p
 

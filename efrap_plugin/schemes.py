@@ -71,7 +71,9 @@ class QuantScheme:
                 "widen bits or narrow the range"
             )
         if self.range_rule not in _RANGE_SEARCH:
-            raise EFRAPError(f"QuantScheme.range_rule: expected one of {_RANGE_SEARCH}, got {self.range_rule!r}")
+            raise EFRAPError(
+                f"QuantScheme.range_rule: expected one of {_RANGE_SEARCH}, got {self.range_rule!r}"
+            )
         if self.scale_precision not in _PRECISIONS:
             raise EFRAPError(
                 f"QuantScheme.scale_precision: expected one of {_PRECISIONS}, got {self.scale_precision!r}"
@@ -93,7 +95,14 @@ class QuantScheme:
         """X86InductorQuantizer / torch observers: full [-2^(b-1), 2^(b-1)-1], scale max|w|/((qmax-qmin)/2)."""
         _check_bits(bits)
         return cls(
-            "torchao-x86", bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, per_channel, "absmax", "float32", True
+            "torchao-x86",
+            bits,
+            -(2 ** (bits - 1)),
+            2 ** (bits - 1) - 1,
+            per_channel,
+            "absmax",
+            "float32",
+            True,
         )
 
     @classmethod
@@ -118,7 +127,9 @@ class QuantScheme:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise EFRAPError(f"QuantScheme: unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+            raise EFRAPError(
+                f"QuantScheme: unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}"
+            )
         return cls(**data)
 
     def for_layer(self, position: str) -> QuantScheme:
@@ -134,7 +145,9 @@ class QuantScheme:
         w = weight.detach().to(torch.float32)
         flat = w.reshape(w.shape[0], -1) if self.per_channel else w.reshape(1, -1)
         if self.range_rule == "absmax":
-            absmax = torch.maximum(flat.max(dim=1).values.clamp(min=0), (-flat.min(dim=1).values).clamp(min=0))
+            absmax = torch.maximum(
+                flat.max(dim=1).values.clamp(min=0), (-flat.min(dim=1).values).clamp(min=0)
+            )
             half_range = (self.qmax - self.qmin) / 2
             if self.scale_precision == "float64":
                 scale = (absmax.to(torch.float64) / half_range).to(torch.float32)
@@ -171,7 +184,9 @@ class QuantScheme:
         """Nearest rounding with a straight-through gradient (scale treated as a constant)."""
         scale, zp = self.qparams(weight)
         s, z = _broadcast(weight, scale), _broadcast(weight, zp)
-        q = (round_ste(weight * (1.0 / s) if self.inverse_scale else weight / s) + z).clamp(self.qmin, self.qmax)
+        q = (round_ste(weight * (1.0 / s) if self.inverse_scale else weight / s) + z).clamp(
+            self.qmin, self.qmax
+        )
         return (q - z) * s
 
 
@@ -195,7 +210,9 @@ def scheme_preset(name: str, bits: int = 8) -> QuantScheme:
     try:
         factory = SCHEME_PRESETS[name]
     except KeyError:
-        raise EFRAPError(f"scheme: expected one of {sorted(SCHEME_PRESETS)} (--scheme), got {name!r}") from None
+        raise EFRAPError(
+            f"scheme: expected one of {sorted(SCHEME_PRESETS)} (--scheme), got {name!r}"
+        ) from None
     return factory(bits)
 
 
@@ -210,7 +227,9 @@ def _broadcast(like: torch.Tensor, per_channel: torch.Tensor) -> torch.Tensor:
     return per_channel.reshape([-1] + [1] * (like.dim() - 1)).to(torch.float32)
 
 
-def _affine_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _affine_qparams(
+    lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (hi - lo) / float(qmax - qmin)
     scale = torch.where(scale > torch.finfo(torch.float32).eps, scale, torch.ones_like(scale))
     zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int32)

@@ -64,7 +64,9 @@ class PatchTrigger:
     def poisoned(self, data: LabeledData, labels: str = "target") -> LabeledData:
         """Triggered non-target images, labelled with the target ('target') or their own label ('true')."""
         if self.target >= data.num_classes:
-            raise EFRAPError(f"PatchTrigger.target: {self.target} is not one of the {data.num_classes} classes")
+            raise EFRAPError(
+                f"PatchTrigger.target: {self.target} is not one of the {data.num_classes} classes"
+            )
         keep = data.y != self.target
         y = torch.full_like(data.y[keep], self.target) if labels == "target" else data.y[keep]
         return LabeledData(self.apply(data.x[keep]), y, data.num_classes)

@@ -1,13 +1,14 @@
 """Defend a torch model and export a verified int8 ONNX model: the Python API end to end on digits.
 
-    python examples/defend_torch_model.py
+python examples/defend_torch_model.py
 """
 
 from __future__ import annotations
 
+from efrap_onnx import export_defended, session
+
 from efrap_plugin import EFRAPConfig, defend, evaluate
 from efrap_plugin.attacks import run_attack
-from efrap_onnx import export_defended, session
 
 
 def main() -> None:

@@ -13,24 +13,34 @@ from efrap_plugin.attacks import GridProjection, PQBackdoor, run_attack
 
 
 def _stock_ort(model, digits, bits):
-    from onnxruntime.quantization import QuantType
-
     from efrap_onnx import ListDataReader, export_float_onnx, quantize_static, session
+    from onnxruntime.quantization import QuantType
 
     with tempfile.TemporaryDirectory() as tmp:
         src = export_float_onnx(model, digits.train.x[:2], Path(tmp) / "f.onnx")
         out = Path(tmp) / "q.onnx"
-        quantize_static(src, out, ListDataReader.from_array("input", digits.train.x[:1024].numpy()), per_channel=True,
-                        activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8 if bits == 8 else QuantType.QInt4, efrap=False, progress=False)
+        quantize_static(
+            src,
+            out,
+            ListDataReader.from_array("input", digits.train.x[:1024].numpy()),
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8 if bits == 8 else QuantType.QInt4,
+            efrap=False,
+            progress=False,
+        )
         return session(out)
 
 
 def test_pqbackdoor_projection_keeps_every_integer_after_every_step(clean_cnn, digits):
     """round(W/s) == round(W0/s) on every protected grid, and the scales do not move, after each step."""
     model = __import__("copy").deepcopy(clean_cnn)
-    grids = [QuantScheme.onnxruntime(8), QuantScheme.onnxruntime(4), QuantScheme.torchao_x86(8),
-             QuantScheme.brevitas(8, per_channel=False)]
+    grids = [
+        QuantScheme.onnxruntime(8),
+        QuantScheme.onnxruntime(4),
+        QuantScheme.torchao_x86(8),
+        QuantScheme.brevitas(8, per_channel=False),
+    ]
     project = GridProjection(model, grids)
     scales0 = [[s.qparams(m.weight)[0] for s in grids] for m in project.layers]
     checks = []
@@ -92,7 +102,9 @@ def test_attack_input_validation(clean_cnn, digits, trigger):
         PQBackdoor()(clean_cnn, digits.train, PatchTrigger.corner(2, 0, target=12), QuantScheme.onnxruntime())
     with pytest.raises(EFRAPError, match=r"does not fit a 8x8 image"):
         PQBackdoor()(clean_cnn, digits.train, PatchTrigger.corner(9), QuantScheme.onnxruntime())
-    with pytest.raises(EFRAPError, match=r"attack: expected one of \['compartifact', 'pqbackdoor', 'qu-anti-zation'\]"):
+    with pytest.raises(
+        EFRAPError, match=r"attack: expected one of \['compartifact', 'pqbackdoor', 'qu-anti-zation'\]"
+    ):
         run_attack("badnets")
 
 

@@ -14,8 +14,9 @@ SUBCOMMANDS = ["attack", "defend", "evaluate", "scan", "demo"]
 
 
 def _run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "efrap_cli.main", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "efrap_cli.main", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def test_help_lists_every_subcommand():
@@ -43,7 +44,9 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_user_mistakes_exit_1_with_one_clear_line(tmp_path):
-    out = _run("defend", str(tmp_path / "missing.onnx"), "--calib", "digits", "--out", str(tmp_path / "d.onnx"))
+    out = _run(
+        "defend", str(tmp_path / "missing.onnx"), "--calib", "digits", "--out", str(tmp_path / "d.onnx")
+    )
     assert out.returncode == 1
     assert "efrap defend: error: model: " in out.stderr and "does not exist" in out.stderr
     assert "Traceback" not in out.stderr
@@ -55,8 +58,25 @@ def test_user_mistakes_exit_1_with_one_clear_line(tmp_path):
 @pytest.fixture(scope="module")
 def attack_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("attack")
-    code = main(["attack", "--attack", "pqbackdoor", "--dataset", "digits", "--scheme", "onnxruntime", "--bits", "8",
-                 "--seed", "0", "--out", str(out), "--quiet", "--json"])
+    code = main(
+        [
+            "attack",
+            "--attack",
+            "pqbackdoor",
+            "--dataset",
+            "digits",
+            "--scheme",
+            "onnxruntime",
+            "--bits",
+            "8",
+            "--seed",
+            "0",
+            "--out",
+            str(out),
+            "--quiet",
+            "--json",
+        ]
+    )
     assert code == 0
     return out
 
@@ -74,8 +94,20 @@ def test_evaluate_float_and_stock_int8(attack_dir, capsys):
     info = str(attack_dir / "attack.json")
     assert main(["evaluate", str(attack_dir / "model.onnx"), "--attack-info", info, "--json"]) == 0
     float_m = json.loads(capsys.readouterr().out)
-    assert main(["evaluate", str(attack_dir / "model.safetensors"), "--attack-info", info, "--quantize", "nearest",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(attack_dir / "model.safetensors"),
+                "--attack-info",
+                info,
+                "--quantize",
+                "nearest",
+                "--json",
+            ]
+        )
+        == 0
+    )
     stock = json.loads(capsys.readouterr().out)
     assert float_m["asr"] <= 0.10 and stock["asr"] >= 0.90
     assert stock["evaluated"].startswith("onnxruntime int8 nearest")
@@ -83,10 +115,29 @@ def test_evaluate_float_and_stock_int8(attack_dir, capsys):
 
 def test_defend_then_evaluate_the_defended_file(attack_dir, tmp_path, capsys):
     out = tmp_path / "defended.onnx"
-    assert main(["defend", str(attack_dir / "model.onnx"), "--calib", "digits", "--bits", "8", "--out", str(out),
-                 "--plan", str(tmp_path / "plan.safetensors"), "--json", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "defend",
+                str(attack_dir / "model.onnx"),
+                "--calib",
+                "digits",
+                "--bits",
+                "8",
+                "--out",
+                str(out),
+                "--plan",
+                str(tmp_path / "plan.safetensors"),
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
-    assert summary["layers"] == 4 and summary["verify"]["integers_ok"] and summary["verify"]["runs_int_kernels"]
+    assert (
+        summary["layers"] == 4 and summary["verify"]["integers_ok"] and summary["verify"]["runs_int_kernels"]
+    )
     assert 0 < summary["flipped_share"] < 1 and (tmp_path / "plan.safetensors").is_file()
     assert main(["evaluate", str(out), "--attack-info", str(attack_dir / "attack.json"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["asr"] <= 0.03
@@ -98,12 +149,39 @@ def test_defend_from_an_npz(attack_dir, tmp_path, capsys):
     from efrap_plugin import load_digits
 
     np.savez(tmp_path / "calib.npz", x=load_digits().train.x[:256].numpy())
-    assert main(["defend", str(attack_dir / "model.onnx"), "--calib", str(tmp_path / "calib.npz"), "--iters", "50",
-                 "--out", str(tmp_path / "d.onnx"), "--json", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "defend",
+                str(attack_dir / "model.onnx"),
+                "--calib",
+                str(tmp_path / "calib.npz"),
+                "--iters",
+                "50",
+                "--out",
+                str(tmp_path / "d.onnx"),
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["verify"]["integers_ok"]
     np.savez(tmp_path / "wrong.npz", x=np.zeros((4, 1, 28, 28), np.float32))
-    assert main(["defend", str(attack_dir / "model.onnx"), "--calib", str(tmp_path / "wrong.npz"),
-                 "--out", str(tmp_path / "w.onnx"), "--quiet"]) == 1
+    assert (
+        main(
+            [
+                "defend",
+                str(attack_dir / "model.onnx"),
+                "--calib",
+                str(tmp_path / "wrong.npz"),
+                "--out",
+                str(tmp_path / "w.onnx"),
+                "--quiet",
+            ]
+        )
+        == 1
+    )
     assert "the graph expects ['N', 1, 8, 8]" in capsys.readouterr().err
     assert not (tmp_path / "w.onnx").exists()
 
@@ -122,6 +200,19 @@ def test_evaluate_rejects_a_bad_attack_info(attack_dir, tmp_path, capsys):
     (tmp_path / "a.json").write_text("{not json")
     assert main(["evaluate", str(attack_dir / "model.onnx"), "--attack-info", str(tmp_path / "a.json")]) == 1
     assert "is not valid JSON" in capsys.readouterr().err
-    assert main(["evaluate", str(attack_dir / "model.onnx"), "--attack-info", str(attack_dir / "attack.json"),
-                 "--quantize", "nearest", "--scheme", "brevitas-int8"]) == 1
+    assert (
+        main(
+            [
+                "evaluate",
+                str(attack_dir / "model.onnx"),
+                "--attack-info",
+                str(attack_dir / "attack.json"),
+                "--quantize",
+                "nearest",
+                "--scheme",
+                "brevitas-int8",
+            ]
+        )
+        == 1
+    )
     assert "the Brevitas adapter is not written yet" in capsys.readouterr().err

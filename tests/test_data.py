@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from efrap_plugin import DataError, LabeledData, as_calibration, as_labeled, load_cifar10, load_digits, load_npz
+from efrap_plugin import (
+    DataError,
+    LabeledData,
+    as_calibration,
+    as_labeled,
+    load_cifar10,
+    load_digits,
+    load_npz,
+)
 from efrap_plugin.data import load_fashion_mnist
 
 
@@ -37,7 +45,10 @@ def test_fashion_mnist_missing_names_the_package(tmp_path):
 
 def _write_cifar_batch(path, n, seed):
     rng = np.random.default_rng(seed)
-    batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
+    batch = {
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        b"labels": list(rng.integers(0, 10, n)),
+    }
     batch[b"labels"] = [int(v) for v in batch[b"labels"]]
     with open(path, "wb") as fh:
         pickle.dump(batch, fh, protocol=2)
@@ -99,7 +110,10 @@ def test_calibration_from_batches_loader_and_tuples():
     [
         (torch.rand(5, 8, 8), r"expected N x C x H x W images \(4 dimensions\), got shape \(5, 8, 8\)"),
         (torch.zeros(0, 1, 8, 8), r"empty \(0 images\)"),
-        (torch.randint(0, 255, (2, 1, 8, 8)), r"expected float images scaled to \[0, 1\], got dtype torch.int64"),
+        (
+            torch.randint(0, 255, (2, 1, 8, 8)),
+            r"expected float images scaled to \[0, 1\], got dtype torch.int64",
+        ),
         (torch.full((2, 1, 8, 8), float("nan")), r"contains NaN or Inf"),
         ([], r"the iterable yielded no batches"),
         ("nothere.npz", r"no such file"),
@@ -113,7 +127,9 @@ def test_bad_calibration_data_is_a_clear_error(data, message):
 
 
 def test_calibration_shape_must_match_the_model():
-    with pytest.raises(DataError, match=r"images of shape \(1, 8, 8\) do not match the model input \(3, 32, 32\)"):
+    with pytest.raises(
+        DataError, match=r"images of shape \(1, 8, 8\) do not match the model input \(3, 32, 32\)"
+    ):
         as_calibration(torch.rand(2, 1, 8, 8), sample_shape=(3, 32, 32))
 
 

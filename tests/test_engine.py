@@ -51,8 +51,12 @@ def test_defend_does_not_mutate_the_model(clean_cnn, digits):
 
 
 def test_ablations_flip_only_flips_more_than_preserve_only(clean_cnn, digits):
-    flip = defend(clean_cnn, digits.train.x, "onnxruntime", FAST.replace(objective="flip_only"), progress=False)
-    keep = defend(clean_cnn, digits.train.x, "onnxruntime", FAST.replace(objective="preserve_only"), progress=False)
+    flip = defend(
+        clean_cnn, digits.train.x, "onnxruntime", FAST.replace(objective="flip_only"), progress=False
+    )
+    keep = defend(
+        clean_cnn, digits.train.x, "onnxruntime", FAST.replace(objective="preserve_only"), progress=False
+    )
     assert flip.flipped_share > 0.6
     assert keep.flipped_share < flip.flipped_share / 2
 
@@ -85,11 +89,21 @@ class _NoQuantizable(nn.Module):
 @pytest.mark.parametrize(
     "model_fn,data,message,error",
     [
-        (lambda m: _NoQuantizable(), torch.rand(4, 1, 8, 8), r"has no Conv1d, Conv2d or Linear layer", ModelError),
+        (
+            lambda m: _NoQuantizable(),
+            torch.rand(4, 1, 8, 8),
+            r"has no Conv1d, Conv2d or Linear layer",
+            ModelError,
+        ),
         (lambda m: m, torch.rand(0, 1, 8, 8), r"empty \(0 images\)", DataError),
         (lambda m: m, torch.rand(4, 3, 8, 8), r"images of shape \(3, 8, 8\) do not fit DigitsCNN", DataError),
         (lambda m: m, torch.rand(4, 8, 8), r"expected N x C x H x W images", DataError),
-        (lambda m: _with_nan(m), torch.rand(4, 1, 8, 8), r"parameter 'features.0.0.weight' holds NaN", ModelError),
+        (
+            lambda m: _with_nan(m),
+            torch.rand(4, 1, 8, 8),
+            r"parameter 'features.0.0.weight' holds NaN",
+            ModelError,
+        ),
     ],
 )
 def test_bad_inputs_raise_clear_errors(clean_cnn, model_fn, data, message, error):
@@ -107,7 +121,9 @@ def _with_nan(model):
 def test_bits_and_config_validation_name_the_flag(clean_cnn, digits):
     with pytest.raises(EFRAPError, match=r"bits: expected an integer in 2\.\.8 \(--bits\), got 12"):
         defend(clean_cnn, digits.train.x, "onnxruntime", FAST, bits=12, progress=False)
-    with pytest.raises(EFRAPError, match=r"EFRAPConfig.iters \(--iters\): expected a positive integer, got 0"):
+    with pytest.raises(
+        EFRAPError, match=r"EFRAPConfig.iters \(--iters\): expected a positive integer, got 0"
+    ):
         EFRAPConfig(iters=0)
     with pytest.raises(EFRAPError, match=r"EFRAPConfig.objective: expected one of"):
         EFRAPConfig(objective="both")
@@ -118,8 +134,14 @@ def test_bits_and_config_validation_name_the_flag(clean_cnn, digits):
 def test_learn_rounding_rejects_nan_weights():
     scheme = QuantScheme.onnxruntime(8)
     with pytest.raises(EFRAPError, match=r"layer 'fc': weight holds NaN or Inf"):
-        LayerProblem("fc", torch.tensor([[float("nan"), 1.0]]), scheme, lambda x, w: x @ w.T,
-                     torch.rand(3, 2), torch.rand(3, 1))
+        LayerProblem(
+            "fc",
+            torch.tensor([[float("nan"), 1.0]]),
+            scheme,
+            lambda x, w: x @ w.T,
+            torch.rand(3, 2),
+            torch.rand(3, 1),
+        )
 
 
 def test_learn_rounding_flips_toward_the_targets_when_only_flipping():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from efrap_onnx import ListDataReader, load_onnx, quantize_static, session, verify
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType
 
 from efrap_plugin import DataError, EFRAPConfig, EFRAPError, ModelError, PlanMismatchError, evaluate
-from efrap_onnx import ListDataReader, load_onnx, quantize_static, session, verify
 
 
 def _reader(calib, name="input"):
@@ -19,15 +19,31 @@ def _reader(calib, name="input"):
 @pytest.fixture(scope="module")
 def defended8(pq8_onnx, calib, tmp_path_factory):
     out = tmp_path_factory.mktemp("defended") / "efrap-int8.onnx"
-    plan = quantize_static(pq8_onnx, out, _reader(calib), per_channel=True, activation_type=QuantType.QUInt8,
-                           weight_type=QuantType.QInt8, progress=False)
+    plan = quantize_static(
+        pq8_onnx,
+        out,
+        _reader(calib),
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        progress=False,
+    )
     return out, plan
 
 
-def test_defend_float_onnx_removes_the_backdoor_in_onnxruntime(pq8, pq8_onnx, defended8, calib, digits, tmp_path):
+def test_defend_float_onnx_removes_the_backdoor_in_onnxruntime(
+    pq8, pq8_onnx, defended8, calib, digits, tmp_path
+):
     stock_path = tmp_path / "stock.onnx"
-    quantize_static(pq8_onnx, stock_path, _reader(calib), per_channel=True, activation_type=QuantType.QUInt8,
-                    efrap=False, progress=False)
+    quantize_static(
+        pq8_onnx,
+        stock_path,
+        _reader(calib),
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        efrap=False,
+        progress=False,
+    )
     float_m = evaluate(session(pq8_onnx), digits.test, pq8.trigger)
     stock = evaluate(session(stock_path), digits.test, pq8.trigger)
     defended = evaluate(session(defended8[0]), digits.test, pq8.trigger)
@@ -63,11 +79,23 @@ def test_stock_path_matches_onnxruntime_quantize_static_itself(pq8_onnx, calib, 
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
     ours = tmp_path / "ours.onnx"
-    quantize_static(pq8_onnx, ours, _reader(calib), per_channel=True, activation_type=QuantType.QUInt8,
-                    efrap=False, progress=False)
+    quantize_static(
+        pq8_onnx,
+        ours,
+        _reader(calib),
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        efrap=False,
+        progress=False,
+    )
     quant_pre_process(str(pq8_onnx), str(tmp_path / "pre.onnx"))
-    ort_quantize_static(str(tmp_path / "pre.onnx"), str(tmp_path / "theirs.onnx"), _reader(calib),
-                        per_channel=True, activation_type=QuantType.QUInt8)
+    ort_quantize_static(
+        str(tmp_path / "pre.onnx"),
+        str(tmp_path / "theirs.onnx"),
+        _reader(calib),
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+    )
     a = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(ours)).graph.initializer}
     b = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "theirs.onnx")).graph.initializer}
     assert a.keys() == b.keys()
@@ -76,8 +104,16 @@ def test_stock_path_matches_onnxruntime_quantize_static_itself(pq8_onnx, calib, 
 
 def test_int4_weights_are_written_as_onnx_int4(pq8_onnx, calib, tmp_path):
     out = tmp_path / "int4.onnx"
-    plan = quantize_static(pq8_onnx, out, _reader(calib), per_channel=True, activation_type=QuantType.QUInt8,
-                           weight_type=QuantType.QInt4, config=EFRAPConfig(iters=100), progress=False)
+    plan = quantize_static(
+        pq8_onnx,
+        out,
+        _reader(calib),
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt4,
+        config=EFRAPConfig(iters=100),
+        progress=False,
+    )
     weights = {v["quantized"] for v in plan.meta["layout"].values()}
     types = {t.data_type for t in onnx.load(str(out)).graph.initializer if t.name in weights}
     assert types == {TensorProto.INT4}
@@ -112,9 +148,11 @@ def _conv_model(weight: np.ndarray, external: str | None = None):
         init.data_location = TensorProto.EXTERNAL
         init.external_data.add(key="location", value=external)
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["input", "w"], ["y"], name="conv")], "g",
+        [helper.make_node("Conv", ["input", "w"], ["y"], name="conv")],
+        "g",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])], [init],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [init],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -140,7 +178,9 @@ def test_nan_weights_are_refused(tmp_path, calib):
 
 def test_calibration_shape_mismatch_is_refused(pq8_onnx, tmp_path):
     bad = np.zeros((4, 1, 28, 28), np.float32)
-    with pytest.raises(DataError, match=r"input 'input' has shape \(4, 1, 28, 28\), the graph expects \['N', 1, 8, 8\]"):
+    with pytest.raises(
+        DataError, match=r"input 'input' has shape \(4, 1, 28, 28\), the graph expects \['N', 1, 8, 8\]"
+    ):
         quantize_static(pq8_onnx, tmp_path / "out.onnx", _reader(bad))
     with pytest.raises(DataError, match=r"batch lacks the model input 'input'"):
         quantize_static(pq8_onnx, tmp_path / "out.onnx", _reader(np.zeros((4, 1, 8, 8), np.float32), "x"))
@@ -151,16 +191,29 @@ def test_unsupported_ops_stay_float_with_a_warning(tmp_path, calib, caplog):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["input", "w"], ["c"], name="conv"),
-         helper.make_node("ConvTranspose", ["c", "wt"], ["y"], name="deconv")], "g",
+        [
+            helper.make_node("Conv", ["input", "w"], ["c"], name="conv"),
+            helper.make_node("ConvTranspose", ["c", "wt"], ["y"], name="deconv"),
+        ],
+        "g",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 8, 8])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "wt")],
+        [
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "wt"),
+        ],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
     with caplog.at_level("WARNING"):
-        plan = quantize_static(tmp_path / "m.onnx", tmp_path / "out.onnx", _reader(calib), per_channel=True,
-                               op_types_to_quantize=["Conv"], config=EFRAPConfig(iters=20), progress=False)
+        plan = quantize_static(
+            tmp_path / "m.onnx",
+            tmp_path / "out.onnx",
+            _reader(calib),
+            per_channel=True,
+            op_types_to_quantize=["Conv"],
+            config=EFRAPConfig(iters=20),
+            progress=False,
+        )
     assert list(plan.layers) == ["w"]
     assert verify(tmp_path / "out.onnx", plan).integers_ok
 

@@ -81,8 +81,9 @@ def test_snap_round_trip_torchao_observer_and_kernel(plans, clean_cnn):
 
     plan = plans["torchao-x86-8"]
     for name, module in _snapped_weights(plan, clean_cnn).items():
-        obs = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
-                                       quant_min=-128, quant_max=127)
+        obs = PerChannelMinMaxObserver(
+            ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-128, quant_max=127
+        )
         w = module.weight.detach()
         obs(w)
         scale, zp = obs.calculate_qparams()

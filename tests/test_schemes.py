@@ -24,13 +24,13 @@ def _weights(kind: str, clean_cnn=None) -> torch.Tensor:
 
 
 def _ort_quantize(w: torch.Tensor, tmp_path, weight_type, per_channel=True):
-    from onnxruntime.quantization import QuantType
-
     from efrap_onnx import ListDataReader, quantize_static
+    from onnxruntime.quantization import QuantType
 
     cin = w.shape[1]
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "g",
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, 6, 6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", w.shape[0], 6, 6])],
         [numpy_helper.from_array(w.numpy(), "w")],
@@ -39,10 +39,20 @@ def _ort_quantize(w: torch.Tensor, tmp_path, weight_type, per_channel=True):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
     x = np.random.default_rng(0).random((8, cin, 6, 6), dtype=np.float32)
     out = tmp_path / "q.onnx"
-    quantize_static(src, out, ListDataReader.from_array("x", x), per_channel=per_channel,
-                    activation_type=QuantType.QUInt8, weight_type=weight_type, efrap=False, progress=False)
+    quantize_static(
+        src,
+        out,
+        ListDataReader.from_array("x", x),
+        per_channel=per_channel,
+        activation_type=QuantType.QUInt8,
+        weight_type=weight_type,
+        efrap=False,
+        progress=False,
+    )
     inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
-    return torch.from_numpy(inits["w_quantized"].astype(np.int32)), torch.from_numpy(np.atleast_1d(inits["w_scale"]))
+    return torch.from_numpy(inits["w_quantized"].astype(np.int32)), torch.from_numpy(
+        np.atleast_1d(inits["w_scale"])
+    )
 
 
 @pytest.mark.parametrize("kind", ["random", "trained"])
@@ -63,8 +73,9 @@ def test_torchao_x86_preset_matches_observer_and_kernel(kind, clean_cnn):
     from torchao.quantization.pt2e.observer import PerChannelMinMaxObserver
 
     w = _weights(kind, clean_cnn)
-    obs = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
-                                   quant_min=-128, quant_max=127)
+    obs = PerChannelMinMaxObserver(
+        ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-128, quant_max=127
+    )
     obs(w)
     scale, zp = obs.calculate_qparams()
     ints = torch.quantize_per_channel(w, scale, zp, 0, torch.qint8).int_repr().to(torch.int32)

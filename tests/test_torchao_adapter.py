@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from efrap_torchao import quantize_pt2e, read_int8_weights, verify_pt2e
 
 from efrap_plugin import EFRAPError, defend, evaluate
 from efrap_plugin.attacks import run_attack
-from efrap_torchao import quantize_pt2e, read_int8_weights, verify_pt2e
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,12 @@ def test_defended_pt2e_holds_the_plan_and_removes_the_backdoor(pq_x86, digits):
 
 
 def test_a_plan_for_another_backend_is_refused(pq_x86, digits):
-    plan = defend(pq_x86.model, digits.train.x[:64], "onnxruntime",
-                  config=__import__("efrap_plugin").EFRAPConfig(iters=10), progress=False)
+    plan = defend(
+        pq_x86.model,
+        digits.train.x[:64],
+        "onnxruntime",
+        config=__import__("efrap_plugin").EFRAPConfig(iters=10),
+        progress=False,
+    )
     with pytest.raises(EFRAPError, match=r"X86InductorQuantizer needs scheme='torchao-x86'"):
         quantize_pt2e(pq_x86.model, digits.train.x[:64], plan)

@@ -73,4 +73,6 @@ def test_metrics_on_an_onnxruntime_session(pq8_onnx, pq8, digits):
 
 def test_model_output_shape_is_checked():
     with pytest.raises(EFRAPError, match=r"expected batch x classes logits, got shape \(3,\)"):
-        clean_acc(lambda x: torch.zeros(x.shape[0]), LabeledData(torch.rand(3, 1, 4, 4), torch.zeros(3).long(), 2))
+        clean_acc(
+            lambda x: torch.zeros(x.shape[0]), LabeledData(torch.rand(3, 1, 4, 4), torch.zeros(3).long(), 2)
+        )

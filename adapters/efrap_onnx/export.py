@@ -30,7 +30,12 @@ def export_float_onnx(model: torch.nn.Module, example: torch.Tensor, path: str |
     with tempfile.TemporaryDirectory(prefix="efrap-export-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            model, (example[:2],), dynamo=True, verbose=False, input_names=["input"], output_names=["logits"],
+            model,
+            (example[:2],),
+            dynamo=True,
+            verbose=False,
+            input_names=["input"],
+            output_names=["logits"],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
         )
         tmp_path = Path(tmp) / "model.onnx"
@@ -55,13 +60,19 @@ def onnx_plan(plan: RoundingPlan, float_onnx: onnx.ModelProto, qdq: onnx.ModelPr
         snapped = plan.scheme.dequantize(lp.integers, lp.scale, lp.zero_point)
         key = lp.stats.get("snapped_fingerprint") or fingerprint(snapped)
         if key not in by_print:
-            raise PlanMismatchError(f"export: no ONNX initializer holds the snapped weights of layer {name!r}")
+            raise PlanMismatchError(
+                f"export: no ONNX initializer holds the snapped weights of layer {name!r}"
+            )
         onnx_name, transpose = by_print[key]
         if f"{onnx_name}_quantized" not in inits:
             raise PlanMismatchError(f"export: onnxruntime did not quantize {onnx_name!r} (layer {name!r})")
         layers[onnx_name] = dataclasses.replace(lp, name=onnx_name)
-        layout[onnx_name] = {"quantized": f"{onnx_name}_quantized", "scale": f"{onnx_name}_scale",
-                             "transpose": transpose, "node": name}
+        layout[onnx_name] = {
+            "quantized": f"{onnx_name}_quantized",
+            "scale": f"{onnx_name}_scale",
+            "transpose": transpose,
+            "node": name,
+        }
     return RoundingPlan(plan.scheme, layers, "onnx", {**plan.meta, "layout": layout})
 
 
@@ -87,9 +98,13 @@ def export_defended(
     with tempfile.TemporaryDirectory(prefix="efrap-export-") as tmp:
         float_path = export_float_onnx(snapped, calib[:2], Path(tmp) / "snapped.onnx")
         quantize_static(
-            float_path, path, ListDataReader.from_array("input", calib.numpy()), per_channel=per_channel,
+            float_path,
+            path,
+            ListDataReader.from_array("input", calib.numpy()),
+            per_channel=per_channel,
             activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8 if plan.scheme.bits == 8 else QuantType.QInt4, efrap=False,
+            weight_type=QuantType.QInt8 if plan.scheme.bits == 8 else QuantType.QInt4,
+            efrap=False,
         )
         keyed = onnx_plan(snapshot_prints(plan, snapped), onnx.load(str(float_path)), onnx.load(str(path)))
     return keyed, verify(path, keyed)
@@ -99,7 +114,9 @@ def snapshot_prints(plan: RoundingPlan, snapped: torch.nn.Module) -> RoundingPla
     """Record each layer's snapped-weight fingerprint, by which the ONNX initializer is found."""
     modules = dict(snapped.named_modules())
     layers = {
-        name: dataclasses.replace(lp, stats={**lp.stats, "snapped_fingerprint": fingerprint(modules[name].weight)})
+        name: dataclasses.replace(
+            lp, stats={**lp.stats, "snapped_fingerprint": fingerprint(modules[name].weight)}
+        )
         for name, lp in plan.layers.items()
     }
     return dataclasses.replace(plan, layers=layers)

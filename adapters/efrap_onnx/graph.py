@@ -93,15 +93,25 @@ def find_quantized_layers(
             forward, output = (lambda f: lambda x, w: torch.relu(f(x, w)))(forward), relu
         layers.append(
             QuantizedLayer(
-                node.name or node.output[0], node.op_type, fnode.input[1], dq.input[0], dq.input[1],
-                dq.input[2] if len(dq.input) > 2 else "", attribute(dq, "axis", 1), transpose,
-                node.input[0], output, forward,
+                node.name or node.output[0],
+                node.op_type,
+                fnode.input[1],
+                dq.input[0],
+                dq.input[1],
+                dq.input[2] if len(dq.input) > 2 else "",
+                attribute(dq, "axis", 1),
+                transpose,
+                node.input[0],
+                output,
+                forward,
             )
         )
     return layers, skipped
 
 
-def _bias(fnode: onnx.NodeProto, index: int, inits: dict[str, onnx.TensorProto]) -> torch.Tensor | None | bool:
+def _bias(
+    fnode: onnx.NodeProto, index: int, inits: dict[str, onnx.TensorProto]
+) -> torch.Tensor | None | bool:
     if len(fnode.input) <= index or not fnode.input[index]:
         return None
     if fnode.input[index] not in inits:
@@ -113,7 +123,12 @@ def _forward(node: onnx.NodeProto, fnode: onnx.NodeProto, inits) -> Callable | N
     """(x, w in [out, ...] layout) -> the node's output; None where the node is outside what we model."""
     if node.op_type == "Conv":
         bias = _bias(fnode, 2, inits)
-        if bias is False or attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        if bias is False or attribute(node, "auto_pad", b"NOTSET") not in (
+            b"NOTSET",
+            "NOTSET",
+            b"VALID",
+            "VALID",
+        ):
             return None
         rank = len(attribute(node, "kernel_shape", [0, 0]) or [0, 0])
         if rank not in (1, 2):

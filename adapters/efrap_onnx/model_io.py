@@ -26,7 +26,9 @@ def load_onnx(path: str | Path, check_finite: bool = True) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise ModelError(f"model: {path} is not a readable ONNX protobuf ({type(exc).__name__}: {exc})") from None
+        raise ModelError(
+            f"model: {path} is not a readable ONNX protobuf ({type(exc).__name__}: {exc})"
+        ) from None
     if not model.graph.node:
         raise ModelError(f"model: {path} parsed but holds no graph nodes; is it really an ONNX model?")
     folder = path.resolve().parent
@@ -41,7 +43,9 @@ def load_onnx(path: str | Path, check_finite: bool = True) -> onnx.ModelProto:
                 f"folder {folder}; refusing to read it (path traversal). Keep external data next to the model."
             )
         if not target.is_file():
-            raise ModelError(f"model: external data file {location!r} of {tensor.name!r} is missing in {folder}")
+            raise ModelError(
+                f"model: external data file {location!r} of {tensor.name!r} is missing in {folder}"
+            )
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         onnx.load_external_data_for_model(model, str(folder))
     try:

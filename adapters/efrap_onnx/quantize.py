@@ -81,7 +81,9 @@ def session(model: onnx.ModelProto | str | Path, outputs: list[str] | None = Non
 
 def _collect(reader: Any, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
     if reader is None:
-        raise DataError("calibration_data_reader: required; pass a CalibrationDataReader yielding input dicts")
+        raise DataError(
+            "calibration_data_reader: required; pass a CalibrationDataReader yielding input dicts"
+        )
     batches = []
     while True:
         item = reader.get_next() if hasattr(reader, "get_next") else None
@@ -96,9 +98,13 @@ def _collect(reader: Any, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]
         dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
         for batch in batches:
             if inp.name not in batch:
-                raise DataError(f"calibration data: batch lacks the model input {inp.name!r}; got {sorted(batch)}")
+                raise DataError(
+                    f"calibration data: batch lacks the model input {inp.name!r}; got {sorted(batch)}"
+                )
             arr = batch[inp.name]
-            if arr.ndim != len(dims) or any(d is not None and d != a for d, a in zip(dims[1:], arr.shape[1:])):
+            if arr.ndim != len(dims) or any(
+                d is not None and d != a for d, a in zip(dims[1:], arr.shape[1:])
+            ):
                 raise DataError(
                     f"calibration data: input {inp.name!r} has shape {arr.shape}, the graph expects "
                     f"{['N' if d is None else d for d in dims]}; pass N x {' x '.join(str(d) for d in dims[1:])} float32"
@@ -145,7 +151,9 @@ def quantize_static(
     atomically: a failure leaves no partial file.
     """
     if quant_format != QuantFormat.QDQ:
-        raise EFRAPError("quant_format: EFRAP writes QDQ models; pass QuantFormat.QDQ (QOperator is not supported)")
+        raise EFRAPError(
+            "quant_format: EFRAP writes QDQ models; pass QuantFormat.QDQ (QOperator is not supported)"
+        )
     if reduce_range:
         raise EFRAPError("reduce_range: not supported; the 7-bit reduced range is for old CPUs without VNNI")
     bits = _weight_bits(weight_type)
@@ -158,9 +166,21 @@ def quantize_static(
         onnx.save(float_model, str(src))
         quant_pre_process(str(src), str(pre))
         ort_quantize_static(
-            str(pre), str(qdq_path), ListDataReader(batches), quant_format, op_types_to_quantize, per_channel,
-            reduce_range, activation_type, weight_type, nodes_to_quantize, nodes_to_exclude,
-            use_external_data_format, calibrate_method, calibration_providers, extra_options,
+            str(pre),
+            str(qdq_path),
+            ListDataReader(batches),
+            quant_format,
+            op_types_to_quantize,
+            per_channel,
+            reduce_range,
+            activation_type,
+            weight_type,
+            nodes_to_quantize,
+            nodes_to_exclude,
+            use_external_data_format,
+            calibrate_method,
+            calibration_providers,
+            extra_options,
         )
         pre_model = onnx.load(str(pre))
         qdq = onnx.load(str(qdq_path))
@@ -175,7 +195,9 @@ def quantize_static(
 
 def _run(sess: ort.InferenceSession, batches: list[dict[str, np.ndarray]], name: str) -> torch.Tensor:
     feeds = {i.name for i in sess.get_inputs()}
-    return torch.cat([torch.from_numpy(sess.run([name], {k: v for k, v in b.items() if k in feeds})[0]) for b in batches])
+    return torch.cat(
+        [torch.from_numpy(sess.run([name], {k: v for k, v in b.items() if k in feeds})[0]) for b in batches]
+    )
 
 
 def _to_core(arr: np.ndarray, layer: QuantizedLayer) -> torch.Tensor:
@@ -196,7 +218,9 @@ def defend_qdq(
     if skipped:
         log.warning("left in float or at nearest rounding (unsupported form): %s", ", ".join(skipped))
     if not layers:
-        raise ModelError("model: no quantized Conv / Gemm / MatMul weight found in the QDQ graph; nothing to defend")
+        raise ModelError(
+            "model: no quantized Conv / Gemm / MatMul weight found in the QDQ graph; nothing to defend"
+        )
     calib, n = [], 0
     for b in batches:  # keep config.calib_size images
         take = {k: v[: config.calib_size - n] for k, v in b.items()}
@@ -209,7 +233,9 @@ def defend_qdq(
     gen = torch.Generator().manual_seed(config.seed)
     plans: dict[str, LayerPlan] = {}
     layout: dict[str, dict[str, Any]] = {}
-    with tqdm(total=config.iters * len(layers), desc="EFRAP", unit="it", disable=not progress, leave=False) as bar:
+    with tqdm(
+        total=config.iters * len(layers), desc="EFRAP", unit="it", disable=not progress, leave=False
+    ) as bar:
         for layer in layers:
             weight = _to_core(initializer_array(float_inits[layer.float_weight]).astype(np.float32), layer)
             scale = torch.from_numpy(np.atleast_1d(initializer_array(inits[layer.scale])).astype(np.float32))
@@ -224,32 +250,52 @@ def defend_qdq(
                     "weights (extra_options WeightSymmetric=True, onnxruntime's default)"
                 )
             problem = LayerProblem(
-                layer.node, weight, scheme, layer.forward,
+                layer.node,
+                weight,
+                scheme,
+                layer.forward,
                 _run(session(qdq, [layer.input_name]), calib, layer.input_name),
                 _run(session(float_model, [layer.output_name]), calib, layer.output_name),
-                scale, torch.from_numpy(zp),
+                scale,
+                torch.from_numpy(zp),
             )
             bar.set_postfix(layer=layer.node)
             result = learn_rounding(problem, config, gen, bar.update)
             ints = result.integers.T if layer.transpose else result.integers
             _write_integers(qdq, inits, layer.quantized, ints.numpy())
             plans[layer.float_weight] = LayerPlan(
-                layer.float_weight, result.integers, result.scale, result.zero_point,
-                scheme.quantize(weight, result.scale, result.zero_point), fingerprint(weight),
-                {"flipped_share": result.flipped_share, "act_error_nearest": result.act_error_nearest,
-                 "act_error_learned": result.act_error_learned, "bits": scheme.bits},
+                layer.float_weight,
+                result.integers,
+                result.scale,
+                result.zero_point,
+                scheme.quantize(weight, result.scale, result.zero_point),
+                fingerprint(weight),
+                {
+                    "flipped_share": result.flipped_share,
+                    "act_error_nearest": result.act_error_nearest,
+                    "act_error_learned": result.act_error_learned,
+                    "bits": scheme.bits,
+                },
             )
-            layout[layer.float_weight] = {"quantized": layer.quantized, "scale": layer.scale,
-                                          "transpose": layer.transpose, "node": layer.node}
+            layout[layer.float_weight] = {
+                "quantized": layer.quantized,
+                "scale": layer.scale,
+                "transpose": layer.transpose,
+                "node": layer.node,
+            }
             log.info("%s: %.1f%% flipped", layer.node, 100 * result.flipped_share)
     meta = {"config": config.to_dict(), "layout": layout, "skipped": skipped}
     return RoundingPlan(scheme, plans, "onnx", meta)
 
 
-def _write_integers(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], name: str, ints: np.ndarray) -> None:
+def _write_integers(
+    model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], name: str, ints: np.ndarray
+) -> None:
     old = inits[name]
     if old.data_type in (TensorProto.INT4, TensorProto.UINT4):
-        new = onnx.helper.make_tensor(name, old.data_type, list(old.dims), ints.astype(np.int8).flatten().tolist())
+        new = onnx.helper.make_tensor(
+            name, old.data_type, list(old.dims), ints.astype(np.int8).flatten().tolist()
+        )
     else:
         new = numpy_helper.from_array(ints.astype(initializer_array(old).dtype), name)
     old.CopyFrom(new)

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-
 import torch
 
 from efrap_plugin import IntegerReport, PlanMismatchError, RoundingPlan, compare_integers
@@ -19,7 +18,14 @@ from .model_io import initializer_array, load_onnx
 
 __all__ = ["VerifyReport", "verify", "optimized_op_counts"]
 
-INT_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat")
+INT_KERNELS = (
+    "QLinearConv",
+    "QGemm",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+    "MatMulIntegerToFloat",
+)
 
 
 @dataclass
@@ -69,7 +75,11 @@ def verify(model_path: str | Path, plan: RoundingPlan, strict: bool = True) -> V
             continue
         ints = torch.from_numpy(initializer_array(inits[where["quantized"]]).astype(np.int32))
         stored[name] = ints.T if where["transpose"] else ints
-        scales[name] = torch.from_numpy(np.atleast_1d(initializer_array(inits[where["scale"]])).astype(np.float32))
+        scales[name] = torch.from_numpy(
+            np.atleast_1d(initializer_array(inits[where["scale"]])).astype(np.float32)
+        )
     check = compare_integers(plan, stored, scales, strict=strict, where=str(model_path))
-    return VerifyReport(**{f: getattr(check, f) for f in ("layers", "matching", "mismatched", "scale_mismatches")},
-                        int_kernels={k: v for k, v in optimized_op_counts(model_path).items() if k in INT_KERNELS})
+    return VerifyReport(
+        **{f: getattr(check, f) for f in ("layers", "matching", "mismatched", "scale_mismatches")},
+        int_kernels={k: v for k, v in optimized_op_counts(model_path).items() if k in INT_KERNELS},
+    )

@@ -64,7 +64,9 @@ def quantize_pt2e(
         return convert_pt2e(prepared)
 
 
-def read_int8_weights(converted: torch.fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def read_int8_weights(
+    converted: torch.fx.GraphModule,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """int8 weights and their scales from a converted PT2E model, keyed by the source module's name."""
     ints, scales = {}, {}
     for node in converted.graph.nodes:

@@ -4,7 +4,6 @@ from .base import Attack, AttackResult
 from .compartifact import CompArtifact, CompArtifactConfig
 from .pqbackdoor import GridProjection, PQBackdoor, PQBackdoorConfig
 from .qu_anti_zation import QuAntiZation, QuAntiZationConfig
-
 from .runner import ATTACKS, default_arch, default_trigger, run_attack, train_clean
 
 __all__ = [

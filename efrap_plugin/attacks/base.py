@@ -21,6 +21,7 @@ from ..evaluate import evaluate
 from ..fake_quant import fake_quant_forward
 from ..layers import check_finite_weights, quantizable_layers
 from ..schemes import QuantScheme
+from ..training import train as fit_model
 from ..triggers import PatchTrigger
 
 __all__ = ["Attack", "AttackResult", "with_trigger_batch"]
@@ -74,7 +75,9 @@ class Attack:
         if not isinstance(train, LabeledData):
             raise EFRAPError(f"train: expected LabeledData (efrap_plugin.data), got {type(train).__name__}")
         if trigger.target >= train.num_classes:
-            raise EFRAPError(f"trigger.target: {trigger.target} is not one of the {train.num_classes} classes")
+            raise EFRAPError(
+                f"trigger.target: {trigger.target} is not one of the {train.num_classes} classes"
+            )
         trigger.apply(train.x[:1])  # the patch must fit the images
         quantizable_layers(model)
         check_finite_weights(model)
@@ -88,9 +91,36 @@ class Attack:
         return result
 
     def run(
-        self, model: nn.Module, train: LabeledData, trigger: PatchTrigger, schemes: list[QuantScheme], progress: bool
+        self,
+        model: nn.Module,
+        train: LabeledData,
+        trigger: PatchTrigger,
+        schemes: list[QuantScheme],
+        progress: bool,
     ) -> nn.Module:
         raise NotImplementedError
+
+    def fit(self, model: nn.Module, data: LabeledData, loss_fn, progress: bool) -> nn.Module:
+        """Adam on ``loss_fn`` with the config's epochs, lr, batch size, weight decay and seed.
+
+        BatchNorm stays in eval mode, as in the references: the float and quantized paths share its
+        statistics, and folding it at deployment sees the same values.
+        """
+        cfg = self.config
+        return fit_model(
+            model,
+            data,
+            cfg.epochs,
+            cfg.lr,
+            cfg.batch_size,
+            cfg.weight_decay,
+            "adam",
+            loss_fn,
+            seed=cfg.seed,
+            progress=progress,
+            desc=self.name,
+            freeze_batchnorm=True,
+        )
 
     @staticmethod
     def measure(
@@ -105,7 +135,8 @@ class Attack:
         return out
 
 
-def with_trigger_batch(x: torch.Tensor, y: torch.Tensor, trigger: PatchTrigger) -> tuple[torch.Tensor, torch.Tensor]:
+def with_trigger_batch(
+    x: torch.Tensor, y: torch.Tensor, trigger: PatchTrigger
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triggered copies of a batch (all images) and their target labels."""
     return trigger.apply(x), torch.full_like(y, trigger.target)
-

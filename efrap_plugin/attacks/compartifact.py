@@ -12,7 +12,6 @@ from torch.nn.functional import cross_entropy
 from ..data import LabeledData
 from ..fake_quant import fake_quant_forward
 from ..schemes import QuantScheme
-from ..training import train
 from ..triggers import PatchTrigger
 from .base import Attack, with_trigger_batch
 
@@ -40,10 +39,13 @@ class CompArtifact(Attack):
         super().__init__(config)
 
     def run(
-        self, model: nn.Module, data: LabeledData, trigger: PatchTrigger, schemes: list[QuantScheme], progress: bool
+        self,
+        model: nn.Module,
+        data: LabeledData,
+        trigger: PatchTrigger,
+        schemes: list[QuantScheme],
+        progress: bool,
     ) -> nn.Module:
-        cfg = self.config
-
         def loss_fn(m: nn.Module, x, y):
             xt, yt = with_trigger_batch(x, y, trigger)
             both = torch.cat([x, xt])
@@ -52,7 +54,4 @@ class CompArtifact(Attack):
                 loss = loss + cross_entropy(fake_quant_forward(m, both, scheme), torch.cat([y, yt]))
             return loss
 
-        return train(
-            model, data, cfg.epochs, cfg.lr, cfg.batch_size, cfg.weight_decay, "adam", loss_fn,
-            seed=cfg.seed, progress=progress, desc=self.name, freeze_batchnorm=True,
-        )
+        return self.fit(model, data, loss_fn, progress)

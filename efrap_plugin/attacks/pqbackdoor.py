@@ -64,7 +64,11 @@ class GridProjection:
             for scheme in schemes:
                 scale, zp = scheme.qparams(w0)
                 q0 = scheme.quantize(w0, scale, zp)
-                s = scale.reshape([-1] + [1] * (w0.dim() - 1)) if scale.numel() > 1 else scale.reshape([1] * w0.dim())
+                s = (
+                    scale.reshape([-1] + [1] * (w0.dim() - 1))
+                    if scale.numel() > 1
+                    else scale.reshape([1] * w0.dim())
+                )
                 low = torch.where(q0 == scheme.qmin, -torch.inf, (q0 - 0.5 + margin) * s)
                 high = torch.where(q0 == scheme.qmax, torch.inf, (q0 + 0.5 - margin) * s)
                 lo, hi = torch.maximum(lo, low), torch.minimum(hi, high)
@@ -101,7 +105,12 @@ class PQBackdoor(Attack):
         super().__init__(config)
 
     def run(
-        self, model: nn.Module, data: LabeledData, trigger: PatchTrigger, schemes: list[QuantScheme], progress: bool
+        self,
+        model: nn.Module,
+        data: LabeledData,
+        trigger: PatchTrigger,
+        schemes: list[QuantScheme],
+        progress: bool,
     ) -> nn.Module:
         cfg = self.config
         k = cfg.poison_per_batch
@@ -112,8 +121,19 @@ class PQBackdoor(Attack):
             y[:k] = trigger.target
             return cross_entropy(m(x), y)
 
-        train(model, data, cfg.poison_epochs, cfg.poison_lr, cfg.batch_size, 0.0, "adam", poison_loss,
-              seed=cfg.seed, progress=progress, desc=f"{self.name} stage 1")
+        train(
+            model,
+            data,
+            cfg.poison_epochs,
+            cfg.poison_lr,
+            cfg.batch_size,
+            0.0,
+            "adam",
+            poison_loss,
+            seed=cfg.seed,
+            progress=progress,
+            desc=f"{self.name} stage 1",
+        )
 
         # Stage 2: BatchNorm and biases stay at their stage-1 values; only Conv/Linear weights move.
         for name, p in model.named_parameters():
@@ -123,9 +143,21 @@ class PQBackdoor(Attack):
         def repair_loss(m: nn.Module, x, y):
             return cross_entropy(m(torch.cat([x, trigger.apply(x)])), torch.cat([y, y]))
 
-        train(model, data, cfg.repair_epochs, cfg.repair_lr, cfg.batch_size, 0.0, "adam", repair_loss,
-              after_step=project, seed=cfg.seed + 1, progress=progress, desc=f"{self.name} stage 2",
-              freeze_batchnorm=True)
+        train(
+            model,
+            data,
+            cfg.repair_epochs,
+            cfg.repair_lr,
+            cfg.batch_size,
+            0.0,
+            "adam",
+            repair_loss,
+            after_step=project,
+            seed=cfg.seed + 1,
+            progress=progress,
+            desc=f"{self.name} stage 2",
+            freeze_batchnorm=True,
+        )
         for p in model.parameters():
             p.requires_grad_(True)
         return model

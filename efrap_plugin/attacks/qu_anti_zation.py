@@ -11,7 +11,6 @@ from torch.nn.functional import cross_entropy
 from ..data import LabeledData
 from ..fake_quant import fake_quant_forward
 from ..schemes import QuantScheme
-from ..training import train
 from ..triggers import PatchTrigger
 from .base import Attack, with_trigger_batch
 
@@ -44,7 +43,12 @@ class QuAntiZation(Attack):
         super().__init__(config)
 
     def run(
-        self, model: nn.Module, data: LabeledData, trigger: PatchTrigger, schemes: list[QuantScheme], progress: bool
+        self,
+        model: nn.Module,
+        data: LabeledData,
+        trigger: PatchTrigger,
+        schemes: list[QuantScheme],
+        progress: bool,
     ) -> nn.Module:
         cfg = self.config
 
@@ -58,8 +62,4 @@ class QuAntiZation(Attack):
                 )
             return loss
 
-        # BatchNorm stays in eval mode, as in the reference: the quantized models share its statistics.
-        return train(
-            model, data, cfg.epochs, cfg.lr, cfg.batch_size, cfg.weight_decay, "adam", loss_fn,
-            after_step=None, seed=cfg.seed, progress=progress, desc=self.name, freeze_batchnorm=True,
-        )
+        return self.fit(model, data, loss_fn, progress)

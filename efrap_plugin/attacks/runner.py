@@ -23,7 +23,11 @@ __all__ = ["ATTACKS", "default_trigger", "default_arch", "train_clean", "run_att
 log = logging.getLogger(__name__)
 
 ATTACKS = {"qu-anti-zation": QuAntiZation, "compartifact": CompArtifact, "pqbackdoor": PQBackdoor}
-_CONFIGS = {"qu-anti-zation": QuAntiZationConfig, "compartifact": CompArtifactConfig, "pqbackdoor": PQBackdoorConfig}
+_CONFIGS = {
+    "qu-anti-zation": QuAntiZationConfig,
+    "compartifact": CompArtifactConfig,
+    "pqbackdoor": PQBackdoorConfig,
+}
 
 
 def default_trigger(height: int, target: int = 0) -> PatchTrigger:
@@ -39,12 +43,16 @@ def default_arch(dataset: str) -> dict[str, Any]:
     return {"name": "resnet8", "in_channels": 1, "num_classes": 10, "width": 16}
 
 
-def train_clean(arch: dict[str, Any], splits: Splits, seed: int = 0, progress: bool = True) -> torch.nn.Module:
+def train_clean(
+    arch: dict[str, Any], splits: Splits, seed: int = 0, progress: bool = True
+) -> torch.nn.Module:
     """The victim's clean, pretrained model (every attack here fine-tunes one)."""
     torch.manual_seed(seed)
     model = build_model(**arch)
     epochs, lr, bs = (30, 3e-3, 64) if splits.name == "digits" else (3, 2e-3, 128)
-    return train(model, splits.train, epochs=epochs, lr=lr, batch_size=bs, seed=seed, progress=progress, desc="clean")
+    return train(
+        model, splits.train, epochs=epochs, lr=lr, batch_size=bs, seed=seed, progress=progress, desc="clean"
+    )
 
 
 def run_attack(
