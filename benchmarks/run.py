@@ -174,7 +174,7 @@ def bench_latency(out: Path, repeats: int = 200) -> list[dict]:
                     "efrap_vs_float": f"{med['efrap'] / med['f']:.3f}",
                 }
             )
-    _write(out, "latency", rows, f"median of {repeats} interleaved runs, 1 intra-op thread default session")
+    _write(out, "latency", rows, f"median of {repeats} interleaved runs, default CPU session options")
     return rows
 
 
@@ -206,7 +206,7 @@ def main() -> int:
     parser.add_argument("--defense-seeds", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("efrap_onnx", "efrap_plugin", "root", "onnxruntime", "torch"):
+    for noisy in ("efrap_onnx", "efrap_plugin", "onnxruntime", "torch"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     torch.set_num_threads(1)
     out = Path(args.out)
