@@ -85,14 +85,11 @@ def stock_onnx_int8(float_onnx: Path, calib: np.ndarray, out: Path, bits: int = 
 
 
 def _input_name(path: Path) -> str:
-    import onnx
-
     model = _onnx().load_onnx(path, check_finite=False)
     inits = {t.name for t in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in inits]
     if len(names) != 1:
         raise EFRAPError(f"model: {path} has inputs {names}; efrap's CLI handles single-input image models")
-    del onnx
     return names[0]
 
 
@@ -274,7 +271,8 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----- efrap scan ------------------------------------------------------------------------------
-def _onnx_weights(path: Path) -> dict[str, torch.Tensor]:
+def onnx_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Conv / Gemm / MatMul weights (output channels on axis 0) after quant_pre_process folds BatchNorm."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -300,7 +298,7 @@ def cmd_scan(args: argparse.Namespace) -> dict[str, Any]:
     path = Path(args.model)
     scheme = scheme_preset(args.scheme, args.bits)
     if path.suffix == ".onnx":
-        weights = _onnx_weights(path)
+        weights = onnx_weights(path)
     elif path.suffix == ".safetensors":
         prepared = prepare_model(load_model(path)[0], scheme)
         weights = {n: m.weight for n, m in quantizable_layers(prepared)}

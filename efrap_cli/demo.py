@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from efrap_plugin import EFRAPConfig, der, evaluate, save_model
+from efrap_plugin import EFRAPConfig, Metrics, der, evaluate, save_model
 from efrap_plugin.attacks import run_attack
 
-from .commands import _onnx, _onnx_weights, stock_onnx_int8
+from .commands import _onnx, onnx_weights, stock_onnx_int8
 from .report import format_table, write_report
 
 __all__ = ["run_demo"]
@@ -73,10 +73,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     ):
         m = evaluate(onnx_adapter.session(path), test, trigger)
         rows[key] = {**m.to_dict(), "seconds": round(seconds, 2), "file": Path(path).name}
-    from efrap_plugin import Metrics
-
     as_metrics = {k: Metrics(v["clean_acc"], v["asr"], v["ra"]) for k, v in rows.items()}
-    weights = _onnx_weights(float_onnx)
+    weights = onnx_weights(float_onnx)
     layers = {}
     for name, w in weights.items():
         lp = plan.layers.get(name)

@@ -23,6 +23,7 @@ from .errors import DataError
 
 __all__ = [
     "LabeledData",
+    "Splits",
     "load_digits",
     "load_fashion_mnist",
     "load_cifar10",
@@ -72,6 +73,8 @@ class LabeledData:
 
 @dataclass(frozen=True)
 class Splits:
+    """A dataset's fixed train / test split."""
+
     train: LabeledData
     test: LabeledData
     name: str
