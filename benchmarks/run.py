@@ -1,7 +1,7 @@
 """Benchmarks: attack x bits cells on the real onnxruntime backend, the fast-vs-reference defense
 speed ratio, and int8 latency ratios. Results go to CSV + Markdown with the command that made them.
 
-    python benchmarks/run.py --out benchmarks/results [--only cells,speed,latency] [--defense-seeds 3]
+    python benchmarks/run.py --out benchmarks/results [--only cells,speed,latency,fashion] [--defense-seeds 3]
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from efrap_onnx import ListDataReader, export_float_onnx, quantize_static, session
 from onnxruntime.quantization import QuantType
 
-from efrap_plugin import EFRAPConfig, evaluate, load_digits
+from efrap_onnx import ListDataReader, export_float_onnx, quantize_static, session
+from efrap_plugin import EFRAPConfig, evaluate, load_dataset, load_digits
 from efrap_plugin.attacks import run_attack
 
 CELLS = [
@@ -54,13 +54,13 @@ def _pct(values):
     return f"{m:.2f} ± {s:.2f}"
 
 
-def bench_cells(out: Path, seeds: int) -> list[dict]:
-    digits = load_digits()
+def bench_cells(out: Path, seeds: int, dataset: str = "digits", cells=CELLS) -> list[dict]:
+    digits = load_dataset(dataset)
     calib = np.ascontiguousarray(digits.train.x[:1024].numpy())
     rows = []
-    for attack, bits in CELLS:
+    for attack, bits in cells:
         t0 = time.perf_counter()
-        result, _, _ = run_attack(attack, "digits", "onnxruntime", bits, seed=0, progress=False)
+        result, _, _ = run_attack(attack, dataset, "onnxruntime", bits, seed=0, progress=False)
         attack_s = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
             src = export_float_onnx(result.model, digits.train.x[:2], Path(tmp) / "f.onnx")

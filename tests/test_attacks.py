@@ -13,8 +13,9 @@ from efrap_plugin.attacks import GridProjection, PQBackdoor, run_attack
 
 
 def _stock_ort(model, digits, bits):
-    from efrap_onnx import ListDataReader, export_float_onnx, quantize_static, session
     from onnxruntime.quantization import QuantType
+
+    from efrap_onnx import ListDataReader, export_float_onnx, quantize_static, session
 
     with tempfile.TemporaryDirectory() as tmp:
         src = export_float_onnx(model, digits.train.x[:2], Path(tmp) / "f.onnx")

@@ -218,4 +218,62 @@ def test_evaluate_rejects_a_bad_attack_info(attack_dir, tmp_path, capsys):
         )
         == 1
     )
-    assert "the Brevitas adapter is not written yet" in capsys.readouterr().err
+    assert "pass the .safetensors model" in capsys.readouterr().err
+    info = str(attack_dir / "attack.json")
+    assert (
+        main(
+            [
+                "evaluate",
+                str(attack_dir / "model.onnx"),
+                "--attack-info",
+                info,
+                "--quantize",
+                "nearest",
+                "--scheme",
+                "reference",
+            ]
+        )
+        == 1
+    )
+    assert "the paper's reference scheme has no backend" in capsys.readouterr().err
+
+
+def test_evaluate_in_brevitas_and_torchao(attack_dir, capsys):
+    info = str(attack_dir / "attack.json")
+    model = str(attack_dir / "model.safetensors")
+    assert (
+        main(
+            [
+                "evaluate",
+                model,
+                "--attack-info",
+                info,
+                "--quantize",
+                "nearest",
+                "--scheme",
+                "brevitas-int8",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    brevitas = json.loads(capsys.readouterr().out)
+    assert brevitas["evaluated"].startswith("Brevitas int8") and brevitas["asr"] >= 0.90  # same grid as ORT
+    assert (
+        main(
+            [
+                "evaluate",
+                model,
+                "--attack-info",
+                info,
+                "--quantize",
+                "nearest",
+                "--scheme",
+                "torchao-x86",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    torchao = json.loads(capsys.readouterr().out)
+    assert torchao["evaluated"].startswith("torchao PT2E") and torchao["clean_acc"] >= 0.95

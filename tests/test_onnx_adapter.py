@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from efrap_onnx import ListDataReader, load_onnx, quantize_static, session, verify
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType
 
+from efrap_onnx import ListDataReader, load_onnx, quantize_static, session, verify
 from efrap_plugin import DataError, EFRAPConfig, EFRAPError, ModelError, PlanMismatchError, evaluate
 
 

@@ -24,8 +24,9 @@ def _weights(kind: str, clean_cnn=None) -> torch.Tensor:
 
 
 def _ort_quantize(w: torch.Tensor, tmp_path, weight_type, per_channel=True):
-    from efrap_onnx import ListDataReader, quantize_static
     from onnxruntime.quantization import QuantType
+
+    from efrap_onnx import ListDataReader, quantize_static
 
     cin = w.shape[1]
     graph = helper.make_graph(

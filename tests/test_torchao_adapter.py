@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from efrap_torchao import quantize_pt2e, read_int8_weights, verify_pt2e
 
 from efrap_plugin import EFRAPError, defend, evaluate
 from efrap_plugin.attacks import run_attack
+from efrap_torchao import quantize_pt2e, read_int8_weights, verify_pt2e
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,8 @@ class PQBackdoorConfig:
     """Images per step (stage 2 adds as many triggered copies with their true labels)."""
     margin: float = 0.02
     """Stage 2 keeps weights this far (in integer units) inside their rounding bin."""
+    repair_trigger_weight: float = 1.0
+    """Stage 2: weight of the triggered images' loss (true labels) against the clean images' loss."""
     seed: int = 0
     """Seed of the batch order."""
 
@@ -141,7 +143,9 @@ class PQBackdoor(Attack):
         project = GridProjection(model, schemes, cfg.margin)
 
         def repair_loss(m: nn.Module, x, y):
-            return cross_entropy(m(torch.cat([x, trigger.apply(x)])), torch.cat([y, y]))
+            logits = m(torch.cat([x, trigger.apply(x)]))
+            n = x.shape[0]
+            return cross_entropy(logits[:n], y) + cfg.repair_trigger_weight * cross_entropy(logits[n:], y)
 
         train(
             model,
