@@ -214,6 +214,7 @@ def main() -> int:
         "cells": lambda: bench_cells(out, args.defense_seeds),
         "speed": lambda: bench_speed(out),
         "latency": lambda: bench_latency(out),
+        "fashion": lambda: bench_cells(out, 1, "fashion-mnist", [("pqbackdoor", 8), ("pqbackdoor", 4)]),
     }
     for name in args.only.split(","):
         t0 = time.perf_counter()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
-from efrap_plugin import DigitsCNN, load_digits, train
-from efrap_plugin.attacks import default_trigger, run_attack
+from efrap_plugin import DigitsCNN, PatchTrigger, load_digits, load_model, train
+from efrap_plugin.attacks import default_trigger
 
 torch.set_num_threads(1)
 
@@ -30,18 +33,39 @@ def clean_cnn(digits):
 
 
 @pytest.fixture(scope="session")
-def pq8(digits):
-    """PQBackdoor aimed at onnxruntime int8 on digits (the demo's attack), with its metrics."""
-    result, splits, arch = run_attack("pqbackdoor", "digits", "onnxruntime", 8, seed=0, progress=False)
-    return result
+def pq8_dir(tmp_path_factory):
+    """`efrap attack` run once: PQBackdoor aimed at onnxruntime int8 on digits (the demo's attack)."""
+    from efrap_cli import main
+
+    out = tmp_path_factory.mktemp("pq8")
+    args = [
+        "attack",
+        "--attack",
+        "pqbackdoor",
+        "--dataset",
+        "digits",
+        "--scheme",
+        "onnxruntime",
+        "--bits",
+        "8",
+    ]
+    assert main([*args, "--seed", "0", "--out", str(out), "--quiet", "--json"]) == 0
+    return out
 
 
 @pytest.fixture(scope="session")
-def pq8_onnx(pq8, digits, tmp_path_factory):
-    from efrap_onnx import export_float_onnx
+def pq8(pq8_dir):
+    """The attacked model read back from the CLI's files, with its trigger and measured metrics."""
+    info = json.loads((pq8_dir / "attack.json").read_text())
+    model, _ = load_model(pq8_dir / "model.safetensors")
+    return SimpleNamespace(
+        model=model, trigger=PatchTrigger.from_dict(info["trigger"]), metrics=info["metrics"]
+    )
 
-    path = tmp_path_factory.mktemp("pq8") / "model.onnx"
-    return export_float_onnx(pq8.model, digits.train.x[:2], path)
+
+@pytest.fixture(scope="session")
+def pq8_onnx(pq8_dir):
+    return pq8_dir / "model.onnx"
 
 
 @pytest.fixture(scope="session")

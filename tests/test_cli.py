@@ -56,29 +56,9 @@ def test_user_mistakes_exit_1_with_one_clear_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def attack_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("attack")
-    code = main(
-        [
-            "attack",
-            "--attack",
-            "pqbackdoor",
-            "--dataset",
-            "digits",
-            "--scheme",
-            "onnxruntime",
-            "--bits",
-            "8",
-            "--seed",
-            "0",
-            "--out",
-            str(out),
-            "--quiet",
-            "--json",
-        ]
-    )
-    assert code == 0
-    return out
+def attack_dir(pq8_dir):
+    """The session's `efrap attack` output (conftest runs the CLI once for every test that needs it)."""
+    return pq8_dir
 
 
 def test_attack_writes_model_onnx_and_attack_json(attack_dir):

@@ -35,3 +35,9 @@ def test_torch_recipe(in_tmp, pq8, digits):
     exec(compile(_recipe("torch"), "README:torch", "exec"), scope)
     assert (in_tmp / "defended.onnx").is_file() and (in_tmp / "plan.safetensors").is_file()
     assert scope["report"].matching == 4
+
+
+def test_backends_recipe(in_tmp, pq8, digits):
+    scope = {"model": pq8.model, "calib": digits.train.x[:512]}
+    exec(compile(_recipe("backends"), "README:backends", "exec"), scope)
+    assert (in_tmp / "brevitas-qcdq.onnx").is_file()
