@@ -4,7 +4,7 @@ from .base import Attack, AttackResult
 from .compartifact import CompArtifact, CompArtifactConfig
 from .pqbackdoor import GridProjection, PQBackdoor, PQBackdoorConfig
 from .qu_anti_zation import QuAntiZation, QuAntiZationConfig
-from .runner import ATTACKS, default_arch, default_trigger, run_attack, train_clean
+from .runner import ATTACKS, default_arch, default_config, default_trigger, run_attack, train_clean
 
 __all__ = [
     "ATTACKS",
@@ -18,6 +18,7 @@ __all__ = [
     "QuAntiZation",
     "QuAntiZationConfig",
     "default_arch",
+    "default_config",
     "default_trigger",
     "run_attack",
     "train_clean",

@@ -56,9 +56,11 @@ class Attack:
     """Base class: ``attack(model, train, trigger, schemes)`` returns an AttackResult; never mutates ``model``."""
 
     name = "attack"
+    config_class: type = object
+    """The attack's frozen config dataclass; ``Attack()`` uses its defaults."""
 
-    def __init__(self, config: Any) -> None:
-        self.config = config
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.config_class()
 
     def __call__(
         self,

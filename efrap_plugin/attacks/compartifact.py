@@ -34,9 +34,7 @@ class CompArtifactConfig:
 
 class CompArtifact(Attack):
     name = "compartifact"
-
-    def __init__(self, config: CompArtifactConfig = CompArtifactConfig()) -> None:
-        super().__init__(config)
+    config_class = CompArtifactConfig
 
     def run(
         self,

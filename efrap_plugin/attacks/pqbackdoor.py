@@ -102,9 +102,7 @@ class GridProjection:
 
 class PQBackdoor(Attack):
     name = "pqbackdoor"
-
-    def __init__(self, config: PQBackdoorConfig = PQBackdoorConfig()) -> None:
-        super().__init__(config)
+    config_class = PQBackdoorConfig
 
     def run(
         self,

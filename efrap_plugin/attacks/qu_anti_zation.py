@@ -38,9 +38,7 @@ class QuAntiZationConfig:
 
 class QuAntiZation(Attack):
     name = "qu-anti-zation"
-
-    def __init__(self, config: QuAntiZationConfig = QuAntiZationConfig()) -> None:
-        super().__init__(config)
+    config_class = QuAntiZationConfig
 
     def run(
         self,

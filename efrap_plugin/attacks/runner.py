@@ -14,20 +14,15 @@ from ..schemes import scheme_preset
 from ..training import train
 from ..triggers import PatchTrigger
 from .base import AttackResult
-from .compartifact import CompArtifact, CompArtifactConfig
-from .pqbackdoor import PQBackdoor, PQBackdoorConfig
-from .qu_anti_zation import QuAntiZation, QuAntiZationConfig
+from .compartifact import CompArtifact
+from .pqbackdoor import PQBackdoor
+from .qu_anti_zation import QuAntiZation
 
 __all__ = ["ATTACKS", "default_config", "default_trigger", "default_arch", "train_clean", "run_attack"]
 
 log = logging.getLogger(__name__)
 
 ATTACKS = {"qu-anti-zation": QuAntiZation, "compartifact": CompArtifact, "pqbackdoor": PQBackdoor}
-_CONFIGS = {
-    "qu-anti-zation": QuAntiZationConfig,
-    "compartifact": CompArtifactConfig,
-    "pqbackdoor": PQBackdoorConfig,
-}
 
 
 def default_trigger(height: int, target: int = 0) -> PatchTrigger:
@@ -54,7 +49,7 @@ _FASHION = {
 def default_config(attack: str, dataset: str, seed: int = 0) -> Any:
     """The attack's config with the schedule measured for ``dataset``."""
     changes = _FASHION[attack] if dataset == "fashion-mnist" else {}
-    return _CONFIGS[attack](seed=seed, **changes)
+    return ATTACKS[attack].config_class(seed=seed, **changes)
 
 
 def train_clean(
