@@ -100,12 +100,9 @@ def bench_cells(out: Path, seeds: int, dataset: str = "digits", cells=CELLS) -> 
         }
         logging.info("%s", row)
         rows.append(row)
-    _write(
-        out,
-        "cells",
-        rows,
-        f"EFRAP over {seeds} defense seeds (1005..), attack seed 0; percentages, mean ± spread",
-    )
+    name = "cells" if dataset == "digits" else f"cells-{dataset}"
+    note = f"{dataset}; EFRAP over {seeds} defense seeds (1005..), attack seed 0; percentages, mean ± spread"
+    _write(out, name, rows, note)
     return rows
 
 
