@@ -49,3 +49,19 @@ def test_a_plan_for_another_backend_is_refused(pq_x86, digits):
     )
     with pytest.raises(EFRAPError, match=r"X86InductorQuantizer needs scheme='torchao-x86'"):
         quantize_pt2e(pq_x86.model, digits.train.x[:64], plan)
+
+
+def test_legacy_fx_flow_holds_the_plan(clean_cnn, digits):
+    """prepare_fx / convert_fx with the x86 QConfigMapping: same grid, same integers after snapping."""
+    from efrap_plugin import EFRAPConfig
+    from efrap_torchao import quantize_fx, verify_fx
+
+    plan = defend(
+        clean_cnn, digits.train.x, "torchao-x86", EFRAPConfig(iters=150, calib_size=256), progress=False
+    )
+    assert plan.flipped_share > 0.05  # not just nearest rounding
+    converted = quantize_fx(clean_cnn, digits.train.x[:256], plan)
+    assert verify_fx(converted, plan).matching == 4
+    stock = quantize_fx(clean_cnn, digits.train.x[:256])
+    assert not verify_fx(stock, plan, strict=False).integers_ok  # stock nearest differs from the plan
+    assert evaluate(converted, digits.test).clean_acc >= 0.9

@@ -1,0 +1,66 @@
+"""The legacy torch.ao FX flow (prepare_fx / convert_fx, the x86 default QConfigMapping) with EFRAP's
+integers: its default per-channel weight observer uses the same grid as X86InductorQuantizer
+(qint8 [-128, 127], scale max|w|/127.5), so the torchao-x86 plan's snapped weights come out exact."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from efrap_plugin import (
+    EFRAPError,
+    IntegerReport,
+    RoundingPlan,
+    as_calibration,
+    compare_integers,
+    prepare_model,
+)
+from efrap_plugin.schemes import QuantScheme
+
+__all__ = ["quantize_fx", "read_fx_int8_weights", "verify_fx"]
+
+
+def quantize_fx(
+    model: torch.nn.Module, calib_data: Any, plan: RoundingPlan | None = None, batch_size: int = 64
+) -> torch.nn.Module:
+    """The int8 module convert_fx produces; with ``plan``, holding the plan's integers. ``model`` is kept."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    if plan is not None and plan.scheme.name != "torchao-x86":
+        raise EFRAPError(
+            f"plan: made for the {plan.scheme.name!r} scheme; the x86 QConfigMapping needs scheme='torchao-x86'"
+        )
+    calib = as_calibration(calib_data)
+    source = plan.snap(model) if plan is not None else prepare_model(model, QuantScheme.torchao_x86())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        prepared = prepare_fx(source.eval(), get_default_qconfig_mapping("x86"), example_inputs=(calib[:2],))
+        with torch.no_grad():
+            for i in range(0, calib.shape[0], batch_size):
+                prepared(calib[i : i + batch_size])
+        return convert_fx(prepared)
+
+
+def read_fx_int8_weights(
+    converted: torch.nn.Module,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """int8 weights and per-channel scales of the quantized modules, keyed by module name."""
+    ints, scales = {}, {}
+    for name, module in converted.named_modules():
+        weight = getattr(module, "weight", None)
+        if not callable(weight):
+            continue
+        w = weight()
+        if isinstance(w, torch.Tensor) and w.is_quantized:
+            ints[name] = w.int_repr().to(torch.int32)
+            scales[name] = w.q_per_channel_scales().to(torch.float32)
+    return ints, scales
+
+
+def verify_fx(converted: torch.nn.Module, plan: RoundingPlan, strict: bool = True) -> IntegerReport:
+    """Compare the quantized modules' integers with ``plan``, bit for bit."""
+    ints, scales = read_fx_int8_weights(converted)
+    return compare_integers(plan, ints, scales, strict=strict, where="the convert_fx model")
