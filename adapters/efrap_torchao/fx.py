@@ -9,15 +9,9 @@ from typing import Any
 
 import torch
 
-from efrap_plugin import (
-    EFRAPError,
-    IntegerReport,
-    RoundingPlan,
-    as_calibration,
-    compare_integers,
-    prepare_model,
-)
-from efrap_plugin.schemes import QuantScheme
+from efrap_plugin import IntegerReport, RoundingPlan, compare_integers
+
+from ._source import calibrate, source_and_calibration
 
 __all__ = ["quantize_fx", "read_fx_int8_weights", "verify_fx"]
 
@@ -29,18 +23,11 @@ def quantize_fx(
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    if plan is not None and plan.scheme.name != "torchao-x86":
-        raise EFRAPError(
-            f"plan: made for the {plan.scheme.name!r} scheme; the x86 QConfigMapping needs scheme='torchao-x86'"
-        )
-    calib = as_calibration(calib_data)
-    source = plan.snap(model) if plan is not None else prepare_model(model, QuantScheme.torchao_x86())
+    source, calib = source_and_calibration(model, calib_data, plan, "the x86 QConfigMapping")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        prepared = prepare_fx(source.eval(), get_default_qconfig_mapping("x86"), example_inputs=(calib[:2],))
-        with torch.no_grad():
-            for i in range(0, calib.shape[0], batch_size):
-                prepared(calib[i : i + batch_size])
+        prepared = prepare_fx(source, get_default_qconfig_mapping("x86"), example_inputs=(calib[:2],))
+        calibrate(prepared, calib, batch_size)
         return convert_fx(prepared)
 
 

@@ -13,13 +13,9 @@ from typing import Any
 
 import torch
 
-from efrap_plugin import (
-    EFRAPError,
-    IntegerReport,
-    RoundingPlan,
-    as_calibration,
-    compare_integers,
-)
+from efrap_plugin import IntegerReport, RoundingPlan, compare_integers
+
+from ._source import calibrate, source_and_calibration
 
 __all__ = ["quantize_pt2e", "read_int8_weights", "verify_pt2e"]
 
@@ -44,23 +40,14 @@ def quantize_pt2e(
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    if plan is not None and plan.scheme.name != "torchao-x86":
-        raise EFRAPError(
-            f"plan: made for the {plan.scheme.name!r} scheme; X86InductorQuantizer needs scheme='torchao-x86' "
-            "(range [-128, 127], scale max|w|/127.5)"
-        )
-    calib = as_calibration(calib_data)
-    source = plan.snap(model) if plan is not None else model
-    source = source.eval()
+    source, calib = source_and_calibration(model, calib_data, plan, "X86InductorQuantizer")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         exported = torch.export.export(
             source, (calib[:2],), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
         ).module()
         prepared = prepare_pt2e(exported, _quantizer())
-        with torch.no_grad():
-            for i in range(0, calib.shape[0], batch_size):
-                prepared(calib[i : i + batch_size])
+        calibrate(prepared, calib, batch_size)
         return convert_pt2e(prepared)
 
 

@@ -1,0 +1,28 @@
+"""What both PyTorch AO flows start from: the snapped model (with a plan) or the BN-folded one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from efrap_plugin import EFRAPError, QuantScheme, RoundingPlan, as_calibration, prepare_model
+
+
+def source_and_calibration(
+    model: torch.nn.Module, calib_data: Any, plan: RoundingPlan | None, flow: str
+) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The eval-mode model to hand to ``flow`` and the calibration images; refuses a plan for another grid."""
+    if plan is not None and plan.scheme.name != "torchao-x86":
+        raise EFRAPError(
+            f"plan: made for the {plan.scheme.name!r} scheme; {flow} needs scheme='torchao-x86' "
+            "(range [-128, 127], scale max|w|/127.5)"
+        )
+    source = plan.snap(model) if plan is not None else prepare_model(model, QuantScheme.torchao_x86())
+    return source.eval(), as_calibration(calib_data)
+
+
+@torch.no_grad()
+def calibrate(prepared: torch.nn.Module, calib: torch.Tensor, batch_size: int) -> None:
+    for i in range(0, calib.shape[0], batch_size):
+        prepared(calib[i : i + batch_size])
