@@ -106,14 +106,19 @@ def bench_cells(out: Path, seeds: int, dataset: str = "digits", cells=CELLS) -> 
     return rows
 
 
+def _pqbackdoor8_onnx(tmp: Path):
+    """The digits PQBackdoor int8 model (the demo's), its float ONNX export, the data and 1,024 calibration images."""
+    digits = load_digits()
+    result, _, _ = run_attack("pqbackdoor", "digits", "onnxruntime", 8, seed=0, progress=False)
+    src = export_float_onnx(result.model, digits.train.x[:2], tmp / "f.onnx")
+    return result, src, digits, np.ascontiguousarray(digits.train.x[:1024].numpy())
+
+
 def bench_speed(out: Path) -> list[dict]:
     """The fast default against the paper's reference setting (10,000 steps/layer), same model, same run."""
-    digits = load_digits()
-    calib = np.ascontiguousarray(digits.train.x[:1024].numpy())
-    result, _, _ = run_attack("pqbackdoor", "digits", "onnxruntime", 8, seed=0, progress=False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        src = export_float_onnx(result.model, digits.train.x[:2], Path(tmp) / "f.onnx")
+        result, src, digits, calib = _pqbackdoor8_onnx(Path(tmp))
         for name, cfg in (
             ("default", EFRAPConfig()),
             ("reference", EFRAPConfig.reference()),
@@ -143,12 +148,9 @@ def bench_speed(out: Path) -> list[dict]:
 
 def bench_latency(out: Path, repeats: int = 200) -> list[dict]:
     """onnxruntime latency of the defended int8 model against the stock int8 and the float model."""
-    digits = load_digits()
-    calib = np.ascontiguousarray(digits.train.x[:1024].numpy())
-    result, _, _ = run_attack("pqbackdoor", "digits", "onnxruntime", 8, seed=0, progress=False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        src = export_float_onnx(result.model, digits.train.x[:2], Path(tmp) / "f.onnx")
+        result, src, digits, calib = _pqbackdoor8_onnx(Path(tmp))
         _quantize(src, Path(tmp) / "stock.onnx", calib, 8, efrap=False)
         _quantize(src, Path(tmp) / "efrap.onnx", calib, 8, EFRAPConfig())
         sessions = {k: session(Path(tmp) / f"{k}.onnx") for k in ("f", "stock", "efrap")}
