@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from onnxruntime.quantization import QuantType
 
-from efrap_onnx import ListDataReader, export_float_onnx, quantize_static, session
+from efrap_onnx import export_float_onnx, quantize_images, session
 from efrap_plugin import EFRAPConfig, evaluate, load_dataset, load_digits
 from efrap_plugin.attacks import run_attack
 
@@ -34,18 +33,7 @@ CELLS = [
 
 
 def _quantize(src, out, calib, bits, config=None, efrap=True):
-    wt = QuantType.QInt8 if bits == 8 else QuantType.QInt4
-    return quantize_static(
-        src,
-        out,
-        ListDataReader.from_array("input", calib),
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=wt,
-        efrap=efrap,
-        config=config,
-        progress=False,
-    )
+    return quantize_images(src, out, calib, bits, efrap=efrap, config=config, progress=False)
 
 
 def _pct(values):

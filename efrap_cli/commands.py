@@ -67,40 +67,12 @@ def _brevitas():
     return efrap_brevitas
 
 
-def _weight_type(bits: int):
-    from onnxruntime.quantization import QuantType
-
-    if bits not in (8, 4):
-        raise EFRAPError(f"--bits: onnxruntime quantizes weights to 8 or 4 bits, got {bits}")
-    return QuantType.QInt8 if bits == 8 else QuantType.QInt4
-
-
 def stock_onnx_int8(float_onnx: Path, calib: np.ndarray, out: Path, bits: int = 8, per_channel: bool = True):
     """onnxruntime's stock quantize_static: QDQ, per-channel, MinMax, uint8 activations."""
-    from onnxruntime.quantization import QuantType
-
-    onnx_adapter = _onnx()
-    reader = onnx_adapter.ListDataReader.from_array(_input_name(float_onnx), calib)
-    onnx_adapter.quantize_static(
-        float_onnx,
-        out,
-        reader,
-        per_channel=per_channel,
-        activation_type=QuantType.QUInt8,
-        weight_type=_weight_type(bits),
-        efrap=False,
-        progress=False,
+    _onnx().quantize_images(
+        float_onnx, out, calib, bits, per_channel=per_channel, efrap=False, progress=False
     )
     return out
-
-
-def _input_name(path: Path) -> str:
-    model = _onnx().load_onnx(path, check_finite=False)
-    inits = {t.name for t in model.graph.initializer}
-    names = [i.name for i in model.graph.input if i.name not in inits]
-    if len(names) != 1:
-        raise EFRAPError(f"model: {path} has inputs {names}; efrap's CLI handles single-input image models")
-    return names[0]
 
 
 def calibration_images(spec: str, n: int) -> np.ndarray:
@@ -249,19 +221,9 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
     if src.suffix != ".onnx":
         raise EFRAPError(f"model: `efrap defend` takes a float .onnx file, got {src.name!r}")
     calib = calibration_images(args.calib, config.calib_size)
-    reader = onnx_adapter.ListDataReader.from_array(_input_name(src), calib)
-    from onnxruntime.quantization import QuantType
-
     start = time.perf_counter()
-    plan = onnx_adapter.quantize_static(
-        src,
-        out,
-        reader,
-        per_channel=not args.per_tensor,
-        activation_type=QuantType.QUInt8,
-        weight_type=_weight_type(args.bits),
-        config=config,
-        progress=not args.quiet,
+    plan = onnx_adapter.quantize_images(
+        src, out, calib, args.bits, per_channel=not args.per_tensor, config=config, progress=not args.quiet
     )
     seconds = time.perf_counter() - start
     report = onnx_adapter.verify(out, plan)

@@ -23,8 +23,6 @@ log = logging.getLogger("efrap")
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from onnxruntime.quantization import QuantType
-
     onnx_adapter = _onnx()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,15 +48,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     say("[3/4] efrap defend: learning the rounding layer by layer ...")
     t0 = time.perf_counter()
     defended = out / f"efrap-int{args.bits}.onnx"
-    plan = onnx_adapter.quantize_static(
-        float_onnx,
-        defended,
-        onnx_adapter.ListDataReader.from_array("input", calib),
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8 if args.bits == 8 else QuantType.QInt4,
-        config=EFRAPConfig(),
-        progress=progress,
+    plan = onnx_adapter.quantize_images(
+        float_onnx, defended, calib, args.bits, config=EFRAPConfig(), progress=progress
     )
     efrap_seconds = time.perf_counter() - t0
     plan.save(out / "plan.safetensors")

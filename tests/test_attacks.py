@@ -13,23 +13,12 @@ from efrap_plugin.attacks import GridProjection, PQBackdoor, run_attack
 
 
 def _stock_ort(model, digits, bits):
-    from onnxruntime.quantization import QuantType
-
-    from efrap_onnx import ListDataReader, export_float_onnx, quantize_static, session
+    from efrap_onnx import export_float_onnx, quantize_images, session
 
     with tempfile.TemporaryDirectory() as tmp:
         src = export_float_onnx(model, digits.train.x[:2], Path(tmp) / "f.onnx")
         out = Path(tmp) / "q.onnx"
-        quantize_static(
-            src,
-            out,
-            ListDataReader.from_array("input", digits.train.x[:1024].numpy()),
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8 if bits == 8 else QuantType.QInt4,
-            efrap=False,
-            progress=False,
-        )
+        quantize_images(src, out, digits.train.x[:1024].numpy(), bits, efrap=False, progress=False)
         return session(out)
 
 

@@ -225,3 +225,13 @@ def test_qoperator_and_asymmetric_weights_are_explained(pq8_onnx, calib, tmp_pat
         quantize_static(pq8_onnx, tmp_path / "o.onnx", _reader(calib), quant_format=QuantFormat.QOperator)
     with pytest.raises(EFRAPError, match=r"QuantType.QInt8 or QuantType.QInt4; got QuantType.QUInt8"):
         quantize_static(pq8_onnx, tmp_path / "o.onnx", _reader(calib), weight_type=QuantType.QUInt8)
+
+
+def test_quantize_images_refuses_bits_onnxruntime_cannot_store(pq8_onnx, calib, tmp_path):
+    from efrap_onnx import quantize_images
+
+    with pytest.raises(
+        EFRAPError, match=r"bits: onnxruntime quantizes weights to 8 \(QInt8\) or 4 \(QInt4\) bits, got 6"
+    ):
+        quantize_images(pq8_onnx, tmp_path / "o.onnx", calib, 6)
+    assert not (tmp_path / "o.onnx").exists()

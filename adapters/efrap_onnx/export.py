@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnxruntime.quantization import QuantType
 
 from efrap_plugin import EFRAPError, PlanMismatchError, RoundingPlan, as_calibration, fingerprint
 
 from .model_io import initializer_array, save_onnx
-from .quantize import ListDataReader, quantize_static
+from .quantize import quantize_images
 from .verify import VerifyReport, verify
 
 __all__ = ["export_float_onnx", "export_defended", "onnx_plan"]
@@ -97,14 +96,14 @@ def export_defended(
     snapped = plan.snap(model)
     with tempfile.TemporaryDirectory(prefix="efrap-export-") as tmp:
         float_path = export_float_onnx(snapped, calib[:2], Path(tmp) / "snapped.onnx")
-        quantize_static(
+        quantize_images(
             float_path,
             path,
-            ListDataReader.from_array("input", calib.numpy()),
+            calib.numpy(),
+            plan.scheme.bits,
             per_channel=per_channel,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8 if plan.scheme.bits == 8 else QuantType.QInt4,
             efrap=False,
+            progress=False,
         )
         keyed = onnx_plan(snapshot_prints(plan, snapped), onnx.load(str(float_path)), onnx.load(str(path)))
     return keyed, verify(path, keyed)

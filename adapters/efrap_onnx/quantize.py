@@ -40,7 +40,7 @@ from efrap_plugin import (
 from .graph import QuantizedLayer, find_quantized_layers
 from .model_io import initializer_array, load_onnx, save_onnx
 
-__all__ = ["quantize_static", "ListDataReader", "session"]
+__all__ = ["quantize_static", "quantize_images", "ListDataReader", "session"]
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,42 @@ def quantize_static(
         plan.meta["seconds"] = time.perf_counter() - start  # type: ignore[index]
     save_onnx(qdq, model_output)
     return plan
+
+
+def quantize_images(
+    model_input: str | Path,
+    model_output: str | Path,
+    images: np.ndarray,
+    bits: int = 8,
+    *,
+    per_channel: bool = True,
+    efrap: bool = True,
+    config: EFRAPConfig | None = None,
+    progress: bool = True,
+) -> RoundingPlan | None:
+    """The common image-model case in one call: QDQ, MinMax, uint8 activations, QInt8 or QInt4 weights,
+    calibration images fed to the graph's single input. ``efrap=False`` is onnxruntime's stock flow."""
+    weight_types = {8: QuantType.QInt8, 4: QuantType.QInt4}
+    if bits not in weight_types:
+        raise EFRAPError(f"bits: onnxruntime quantizes weights to 8 (QInt8) or 4 (QInt4) bits, got {bits}")
+    model = load_onnx(model_input, check_finite=False)
+    inits = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    if len(names) != 1:
+        raise EFRAPError(
+            f"model: {model_input} has inputs {names}; quantize_images handles single-input models"
+        )
+    return quantize_static(
+        model_input,
+        model_output,
+        ListDataReader.from_array(names[0], images),
+        per_channel=per_channel,
+        activation_type=QuantType.QUInt8,
+        weight_type=weight_types[bits],
+        efrap=efrap,
+        config=config,
+        progress=progress,
+    )
 
 
 def _run(sess: ort.InferenceSession, batches: list[dict[str, np.ndarray]], name: str) -> torch.Tensor:
