@@ -109,7 +109,13 @@ def _metrics(model: Any, test: LabeledData, trigger: PatchTrigger) -> dict[str, 
 def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     result, splits, arch = run_attack(
-        args.attack, args.dataset, args.scheme, args.bits, args.seed, progress=not args.quiet
+        args.attack,
+        args.dataset,
+        args.scheme,
+        args.bits,
+        args.seed,
+        progress=not args.quiet,
+        device=args.device,
     )
     out.mkdir(parents=True, exist_ok=True)
     save_model(result.model, out / "model.safetensors", arch)

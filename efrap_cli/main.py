@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=["digits", "fashion-mnist"], default="digits", help="training data")
     _scheme(p)
     p.add_argument("--out", required=True, help="output folder: model.safetensors, model.onnx, attack.json")
+    p.add_argument("--device", default=None, help="where training runs, e.g. cuda (default: cpu)")
     _common(p)
 
     p = sub.add_parser("evaluate", help="clean_acc / asr / ra of a float, quantized or defended model")

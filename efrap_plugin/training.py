@@ -37,11 +37,17 @@ def train(
     desc: str = "train",
     cosine: bool = True,
     freeze_batchnorm: bool = False,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """Train ``model`` in place; ``after_step`` runs after every optimiser step (projections).
 
     ``freeze_batchnorm`` keeps BatchNorm in eval mode so that running statistics do not move.
+    ``device`` (e.g. "cuda") moves the model there for training and back to where it was after;
+    batches are moved one at a time, so the data set stays in host memory.
     """
+    home = next(model.parameters()).device
+    target = torch.device(device) if device is not None else home
+    model.to(target)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -62,7 +68,7 @@ def train(
         total = 0.0
         for start in range(0, len(data), batch_size):
             idx = perm[start : start + batch_size]
-            loss = loss_fn(model, data.x[idx], data.y[idx])
+            loss = loss_fn(model, data.x[idx].to(target), data.y[idx].to(target))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -74,4 +80,4 @@ def train(
         bar.set_postfix(loss=f"{total / len(data):.4f}")
         log.debug("%s epoch %d loss %.4f", desc, epoch, total / len(data))
     model.eval()
-    return model
+    return model.to(home)

@@ -98,6 +98,22 @@ def test_attack_input_validation(clean_cnn, digits, trigger):
         run_attack("badnets")
 
 
+def test_attack_device_is_where_training_runs_and_the_result_comes_home(clean_cnn, digits, trigger):
+    """``device=`` moves training (batches one at a time) and hands the model back on the caller's device."""
+    from efrap_plugin.attacks import PQBackdoorConfig
+
+    attack = PQBackdoor(PQBackdoorConfig(poison_epochs=1, repair_epochs=1))
+    data = digits.train.subset(256)
+    here = attack(clean_cnn, data, trigger, QuantScheme.onnxruntime(), progress=False)
+    moved = attack(clean_cnn, data, trigger, QuantScheme.onnxruntime(), progress=False, device="cpu")
+    assert next(moved.model.parameters()).device.type == "cpu"
+    assert all(
+        torch.equal(a, b) for a, b in zip(here.model.state_dict().values(), moved.model.state_dict().values())
+    )
+    with pytest.raises(EFRAPError, match=r"device: 'tpu9' is not usable here .* pass 'cpu'"):
+        attack(clean_cnn, data, trigger, QuantScheme.onnxruntime(), device="tpu9")
+
+
 def test_qu_anti_zation_int4_cell(digits):
     result, _, _ = run_attack("qu-anti-zation", "digits", "onnxruntime", 4, seed=0, progress=False)
     assert [s.bits for s in result.schemes] == [4]

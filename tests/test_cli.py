@@ -53,6 +53,9 @@ def test_user_mistakes_exit_1_with_one_clear_line(tmp_path):
     (tmp_path / "calib.npz").write_bytes(b"junk")
     out = _run("scan", str(tmp_path / "model.pt"))
     assert out.returncode == 1 and "expected a .onnx or .safetensors file" in out.stderr
+    out = _run("attack", "--attack", "pqbackdoor", "--device", "tpu9", "--out", str(tmp_path / "a"))
+    assert out.returncode == 1 and "device: 'tpu9' is not usable here" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "a").exists()
 
 
 @pytest.fixture(scope="module")

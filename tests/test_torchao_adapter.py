@@ -8,12 +8,18 @@ import torch
 
 from efrap_plugin import EFRAPError, defend, evaluate
 from efrap_plugin.attacks import run_attack
-from efrap_torchao import quantize_pt2e, read_int8_weights, verify_pt2e
+from efrap_plugin.models import resnet8
+from efrap_torchao import quantize_eager, quantize_pt2e, read_int8_weights, verify_eager, verify_pt2e
 
 
 @pytest.fixture(scope="module")
 def pq_x86():
     return run_attack("pqbackdoor", "digits", "torchao-x86", 8, seed=0, progress=False)[0]
+
+
+@pytest.fixture(scope="module")
+def x86_plan(pq_x86, digits):
+    return defend(pq_x86.model, digits.train.x, "torchao-x86", progress=False)
 
 
 def test_stock_pt2e_activates_a_qcb_aimed_at_its_grid(pq_x86, digits):
@@ -23,8 +29,8 @@ def test_stock_pt2e_activates_a_qcb_aimed_at_its_grid(pq_x86, digits):
     assert stock.asr >= 0.90
 
 
-def test_defended_pt2e_holds_the_plan_and_removes_the_backdoor(pq_x86, digits):
-    plan = defend(pq_x86.model, digits.train.x, "torchao-x86", progress=False)
+def test_defended_pt2e_holds_the_plan_and_removes_the_backdoor(pq_x86, x86_plan, digits):
+    plan = x86_plan
     converted = quantize_pt2e(pq_x86.model, digits.train.x[:1024], plan)
     report = verify_pt2e(converted, plan)
     assert report.integers_ok and report.matching == 4
@@ -65,3 +71,24 @@ def test_legacy_fx_flow_holds_the_plan(clean_cnn, digits):
     stock = quantize_fx(clean_cnn, digits.train.x[:256])
     assert not verify_fx(stock, plan, strict=False).integers_ok  # stock nearest differs from the plan
     assert evaluate(converted, digits.test).clean_acc >= 0.9
+
+
+def test_legacy_eager_flow_holds_the_plan_and_removes_the_backdoor(pq_x86, x86_plan, digits):
+    """QuantWrapper + fused Conv/Linear-ReLU + prepare/convert with the x86 qconfig: the same grid."""
+    stock = quantize_eager(pq_x86.model, digits.train.x[:1024])
+    assert evaluate(stock, digits.test, pq_x86.trigger).asr >= 0.90
+    assert not verify_eager(stock, x86_plan, strict=False).integers_ok
+    converted = quantize_eager(pq_x86.model, digits.train.x[:1024], x86_plan)
+    assert verify_eager(converted, x86_plan).matching == 4
+    assert (
+        type(converted.get_submodule("module.features.0.0")).__name__ == "ConvReLU2d"
+    )  # fused, as eager scripts do
+    float_m = evaluate(pq_x86.model, digits.test, pq_x86.trigger)
+    defended = evaluate(converted, digits.test, pq_x86.trigger)
+    assert defended.asr <= 0.05  # same bar as PT2E above, same reason
+    assert defended.clean_acc >= float_m.clean_acc - 0.01
+
+
+def test_eager_flow_refuses_plain_residual_adds(digits):
+    with pytest.raises(EFRAPError, match=r"FloatFunctional.*quantize_fx / quantize_pt2e"):
+        quantize_eager(resnet8(in_channels=1, width=4).eval(), digits.train.x[:8])

@@ -26,3 +26,20 @@ def source_and_calibration(
 def calibrate(prepared: torch.nn.Module, calib: torch.Tensor, batch_size: int) -> None:
     for i in range(0, calib.shape[0], batch_size):
         prepared(calib[i : i + batch_size])
+
+
+def quantized_module_weights(
+    converted: torch.nn.Module, strip_prefix: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """int8 weights and per-channel scales of torch.ao's quantized modules, keyed by module name."""
+    ints, scales = {}, {}
+    for name, module in converted.named_modules():
+        weight = getattr(module, "weight", None)
+        if not callable(weight):
+            continue
+        w = weight()
+        if isinstance(w, torch.Tensor) and w.is_quantized:
+            key = name.removeprefix(strip_prefix)
+            ints[key] = w.int_repr().to(torch.int32)
+            scales[key] = w.q_per_channel_scales().to(torch.float32)
+    return ints, scales

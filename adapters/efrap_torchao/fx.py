@@ -11,7 +11,7 @@ import torch
 
 from efrap_plugin import IntegerReport, RoundingPlan, compare_integers
 
-from ._source import calibrate, source_and_calibration
+from ._source import calibrate, quantized_module_weights, source_and_calibration
 
 __all__ = ["quantize_fx", "read_fx_int8_weights", "verify_fx"]
 
@@ -35,16 +35,7 @@ def read_fx_int8_weights(
     converted: torch.nn.Module,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """int8 weights and per-channel scales of the quantized modules, keyed by module name."""
-    ints, scales = {}, {}
-    for name, module in converted.named_modules():
-        weight = getattr(module, "weight", None)
-        if not callable(weight):
-            continue
-        w = weight()
-        if isinstance(w, torch.Tensor) and w.is_quantized:
-            ints[name] = w.int_repr().to(torch.int32)
-            scales[name] = w.q_per_channel_scales().to(torch.float32)
-    return ints, scales
+    return quantized_module_weights(converted)
 
 
 def verify_fx(converted: torch.nn.Module, plan: RoundingPlan, strict: bool = True) -> IntegerReport:

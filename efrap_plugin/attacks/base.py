@@ -70,7 +70,9 @@ class Attack:
         schemes: QuantScheme | Sequence[QuantScheme],
         test: LabeledData | None = None,
         progress: bool = True,
+        device: str | torch.device | None = None,
     ) -> AttackResult:
+        """``device`` (e.g. "cuda") is where training runs; the result comes back on ``model``'s device."""
         schemes = [schemes] if isinstance(schemes, QuantScheme) else list(schemes)
         if not schemes or not all(isinstance(s, QuantScheme) for s in schemes):
             raise EFRAPError(f"schemes: expected one or more QuantScheme presets, got {schemes!r}")
@@ -83,14 +85,27 @@ class Attack:
         trigger.apply(train.x[:1])  # the patch must fit the images
         quantizable_layers(model)
         check_finite_weights(model)
-        victim = copy.deepcopy(model)
+        home = next(model.parameters()).device
+        victim = copy.deepcopy(model).to(self.check_device(device) if device is not None else home)
         start = time.perf_counter()
-        victim = self.run(victim, train, trigger, schemes, progress)
+        victim = self.run(victim, train, trigger, schemes, progress).to(home)
         result = AttackResult(victim.eval(), self.name, trigger, schemes, time.perf_counter() - start)
         if test is not None:
             result.metrics = self.measure(victim, test, trigger, schemes)
             log.info("%s: %s", self.name, result.metrics)
         return result
+
+    @staticmethod
+    def check_device(device: str | torch.device) -> torch.device:
+        """The torch device named by ``device``, or a clear error when this machine has none."""
+        try:
+            dev = torch.device(device)
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as exc:
+            raise EFRAPError(
+                f"device: {str(device)!r} is not usable here ({exc}); pass 'cpu' or an available accelerator"
+            ) from None
+        return dev
 
     def run(
         self,

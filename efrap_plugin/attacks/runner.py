@@ -53,14 +53,26 @@ def default_config(attack: str, dataset: str, seed: int = 0) -> Any:
 
 
 def train_clean(
-    arch: dict[str, Any], splits: Splits, seed: int = 0, progress: bool = True
+    arch: dict[str, Any],
+    splits: Splits,
+    seed: int = 0,
+    progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> torch.nn.Module:
     """The victim's clean, pretrained model (every attack here fine-tunes one)."""
     torch.manual_seed(seed)
     model = build_model(**arch)
     epochs, lr, bs = (30, 3e-3, 64) if splits.name == "digits" else (3, 2e-3, 128)
     return train(
-        model, splits.train, epochs=epochs, lr=lr, batch_size=bs, seed=seed, progress=progress, desc="clean"
+        model,
+        splits.train,
+        epochs=epochs,
+        lr=lr,
+        batch_size=bs,
+        seed=seed,
+        progress=progress,
+        desc="clean",
+        device=device,
     )
 
 
@@ -73,6 +85,7 @@ def run_attack(
     arch: dict[str, Any] | None = None,
     config: Any = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> tuple[AttackResult, Splits, dict[str, Any]]:
     """Train a clean model on ``dataset`` and plant ``attack`` aimed at ``scheme`` at ``bits`` bits.
 
@@ -89,8 +102,13 @@ def run_attack(
         # it cannot separate the float and int8 models and only drags the float model's asr up
         # (measured: float asr 31% with {8, 4} vs 2% with {4}).
         targets = [scheme_preset(scheme, 8), scheme_preset(scheme, 4)]
-    clean = train_clean(arch, splits, seed, progress)
+    attack_cls = ATTACKS[attack]
+    if device is not None:
+        attack_cls.check_device(device)
+    clean = train_clean(arch, splits, seed, progress, device)
     trigger = default_trigger(splits.train.x.shape[-2])
     cfg = config or default_config(attack, dataset, seed)
-    result = ATTACKS[attack](cfg)(clean, splits.train, trigger, targets, test=splits.test, progress=progress)
+    result = attack_cls(cfg)(
+        clean, splits.train, trigger, targets, test=splits.test, progress=progress, device=device
+    )
     return result, splits, arch

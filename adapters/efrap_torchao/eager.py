@@ -1,0 +1,100 @@
+"""The legacy torch.ao eager-mode flow (QuantStub / prepare / convert, the x86 qconfig) with EFRAP's
+integers: its per-channel weight observer is the torchao-x86 grid, so the snapped weights come out exact.
+
+Eager mode swaps modules, so the model's tensor arithmetic must be quantization-aware: a residual
+``a + b`` needs ``FloatFunctional``. Such a model is refused with a pointer to the FX or PT2E flow,
+which rewrite the graph instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from efrap_plugin import EFRAPError, IntegerReport, RoundingPlan, compare_integers
+
+from ._source import calibrate, quantized_module_weights, source_and_calibration
+
+__all__ = ["quantize_eager", "verify_eager"]
+
+log = logging.getLogger(__name__)
+
+_WRAPPED = "module."
+
+
+def _layer_relu_pairs(model: nn.Module) -> list[list[str]]:
+    """[layer, relu] module names where a Conv/Linear feeds only a ReLU module: eager mode fuses those."""
+    try:
+        graph = (
+            model.graph if isinstance(model, torch.fx.GraphModule) else torch.fx.symbolic_trace(model).graph
+        )
+    except Exception as exc:  # data-dependent control flow: run unfused, as eager mode would
+        log.info("eager: not fusing Conv/Linear + ReLU (%s)", exc)
+        return []
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(
+            modules.get(node.target), (nn.Conv1d, nn.Conv2d, nn.Linear)
+        ):
+            continue
+        users = list(node.users)
+        if (
+            len(users) == 1
+            and users[0].op == "call_module"
+            and isinstance(modules.get(users[0].target), nn.ReLU)
+        ):
+            pairs.append([node.target, users[0].target])
+    return pairs
+
+
+def quantize_eager(
+    model: nn.Module, calib_data: Any, plan: RoundingPlan | None = None, batch_size: int = 64
+) -> nn.Module:
+    """The int8 module torch.ao's eager ``prepare``/``convert`` produce; with ``plan``, holding its integers.
+
+    ``model`` is kept. BatchNorm is folded and Conv/Linear + ReLU fused first, as an eager-mode script
+    does with ``fuse_modules``; a model without its own QuantStub is wrapped in ``QuantWrapper``.
+    """
+    from torch.ao.quantization import (
+        QuantStub,
+        QuantWrapper,
+        convert,
+        fuse_modules,
+        get_default_qconfig,
+        prepare,
+    )
+
+    source, calib = source_and_calibration(model, calib_data, plan, "the eager x86 qconfig")
+    pairs = _layer_relu_pairs(source)
+    if pairs:
+        source = fuse_modules(source, pairs)
+    if not any(isinstance(m, QuantStub) for m in source.modules()):
+        source = QuantWrapper(source)
+    source.eval()
+    source.qconfig = get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
+        prepared = prepare(source)
+        calibrate(prepared, calib, batch_size)
+        converted = convert(prepared)
+        try:
+            with torch.no_grad():
+                converted(calib[:1])
+        except (NotImplementedError, RuntimeError) as exc:
+            raise EFRAPError(
+                f"model: {type(model).__name__} does tensor arithmetic eager mode cannot run on quantized "
+                f"tensors ({str(exc).splitlines()[0][:120]}); use FloatFunctional for adds and concats, "
+                "or quantize_fx / quantize_pt2e, which handle them"
+            ) from None
+    return converted
+
+
+def verify_eager(converted: nn.Module, plan: RoundingPlan, strict: bool = True) -> IntegerReport:
+    """Compare the quantized modules' integers with ``plan``, bit for bit."""
+    ints, scales = quantized_module_weights(converted, strip_prefix=_WRAPPED)
+    return compare_integers(plan, ints, scales, strict=strict, where="the eager-mode converted model")
