@@ -2,6 +2,8 @@
 speed ratio, and int8 latency ratios. Results go to CSV + Markdown with the command that made them.
 
     python benchmarks/run.py --out benchmarks/results [--only cells,speed,latency,fashion] [--defense-seeds 3]
+
+Fashion-MNIST attacks want a GPU; `benchmarks/sweep.py` trains them there and measures them here.
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ def bench_latency(out: Path, repeats: int = 200) -> list[dict]:
     return rows
 
 
-def _write(out: Path, name: str, rows: list[dict], note: str) -> None:
+def _write(out: Path, name: str, rows: list[dict], note: str, command: str | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{name}.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -175,7 +177,7 @@ def _write(out: Path, name: str, rows: list[dict], note: str) -> None:
     md = [
         f"# {name}",
         "",
-        f"Command: `{' '.join(['python'] + sys.argv)}`",
+        f"Command: `{command or ' '.join(['python'] + sys.argv)}`",
         "",
         note,
         "",

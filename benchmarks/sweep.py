@@ -1,0 +1,194 @@
+"""Attack-setting sweeps: train many attack variants in parallel (optionally on an accelerator), then
+measure each one on the real onnxruntime artifact (float, stock int8/int4, EFRAP over two seeds).
+
+    python benchmarks/sweep.py train benchmarks/specs/digits-8bit.json --out sweep/ [--procs 16]
+    python benchmarks/sweep.py evaluate sweep/ > sweep/eval.jsonl
+    python benchmarks/sweep.py report sweep/eval.jsonl --name attack-sweep-digits --out benchmarks/results
+
+A spec is a JSON list of {"id", "attack", "bits", "dataset"?, "seed"?, "width"?, "device"?, "cfg"?}:
+``cfg`` overrides fields of the attack's default config for that dataset. Training is the slow part
+(the QAT attacks on Fashion-MNIST want a GPU); evaluation runs on CPU, as onnxruntime's int8 does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from run import _write  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+EFRAP_SEEDS = (1005, 1006)
+
+
+def _pair(metrics) -> list[float]:
+    return [round(100 * metrics.clean_acc, 2), round(100 * metrics.asr, 2)]
+
+
+def train_one(spec: dict, out: str) -> dict:
+    """One attack variant: train it and save DIR/models/<id>.safetensors; errors come back as data."""
+    torch.set_num_threads(1)
+    from efrap_plugin import save_model
+    from efrap_plugin.attacks import default_arch, default_config, run_attack
+
+    t0 = time.time()
+    try:
+        dataset = spec.get("dataset", "digits")
+        seed = spec.get("seed", 0)
+        cfg = dataclasses.replace(default_config(spec["attack"], dataset, seed), **spec.get("cfg", {}))
+        arch = default_arch(dataset)
+        if "width" in spec:
+            arch = dict(arch, width=spec["width"])
+        result, _, arch = run_attack(
+            spec["attack"],
+            dataset,
+            "onnxruntime",
+            spec["bits"],
+            seed=seed,
+            arch=arch,
+            config=cfg,
+            progress=False,
+            device=spec.get("device"),
+        )
+        (Path(out) / "models").mkdir(parents=True, exist_ok=True)
+        save_model(result.model, Path(out) / "models" / f"{spec['id']}.safetensors", arch)
+        fake = {
+            k: [round(100 * v["clean_acc"], 2), round(100 * v["asr"], 2)] for k, v in result.metrics.items()
+        }
+        return dict(spec, s=round(time.time() - t0), fake=fake)
+    except Exception:
+        return dict(spec, error=traceback.format_exc()[-1500:])
+
+
+def _train_job(job: tuple[dict, str]) -> dict:
+    return train_one(*job)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Jobs run in parallel; each finished one is written at once, so a run cut short keeps its results."""
+    specs = json.loads(Path(args.specs).read_text())
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with (
+        get_context("spawn").Pool(args.procs) as pool,
+        open(Path(args.out) / "train.jsonl", "w") as fh,
+    ):
+        for row in pool.imap_unordered(_train_job, [(s, args.out) for s in specs]):
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+
+
+def evaluate_one(path: Path, spec: dict) -> dict:
+    """Float, stock and EFRAP (two seeds, when the stock model is backdoored) in onnxruntime sessions."""
+    from efrap_onnx import export_float_onnx, quantize_images, session
+    from efrap_plugin import EFRAPConfig, evaluate, load_dataset, load_model
+    from efrap_plugin.attacks import default_trigger
+
+    t0 = time.time()
+    data = load_dataset(spec.get("dataset", "digits"))
+    trigger = default_trigger(data.train.x.shape[-2])
+    calib = np.ascontiguousarray(data.train.x[:1024].numpy())
+    model, _ = load_model(path)
+    bits = spec["bits"]
+    row = {"id": path.stem, "fake": spec["fake"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = export_float_onnx(model, data.train.x[:2], Path(tmp) / "f.onnx")
+        row["float"] = _pair(evaluate(session(src), data.test, trigger))
+        quantize_images(src, Path(tmp) / "s.onnx", calib, bits, efrap=False, progress=False)
+        row["stock"] = _pair(evaluate(session(Path(tmp) / "s.onnx"), data.test, trigger))
+        if row["stock"][1] >= 50:
+            for seed in EFRAP_SEEDS:
+                cfg = EFRAPConfig(seed=seed)
+                quantize_images(
+                    src, Path(tmp) / "d.onnx", calib, bits, efrap=True, config=cfg, progress=False
+                )
+                row.setdefault("efrap", []).append(
+                    _pair(evaluate(session(Path(tmp) / "d.onnx"), data.test, trigger))
+                )
+    row["s"] = round(time.time() - t0)
+    return row
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    specs = {}
+    for line in (Path(args.dir) / "train.jsonl").read_text().splitlines():
+        spec = json.loads(line)
+        if "error" not in spec:
+            specs[spec["id"]] = spec
+    for path in sorted((Path(args.dir) / "models").glob("*.safetensors")):
+        if path.stem in specs:
+            print(json.dumps(evaluate_one(path, specs[path.stem])), flush=True)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    specs = {}
+    for path in args.specs:
+        specs.update({s["id"]: s for s in json.loads(Path(path).read_text())})
+    rows = []
+    for line in Path(args.eval).read_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        r = json.loads(line)
+        spec = specs.get(r["id"], {})
+        efrap = r.get("efrap", [])
+        rows.append(
+            {
+                "id": r["id"],
+                "setting": json.dumps({k: v for k, v in spec.items() if k not in ("id", "attack", "bits")}),
+                "float_acc / asr": "{:.2f} / {:.2f}".format(*r["float"]),
+                "stock_acc / asr": "{:.2f} / {:.2f}".format(*r["stock"]),
+                "efrap_acc / asr": "; ".join("{:.2f} / {:.2f}".format(*e) for e in efrap) or "-",
+                "attack_met": r["float"][1] <= 10 and r["stock"][1] >= 90,
+                "defense_met": bool(efrap) and all(e[1] <= 3 and e[0] >= r["float"][0] - 1 for e in efrap),
+            }
+        )
+    note = (
+        "onnxruntime sessions: float export, stock quantize_static (QDQ, per-channel, MinMax), EFRAP "
+        f"(seeds {', '.join(map(str, EFRAP_SEEDS))}; only where stock asr >= 50%). Percentages. "
+        "Settings are the spec's overrides of the attack's default config."
+    )
+    argv = list(sys.argv)
+    if "--note" in argv:  # the note is printed below the command, not inside it
+        i = argv.index("--note")
+        argv[i : i + 2] = ["--note", "..."]
+    if args.note:
+        note += " " + args.note
+    _write(Path(args.out), args.name, rows, note, command=" ".join(["python", *argv]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train")
+    p.add_argument("specs")
+    p.add_argument("--out", required=True)
+    p.add_argument("--procs", type=int, default=os.cpu_count() or 1)
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("evaluate")
+    p.add_argument("dir")
+    p.set_defaults(fn=cmd_evaluate)
+    p = sub.add_parser("report")
+    p.add_argument("eval")
+    p.add_argument("--specs", nargs="+", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--note", default="", help="where and how the models were trained")
+    p.set_defaults(fn=cmd_report)
+    args = parser.parse_args()
+    args.fn(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
