@@ -36,9 +36,9 @@ def _pair(metrics) -> list[float]:
     return [round(100 * metrics.clean_acc, 2), round(100 * metrics.asr, 2)]
 
 
-def train_one(spec: dict, out: str) -> dict:
+def train_one(spec: dict, out: str, threads: int = 1) -> dict:
     """One attack variant: train it and save DIR/models/<id>.safetensors; errors come back as data."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     from efrap_plugin import save_model
     from efrap_plugin.attacks import default_arch, default_config, run_attack
 
@@ -71,7 +71,7 @@ def train_one(spec: dict, out: str) -> dict:
         return dict(spec, error=traceback.format_exc()[-1500:])
 
 
-def _train_job(job: tuple[dict, str]) -> dict:
+def _train_job(job: tuple[dict, str, int]) -> dict:
     return train_one(*job)
 
 
@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         get_context("spawn").Pool(args.procs) as pool,
         open(Path(args.out) / "train.jsonl", "w") as fh,
     ):
-        for row in pool.imap_unordered(_train_job, [(s, args.out) for s in specs]):
+        for row in pool.imap_unordered(_train_job, [(s, args.out, args.threads) for s in specs]):
             fh.write(json.dumps(row) + "\n")
             fh.flush()
 
@@ -131,6 +131,50 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             print(json.dumps(evaluate_one(path, specs[path.stem])), flush=True)
 
 
+def cmd_tradeoff(args: argparse.Namespace) -> None:
+    """EFRAP's clean-accuracy / asr trade-off against flip_weight, on models the sweep trained."""
+    from efrap_onnx import export_float_onnx, quantize_images, session
+    from efrap_plugin import EFRAPConfig, evaluate, load_dataset, load_model
+    from efrap_plugin.attacks import default_trigger
+
+    torch.set_num_threads(1)
+    specs = {}
+    for line in (Path(args.dir) / "train.jsonl").read_text().splitlines():
+        spec = json.loads(line)
+        specs[spec["id"]] = spec
+    rows = []
+    for model_id in args.ids.split(","):
+        spec = specs[model_id]
+        data = load_dataset(spec.get("dataset", "digits"))
+        trigger = default_trigger(data.train.x.shape[-2])
+        calib = np.ascontiguousarray(data.train.x[:1024].numpy())
+        model, _ = load_model(Path(args.dir) / "models" / f"{model_id}.safetensors")
+        with tempfile.TemporaryDirectory() as tmp:
+            src = export_float_onnx(model, data.train.x[:2], Path(tmp) / "f.onnx")
+            float_m = evaluate(session(src), data.test, trigger)
+            for weight in map(float, args.flip_weights.split(",")):
+                t0 = time.perf_counter()
+                cfg = EFRAPConfig(flip_weight=weight)
+                plan = quantize_images(
+                    src, Path(tmp) / "d.onnx", calib, spec["bits"], config=cfg, progress=False
+                )
+                m = evaluate(session(Path(tmp) / "d.onnx"), data.test, trigger)
+                rows.append(
+                    {
+                        "id": model_id,
+                        "flip_weight": weight,
+                        "float_acc / asr": "{:.2f} / {:.2f}".format(*_pair(float_m)),
+                        "efrap_acc / asr": "{:.2f} / {:.2f}".format(*_pair(m)),
+                        "acc_drop": f"{100 * (float_m.clean_acc - m.clean_acc):.2f}",
+                        "flipped_%": f"{100 * plan.flipped_share:.2f}",
+                        "defense_s": f"{time.perf_counter() - t0:.0f}",
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    note = "EFRAP (default config, seed 1005) with flip_weight varied; onnxruntime int sessions; percentages."
+    _write(Path(args.out), args.name, rows, note)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     specs = {}
     for path in args.specs:
@@ -174,6 +218,7 @@ def main() -> int:
     p.add_argument("specs")
     p.add_argument("--out", required=True)
     p.add_argument("--procs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per job")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("evaluate")
     p.add_argument("dir")
@@ -185,6 +230,13 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--note", default="", help="where and how the models were trained")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("tradeoff")
+    p.add_argument("dir")
+    p.add_argument("--ids", required=True)
+    p.add_argument("--flip-weights", default="0.5,1,2,4")
+    p.add_argument("--name", required=True)
+    p.add_argument("--out", default="benchmarks/results")
+    p.set_defaults(fn=cmd_tradeoff)
     args = parser.parse_args()
     args.fn(args)
     return 0
