@@ -9,6 +9,7 @@ Fashion-MNIST attacks want a GPU; `benchmarks/sweep.py` trains them there and me
 from __future__ import annotations
 
 import argparse
+import shlex
 import csv
 import logging
 import statistics
@@ -177,7 +178,7 @@ def _write(out: Path, name: str, rows: list[dict], note: str, command: str | Non
     md = [
         f"# {name}",
         "",
-        f"Command: `{command or ' '.join(['python'] + sys.argv)}`",
+        f"Command: `{command or shlex.join(['python', *sys.argv])}`",
         "",
         note,
         "",

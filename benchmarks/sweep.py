@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -132,7 +133,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_tradeoff(args: argparse.Namespace) -> None:
-    """EFRAP's clean-accuracy / asr trade-off against flip_weight, on models the sweep trained."""
+    """EFRAP's clean-accuracy / asr trade-off against its settings, on models the sweep trained.
+
+    Each variant is a JSON object of EFRAPConfig fields; ``--flip-weights`` is the common shorthand.
+    """
     from efrap_onnx import export_float_onnx, quantize_images, session
     from efrap_plugin import EFRAPConfig, evaluate, load_dataset, load_model
     from efrap_plugin.attacks import default_trigger
@@ -142,19 +146,22 @@ def cmd_tradeoff(args: argparse.Namespace) -> None:
     for line in (Path(args.dir) / "train.jsonl").read_text().splitlines():
         spec = json.loads(line)
         specs[spec["id"]] = spec
+    variants = [json.loads(v) for v in args.variants] or [
+        {"flip_weight": float(w)} for w in args.flip_weights.split(",")
+    ]
     rows = []
     for model_id in args.ids.split(","):
         spec = specs[model_id]
         data = load_dataset(spec.get("dataset", "digits"))
         trigger = default_trigger(data.train.x.shape[-2])
-        calib = np.ascontiguousarray(data.train.x[:1024].numpy())
         model, _ = load_model(Path(args.dir) / "models" / f"{model_id}.safetensors")
         with tempfile.TemporaryDirectory() as tmp:
             src = export_float_onnx(model, data.train.x[:2], Path(tmp) / "f.onnx")
             float_m = evaluate(session(src), data.test, trigger)
-            for weight in map(float, args.flip_weights.split(",")):
+            for variant in variants:
                 t0 = time.perf_counter()
-                cfg = EFRAPConfig(flip_weight=weight)
+                cfg = EFRAPConfig(**variant)
+                calib = np.ascontiguousarray(data.train.x[: cfg.calib_size].numpy())
                 plan = quantize_images(
                     src, Path(tmp) / "d.onnx", calib, spec["bits"], config=cfg, progress=False
                 )
@@ -162,7 +169,7 @@ def cmd_tradeoff(args: argparse.Namespace) -> None:
                 rows.append(
                     {
                         "id": model_id,
-                        "flip_weight": weight,
+                        "efrap_config": json.dumps(variant),
                         "float_acc / asr": "{:.2f} / {:.2f}".format(*_pair(float_m)),
                         "efrap_acc / asr": "{:.2f} / {:.2f}".format(*_pair(m)),
                         "acc_drop": f"{100 * (float_m.clean_acc - m.clean_acc):.2f}",
@@ -171,7 +178,10 @@ def cmd_tradeoff(args: argparse.Namespace) -> None:
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
-    note = "EFRAP (default config, seed 1005) with flip_weight varied; onnxruntime int sessions; percentages."
+    note = (
+        "EFRAP (default config, seed 1005, but for the fields each row names; calibration: the first "
+        "calib_size training images); onnxruntime int sessions; percentages."
+    )
     _write(Path(args.out), args.name, rows, note)
 
 
@@ -208,7 +218,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         argv[i : i + 2] = ["--note", "..."]
     if args.note:
         note += " " + args.note
-    _write(Path(args.out), args.name, rows, note, command=" ".join(["python", *argv]))
+    _write(Path(args.out), args.name, rows, note, command=shlex.join(["python", *argv]))
 
 
 def main() -> int:
@@ -234,6 +244,9 @@ def main() -> int:
     p.add_argument("dir")
     p.add_argument("--ids", required=True)
     p.add_argument("--flip-weights", default="0.5,1,2,4")
+    p.add_argument(
+        "--variants", nargs="*", default=[], help="EFRAPConfig fields as JSON, e.g. '{\"iters\": 3000}'"
+    )
     p.add_argument("--name", required=True)
     p.add_argument("--out", default="benchmarks/results")
     p.set_defaults(fn=cmd_tradeoff)
