@@ -9,9 +9,9 @@ Fashion-MNIST attacks want a GPU; `benchmarks/sweep.py` trains them there and me
 from __future__ import annotations
 
 import argparse
-import shlex
 import csv
 import logging
+import shlex
 import statistics
 import sys
 import tempfile
