@@ -92,3 +92,25 @@ def test_legacy_eager_flow_holds_the_plan_and_removes_the_backdoor(pq_x86, x86_p
 def test_eager_flow_refuses_plain_residual_adds(digits):
     with pytest.raises(EFRAPError, match=r"FloatFunctional.*quantize_fx / quantize_pt2e"):
         quantize_eager(resnet8(in_channels=1, width=4).eval(), digits.train.x[:8])
+
+
+def test_eager_flow_keeps_the_models_own_quant_stubs(digits):
+    """A model written for eager mode (its own QuantStub / DeQuantStub, no BatchNorm) is used as it is."""
+    from torch import nn
+    from torch.ao.quantization import DeQuantStub, QuantStub
+
+    from efrap_plugin import EFRAPConfig, train
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        QuantStub(), nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 10), DeQuantStub()
+    )
+    train(model, digits.train, epochs=3, progress=False)
+    plan = defend(
+        model, digits.train.x, "torchao-x86", EFRAPConfig(iters=100, calib_size=256), progress=False
+    )
+    converted = quantize_eager(model, digits.train.x[:256], plan)
+    assert type(converted[0]).__name__ == "Quantize"  # its own stub, converted; no QuantWrapper around it
+    assert verify_eager(converted, plan).matching == 2
+    assert type(converted[1]).__name__ == "ConvReLU2d"
+    assert evaluate(converted, digits.test).clean_acc >= evaluate(model, digits.test).clean_acc - 0.03
