@@ -28,7 +28,7 @@ from .models import DigitsCNN, ResNet, build_model, resnet8, resnet20
 from .plan import LayerPlan, RoundingPlan, snap_weight
 from .rounding import LayerProblem, LayerResult, learn_rounding, learnable_bounds, truncation_error
 from .schemes import SCHEME_PRESETS, ActivationQuantizer, QuantScheme, scheme_preset
-from .training import train
+from .training import resolve_device, train
 from .triggers import PatchTrigger
 
 __version__ = "0.1.0"
@@ -87,6 +87,7 @@ __all__ = [
     "resnet8",
     "scheme_preset",
     "snap_weight",
+    "resolve_device",
     "train",
     "truncation_error",
     "__version__",

@@ -10,12 +10,25 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import LabeledData
+from .errors import EFRAPError
 
-__all__ = ["train", "cross_entropy_loss"]
+__all__ = ["train", "cross_entropy_loss", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device named by ``device``, or a clear error when this machine has none."""
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as exc:
+        raise EFRAPError(
+            f"device: {str(device)!r} is not usable here ({exc}); pass 'cpu' or an available accelerator"
+        ) from None
+    return dev
 
 
 def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -46,7 +59,7 @@ def train(
     batches are moved one at a time, so the data set stays in host memory.
     """
     home = next(model.parameters()).device
-    target = torch.device(device) if device is not None else home
+    target = resolve_device(device) if device is not None else home
     model.to(target)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

@@ -21,6 +21,7 @@ from ..evaluate import evaluate
 from ..fake_quant import fake_quant_forward
 from ..layers import check_finite_weights, quantizable_layers
 from ..schemes import QuantScheme
+from ..training import resolve_device
 from ..training import train as fit_model
 from ..triggers import PatchTrigger
 
@@ -86,7 +87,7 @@ class Attack:
         quantizable_layers(model)
         check_finite_weights(model)
         home = next(model.parameters()).device
-        victim = copy.deepcopy(model).to(self.check_device(device) if device is not None else home)
+        victim = copy.deepcopy(model).to(resolve_device(device) if device is not None else home)
         start = time.perf_counter()
         victim = self.run(victim, train, trigger, schemes, progress).to(home)
         result = AttackResult(victim.eval(), self.name, trigger, schemes, time.perf_counter() - start)
@@ -94,18 +95,6 @@ class Attack:
             result.metrics = self.measure(victim, test, trigger, schemes)
             log.info("%s: %s", self.name, result.metrics)
         return result
-
-    @staticmethod
-    def check_device(device: str | torch.device) -> torch.device:
-        """The torch device named by ``device``, or a clear error when this machine has none."""
-        try:
-            dev = torch.device(device)
-            torch.empty(0, device=dev)
-        except (RuntimeError, AssertionError) as exc:
-            raise EFRAPError(
-                f"device: {str(device)!r} is not usable here ({exc}); pass 'cpu' or an available accelerator"
-            ) from None
-        return dev
 
     def run(
         self,

@@ -11,7 +11,7 @@ from ..data import Splits, load_dataset
 from ..errors import EFRAPError
 from ..models import build_model
 from ..schemes import scheme_preset
-from ..training import train
+from ..training import resolve_device, train
 from ..triggers import PatchTrigger
 from .base import AttackResult
 from .compartifact import CompArtifact
@@ -108,7 +108,7 @@ def run_attack(
         targets = [scheme_preset(scheme, 8), scheme_preset(scheme, 4)]
     attack_cls = ATTACKS[attack]
     if device is not None:
-        attack_cls.check_device(device)
+        resolve_device(device)  # before any training, not after the clean model
     clean = train_clean(arch, splits, seed, progress, device)
     trigger = default_trigger(splits.train.x.shape[-2])
     cfg = config or default_config(attack, dataset, seed)
