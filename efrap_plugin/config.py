@@ -36,7 +36,8 @@ class EFRAPConfig:
     rectifier: Literal["sigmoid", "stretched"] = "sigmoid"
     """h(V): plain sigmoid (reference code) or AdaRound's stretched sigmoid clipped to [0, 1]."""
     error_norm: Literal["element", "neuron"] = "element"
-    """L_F weights: element-wise truncation error (reference code) or the paper's per-channel L2 norm."""
+    """L_F weights: element-wise truncation error (reference code) or the paper's per-channel error norm
+    (L2 under balance="reference"; under "lsb" its RMS, so that flip_weight keeps its meaning at any fan-in)."""
     balance: Literal["reference", "lsb"] = "lsb"
     """reference: L_F in weight units, summed (the paper's code); lsb: L_F in integer units (|e|/s)
     averaged per weight, and L_A divided by the L_A of moving every weight one integer step, so that

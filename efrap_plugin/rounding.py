@@ -145,6 +145,17 @@ def _flip_cost(problem: LayerProblem, s: torch.Tensor, generator: torch.Generato
     return sum(costs) / len(costs)
 
 
+def _flip_errors(err: torch.Tensor, config: EFRAPConfig) -> torch.Tensor:
+    """L_F's per-weight factor: the truncation error itself, or its output channel's error norm."""
+    if config.error_norm != "neuron":
+        return err
+    per_channel = err.reshape(err.shape[0], -1)
+    norm = per_channel.norm(dim=1)
+    if config.balance == "lsb":  # RMS, not L2: the same scale as element errors at every fan-in
+        norm = norm / per_channel.shape[1] ** 0.5
+    return norm.reshape([-1] + [1] * (err.dim() - 1)).expand_as(err)
+
+
 def learn_rounding(
     problem: LayerProblem,
     config: EFRAPConfig,
@@ -168,8 +179,7 @@ def learn_rounding(
     up_nearest = (frac > 0.5).to(torch.float32)  # frac exactly 0.5 counts as down
     target = 1.0 - up_nearest
     err = truncation_error(w, scheme, scale, zp)
-    if config.error_norm == "neuron":
-        err = err.reshape(err.shape[0], -1).norm(dim=1).reshape([-1] + [1] * (w.dim() - 1)).expand_as(w)
+    err = _flip_errors(err, config)
     if config.balance == "lsb":
         err = err / s
         flip_scale = 1.0 / w.numel()
