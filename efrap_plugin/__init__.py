@@ -23,7 +23,7 @@ from .errors import DataError, EFRAPError, ModelError, PlanMismatchError
 from .evaluate import Metrics, as_predictor, asr, clean_acc, der, evaluate, predict, ra
 from .fake_quant import fake_quant_forward
 from .files import atomic_write, read_safetensors
-from .layers import fingerprint, prepare_model, quantizable_layers
+from .layers import fingerprint, prepare_model, quantizable_layers, relu_after
 from .models import DigitsCNN, ResNet, build_model, resnet8, resnet20
 from .plan import LayerPlan, RoundingPlan, snap_weight
 from .rounding import LayerProblem, LayerResult, learn_rounding, learnable_bounds, truncation_error
@@ -79,6 +79,7 @@ __all__ = [
     "predict",
     "prepare_model",
     "quantizable_layers",
+    "relu_after",
     "ra",
     "read_safetensors",
     "save_model",

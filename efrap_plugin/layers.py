@@ -18,6 +18,8 @@ __all__ = [
     "fingerprint",
     "layer_forward",
     "check_finite_weights",
+    "followed_by_relu",
+    "relu_after",
 ]
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -105,10 +107,9 @@ def layer_forward(layer: nn.Module):
     raise ModelError(f"layer: expected Conv1d, Conv2d or Linear, got {type(layer).__name__}")
 
 
-def followed_by_relu(model: nn.Module) -> set[str]:
-    """Names of Conv/Linear layers whose only consumer is a ReLU (the reference's unit: layer + activation).
-
-    Found by torch.fx tracing; a model that does not trace gets an empty set (plain layer outputs).
+def relu_after(model: nn.Module) -> dict[str, str | None]:
+    """Conv/Linear layers whose only consumer is a ReLU: layer name -> the ReLU module's name (None when
+    the ReLU is a function call). Found by torch.fx tracing; a model that does not trace gives {}.
     """
     import torch.fx
 
@@ -117,9 +118,9 @@ def followed_by_relu(model: nn.Module) -> set[str]:
             model.graph if isinstance(model, torch.fx.GraphModule) else torch.fx.symbolic_trace(model).graph
         )
     except Exception:
-        return set()
+        return {}
     modules = dict(model.named_modules())
-    found = set()
+    found: dict[str, str | None] = {}
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), QUANTIZABLE):
             continue
@@ -127,10 +128,17 @@ def followed_by_relu(model: nn.Module) -> set[str]:
         if len(users) != 1:
             continue
         user = users[0]
-        is_relu = (user.op == "call_module" and isinstance(modules.get(user.target), nn.ReLU)) or (
-            user.op in ("call_function", "call_method")
-            and user.target in (torch.relu, nn.functional.relu, "relu")
-        )
-        if is_relu:
-            found.add(node.target)
+        if user.op == "call_module" and isinstance(modules.get(user.target), nn.ReLU):
+            found[node.target] = user.target
+        elif user.op in ("call_function", "call_method") and user.target in (
+            torch.relu,
+            nn.functional.relu,
+            "relu",
+        ):
+            found[node.target] = None
     return found
+
+
+def followed_by_relu(model: nn.Module) -> set[str]:
+    """Names of Conv/Linear layers whose only consumer is a ReLU (the reference's unit: layer + activation)."""
+    return set(relu_after(model))

@@ -8,48 +8,19 @@ which rewrite the graph instead.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from efrap_plugin import EFRAPError, IntegerReport, RoundingPlan, compare_integers
+from efrap_plugin import EFRAPError, IntegerReport, RoundingPlan, compare_integers, relu_after
 
 from ._source import calibrate, quantized_module_weights, source_and_calibration
 
 __all__ = ["quantize_eager", "verify_eager"]
 
-log = logging.getLogger(__name__)
-
 _WRAPPED = "module."
-
-
-def _layer_relu_pairs(model: nn.Module) -> list[list[str]]:
-    """[layer, relu] module names where a Conv/Linear feeds only a ReLU module: eager mode fuses those."""
-    try:
-        graph = (
-            model.graph if isinstance(model, torch.fx.GraphModule) else torch.fx.symbolic_trace(model).graph
-        )
-    except Exception as exc:  # data-dependent control flow: run unfused, as eager mode would
-        log.info("eager: not fusing Conv/Linear + ReLU (%s)", exc)
-        return []
-    modules = dict(model.named_modules())
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(
-            modules.get(node.target), (nn.Conv1d, nn.Conv2d, nn.Linear)
-        ):
-            continue
-        users = list(node.users)
-        if (
-            len(users) == 1
-            and users[0].op == "call_module"
-            and isinstance(modules.get(users[0].target), nn.ReLU)
-        ):
-            pairs.append([node.target, users[0].target])
-    return pairs
 
 
 def quantize_eager(
@@ -70,7 +41,7 @@ def quantize_eager(
     )
 
     source, calib = source_and_calibration(model, calib_data, plan, "the eager x86 qconfig")
-    pairs = _layer_relu_pairs(source)
+    pairs = [[layer, relu] for layer, relu in relu_after(source).items() if relu is not None]
     if pairs:
         source = fuse_modules(source, pairs)
     if not any(isinstance(m, QuantStub) for m in source.modules()):
