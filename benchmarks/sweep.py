@@ -37,6 +37,17 @@ def _pair(metrics) -> list[float]:
     return [round(100 * metrics.clean_acc, 2), round(100 * metrics.asr, 2)]
 
 
+def _cell(pair) -> str:
+    """A table cell 'acc / asr' from a [acc, asr] pair in percent."""
+    return "{:.2f} / {:.2f}".format(*pair)
+
+
+def _trained(folder: str) -> dict[str, dict]:
+    """The specs ``train`` finished without error, by id (DIR/train.jsonl)."""
+    rows = [json.loads(line) for line in (Path(folder) / "train.jsonl").read_text().splitlines()]
+    return {row["id"]: row for row in rows if "error" not in row}
+
+
 def train_one(spec: dict, out: str, threads: int = 1) -> dict:
     """One attack variant: train it and save DIR/models/<id>.safetensors; errors come back as data."""
     torch.set_num_threads(threads)
@@ -122,11 +133,7 @@ def evaluate_one(path: Path, spec: dict) -> dict:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
-    specs = {}
-    for line in (Path(args.dir) / "train.jsonl").read_text().splitlines():
-        spec = json.loads(line)
-        if "error" not in spec:
-            specs[spec["id"]] = spec
+    specs = _trained(args.dir)
     for path in sorted((Path(args.dir) / "models").glob("*.safetensors")):
         if path.stem in specs:
             print(json.dumps(evaluate_one(path, specs[path.stem])), flush=True)
@@ -142,10 +149,7 @@ def cmd_tradeoff(args: argparse.Namespace) -> None:
     from efrap_plugin.attacks import default_trigger
 
     torch.set_num_threads(1)
-    specs = {}
-    for line in (Path(args.dir) / "train.jsonl").read_text().splitlines():
-        spec = json.loads(line)
-        specs[spec["id"]] = spec
+    specs = _trained(args.dir)
     variants = [json.loads(v) for v in args.variants] or [
         {"flip_weight": float(w)} for w in args.flip_weights.split(",")
     ]
@@ -170,8 +174,8 @@ def cmd_tradeoff(args: argparse.Namespace) -> None:
                     {
                         "id": model_id,
                         "efrap_config": json.dumps(variant),
-                        "float_acc / asr": "{:.2f} / {:.2f}".format(*_pair(float_m)),
-                        "efrap_acc / asr": "{:.2f} / {:.2f}".format(*_pair(m)),
+                        "float_acc / asr": _cell(_pair(float_m)),
+                        "efrap_acc / asr": _cell(_pair(m)),
                         "acc_drop": f"{100 * (float_m.clean_acc - m.clean_acc):.2f}",
                         "flipped_%": f"{100 * plan.flipped_share:.2f}",
                         "defense_s": f"{time.perf_counter() - t0:.0f}",
@@ -200,9 +204,9 @@ def cmd_report(args: argparse.Namespace) -> None:
             {
                 "id": r["id"],
                 "setting": json.dumps({k: v for k, v in spec.items() if k not in ("id", "attack", "bits")}),
-                "float_acc / asr": "{:.2f} / {:.2f}".format(*r["float"]),
-                "stock_acc / asr": "{:.2f} / {:.2f}".format(*r["stock"]),
-                "efrap_acc / asr": "; ".join("{:.2f} / {:.2f}".format(*e) for e in efrap) or "-",
+                "float_acc / asr": _cell(r["float"]),
+                "stock_acc / asr": _cell(r["stock"]),
+                "efrap_acc / asr": "; ".join(_cell(e) for e in efrap) or "-",
                 "attack_met": r["float"][1] <= 10 and r["stock"][1] >= 90,
                 "defense_met": bool(efrap) and all(e[1] <= 3 and e[0] >= r["float"][0] - 1 for e in efrap),
             }
