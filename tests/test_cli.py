@@ -182,81 +182,29 @@ def test_scan_shows_pqbackdoor_weights_piled_at_the_rounding_boundary(attack_dir
     assert "mean|e| (LSB)" in capsys.readouterr().out
 
 
+def _evaluate_nearest(model, info, scheme, *extra) -> int:
+    """`efrap evaluate MODEL --attack-info INFO --quantize nearest --scheme SCHEME [extra]`, its exit code."""
+    args = ["evaluate", str(model), "--attack-info", str(info), "--quantize", "nearest", "--scheme", scheme]
+    return main([*args, *extra])
+
+
 def test_evaluate_rejects_a_bad_attack_info(attack_dir, tmp_path, capsys):
     (tmp_path / "a.json").write_text("{not json")
     assert main(["evaluate", str(attack_dir / "model.onnx"), "--attack-info", str(tmp_path / "a.json")]) == 1
     assert "is not valid JSON" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "evaluate",
-                str(attack_dir / "model.onnx"),
-                "--attack-info",
-                str(attack_dir / "attack.json"),
-                "--quantize",
-                "nearest",
-                "--scheme",
-                "brevitas-int8",
-            ]
-        )
-        == 1
-    )
+    info = attack_dir / "attack.json"
+    assert _evaluate_nearest(attack_dir / "model.onnx", info, "brevitas-int8") == 1
     assert "pass the .safetensors model" in capsys.readouterr().err
-    info = str(attack_dir / "attack.json")
-    assert (
-        main(
-            [
-                "evaluate",
-                str(attack_dir / "model.onnx"),
-                "--attack-info",
-                info,
-                "--quantize",
-                "nearest",
-                "--scheme",
-                "reference",
-            ]
-        )
-        == 1
-    )
+    assert _evaluate_nearest(attack_dir / "model.onnx", info, "reference") == 1
     assert "the paper's reference scheme has no backend" in capsys.readouterr().err
 
 
 def test_evaluate_in_brevitas_and_torchao(attack_dir, capsys):
-    info = str(attack_dir / "attack.json")
-    model = str(attack_dir / "model.safetensors")
-    assert (
-        main(
-            [
-                "evaluate",
-                model,
-                "--attack-info",
-                info,
-                "--quantize",
-                "nearest",
-                "--scheme",
-                "brevitas-int8",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    info = attack_dir / "attack.json"
+    model = attack_dir / "model.safetensors"
+    assert _evaluate_nearest(model, info, "brevitas-int8", "--json") == 0
     brevitas = json.loads(capsys.readouterr().out)
     assert brevitas["evaluated"].startswith("Brevitas int8") and brevitas["asr"] >= 0.90  # same grid as ORT
-    assert (
-        main(
-            [
-                "evaluate",
-                model,
-                "--attack-info",
-                info,
-                "--quantize",
-                "nearest",
-                "--scheme",
-                "torchao-x86",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    assert _evaluate_nearest(model, info, "torchao-x86", "--json") == 0
     torchao = json.loads(capsys.readouterr().out)
     assert torchao["evaluated"].startswith("torchao PT2E") and torchao["clean_acc"] >= 0.95
