@@ -1,7 +1,8 @@
 """Benchmarks: attack x bits cells on the real onnxruntime backend, the fast-vs-reference defense
 speed ratio, and int8 latency ratios. Results go to CSV + Markdown with the command that made them.
 
-    python benchmarks/run.py --out benchmarks/results [--only cells,speed,latency,fashion] [--defense-seeds 3]
+    python benchmarks/run.py --out benchmarks/results [--only cells,speed,latency,fashion]
+        [--attack-seeds 3] [--defense-seeds 1] [--procs 2]
 
 Fashion-MNIST attacks want a GPU; `benchmarks/sweep.py` trains them there and measures them here.
 """
@@ -16,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -45,55 +47,100 @@ def _pct(values):
     return f"{m:.2f} ± {s:.2f}"
 
 
-def bench_cells(out: Path, seeds: int, dataset: str = "digits", cells=CELLS) -> list[dict]:
-    digits = load_dataset(dataset)
-    calib = np.ascontiguousarray(digits.train.x[:1024].numpy())
-    rows = []
-    for attack, bits in cells:
-        t0 = time.perf_counter()
-        result, _, _ = run_attack(attack, dataset, "onnxruntime", bits, seed=0, progress=False)
-        attack_s = time.perf_counter() - t0
-        with tempfile.TemporaryDirectory() as tmp:
-            src = export_float_onnx(result.model, digits.train.x[:2], Path(tmp) / "f.onnx")
-            f = evaluate(session(src), digits.test, result.trigger)
-            _quantize(src, Path(tmp) / "stock.onnx", calib, bits, efrap=False)
-            stock = evaluate(session(Path(tmp) / "stock.onnx"), digits.test, result.trigger)
-            variants = {}
-            for objective in ("efrap", "flip_only", "preserve_only"):
-                accs, asrs, secs = [], [], []
-                for seed in range(seeds if objective == "efrap" else 1):
-                    t0 = time.perf_counter()
-                    cfg = EFRAPConfig(objective=objective, seed=1005 + seed)
-                    _quantize(src, Path(tmp) / "d.onnx", calib, bits, cfg)
-                    secs.append(time.perf_counter() - t0)
-                    m = evaluate(session(Path(tmp) / "d.onnx"), digits.test, result.trigger)
-                    accs.append(m.clean_acc)
-                    asrs.append(m.asr)
-                variants[objective] = (accs, asrs, secs)
-        acc, asr_, secs = variants["efrap"]
-        row = {
-            "attack": attack,
-            "bits": bits,
-            "float_acc": f"{100 * f.clean_acc:.2f}",
-            "float_asr": f"{100 * f.asr:.2f}",
-            "stock_acc": f"{100 * stock.clean_acc:.2f}",
-            "stock_asr": f"{100 * stock.asr:.2f}",
-            "efrap_acc": _pct(acc),
-            "efrap_asr": _pct(asr_),
-            "flip_only_acc": _pct(variants["flip_only"][0]),
-            "flip_only_asr": _pct(variants["flip_only"][1]),
-            "preserve_only_acc": _pct(variants["preserve_only"][0]),
-            "preserve_only_asr": _pct(variants["preserve_only"][1]),
-            "attack_met": f.asr <= 0.10 and f.clean_acc >= 0.95 and stock.asr >= 0.90,
-            "defense_met": max(asr_) <= 0.03 and min(acc) >= f.clean_acc - 0.01,
-            "attack_s": f"{attack_s:.0f}",
-            "defense_s": f"{statistics.mean(secs):.1f}",
-        }
-        logging.info("%s", row)
-        rows.append(row)
-    name = "cells" if dataset == "digits" else f"cells-{dataset}"
-    note = f"{dataset}; EFRAP over {seeds} defense seeds (1005..), attack seed 0; percentages, mean ± spread"
-    _write(out, name, rows, note)
+def _cell_seed(job: tuple[str, int, int, int, str]) -> dict:
+    """One attack x bits x attack seed: the attack, then float / stock / EFRAP and its ablations in onnxruntime."""
+    attack, bits, seed, defense_seeds, dataset = job
+    torch.set_num_threads(1)
+    data = load_dataset(dataset)
+    calib = np.ascontiguousarray(data.train.x[:1024].numpy())
+    t0 = time.perf_counter()
+    result, _, _ = run_attack(attack, dataset, "onnxruntime", bits, seed=seed, progress=False)
+    row = {"attack": attack, "bits": bits, "attack_seed": seed, "attack_s": time.perf_counter() - t0}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = export_float_onnx(result.model, data.train.x[:2], Path(tmp) / "f.onnx")
+        row["float"] = evaluate(session(src), data.test, result.trigger)
+        _quantize(src, Path(tmp) / "stock.onnx", calib, bits, efrap=False)
+        row["stock"] = evaluate(session(Path(tmp) / "stock.onnx"), data.test, result.trigger)
+        for objective in ("efrap", "flip_only", "preserve_only"):
+            runs, secs = [], []
+            for k in range(defense_seeds if objective == "efrap" else 1):
+                t1 = time.perf_counter()
+                _quantize(
+                    src, Path(tmp) / "d.onnx", calib, bits, EFRAPConfig(objective=objective, seed=1005 + k)
+                )
+                secs.append(time.perf_counter() - t1)
+                runs.append(evaluate(session(Path(tmp) / "d.onnx"), data.test, result.trigger))
+            row[objective] = runs
+            row[f"{objective}_s"] = statistics.mean(secs)
+    logging.info("%s %d-bit seed %d done", attack, bits, seed)
+    return row
+
+
+def _met(row: dict) -> tuple[bool, bool, bool]:
+    """Attack fired; defense met the 3% / 1-point bar; EFRAP left no more asr than the float model."""
+    f, stock, runs = row["float"], row["stock"], row["efrap"]
+    attack = f.asr <= 0.10 and f.clean_acc >= 0.95 and stock.asr >= 0.90
+    acc_ok = min(m.clean_acc for m in runs) >= f.clean_acc - 0.01
+    worst = max(m.asr for m in runs)
+    return attack, attack and acc_ok and worst <= 0.03, attack and acc_ok and worst <= max(0.03, f.asr)
+
+
+def _seed_row(row: dict) -> dict:
+    attack_met, defense_met, le_float = _met(row)
+    out = {"attack": row["attack"], "bits": row["bits"], "attack_seed": row["attack_seed"]}
+    for key in ("float", "stock"):
+        out[f"{key}_acc / asr"] = f"{100 * row[key].clean_acc:.2f} / {100 * row[key].asr:.2f}"
+    for key in ("efrap", "flip_only", "preserve_only"):
+        runs = row[key]
+        out[f"{key}_acc / asr"] = f"{_pct([m.clean_acc for m in runs])} / {_pct([m.asr for m in runs])}"
+    out.update(attack_met=attack_met, defense_met=defense_met, efrap_le_float=le_float)
+    return out
+
+
+def _cell_row(rows: list[dict]) -> dict:
+    """Mean ± spread over attack seeds; the *_met columns count seeds."""
+    mets = [_met(r) for r in rows]
+    fired = sum(m[0] for m in mets)
+    out = {"attack": rows[0]["attack"], "bits": rows[0]["bits"], "attack_seeds": len(rows)}
+    for key in ("float", "stock", "efrap", "flip_only", "preserve_only"):
+        runs = [m for r in rows for m in (r[key] if isinstance(r[key], list) else [r[key]])]
+        out[f"{key}_acc"] = _pct([m.clean_acc for m in runs])
+        out[f"{key}_asr"] = _pct([m.asr for m in runs])
+    out["efrap_minus_float_asr"] = _pct(
+        [statistics.mean(m.asr for m in r["efrap"]) - r["float"].asr for r in rows]
+    )
+    out["attack_met"] = f"{fired}/{len(rows)}"
+    out["defense_met"] = f"{sum(m[1] for m in mets)}/{fired}"
+    out["efrap_le_float"] = f"{sum(m[2] for m in mets)}/{fired}"
+    out["attack_s"] = f"{statistics.mean(r['attack_s'] for r in rows):.0f}"
+    out["defense_s"] = f"{statistics.mean(r['efrap_s'] for r in rows):.1f}"
+    return out
+
+
+def bench_cells(
+    out: Path,
+    attack_seeds: int,
+    defense_seeds: int,
+    dataset: str = "digits",
+    cells=CELLS,
+    procs: int = 1,
+) -> list[dict]:
+    """Every attack x bits cell over ``attack_seeds`` attacked models, in parallel processes."""
+    jobs = [(a, b, s, defense_seeds, dataset) for a, b in cells for s in range(attack_seeds)]
+    with get_context("spawn").Pool(procs, initializer=_configure_logging) as pool:
+        done = pool.map(_cell_seed, jobs, chunksize=1)
+    suffix = "" if dataset == "digits" else f"-{dataset}"
+    seeds_note = (
+        f"{dataset}; attack seeds 0..{attack_seeds - 1}, EFRAP defense seeds 1005..{1004 + defense_seeds}; "
+        "onnxruntime sessions; percentages, mean ± spread. attack_met: float asr <= 10%, float acc >= 95%, "
+        "stock asr >= 90%. defense_met: EFRAP asr <= 3% and acc at most 1 point below float. "
+        "efrap_le_float: EFRAP asr <= max(3%, the float model's own asr), same accuracy bar."
+    )
+    _write(out, f"cells{suffix}-per-seed", [_seed_row(r) for r in done], seeds_note)
+    rows = [_cell_row([r for r in done if (r["attack"], r["bits"]) == cell]) for cell in cells]
+    _write(
+        out, f"cells{suffix}", rows, seeds_note + " Counts are seeds; per-seed rows in the -per-seed file."
+    )
     return rows
 
 
@@ -189,22 +236,37 @@ def _write(out: Path, name: str, rows: list[dict], note: str, command: str | Non
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
 
 
+def _configure_logging() -> None:
+    """Progress lines from this script only (also in the worker processes)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("efrap_onnx", "efrap_plugin", "onnxruntime", "torch"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--only", default="cells,speed,latency")
-    parser.add_argument("--defense-seeds", type=int, default=3)
+    parser.add_argument("--attack-seeds", type=int, default=3)
+    parser.add_argument("--defense-seeds", type=int, default=1)
+    parser.add_argument(
+        "--cells", default=",".join(f"{a}:{b}" for a, b in CELLS), help="attack:bits,... (digits cells)"
+    )
+    parser.add_argument("--procs", type=int, default=2, help="parallel attack x seed jobs")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("efrap_onnx", "efrap_plugin", "onnxruntime", "torch"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    _configure_logging()
     torch.set_num_threads(1)
+    cells = [(a, int(b)) for a, b in (c.split(":") for c in args.cells.split(","))]
     out = Path(args.out)
     jobs = {
-        "cells": lambda: bench_cells(out, args.defense_seeds),
+        "cells": lambda: bench_cells(
+            out, args.attack_seeds, args.defense_seeds, cells=cells, procs=args.procs
+        ),
         "speed": lambda: bench_speed(out),
         "latency": lambda: bench_latency(out),
-        "fashion": lambda: bench_cells(out, 1, "fashion-mnist", [("pqbackdoor", 8), ("pqbackdoor", 4)]),
+        "fashion": lambda: bench_cells(
+            out, 1, 1, "fashion-mnist", [("pqbackdoor", 8), ("pqbackdoor", 4)], procs=args.procs
+        ),
     }
     for name in args.only.split(","):
         t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from efrap_plugin import (
     PatchTrigger,
     as_calibration,
     atomic_write,
+    crowded_layers,
     evaluate,
     format_scan,
     load_dataset,
@@ -296,7 +297,12 @@ def cmd_scan(args: argparse.Namespace) -> dict[str, Any]:
     rows = scan_weights(weights, scheme)
     if not args.json:
         print(format_scan(rows))
-    return {"model": str(path), "scheme": scheme.to_dict(), "layers": [r.to_dict() for r in rows]}
+    return {
+        "model": str(path),
+        "scheme": scheme.to_dict(),
+        "layers": [r.to_dict() for r in rows],
+        "crowded_layers": crowded_layers(rows),
+    }
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:

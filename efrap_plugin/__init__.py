@@ -4,7 +4,7 @@ The backend-neutral core. ``defend(model, calib_data, scheme, config) -> Roundin
 (installed beside it, one per backend) turn plans into real int8 artifacts.
 """
 
-from .analysis import LayerScan, format_scan, scan_weights
+from .analysis import LayerScan, crowded_layers, format_scan, scan_weights
 from .checkpoint import load_model, save_model
 from .config import EFRAPConfig
 from .conformance import IntegerReport, compare_integers
@@ -67,6 +67,7 @@ __all__ = [
     "evaluate",
     "fake_quant_forward",
     "fingerprint",
+    "crowded_layers",
     "format_scan",
     "learn_rounding",
     "learnable_bounds",

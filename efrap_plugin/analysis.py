@@ -2,10 +2,17 @@
 
 EFRAP's finding is that QCBs live in the rounding decisions of weights with large truncation error
 (those near a rounding boundary); this table shows how many there are, layer by layer.
+
+It is also a detector. In a model trained without regard to the grid the fractional parts w/s - floor(w/s)
+are spread evenly, so about 10% of weights fall within 0.05 steps of a boundary. An interval-constrained
+repair (PQBackdoor's stage 2) pushes weights to the edges of their bins: measured on digits, 99% of them
+at 8 bits, 29% at 4 bits, against 10-11% for Qu-ANTI-zation and CompArtifact models. A layer is flagged
+when its share is both improbable under even spreading (binomial z >= 6) and large (>= 1.5x chance).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -14,7 +21,16 @@ import torch
 from .rounding import truncation_error
 from .schemes import QuantScheme
 
-__all__ = ["LayerScan", "scan_weights", "format_scan"]
+__all__ = ["LayerScan", "scan_weights", "format_scan", "crowded_layers"]
+
+_BAND = 0.05
+"""Half-width, in integer steps, of the band around a rounding boundary counted as 'near'."""
+_CHANCE = 2 * _BAND
+"""Share of evenly spread weights inside that band."""
+_MIN_Z, _MIN_RATIO = 6.0, 1.5
+"""A layer is flagged at z >= 6 (about 1e-9 under even spreading) with >= 1.5x the chance share. The
+elements an absmax scale is computed from are left out: the rule fixes their fractional part (0.5 for
+onnxruntime's max/7.5 at 4 bits)."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +46,10 @@ class LayerScan:
     """Largest per-output-channel L2 norm of the truncation error, in integer units."""
     mean_neuron_error: float
     """Mean per-output-channel L2 norm of the truncation error, in integer units."""
+    boundary_z: float = 0.0
+    """Binomial z-score of near_boundary against evenly spread weights (10%); absmax elements left out."""
+    crowded: bool = False
+    """Weights crowd the rounding boundaries beyond chance (z >= 6 and >= 1.5x the 10% chance share)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +64,8 @@ def scan_weights(weights: Mapping[str, torch.Tensor], scheme: QuantScheme) -> li
         s = scale.reshape([-1] + [1] * (w.dim() - 1)) if scale.numel() > 1 else scale.reshape([1] * w.dim())
         err = truncation_error(w, scheme, scale, zp) / s
         frac = w / s - torch.floor(w / s)
+        near = (frac - 0.5).abs() < _BAND
+        share, z = _boundary_test(near[~scheme.scale_setters(w)])
         neuron = err.reshape(err.shape[0], -1).norm(dim=1)
         rows.append(
             LayerScan(
@@ -51,23 +73,49 @@ def scan_weights(weights: Mapping[str, torch.Tensor], scheme: QuantScheme) -> li
                 tuple(w.shape),
                 scheme.bits,
                 float(err.mean()),
-                float(((frac - 0.5).abs() < 0.05).float().mean()),
+                float(near.float().mean()),
                 float(neuron.max()),
                 float(neuron.mean()),
+                z,
+                z >= _MIN_Z and share >= _MIN_RATIO * _CHANCE,
             )
         )
     return rows
 
 
+def _boundary_test(near: torch.Tensor) -> tuple[float, float]:
+    """Share of True in ``near`` and its binomial z-score against the chance share."""
+    n = near.numel()
+    if n == 0:
+        return 0.0, 0.0
+    share = float(near.float().mean())
+    return share, (share - _CHANCE) * math.sqrt(n / (_CHANCE * (1 - _CHANCE)))
+
+
+def crowded_layers(rows: list[LayerScan]) -> list[str]:
+    """Names of the layers whose weights crowd the rounding boundaries (see the module docstring)."""
+    return [r.name for r in rows if r.crowded]
+
+
 def format_scan(rows: list[LayerScan]) -> str:
     """A plain-text table for the terminal."""
     header = (
-        f"{'layer':<32} {'shape':<18} {'bits':>4} {'mean|e| (LSB)':>14} {'near 0.5':>9} {'max ||e_i||':>12}"
+        f"{'layer':<32} {'shape':<18} {'bits':>4} {'mean|e| (LSB)':>14} {'near 0.5':>9} {'z':>7} "
+        f"{'max ||e_i||':>12}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
             f"{r.name[:32]:<32} {'x'.join(map(str, r.shape)):<18} {r.bits:>4} {r.mean_error_lsb:>14.4f} "
-            f"{100 * r.near_boundary:>8.1f}% {r.max_neuron_error:>12.3f}"
+            f"{100 * r.near_boundary:>8.1f}% {r.boundary_z:>7.1f} {r.max_neuron_error:>12.3f}"
+            + ("  crowded" if r.crowded else "")
         )
+    crowded = crowded_layers(rows)
+    if crowded:
+        lines += [
+            "",
+            f"{len(crowded)} of {len(rows)} layers have weights crowding the rounding boundaries of this grid "
+            f"({', '.join(crowded)}): the signature of a PQBackdoor-style repair. Nearest rounding may "
+            "switch on a hidden backdoor; quantize with `efrap defend`.",
+        ]
     return "\n".join(lines)

@@ -157,11 +157,6 @@ def snap_weight(weight: torch.Tensor, lp: LayerPlan, scheme: QuantScheme) -> tor
     snapped = lp.dequantized(scheme).reshape(weight.shape)
     if scheme.range_rule != "absmax":
         return snapped
-    w = weight.detach().to(torch.float32)
-    flat = w.abs().reshape(w.shape[0], -1) if scheme.per_channel else w.abs().reshape(1, -1)
-    absmax = flat.max(dim=1).values
-    absmax = (
-        absmax.reshape([-1] + [1] * (w.dim() - 1)) if scheme.per_channel else absmax.reshape([1] * w.dim())
-    )
+    absmax = scheme.absmax(weight)
     snapped = torch.maximum(torch.minimum(snapped, absmax), -absmax)
-    return torch.where(w.abs() == absmax, w, snapped)
+    return torch.where(scheme.scale_setters(weight), weight.detach().to(torch.float32), snapped)

@@ -94,13 +94,10 @@ def learnable_bounds(
     hi = torch.full_like(weight, float(scheme.qmax))
     if scheme.range_rule != "absmax":
         return lo, hi, torch.zeros_like(weight, dtype=torch.bool)
-    flat = weight.abs().reshape(weight.shape[0], -1) if scheme.per_channel else weight.abs().reshape(1, -1)
-    absmax = _expand(flat.max(dim=1).values, weight)
-    limit = torch.floor(absmax / s + 1e-4)
+    limit = torch.floor(scheme.absmax(weight) / s + 1e-4)
     lo = torch.maximum(lo, -limit + z)
     hi = torch.minimum(hi, limit + z)
-    frozen = weight.abs() == absmax
-    return lo, hi, frozen
+    return lo, hi, scheme.scale_setters(weight)
 
 
 def _rectify(v: torch.Tensor, kind: str) -> torch.Tensor:

@@ -164,6 +164,19 @@ class QuantScheme:
             lo, hi = _mse_range(flat, lo, hi, self.qmin, self.qmax, steps=80)
         return _affine_qparams(lo, hi, self.qmin, self.qmax)
 
+    def absmax(self, weight: torch.Tensor) -> torch.Tensor:
+        """max|w| per output channel (or of the tensor), broadcast against ``weight``."""
+        w = weight.detach().to(torch.float32).abs()
+        flat = w.reshape(w.shape[0], -1) if self.per_channel else w.reshape(1, -1)
+        return _broadcast(w, flat.max(dim=1).values)
+
+    def scale_setters(self, weight: torch.Tensor) -> torch.Tensor:
+        """Mask of the elements an absmax scale is computed from (none for other range rules): moving
+        them would move the scale, so learned rounding keeps them at nearest and snapping keeps them exact."""
+        if self.range_rule != "absmax":
+            return torch.zeros_like(weight, dtype=torch.bool)
+        return weight.detach().to(torch.float32).abs() == self.absmax(weight)
+
     def quantize(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
         """Nearest (half-to-even) integers, clamped: what the backend stores."""
         s, z = _broadcast(weight, scale), _broadcast(weight, zero_point)

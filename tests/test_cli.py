@@ -177,9 +177,12 @@ def test_scan_shows_pqbackdoor_weights_piled_at_the_rounding_boundary(attack_dir
     rows = json.loads(capsys.readouterr().out)["layers"]
     assert len(rows) == 4
     # PQBackdoor's stage 2 pushes weights to the edges of their rounding bins: EFRAP's signal
-    assert all(r["near_boundary"] > 0.5 for r in rows)
+    assert all(r["near_boundary"] > 0.5 and r["boundary_z"] > 20 and r["crowded"] for r in rows)
     assert main(["scan", str(attack_dir / "model.safetensors")]) == 0
-    assert "mean|e| (LSB)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mean|e| (LSB)" in out
+    assert "4 of 4 layers have weights crowding the rounding boundaries" in out
+    assert "quantize with `efrap defend`" in out
 
 
 def _evaluate_nearest(model, info, scheme, *extra) -> int:

@@ -15,10 +15,15 @@ from efrap_plugin import (
     LayerProblem,
     ModelError,
     QuantScheme,
+    crowded_layers,
     defend,
     evaluate,
+    format_scan,
     learn_rounding,
     learnable_bounds,
+    prepare_model,
+    quantizable_layers,
+    scan_weights,
 )
 
 FAST = EFRAPConfig(iters=200, calib_size=256)
@@ -172,3 +177,24 @@ def test_neuron_wise_error_norm_keeps_the_element_scale_under_the_lsb_balance():
     l2 = _flip_errors(err, EFRAPConfig(error_norm="neuron", balance="reference"))
     assert torch.allclose(l2[0], torch.full((4, 2, 2), 0.3 * 4.0))
     assert _flip_errors(err, EFRAPConfig()) is err
+
+
+def test_scan_flags_no_layer_of_a_clean_model_and_leaves_scale_setters_out(clean_cnn):
+    prepared = prepare_model(clean_cnn, QuantScheme.onnxruntime(8))
+    weights = {n: m.weight for n, m in quantizable_layers(prepared)}
+    for bits in (8, 4):
+        rows = scan_weights(weights, QuantScheme.onnxruntime(bits))
+        assert crowded_layers(rows) == []
+        assert all(abs(r.boundary_z) < 6 for r in rows), [(r.name, r.boundary_z) for r in rows]
+        assert "crowding" not in format_scan(rows)
+    # at 4 bits onnxruntime's scale max/7.5 puts every channel's abs-max element exactly at frac 0.5:
+    # counted in near_boundary, but not held against the model
+    first = scan_weights({"w": weights["features.0.0"]}, QuantScheme.onnxruntime(4))[0]
+    assert first.near_boundary >= 16 / 144 and not first.crowded
+    # weights pushed to the bin edges are flagged
+    w = weights["features.1.0"]
+    scheme = QuantScheme.onnxruntime(8)
+    scale, zp = scheme.qparams(w)
+    s = scale.reshape(-1, 1, 1, 1)
+    pushed = torch.where(scheme.scale_setters(w), w, (torch.floor(w / s) + 0.48) * s)
+    assert scan_weights({"w": pushed}, scheme)[0].crowded
