@@ -5,11 +5,21 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType
+from torch import nn
 
-from efrap_onnx import ListDataReader, load_onnx, quantize_static, session, verify
-from efrap_plugin import DataError, EFRAPConfig, EFRAPError, ModelError, PlanMismatchError, evaluate
+from efrap_onnx import ListDataReader, export_float_onnx, load_onnx, quantize_static, session, verify
+from efrap_plugin import (
+    DataError,
+    EFRAPConfig,
+    EFRAPError,
+    ModelError,
+    PlanMismatchError,
+    evaluate,
+    train,
+)
 
 
 def _reader(calib, name="input"):
@@ -100,6 +110,34 @@ def test_stock_path_matches_onnxruntime_quantize_static_itself(pq8_onnx, calib, 
     b = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "theirs.onnx")).graph.initializer}
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+class _RowTokens(nn.Module):
+    """Each image row is a token: a Linear over a 3-D input, which the ONNX export writes as MatMul + Add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = nn.Linear(8, 32)
+        self.head = nn.Linear(32 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = torch.relu(self.rows(x.reshape(x.shape[0], 8, 8)))
+        return self.head(tokens.flatten(1))
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_matmul_weights_are_defended_and_run_as_qlinearmatmul(digits, calib, tmp_path, per_channel):
+    torch.manual_seed(0)
+    model = train(_RowTokens(), digits.train, epochs=20, lr=3e-3, batch_size=64, progress=False)
+    src = export_float_onnx(model, digits.train.x[:2], tmp_path / "rows.onnx")
+    assert [n.op_type for n in onnx.load(str(src)).graph.node].count("MatMul") == 1
+    plan = quantize_static(src, tmp_path / "d.onnx", _reader(calib), per_channel=per_channel, progress=False)
+    report = verify(tmp_path / "d.onnx", plan)
+    assert report.integers_ok and report.matching == 2
+    assert report.int_kernels == {"QLinearMatMul": 1, "QGemm": 1}
+    assert all(0.05 < lp.flipped_share < 0.95 for lp in plan.layers.values())
+    float_acc = evaluate(session(src), digits.test).clean_acc
+    assert evaluate(session(tmp_path / "d.onnx"), digits.test).clean_acc >= float_acc - 0.01
 
 
 def test_int4_weights_are_written_as_onnx_int4(pq8_onnx, calib, tmp_path):
