@@ -123,9 +123,8 @@ def test_defend_then_evaluate_the_defended_file(attack_dir, tmp_path, capsys):
     )
     assert 0 < summary["flipped_share"] < 1 and (tmp_path / "plan.safetensors").is_file()
     assert main(["evaluate", str(out), "--attack-info", str(attack_dir / "attack.json"), "--json"]) == 0
-    # The CLI plumbing is what this test guards; the 3% bar itself is asserted on the library path
-    # (test_onnx_adapter). At 8 bits this cell sits at 3.09 +- 0.29% asr over defense seeds
-    # (benchmarks/results/cells.md), so a second model/seed here can land just above 3%.
+    # The CLI plumbing is what this test guards; the library tests hold EFRAP to the float model's own
+    # asr, and benchmarks/results/cells-per-seed.md measures the 3% bar per attack seed.
     assert json.loads(capsys.readouterr().out)["asr"] <= 0.05
 
 
