@@ -236,6 +236,7 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
     report = onnx_adapter.verify(out, plan)
     if args.plan:
         plan.save(args.plan)
+    crowded = crowded_layers(scan_weights(onnx_weights(src), plan.scheme))
     summary = {
         "model": str(src),
         "out": str(out),
@@ -246,6 +247,7 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
         "per_layer": {k: round(v.stats["flipped_share"], 4) for k, v in plan.layers.items()},
         "skipped": plan.meta.get("skipped", []),
         "verify": report.to_dict(),
+        "crowded_layers": crowded,
     }
     if not args.json:
         print(
@@ -257,6 +259,11 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
             f"verify: integers {'match the plan' if report.integers_ok else 'DIFFER'}; "
             f"onnxruntime runs {kernels}"
         )
+        if crowded:
+            print(
+                f"scan: in {len(crowded)} of {len(plan.layers)} layers the float weights crowd the rounding "
+                "boundaries of this grid, PQBackdoor's fingerprint (`efrap scan` for the table)"
+            )
     return summary
 
 

@@ -122,6 +122,7 @@ def test_defend_then_evaluate_the_defended_file(attack_dir, tmp_path, capsys):
         summary["layers"] == 4 and summary["verify"]["integers_ok"] and summary["verify"]["runs_int_kernels"]
     )
     assert 0 < summary["flipped_share"] < 1 and (tmp_path / "plan.safetensors").is_file()
+    assert len(summary["crowded_layers"]) == 4  # the attacked float model carries PQBackdoor's fingerprint
     assert main(["evaluate", str(out), "--attack-info", str(attack_dir / "attack.json"), "--json"]) == 0
     # The CLI plumbing is what this test guards; the library tests hold EFRAP to the float model's own
     # asr, and benchmarks/results/cells-per-seed.md measures the 3% bar per attack seed.
