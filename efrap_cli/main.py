@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     _defense_flags(p)
     _common(p, seed=EFRAPConfig().seed)
 
-    p = sub.add_parser("scan", help="per-layer truncation errors of nearest rounding")
+    p = sub.add_parser(
+        "scan", help="per-layer truncation errors of nearest rounding; flags weights crowding the boundaries"
+    )
     p.add_argument("model", help=".onnx or .safetensors model")
     _scheme(p)
     _common(p)
