@@ -177,7 +177,7 @@ def test_scan_shows_pqbackdoor_weights_piled_at_the_rounding_boundary(attack_dir
     rows = json.loads(capsys.readouterr().out)["layers"]
     assert len(rows) == 4
     # PQBackdoor's stage 2 pushes weights to the edges of their rounding bins: EFRAP's signal
-    assert all(r["near_boundary"] > 0.5 and r["boundary_z"] > 20 and r["crowded"] for r in rows)
+    assert all(r["near_boundary"] > 0.5 and r["boundary_ks"] > 10 and r["crowded"] for r in rows)
     assert main(["scan", str(attack_dir / "model.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "mean|e| (LSB)" in out

@@ -187,16 +187,20 @@ def test_scan_flags_no_layer_of_a_clean_model_and_leaves_scale_setters_out(clean
     for bits in (8, 4):
         rows = scan_weights(weights, QuantScheme.onnxruntime(bits))
         assert crowded_layers(rows) == []
-        assert all(abs(r.boundary_z) < 6 for r in rows), [(r.name, r.boundary_z) for r in rows]
+        assert all(r.boundary_ks < 3 for r in rows), [(r.name, r.boundary_ks) for r in rows]
         assert "crowding" not in format_scan(rows)
     # at 4 bits onnxruntime's scale max/7.5 puts every channel's abs-max element exactly at frac 0.5:
     # counted in near_boundary, but not held against the model
     first = scan_weights({"w": weights["features.0.0"]}, QuantScheme.onnxruntime(4))[0]
     assert first.near_boundary >= 16 / 144 and not first.crowded
-    # weights pushed to the bin edges are flagged
+    # weights pushed to the bin edges are flagged, and so are weights held 0.1 steps inside them (outside
+    # the 0.05-step band near_boundary counts): the test looks at the whole spread of errors
     w = weights["features.1.0"]
     scheme = QuantScheme.onnxruntime(8)
-    scale, zp = scheme.qparams(w)
+    scale, _ = scheme.qparams(w)
     s = scale.reshape(-1, 1, 1, 1)
-    pushed = torch.where(scheme.scale_setters(w), w, (torch.floor(w / s) + 0.48) * s)
-    assert scan_weights({"w": pushed}, scheme)[0].crowded
+    for frac, near in ((0.48, 1.0), (0.4, 0.0)):
+        pushed = torch.where(scheme.scale_setters(w), w, (torch.floor(w / s) + frac) * s)
+        row = scan_weights({"w": pushed}, scheme)[0]
+        assert row.crowded and row.boundary_ks > 50
+        assert abs(row.near_boundary - near) < 0.01
