@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from efrap_onnx import export_float_onnx, quantize_images, session
-from efrap_plugin import EFRAPConfig, evaluate, load_dataset, load_digits
+from efrap_plugin import EFRAPConfig, evaluate, load_dataset
 from efrap_plugin.attacks import run_attack
 
 CELLS = [
@@ -47,17 +47,26 @@ def _pct(values):
     return f"{m:.2f} ± {s:.2f}"
 
 
+def _attacked_onnx(
+    tmp: Path, attack: str = "pqbackdoor", bits: int = 8, seed: int = 0, dataset: str = "digits"
+):
+    """An attacked model (by default the demo's digits PQBackdoor int8), its float ONNX export, the data,
+    1,024 calibration images and the attack's seconds (clean training included)."""
+    data = load_dataset(dataset)
+    t0 = time.perf_counter()
+    result, _, _ = run_attack(attack, dataset, "onnxruntime", bits, seed=seed, progress=False)
+    attack_s = time.perf_counter() - t0
+    src = export_float_onnx(result.model, data.train.x[:2], tmp / "f.onnx")
+    return result, src, data, np.ascontiguousarray(data.train.x[:1024].numpy()), attack_s
+
+
 def _cell_seed(job: tuple[str, int, int, int, str]) -> dict:
     """One attack x bits x attack seed: the attack, then float / stock / EFRAP and its ablations in onnxruntime."""
     attack, bits, seed, defense_seeds, dataset = job
     torch.set_num_threads(1)
-    data = load_dataset(dataset)
-    calib = np.ascontiguousarray(data.train.x[:1024].numpy())
-    t0 = time.perf_counter()
-    result, _, _ = run_attack(attack, dataset, "onnxruntime", bits, seed=seed, progress=False)
-    row = {"attack": attack, "bits": bits, "attack_seed": seed, "attack_s": time.perf_counter() - t0}
     with tempfile.TemporaryDirectory() as tmp:
-        src = export_float_onnx(result.model, data.train.x[:2], Path(tmp) / "f.onnx")
+        result, src, data, calib, attack_s = _attacked_onnx(Path(tmp), attack, bits, seed, dataset)
+        row = {"attack": attack, "bits": bits, "attack_seed": seed, "attack_s": attack_s}
         row["float"] = evaluate(session(src), data.test, result.trigger)
         _quantize(src, Path(tmp) / "stock.onnx", calib, bits, efrap=False)
         row["stock"] = evaluate(session(Path(tmp) / "stock.onnx"), data.test, result.trigger)
@@ -144,14 +153,6 @@ def bench_cells(
     return rows
 
 
-def _pqbackdoor8_onnx(tmp: Path):
-    """The digits PQBackdoor int8 model (the demo's), its float ONNX export, the data and 1,024 calibration images."""
-    digits = load_digits()
-    result, _, _ = run_attack("pqbackdoor", "digits", "onnxruntime", 8, seed=0, progress=False)
-    src = export_float_onnx(result.model, digits.train.x[:2], tmp / "f.onnx")
-    return result, src, digits, np.ascontiguousarray(digits.train.x[:1024].numpy())
-
-
 SPEED_CONFIGS = {
     "default": EFRAPConfig(),
     "reference": EFRAPConfig.reference(),
@@ -164,12 +165,9 @@ def _speed_cell(cell: tuple[str, int]) -> list[dict]:
     """One attacked digits model (seed 0): each config timed in the same process, measured in onnxruntime."""
     attack, bits = cell
     torch.set_num_threads(1)
-    digits = load_digits()
-    calib = np.ascontiguousarray(digits.train.x[:1024].numpy())
-    result, _, _ = run_attack(attack, "digits", "onnxruntime", bits, seed=0, progress=False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        src = export_float_onnx(result.model, digits.train.x[:2], Path(tmp) / "f.onnx")
+        result, src, digits, calib, _ = _attacked_onnx(Path(tmp), attack, bits)
         f = evaluate(session(src), digits.test, result.trigger)
         for name, cfg in SPEED_CONFIGS.items():
             t0 = time.perf_counter()
@@ -215,7 +213,7 @@ def bench_latency(out: Path, repeats: int = 200) -> list[dict]:
     """onnxruntime latency of the defended int8 model against the stock int8 and the float model."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        result, src, digits, calib = _pqbackdoor8_onnx(Path(tmp))
+        result, src, digits, calib, _ = _attacked_onnx(Path(tmp))
         _quantize(src, Path(tmp) / "stock.onnx", calib, 8, efrap=False)
         _quantize(src, Path(tmp) / "efrap.onnx", calib, 8, EFRAPConfig())
         sessions = {k: session(Path(tmp) / f"{k}.onnx") for k in ("f", "stock", "efrap")}
