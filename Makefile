@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test test-slow bench check style venv fashion-mnist clean
+.PHONY: demo test test-slow bench check style venv fashion-mnist fixtures clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP) fashion-mnist
 
 test-slow: $(STAMP) fashion-mnist
 	$(PY) -m pytest -q -m slow
+
+# The committed test models (tests/fixtures): rebuild only on purpose, then commit the new files.
+fixtures: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) tests/fixtures/build.py
 
 bench: $(STAMP) fashion-mnist
 	$(PY) benchmarks/run.py --out benchmarks/results

@@ -1,18 +1,36 @@
-"""Shared, session-scoped real artifacts: digits, a trained CNN, a PQBackdoor model and its ONNX files."""
+"""Shared, session-scoped real artifacts: digits, and the committed fixture models (tests/fixtures).
+
+The defense, adapter and CLI tests start from models trained once by tests/fixtures/build.py and
+committed, so they do not depend on reproducing a training run on this machine's kernels and thread
+count. Only tests/test_attacks.py trains, and asserts its bars with a margin.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from efrap_plugin import DigitsCNN, PatchTrigger, load_digits, load_model, train
+from efrap_plugin import PatchTrigger, load_digits, load_model
 from efrap_plugin.attacks import default_trigger
 
 torch.set_num_threads(1)
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def attacked(folder: Path) -> SimpleNamespace:
+    """An `efrap attack` output folder read back: the model, its trigger and the metrics it recorded."""
+    info = json.loads((folder / "attack.json").read_text())
+    model, _ = load_model(folder / "model.safetensors")
+    return SimpleNamespace(
+        model=model, trigger=PatchTrigger.from_dict(info["trigger"]), metrics=info["metrics"]
+    )
 
 
 @pytest.fixture(scope="session")
@@ -26,41 +44,31 @@ def trigger():
 
 
 @pytest.fixture(scope="session")
-def clean_cnn(digits):
-    torch.manual_seed(0)
-    model = DigitsCNN(width=16)
-    return train(model, digits.train, epochs=15, lr=3e-3, batch_size=64, progress=False)
+def clean_cnn():
+    """DigitsCNN(width=16) trained 15 epochs on digits (tests/fixtures/clean-cnn.safetensors)."""
+    return load_model(FIXTURES / "clean-cnn.safetensors")[0]
 
 
 @pytest.fixture(scope="session")
 def pq8_dir(tmp_path_factory):
-    """`efrap attack` run once: PQBackdoor aimed at onnxruntime int8 on digits (the demo's attack)."""
-    from efrap_cli import main
+    """A copy of `efrap attack --attack pqbackdoor --scheme onnxruntime --bits 8 --seed 0`'s folder.
 
+    A copy, so that no test can touch the committed files.
+    """
     out = tmp_path_factory.mktemp("pq8")
-    args = [
-        "attack",
-        "--attack",
-        "pqbackdoor",
-        "--dataset",
-        "digits",
-        "--scheme",
-        "onnxruntime",
-        "--bits",
-        "8",
-    ]
-    assert main([*args, "--seed", "0", "--out", str(out), "--quiet", "--json"]) == 0
+    shutil.copytree(FIXTURES / "pqbackdoor-ort8", out, dirs_exist_ok=True)
     return out
 
 
 @pytest.fixture(scope="session")
 def pq8(pq8_dir):
-    """The attacked model read back from the CLI's files, with its trigger and measured metrics."""
-    info = json.loads((pq8_dir / "attack.json").read_text())
-    model, _ = load_model(pq8_dir / "model.safetensors")
-    return SimpleNamespace(
-        model=model, trigger=PatchTrigger.from_dict(info["trigger"]), metrics=info["metrics"]
-    )
+    return attacked(pq8_dir)
+
+
+@pytest.fixture(scope="session")
+def pq_x86():
+    """PQBackdoor aimed at torchao's X86InductorQuantizer int8 grid (tests/fixtures/pqbackdoor-x86)."""
+    return attacked(FIXTURES / "pqbackdoor-x86")
 
 
 @pytest.fixture(scope="session")

@@ -30,9 +30,8 @@ def test_defended_brevitas_holds_the_plan_and_removes_the_backdoor(pq8, digits, 
     assert all(int(t.min()) >= -127 and int(t.max()) <= 127 for t in ints.values())
     float_m = evaluate(pq8.model, digits.test, pq8.trigger)
     defended = evaluate(session(path), digits.test, pq8.trigger)
-    # from >= 90% to a few percent; see the bar discussion in test_torchao_adapter
-    assert defended.asr <= 0.05
-    assert defended.clean_acc >= float_m.clean_acc - 0.015
+    assert defended.asr <= max(0.03, float_m.asr + 0.01)  # no more backdoor than the float model's
+    assert defended.clean_acc >= float_m.clean_acc - 0.01
 
 
 def test_a_plan_for_another_backend_is_refused(pq8, digits):

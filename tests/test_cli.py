@@ -60,17 +60,8 @@ def test_user_mistakes_exit_1_with_one_clear_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def attack_dir(pq8_dir):
-    """The session's `efrap attack` output (conftest runs the CLI once for every test that needs it)."""
+    """A copy of the committed `efrap attack` output (tests/fixtures/pqbackdoor-ort8)."""
     return pq8_dir
-
-
-def test_attack_writes_model_onnx_and_attack_json(attack_dir):
-    assert (attack_dir / "model.safetensors").is_file() and (attack_dir / "model.onnx").is_file()
-    info = json.loads((attack_dir / "attack.json").read_text())
-    assert info["attack"] == "pqbackdoor" and info["dataset"] == "digits" and info["bits"] == 8
-    assert info["trigger"] == {"size": 2, "row": -2, "col": -2, "value": 1.0, "target": 0}
-    assert info["metrics"]["float"]["asr"] <= 0.10
-    assert info["metrics"]["onnxruntime-int8-stock"]["asr"] >= 0.90
 
 
 def test_evaluate_float_and_stock_int8(attack_dir, capsys):
@@ -124,9 +115,11 @@ def test_defend_then_evaluate_the_defended_file(attack_dir, tmp_path, capsys):
     assert 0 < summary["flipped_share"] < 1 and (tmp_path / "plan.safetensors").is_file()
     assert len(summary["crowded_layers"]) == 4  # the attacked float model carries PQBackdoor's fingerprint
     assert main(["evaluate", str(out), "--attack-info", str(attack_dir / "attack.json"), "--json"]) == 0
-    # The CLI plumbing is what this test guards; the library tests hold EFRAP to the float model's own
-    # asr, and benchmarks/results/cells-per-seed.md measures the 3% bar per attack seed.
-    assert json.loads(capsys.readouterr().out)["asr"] <= 0.05
+    defended = json.loads(capsys.readouterr().out)
+    float_asr = json.loads((attack_dir / "attack.json").read_text())["metrics"]["float"]["asr"]
+    assert defended["asr"] <= max(
+        0.03, float_asr + 0.01
+    )  # the backdoor is gone: no more than the float model's
 
 
 def test_defend_from_an_npz(attack_dir, tmp_path, capsys):

@@ -7,14 +7,8 @@ import pytest
 import torch
 
 from efrap_plugin import EFRAPError, defend, evaluate
-from efrap_plugin.attacks import run_attack
 from efrap_plugin.models import resnet8
 from efrap_torchao import quantize_eager, quantize_pt2e, read_int8_weights, verify_eager, verify_pt2e
-
-
-@pytest.fixture(scope="module")
-def pq_x86():
-    return run_attack("pqbackdoor", "digits", "torchao-x86", 8, seed=0, progress=False)[0]
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +33,7 @@ def test_defended_pt2e_holds_the_plan_and_removes_the_backdoor(pq_x86, x86_plan,
     assert all(t.dtype == torch.int32 and int(t.min()) >= -128 and int(t.max()) <= 127 for t in ints.values())
     float_m = evaluate(pq_x86.model, digits.test, pq_x86.trigger)
     defended = evaluate(converted, digits.test, pq_x86.trigger)
-    # from >= 90% to a few percent; the 8-bit PQBackdoor cell measures 3.09 +- 0.29% on onnxruntime
-    # (benchmarks/results/cells.md) and 3.1% here, so the bar asserted for this second backend is 5%
-    assert defended.asr <= 0.05
+    assert defended.asr <= max(0.03, float_m.asr + 0.01)  # no more backdoor than the float model's
     assert defended.clean_acc >= float_m.clean_acc - 0.01
 
 
@@ -85,7 +77,7 @@ def test_legacy_eager_flow_holds_the_plan_and_removes_the_backdoor(pq_x86, x86_p
     )  # fused, as eager scripts do
     float_m = evaluate(pq_x86.model, digits.test, pq_x86.trigger)
     defended = evaluate(converted, digits.test, pq_x86.trigger)
-    assert defended.asr <= 0.05  # same bar as PT2E above, same reason
+    assert defended.asr <= max(0.03, float_m.asr + 0.01)
     assert defended.clean_acc >= float_m.clean_acc - 0.01
 
 
