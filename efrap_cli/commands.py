@@ -11,15 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from efrap_plugin import (
     EFRAPConfig,
     EFRAPError,
     LabeledData,
     PatchTrigger,
+    QuantScheme,
     as_calibration,
     atomic_write,
+    check_writable,
     crowded_layers,
     evaluate,
     format_scan,
@@ -30,50 +31,27 @@ from efrap_plugin import (
     save_model,
     scan_weights,
     scheme_preset,
+    staged,
 )
 from efrap_plugin.attacks import run_attack
 
-__all__ = ["COMMANDS", "load_attack_info", "stock_onnx_int8", "calibration_images"]
+from .backends import adapter, stock_onnx_int8
+
+__all__ = ["COMMANDS", "UsageError", "load_attack_info", "calibration_images"]
 
 log = logging.getLogger("efrap")
 
 
 def _onnx():
-    try:
-        import efrap_onnx
-    except ImportError as exc:
-        raise EFRAPError(
-            f"the onnx extra is not installed ({exc}); run `pip install 'efrap-plugin[onnx]'`"
-        ) from None
-    return efrap_onnx
+    return adapter("onnx")
 
 
 def _torchao():
-    try:
-        import efrap_torchao
-    except ImportError as exc:
-        raise EFRAPError(
-            f"the torchao extra is not installed ({exc}); run `pip install 'efrap-plugin[torchao]'`"
-        ) from None
-    return efrap_torchao
+    return adapter("torchao")
 
 
 def _brevitas():
-    try:
-        import efrap_brevitas
-    except ImportError as exc:
-        raise EFRAPError(
-            f"the brevitas extra is not installed ({exc}); run `pip install 'efrap-plugin[brevitas]'`"
-        ) from None
-    return efrap_brevitas
-
-
-def stock_onnx_int8(float_onnx: Path, calib: np.ndarray, out: Path, bits: int = 8, per_channel: bool = True):
-    """onnxruntime's stock quantize_static: QDQ, per-channel, MinMax, uint8 activations."""
-    _onnx().quantize_images(
-        float_onnx, out, calib, bits, per_channel=per_channel, efrap=False, progress=False
-    )
-    return out
+    return adapter("brevitas")
 
 
 def calibration_images(spec: str, n: int) -> np.ndarray:
@@ -82,24 +60,59 @@ def calibration_images(spec: str, n: int) -> np.ndarray:
     if spec in ("digits", "fashion-mnist"):
         x = load_dataset(spec, seed=0).train.x
     else:
-        x = as_calibration(Path(spec))
+        x = as_calibration(Path(spec), n)
     return np.ascontiguousarray(x[:n].numpy(), dtype=np.float32)
 
 
 def load_attack_info(path: str | Path) -> dict[str, Any]:
+    """attack.json as `efrap attack` writes it: the dataset name and a valid trigger, or a clear error."""
     path = Path(path)
     if not path.is_file():
         raise EFRAPError(
             f"--attack-info: {path} does not exist; pass the attack.json written by `efrap attack`"
         )
+    if path.stat().st_size > _MAX_ATTACK_INFO:
+        raise EFRAPError(
+            f"--attack-info: {path} is too large for an attack.json ({path.stat().st_size} bytes)"
+        )
     try:
         info = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EFRAPError(f"--attack-info: {path} is not valid JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise EFRAPError(f"--attack-info: {path} holds a JSON {type(info).__name__}, expected an object")
     for key in ("trigger", "dataset"):
         if key not in info:
             raise EFRAPError(f"--attack-info: {path} lacks {key!r}; was it written by `efrap attack`?")
+    try:
+        info["trigger"] = PatchTrigger.from_dict(info["trigger"])
+    except (EFRAPError, TypeError) as exc:
+        raise EFRAPError(f"--attack-info: {path} holds an invalid trigger ({exc})") from None
     return info
+
+
+class UsageError(EFRAPError):
+    """Arguments that contradict each other (exit code 2, like argparse's own usage errors)."""
+
+
+_MAX_ATTACK_INFO = 1 << 20
+
+
+def _distinct_paths(paths: dict[str, Path | None]) -> None:
+    """Refuse two arguments naming the same file: writing one would destroy the other."""
+    seen: dict[Path, str] = {}
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        key = path.resolve()
+        for other_key, other in seen.items():
+            same = key == other_key or (key.exists() and other_key.exists() and key.samefile(other_key))
+            if same:
+                raise UsageError(
+                    f"{flag}: {path} is the same file as {other}; writing it would destroy that file. "
+                    f"Pass another {flag}"
+                )
+        seen[key] = f"{flag} {path}"
 
 
 def _metrics(model: Any, test: LabeledData, trigger: PatchTrigger) -> dict[str, float]:
@@ -153,7 +166,7 @@ def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     info = load_attack_info(args.attack_info)
     splits = load_dataset(info["dataset"])
-    trigger = PatchTrigger.from_dict(info["trigger"])
+    trigger = info["trigger"]
     path = Path(args.model)
     if path.suffix not in (".onnx", ".safetensors"):
         raise EFRAPError(f"model: expected a .onnx or .safetensors file, got {path.name!r}")
@@ -223,20 +236,38 @@ def _config(args: argparse.Namespace) -> EFRAPConfig:
 
 def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
     onnx_adapter = _onnx()
-    config = _config(args)
     src, out = Path(args.model), Path(args.out)
+    plan_path = Path(args.plan) if args.plan else None
     if src.suffix != ".onnx":
         raise EFRAPError(f"model: `efrap defend` takes a float .onnx file, got {src.name!r}")
+    calib_path = None if args.calib in ("digits", "fashion-mnist") else Path(args.calib)
+    _distinct_paths({"the model": src, "--calib": calib_path, "--out": out, "--plan": plan_path})
+    check_writable(out, "--out")
+    if plan_path is not None:
+        check_writable(plan_path, "--plan")
+    config = _config(args)
     calib = calibration_images(args.calib, config.calib_size)
-    start = time.perf_counter()
-    plan = onnx_adapter.quantize_images(
-        src, out, calib, args.bits, per_channel=not args.per_tensor, config=config, progress=not args.quiet
+    # the float model's scan, read before anything is written
+    crowded = crowded_layers(
+        scan_weights(
+            onnx_adapter.folded_weights(src), QuantScheme.onnxruntime(args.bits, not args.per_tensor)
+        )
     )
-    seconds = time.perf_counter() - start
-    report = onnx_adapter.verify(out, plan)
-    if args.plan:
-        plan.save(args.plan)
-    crowded = crowded_layers(scan_weights(onnx_weights(src), plan.scheme))
+    start = time.perf_counter()
+    with staged(out) as out_tmp, staged(plan_path) as plan_tmp:
+        plan = onnx_adapter.quantize_images(
+            src,
+            out_tmp,
+            calib,
+            args.bits,
+            per_channel=not args.per_tensor,
+            config=config,
+            progress=not args.quiet,
+        )
+        seconds = time.perf_counter() - start
+        report = onnx_adapter.verify(out_tmp, plan)
+        if plan_tmp is not None:
+            plan.save(plan_tmp)
     summary = {
         "model": str(src),
         "out": str(out),
@@ -268,34 +299,11 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----- efrap scan ------------------------------------------------------------------------------
-def onnx_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Conv / Gemm / MatMul weights (output channels on axis 0) after quant_pre_process folds BatchNorm."""
-    import onnx
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    onnx_adapter = _onnx()
-    model = onnx_adapter.load_onnx(path)
-    with tempfile.TemporaryDirectory() as tmp:  # fold BatchNorm as quantize_static would
-        onnx.save(model, str(Path(tmp) / "in.onnx"))
-        quant_pre_process(str(Path(tmp) / "in.onnx"), str(Path(tmp) / "pre.onnx"))
-        pre = onnx.load(str(Path(tmp) / "pre.onnx"))
-    inits = {t.name: t for t in pre.graph.initializer}
-    weights = {}
-    for node in pre.graph.node:
-        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
-            arr = onnx.numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-            transposed = node.op_type == "MatMul" or (
-                node.op_type == "Gemm" and not onnx_adapter.graph.attribute(node, "transB", 0)
-            )
-            weights[node.input[1]] = torch.from_numpy(np.ascontiguousarray(arr.T if transposed else arr))
-    return weights
-
-
 def cmd_scan(args: argparse.Namespace) -> dict[str, Any]:
     path = Path(args.model)
     scheme = scheme_preset(args.scheme, args.bits)
     if path.suffix == ".onnx":
-        weights = onnx_weights(path)
+        weights = _onnx().folded_weights(path)
     elif path.suffix == ".safetensors":
         prepared = prepare_model(load_model(path)[0], scheme)
         weights = {n: m.weight for n, m in quantizable_layers(prepared)}

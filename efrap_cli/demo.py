@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from efrap_plugin import EFRAPConfig, Metrics, der, evaluate, save_model
+from efrap_plugin import EFRAPConfig, Metrics, der, evaluate, save_model, truncation_error
 from efrap_plugin.attacks import run_attack
 
-from .commands import _onnx, onnx_weights, stock_onnx_int8
+from .backends import adapter, stock_onnx_int8
 from .report import format_table, write_report
 
 __all__ = ["run_demo"]
@@ -23,7 +22,7 @@ log = logging.getLogger("efrap")
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    onnx_adapter = _onnx()
+    onnx_adapter = adapter("onnx")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.quiet
@@ -65,14 +64,14 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         m = evaluate(onnx_adapter.session(path), test, trigger)
         rows[key] = {**m.to_dict(), "seconds": round(seconds, 2), "file": Path(path).name}
     as_metrics = {k: Metrics(v["clean_acc"], v["asr"], v["ra"]) for k, v in rows.items()}
-    weights = onnx_weights(float_onnx)
+    weights = onnx_adapter.folded_weights(float_onnx)
     layers = {}
     for name, w in weights.items():
         lp = plan.layers.get(name)
         if lp is None:
             continue
         s = lp.scale.reshape([-1] + [1] * (w.dim() - 1))
-        layers[name] = ((w - torch.round(w / s) * s).abs() / s).flatten().numpy()
+        layers[name] = (truncation_error(w, plan.scheme, lp.scale, lp.zero_point) / s).flatten().numpy()
     results = {
         "attack": args.attack,
         "bits": args.bits,

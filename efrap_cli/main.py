@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from efrap_plugin import EFRAPConfig, EFRAPError
@@ -133,20 +135,52 @@ def _setup_logging(args: argparse.Namespace) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that temporary files are removed on the way out."""
+
+
+def _on_sigterm(_signum, _frame):
+    raise _Terminated
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    print(f"efrap {args.command}: error: {message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"error": message, "command": args.command, "exit_code": code}))
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args)
     from . import commands
 
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         result = commands.COMMANDS[args.command](args)
+    except commands.UsageError as exc:
+        return _fail(args, str(exc), 2)
     except EFRAPError as exc:
-        print(f"efrap {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(args, str(exc), 1)
+    except OSError as exc:  # the file system refused: name the file and the reason, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(args, f"{where}{exc.strerror or exc}", 1)
     except KeyboardInterrupt:
-        print("efrap: interrupted", file=sys.stderr)
-        return 130
+        return _fail(args, "interrupted", 130)
+    except _Terminated:
+        return _fail(args, "terminated (SIGTERM)", 143)
+    except Exception as exc:  # a bug of ours: one line, the traceback with -v
+        log.debug("traceback", exc_info=True)
+        return _fail(
+            args,
+            f"internal error {type(exc).__name__}: {exc} (run with -v for the traceback and report it)",
+            1,
+        )
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if args.json:
         print(json.dumps(result, indent=2, default=float))
     return 0

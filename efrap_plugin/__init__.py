@@ -22,7 +22,7 @@ from .engine import capture, defend
 from .errors import DataError, EFRAPError, ModelError, PlanMismatchError
 from .evaluate import Metrics, as_predictor, asr, clean_acc, der, evaluate, predict, ra
 from .fake_quant import fake_quant_forward
-from .files import atomic_write, read_safetensors
+from .files import atomic_write, check_writable, read_safetensors, safetensors_shapes, staged
 from .layers import fingerprint, prepare_model, quantizable_layers, relu_after
 from .models import DigitsCNN, ResNet, build_model, resnet8, resnet20
 from .plan import LayerPlan, RoundingPlan, snap_weight
@@ -58,6 +58,7 @@ __all__ = [
     "as_predictor",
     "asr",
     "atomic_write",
+    "check_writable",
     "build_model",
     "capture",
     "clean_acc",
@@ -83,12 +84,14 @@ __all__ = [
     "relu_after",
     "ra",
     "read_safetensors",
+    "safetensors_shapes",
     "save_model",
     "scan_weights",
     "resnet20",
     "resnet8",
     "scheme_preset",
     "snap_weight",
+    "staged",
     "resolve_device",
     "train",
     "truncation_error",

@@ -15,16 +15,27 @@ __all__ = ["IntegerReport", "compare_integers"]
 
 @dataclass
 class IntegerReport:
-    """How the integers read back from a backend artifact compare with a plan."""
+    """How the integers read back from a backend artifact compare with a plan.
+
+    ``unplanned`` lists quantized layers the artifact holds and the plan does not: a verification that
+    cannot account for every quantized layer fails, as does one with no layer at all.
+    """
 
     layers: int
     matching: int
     mismatched: dict[str, int] = field(default_factory=dict)
     scale_mismatches: list[str] = field(default_factory=list)
+    unplanned: list[str] = field(default_factory=list)
 
     @property
     def integers_ok(self) -> bool:
-        return self.matching == self.layers and not self.mismatched and not self.scale_mismatches
+        return (
+            self.layers > 0
+            and self.matching == self.layers
+            and not self.mismatched
+            and not self.scale_mismatches
+            and not self.unplanned
+        )
 
     def to_dict(self) -> dict:
         return {**asdict(self), "integers_ok": self.integers_ok}
@@ -37,12 +48,14 @@ def compare_integers(
     strict: bool = True,
     where: str = "the artifact",
 ) -> IntegerReport:
-    """Compare ``stored`` integers (plan layout: output channel on axis 0) with ``plan``.
+    """Compare ``stored`` integers (every quantized layer of the artifact, plan layout: output channel on
+    axis 0) with ``plan``.
 
-    A layer missing from ``stored`` counts as mismatched (-1). With ``strict`` any difference raises
-    PlanMismatchError naming the layers and the number of differing elements.
+    A plan layer missing from ``stored`` counts as mismatched (-1); a stored layer the plan lacks is
+    ``unplanned``. With ``strict`` any difference raises PlanMismatchError naming the layers.
     """
     report = IntegerReport(layers=len(plan.layers), matching=0)
+    report.unplanned = sorted(set(stored) - set(plan.layers))
     for name, lp in plan.layers.items():
         got = stored.get(name)
         if got is None or tuple(got.shape) != tuple(lp.integers.shape):
@@ -59,8 +72,14 @@ def compare_integers(
         else:
             report.matching += 1
     if strict and not report.integers_ok:
+        if not plan.layers:
+            raise PlanMismatchError(
+                f"verify: the plan holds no layer, so it proves nothing about {where} "
+                f"({len(stored)} quantized layers there); pass the plan the defense returned"
+            )
         raise PlanMismatchError(
             f"verify: {where} does not hold the plan's integers: differing elements per layer "
-            f"{report.mismatched} (-1: layer missing), scale mismatches {report.scale_mismatches}"
+            f"{report.mismatched} (-1: layer missing), scale mismatches {report.scale_mismatches}, "
+            f"quantized layers the plan lacks {report.unplanned}"
         )
     return report

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .npz import read_npz_arrays
 
 __all__ = [
     "LabeledData",
@@ -191,26 +192,28 @@ def load_cifar10(root: str | Path) -> Splits:
     return Splits(_pair(x_tr, y_tr, 10), _pair(x_te.astype(np.float32) / 255.0, y_te, 10), "cifar10")
 
 
-def load_npz(path: str | Path, num_classes: int | None = None) -> LabeledData | torch.Tensor:
-    """An .npz with images in ``x`` (N x C x H x W float32) and optional labels in ``y``."""
+def load_npz(
+    path: str | Path, num_classes: int | None = None, rows: int | None = None
+) -> LabeledData | torch.Tensor:
+    """An .npz with images in ``x`` (N x C x H x W float32) and optional labels in ``y``.
+
+    Only ``x`` and ``y`` are read, and only their first ``rows`` rows: other arrays are never inflated.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file; expected an .npz with an array named 'x'")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except ValueError as exc:
-        raise DataError(f"{path}: not a readable .npz without pickled objects ({exc})") from None
-    except Exception as exc:
-        raise DataError(f"{path}: not a readable .npz ({exc})") from None
+    arrays, available = read_npz_arrays(path, ("x", "y"), rows)
     if "x" not in arrays:
-        raise DataError(
-            f"{path}: expected an array named 'x' (N x C x H x W float32), found {sorted(arrays)}"
-        )
+        raise DataError(f"{path}: expected an array named 'x' (N x C x H x W float32), found {available}")
     x = _to_images(arrays["x"], f"{path}:x")
     if "y" not in arrays:
         return x
-    y = torch.as_tensor(np.asarray(arrays["y"]).astype(np.int64))
+    y_arr = arrays["y"]
+    if y_arr.dtype.kind not in "iu" or y_arr.shape != (x.shape[0],):
+        raise DataError(
+            f"{path}:y: expected one integer label per image ({x.shape[0]}), got {y_arr.dtype} {y_arr.shape}"
+        )
+    y = torch.as_tensor(y_arr.astype(np.int64))
     classes = num_classes if num_classes is not None else int(y.max()) + 1 if y.numel() else 1
     return LabeledData(x, y, classes)
 
@@ -237,7 +240,7 @@ def as_calibration(
     if isinstance(data, LabeledData):
         x = data.x
     elif isinstance(data, (str, Path)):
-        loaded = load_npz(data)
+        loaded = load_npz(data, rows=n if n is not None and n > 0 else None)
         x = loaded.x if isinstance(loaded, LabeledData) else loaded
     elif isinstance(data, (torch.Tensor, np.ndarray)):
         x = _to_images(data, "calibration data")

@@ -159,9 +159,6 @@ def defend(
                 result.act_error_learned,
                 result.act_error_nearest,
             )
-    meta = {
-        "config": config.to_dict(),
-        "seconds": time.perf_counter() - start,
-        "calib_size": int(calib.shape[0]),
-    }
+    log.info("EFRAP: %d layers in %.1f s", len(plans), time.perf_counter() - start)
+    meta = {"config": config.to_dict(), "calib_size": int(calib.shape[0])}  # no timings: same run, same bytes
     return RoundingPlan(scheme, plans, "torch", meta)

@@ -14,14 +14,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelError, PlanMismatchError
+from .errors import EFRAPError, ModelError, PlanMismatchError
 from .files import atomic_write, read_safetensors
 from .layers import QUANTIZABLE, fingerprint, prepare_model
 from .schemes import QuantScheme
 
 __all__ = ["LayerPlan", "RoundingPlan", "snap_weight"]
 
-_FORMAT = "efrap-plan/1"
+_FORMAT = "efrap-plan/2"
+_HEADER_KEY = "efrap-plan"  # one metadata entry: safetensors writes several in a random order
+_FORMAT_V1 = "efrap-plan/1"  # separate metadata entries, read for files written before 0.2
 
 
 @dataclass(frozen=True)
@@ -122,34 +124,74 @@ class RoundingPlan:
             layers_meta.append({"key": key, "name": name, "fingerprint": lp.fingerprint, "stats": lp.stats})
         header = {
             "format": _FORMAT,
-            "scheme": json.dumps(self.scheme.to_dict()),
+            "scheme": self.scheme.to_dict(),
             "source": self.source,
-            "layers": json.dumps(layers_meta),
-            "meta": json.dumps(dict(self.meta)),
+            "layers": layers_meta,
+            "meta": dict(self.meta),
         }
-        return atomic_write(Path(path), st_save(tensors, metadata=header))
+        metadata = {_HEADER_KEY: json.dumps(header, sort_keys=True)}
+        return atomic_write(Path(path), st_save(tensors, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> RoundingPlan:
-        header, tensors = read_safetensors(path, "plan", "a file written by RoundingPlan.save")
-        if header.get("format") != _FORMAT:
+        """Read a plan written by ``save``; anything else is refused with a ModelError naming the problem."""
+        raw, tensors = read_safetensors(path, "plan", "a file written by RoundingPlan.save")
+        try:
+            header = _parse_header(raw)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ModelError(f"plan: {path} is damaged: its header is not valid plan JSON ({exc})") from None
+        if header.get("format") not in (_FORMAT, _FORMAT_V1):
             raise ModelError(
                 f"plan: {path} is not an efrap plan (format {header.get('format')!r}, expected {_FORMAT!r})"
             )
-        layers = {}
-        for entry in json.loads(header["layers"]):
-            key = entry["key"]
-            layers[entry["name"]] = LayerPlan(
-                entry["name"],
-                tensors[f"{key}.integers"],
-                tensors[f"{key}.scale"],
-                tensors[f"{key}.zero_point"],
-                tensors[f"{key}.nearest"],
-                entry["fingerprint"],
-                entry.get("stats", {}),
-            )
-        scheme = QuantScheme.from_dict(json.loads(header["scheme"]))
-        return cls(scheme, layers, header.get("source", "torch"), json.loads(header.get("meta", "{}")))
+        try:
+            layers = {}
+            for entry in header["layers"]:
+                key = entry["key"]
+                layers[entry["name"]] = LayerPlan(
+                    entry["name"],
+                    tensors[f"{key}.integers"],
+                    tensors[f"{key}.scale"],
+                    tensors[f"{key}.zero_point"],
+                    tensors[f"{key}.nearest"],
+                    entry["fingerprint"],
+                    dict(entry.get("stats", {})),
+                )
+            scheme = QuantScheme.from_dict(header["scheme"])
+            meta = dict(header.get("meta", {}))
+        except EFRAPError as exc:
+            raise ModelError(f"plan: {path} holds an invalid scheme ({exc})") from None
+        except KeyError as exc:
+            raise ModelError(
+                f"plan: {path} is damaged: entry or tensor {exc} is missing; save the plan again"
+            ) from None
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ModelError(f"plan: {path} is damaged: its header is not valid plan JSON ({exc})") from None
+        for name, lp in layers.items():
+            if lp.integers.shape != lp.nearest.shape or lp.scale.numel() != lp.zero_point.numel():
+                raise ModelError(
+                    f"plan: {path} is damaged: layer {name!r} has integers {tuple(lp.integers.shape)}, nearest "
+                    f"{tuple(lp.nearest.shape)}, {lp.scale.numel()} scales and {lp.zero_point.numel()} zero points"
+                )
+        return cls(scheme, layers, str(header.get("source", "torch")), meta)
+
+
+def _parse_header(raw: dict[str, str]) -> dict[str, Any]:
+    """The plan header as one dict, from this version's single entry or a version-1 file's several."""
+    if _HEADER_KEY in raw:
+        header = json.loads(raw[_HEADER_KEY])
+        if not isinstance(header, dict):
+            raise ValueError(f"expected a JSON object, got {type(header).__name__}")
+        return header
+    if raw.get("format") != _FORMAT_V1:
+        return {"format": raw.get("format")}
+    return {
+        "format": _FORMAT_V1,
+        "scheme": json.loads(raw["scheme"]),
+        "source": raw.get("source", "torch"),
+        "layers": json.loads(raw["layers"]),
+        "meta": json.loads(raw.get("meta", "{}")),
+    }
 
 
 def snap_weight(weight: torch.Tensor, lp: LayerPlan, scheme: QuantScheme) -> torch.Tensor:

@@ -32,6 +32,12 @@ class PatchTrigger:
     """The attacker's target label."""
 
     def __post_init__(self) -> None:
+        for name in ("size", "row", "col", "target"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise EFRAPError(f"PatchTrigger.{name}: expected an integer, got {value!r}")
+        if not isinstance(self.value, (int, float)) or isinstance(self.value, bool):
+            raise EFRAPError(f"PatchTrigger.value: expected a number, got {self.value!r}")
         if self.size < 1:
             raise EFRAPError(f"PatchTrigger.size: expected a positive number of pixels, got {self.size}")
         if self.target < 0:

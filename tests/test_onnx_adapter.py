@@ -7,6 +7,7 @@ import onnx
 import pytest
 from conftest import FIXTURES
 from onnx import TensorProto, helper, numpy_helper
+from onnx_models import conv_model
 from onnxruntime.quantization import QuantType
 
 from efrap_onnx import ListDataReader, load_onnx, quantize_static, session, verify
@@ -165,27 +166,11 @@ def test_corrupted_protobuf_is_refused(pq8_onnx, tmp_path, calib):
     assert _no_output(tmp_path)
 
 
-def _conv_model(weight: np.ndarray, external: str | None = None):
-    init = numpy_helper.from_array(weight, "w")
-    if external is not None:
-        init.ClearField("raw_data")
-        init.data_location = TensorProto.EXTERNAL
-        init.external_data.add(key="location", value=external)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["input", "w"], ["y"], name="conv")],
-        "g",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])],
-        [init],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def test_external_data_outside_the_folder_is_refused(tmp_path, calib):
     secret = tmp_path / "secret.bin"
     secret.write_bytes(np.ones(36, np.float32).tobytes())
     (tmp_path / "models").mkdir()
-    model = _conv_model(np.ones((4, 1, 3, 3), np.float32), external="../secret.bin")
+    model = conv_model(np.ones((4, 1, 3, 3), np.float32), location="../secret.bin")
     onnx.save(model, str(tmp_path / "models" / "model.onnx"))
     with pytest.raises(ModelError, match=r"outside the model's folder .*path traversal"):
         load_onnx(tmp_path / "models" / "model.onnx")
@@ -194,7 +179,7 @@ def test_external_data_outside_the_folder_is_refused(tmp_path, calib):
 def test_nan_weights_are_refused(tmp_path, calib):
     w = np.ones((4, 1, 3, 3), np.float32)
     w[0, 0, 0, 0] = np.nan
-    onnx.save(_conv_model(w), str(tmp_path / "model.onnx"))
+    onnx.save(conv_model(w), str(tmp_path / "model.onnx"))
     with pytest.raises(ModelError, match=r"initializer 'w' holds NaN or Inf"):
         quantize_static(tmp_path / "model.onnx", tmp_path / "out.onnx", _reader(calib))
     assert _no_output(tmp_path)

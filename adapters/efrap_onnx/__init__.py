@@ -1,9 +1,10 @@
 """efrap-plugin's ONNX / onnxruntime adapter: defended QDQ models that onnxruntime runs."""
 
 from .export import export_defended, export_float_onnx, onnx_plan
+from .graph import folded_weights
 from .model_io import load_onnx, save_onnx
 from .quantize import ListDataReader, defend_qdq, quantize_images, quantize_static, session
-from .verify import VerifyReport, optimized_op_counts, verify
+from .verify import VerifyReport, optimized_op_counts, quantized_weights, verify
 
 __all__ = [
     "ListDataReader",
@@ -11,11 +12,13 @@ __all__ = [
     "defend_qdq",
     "export_defended",
     "export_float_onnx",
+    "folded_weights",
     "load_onnx",
     "onnx_plan",
     "optimized_op_counts",
     "quantize_images",
     "quantize_static",
+    "quantized_weights",
     "save_onnx",
     "session",
     "verify",

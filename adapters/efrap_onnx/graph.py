@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,9 +15,9 @@ import torch.nn.functional as F
 
 from efrap_plugin import ModelError
 
-from .model_io import initializer_array
+from .model_io import initializer_array, load_onnx, preprocess
 
-__all__ = ["QuantizedLayer", "find_quantized_layers", "attribute"]
+__all__ = ["QuantizedLayer", "find_quantized_layers", "folded_weights", "attribute"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,26 @@ class QuantizedLayer:
     input_name: str
     output_name: str
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def folded_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Conv / Gemm / MatMul weights (output channels on axis 0) as quantize_static sees them: after
+    quant_pre_process has folded BatchNorm."""
+    model = load_onnx(path)
+    with tempfile.TemporaryDirectory(prefix="efrap-onnx-") as tmp:
+        onnx.save(model, str(Path(tmp) / "in.onnx"))
+        preprocess(Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx")
+        pre = onnx.load(str(Path(tmp) / "pre.onnx"))
+    inits = _initializers(pre)
+    weights = {}
+    for node in pre.graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
+            arr = initializer_array(inits[node.input[1]]).astype(np.float32)
+            transposed = node.op_type == "MatMul" or (
+                node.op_type == "Gemm" and not attribute(node, "transB", 0)
+            )
+            weights[node.input[1]] = torch.from_numpy(np.ascontiguousarray(arr.T if transposed else arr))
+    return weights
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:

@@ -1,21 +1,126 @@
-"""Loading untrusted ONNX files safely, and writing them atomically."""
+"""Loading untrusted ONNX files safely, and writing them atomically.
+
+A model file is untrusted input: its external data must stay inside the model's folder and inside
+the data files' bounds, its ops must be ones onnxruntime runs without custom libraries, and no
+tensor it computes may need more memory than the work could ever use.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from efrap_plugin import ModelError, atomic_write
 
-__all__ = ["load_onnx", "save_onnx", "initializer_array"]
+__all__ = ["load_onnx", "save_onnx", "initializer_array", "preprocess", "MAX_TENSOR_BYTES", "MIN_OPSET"]
 
 log = logging.getLogger(__name__)
+
+MAX_TENSOR_BYTES = 4 << 30
+"""The largest tensor (at batch 1) a model may compute or hold before it is refused as a memory bomb."""
+MIN_OPSET = 10
+"""The oldest ai.onnx opset onnxruntime's quantizer works with (QuantizeLinear / DequantizeLinear)."""
+_STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
+_MAX_NAME = 255
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _graph_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _graph_tensors(sub)
+
+
+def _check_external(tensor: onnx.TensorProto, folder: Path) -> None:
+    """Refuse external data that leaves ``folder``, is malformed, or reaches past the end of its file."""
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    where = f"model: tensor {tensor.name!r} points at external data {location!r}"
+    if (
+        not location
+        or "\0" in location
+        or len(location) > 4096
+        or any(len(part) > _MAX_NAME for part in location.split("/"))
+    ):
+        raise ModelError(f"{where}: not a usable file name; keep external data files next to the model")
+    try:
+        target = (folder / location).resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # missing file, symlink loop
+        raise ModelError(
+            f"{where}: cannot be opened in {folder} ({exc}); keep the data next to the model"
+        ) from None
+    if os.path.isabs(location) or folder not in target.parents or not target.is_file():
+        raise ModelError(
+            f"{where} outside the model's folder {folder}; refusing to read it (path traversal). "
+            "Keep external data next to the model."
+        )
+    try:
+        offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+    except ValueError:
+        raise ModelError(f"{where}: offset / length are not integers") from None
+    size = target.stat().st_size
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize if tensor.data_type else 1
+    needed = length if length >= 0 else math.prod(tensor.dims) * itemsize
+    if offset < 0 or needed < 0 or offset + needed > size:
+        raise ModelError(
+            f"{where}: offset {offset} + length {needed} reaches past the end of the file ({size} bytes); "
+            "the model or its data file is damaged"
+        )
+
+
+def _check_ops(model: onnx.ModelProto, path: Path) -> None:
+    opsets = {o.domain: o.version for o in model.opset_import}
+    version = opsets.get("", opsets.get("ai.onnx"))
+    if version is not None and version < MIN_OPSET:
+        raise ModelError(
+            f"model: {path} uses ai.onnx opset {version}; quantization needs opset >= {MIN_OPSET}. "
+            "Re-export it with a newer opset (or onnx.version_converter.convert_version)"
+        )
+    custom = sorted({n.domain for n in model.graph.node if n.domain not in _STANDARD_DOMAINS})
+    if custom:
+        raise ModelError(
+            f"model: {path} uses ops of custom domains {custom}; efrap needs a model onnxruntime runs "
+            "without custom op libraries"
+        )
+
+
+def _check_memory(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse a graph whose static shapes (batch 1, data propagated) ask for a tensor over the limit."""
+    if model.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF:
+        log.warning("model: %s is over 2 GB; its tensor sizes are not checked before running it", path)
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # onnx raises several unrelated types here
+        raise ModelError(f"model: {path} fails ONNX shape inference ({exc})") from None
+    for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+        kind = vi.type.tensor_type
+        if not kind.elem_type:
+            continue
+        numel = math.prod(max(d.dim_value, 1) if d.HasField("dim_value") else 1 for d in kind.shape.dim)
+        nbytes = numel * onnx.helper.tensor_dtype_to_np_dtype(kind.elem_type).itemsize
+        if nbytes > MAX_TENSOR_BYTES:
+            raise ModelError(
+                f"model: {path}: tensor {vi.name!r} would take {nbytes / 2**30:.1f} GiB at batch 1 (the limit "
+                f"is {MAX_TENSOR_BYTES / 2**30:.0f} GiB); refusing a model that would exhaust memory"
+            )
 
 
 def load_onnx(path: str | Path, check_finite: bool = True) -> onnx.ModelProto:
@@ -32,26 +137,20 @@ def load_onnx(path: str | Path, check_finite: bool = True) -> onnx.ModelProto:
     if not model.graph.node:
         raise ModelError(f"model: {path} parsed but holds no graph nodes; is it really an ONNX model?")
     folder = path.resolve().parent
-    for tensor in model.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (folder / location).resolve()
-        if not location or os.path.isabs(location) or folder not in target.parents:
-            raise ModelError(
-                f"model: initializer {tensor.name!r} points at external data {location!r} outside the model's "
-                f"folder {folder}; refusing to read it (path traversal). Keep external data next to the model."
-            )
-        if not target.is_file():
-            raise ModelError(
-                f"model: external data file {location!r} of {tensor.name!r} is missing in {folder}"
-            )
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        onnx.load_external_data_for_model(model, str(folder))
+    external = [t for t in _graph_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+    for tensor in external:
+        _check_external(tensor, folder)
+    _check_ops(model, path)
+    if external:
+        try:
+            onnx.load_external_data_for_model(model, str(folder))
+        except Exception as exc:
+            raise ModelError(f"model: {path}: its external data cannot be read ({exc})") from None
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
         raise ModelError(f"model: {path} fails the ONNX checker ({exc})") from None
+    _check_memory(model, path)
     if check_finite:
         for tensor in model.graph.initializer:
             arr = initializer_array(tensor)
@@ -60,6 +159,27 @@ def load_onnx(path: str | Path, check_finite: bool = True) -> onnx.ModelProto:
                     f"model: initializer {tensor.name!r} holds NaN or Inf values; fix the model before quantizing"
                 )
     return model
+
+
+def preprocess(src: Path, out: Path) -> None:
+    """onnxruntime's quant_pre_process (folds BatchNorm), with its failures made clear and its litter removed.
+
+    When symbolic shape inference fails it saves ``sym_shape_infer_temp.onnx`` and a data file into the
+    working folder; those are removed here, as they are not the user's.
+    """
+    litter = Path("sym_shape_infer_temp.onnx")
+    before = set(Path.cwd().iterdir()) if not litter.exists() else None
+    try:
+        quant_pre_process(str(src), str(out))
+    except Exception as exc:
+        raise ModelError(
+            f"model: onnxruntime's quant_pre_process cannot prepare it ({type(exc).__name__}: {exc})"
+        ) from None
+    finally:
+        if before is not None:
+            for leftover in set(Path.cwd().iterdir()) - before:
+                if leftover.name.startswith("sym_shape_infer_temp") or leftover.suffix == ".data":
+                    leftover.unlink(missing_ok=True)
 
 
 def initializer_array(tensor: onnx.TensorProto) -> np.ndarray:
@@ -72,7 +192,3 @@ def initializer_array(tensor: onnx.TensorProto) -> np.ndarray:
 def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
     """Serialise then rename into place: a failure never leaves a half-written model."""
     return atomic_write(Path(path), model.SerializeToString())
-
-
-def temp_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="efrap-onnx-")

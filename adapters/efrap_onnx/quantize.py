@@ -21,7 +21,6 @@ import torch
 from onnx import TensorProto, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
 from onnxruntime.quantization import quantize_static as ort_quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
 from tqdm.auto import tqdm
 
 from efrap_plugin import (
@@ -38,11 +37,13 @@ from efrap_plugin import (
 )
 
 from .graph import QuantizedLayer, find_quantized_layers
-from .model_io import initializer_array, load_onnx, save_onnx
+from .model_io import initializer_array, load_onnx, preprocess, save_onnx
 
 __all__ = ["quantize_static", "quantize_images", "ListDataReader", "session"]
 
 log = logging.getLogger(__name__)
+
+_MAX_QUOTED = 600  # characters of a backend's error message quoted in ours
 
 
 class ListDataReader(CalibrationDataReader):
@@ -65,18 +66,34 @@ class ListDataReader(CalibrationDataReader):
 
 
 def session(model: onnx.ModelProto | str | Path, outputs: list[str] | None = None) -> ort.InferenceSession:
-    """A CPU InferenceSession, optionally exposing intermediate tensors as extra outputs."""
-    if not isinstance(model, onnx.ModelProto):
-        return ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    if outputs:
-        model = onnx.ModelProto.FromString(model.SerializeToString())
-        have = {o.name for o in model.graph.output}
-        for name in outputs:
-            if name not in have:
-                model.graph.output.append(onnx.helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    """A CPU InferenceSession, optionally exposing intermediate tensors as extra outputs.
+
+    A model onnxruntime cannot load (an opset it does not know, an op it lacks) is a ModelError.
+    """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    if isinstance(model, onnx.ModelProto):
+        if outputs:
+            model = onnx.ModelProto.FromString(model.SerializeToString())
+            have = {o.name for o in model.graph.output}
+            for name in outputs:
+                if name not in have:
+                    model.graph.output.append(
+                        onnx.helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+                    )
+        source: Any = model.SerializeToString()
+    else:
+        source = str(model)
+    try:
+        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's pybind errors share no public base class
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if len(first) > _MAX_QUOTED:
+            first = first[:_MAX_QUOTED] + " ..."
+        raise ModelError(
+            f"model: onnxruntime {ort.__version__} cannot run it ({first}); export it with an opset and ops "
+            "this onnxruntime supports"
+        ) from None
 
 
 def _collect(reader: Any, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
@@ -111,7 +128,19 @@ def _collect(reader: Any, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]
                 )
             if not np.isfinite(arr).all():
                 raise DataError(f"calibration data: input {inp.name!r} holds NaN or Inf values")
-    return batches
+    fixed = {d.dim_value for i in inputs for d in i.type.tensor_type.shape.dim[:1] if d.HasField("dim_value")}
+    return _rebatch(batches, fixed.pop()) if len(fixed) == 1 else batches
+
+
+def _rebatch(batches: list[dict[str, np.ndarray]], size: int) -> list[dict[str, np.ndarray]]:
+    """Batches of exactly ``size`` rows, for a graph exported with a fixed batch dimension."""
+    joined = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    rows = min(len(v) for v in joined.values())
+    if rows < size:
+        raise DataError(f"calibration data: the model takes batches of {size}; pass at least {size} inputs")
+    if any(len(b[k]) != size for b in batches for k in b):
+        log.info("the model's batch dimension is fixed at %d: calibration data re-batched", size)
+    return [{k: v[i : i + size] for k, v in joined.items()} for i in range(0, rows - size + 1, size)]
 
 
 def _weight_bits(weight_type: Any) -> int:
@@ -159,13 +188,14 @@ def quantize_static(
     bits = _weight_bits(weight_type)
     config = config or EFRAPConfig()
     float_model = load_onnx(model_input)
+    session(float_model)  # onnxruntime can run the user's model, or a clear error before any work
     batches = _collect(calibration_data_reader, float_model)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="efrap-onnx-") as tmp:
         src, pre, qdq_path = Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "qdq.onnx"
         onnx.save(float_model, str(src))
-        quant_pre_process(str(src), str(pre))
-        ort_quantize_static(
+        preprocess(src, pre)
+        _quantize_stock(
             str(pre),
             str(qdq_path),
             ListDataReader(batches),
@@ -188,9 +218,21 @@ def quantize_static(
     if efrap:
         scheme = QuantScheme.onnxruntime(bits, per_channel)
         plan = defend_qdq(pre_model, qdq, batches, scheme, config, progress)
-        plan.meta["seconds"] = time.perf_counter() - start  # type: ignore[index]
+        log.info("EFRAP: %d layers in %.1f s", len(plan.layers), time.perf_counter() - start)
     save_onnx(qdq, model_output)
     return plan
+
+
+def _quantize_stock(src: str, out: str, *args: Any) -> None:
+    """onnxruntime's own quantize_static; its failures on a model it cannot handle become ModelErrors."""
+    try:
+        ort_quantize_static(src, out, *args)
+    except EFRAPError:
+        raise
+    except Exception as exc:
+        raise ModelError(
+            f"model: onnxruntime's quantize_static cannot quantize it ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def quantize_images(

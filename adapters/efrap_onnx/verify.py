@@ -16,7 +16,7 @@ from efrap_plugin import IntegerReport, PlanMismatchError, RoundingPlan, compare
 
 from .model_io import initializer_array, load_onnx
 
-__all__ = ["VerifyReport", "verify", "optimized_op_counts"]
+__all__ = ["VerifyReport", "verify", "optimized_op_counts", "quantized_weights"]
 
 INT_KERNELS = (
     "QLinearConv",
@@ -56,10 +56,44 @@ def optimized_op_counts(model_path: str | Path) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in optimized.graph.node))
 
 
+# Where each op reads its quantized weight: QDQ ops read it through a DequantizeLinear at input 1;
+# QOperator ops take the integer initializer directly.
+_QDQ_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_QOPERATOR_WEIGHT_INPUT = {
+    "QLinearConv": 3,
+    "QLinearMatMul": 3,
+    "QGemm": 3,
+    "ConvInteger": 1,
+    "MatMulInteger": 1,
+}
+
+
+def quantized_weights(model: onnx.ModelProto) -> list[str]:
+    """Names of every integer weight initializer the graph's Conv / Gemm / MatMul ops read, QDQ or QOperator."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {out: n for n in model.graph.node for out in n.output}
+    found = []
+    for node in model.graph.node:
+        if node.op_type in _QDQ_WEIGHT_OPS and len(node.input) > 1:
+            dq = producers.get(node.input[1])
+            name = dq.input[0] if dq is not None and dq.op_type == "DequantizeLinear" else ""
+        elif (
+            node.op_type in _QOPERATOR_WEIGHT_INPUT
+            and len(node.input) > _QOPERATOR_WEIGHT_INPUT[node.op_type]
+        ):
+            name = node.input[_QOPERATOR_WEIGHT_INPUT[node.op_type]]
+        else:
+            continue
+        if name in inits and initializer_array(inits[name]).dtype.kind in "iu":
+            found.append(name)
+    return found
+
+
 def verify(model_path: str | Path, plan: RoundingPlan, strict: bool = True) -> VerifyReport:
     """Compare the weight integers stored in ``model_path`` with ``plan``, bit for bit.
 
-    With ``strict`` a mismatch raises PlanMismatchError naming the layers.
+    Every quantized weight of the file must be in the plan and hold its integers: a layer the plan
+    lacks, or an empty plan, fails. With ``strict`` a failure raises PlanMismatchError naming the layers.
     """
     if plan.source != "onnx" or "layout" not in plan.meta:
         raise PlanMismatchError(
@@ -68,18 +102,22 @@ def verify(model_path: str | Path, plan: RoundingPlan, strict: bool = True) -> V
         )
     model = load_onnx(model_path, check_finite=False)
     inits = {t.name: t for t in model.graph.initializer}
+    layout = plan.meta["layout"]
+    planned = {where["quantized"]: name for name, where in layout.items()}
     stored, scales = {}, {}
-    for name in plan.layers:
-        where = plan.meta["layout"][name]
-        if where["quantized"] not in inits or where["scale"] not in inits:
-            continue
-        ints = torch.from_numpy(initializer_array(inits[where["quantized"]]).astype(np.int32))
-        stored[name] = ints.T if where["transpose"] else ints
-        scales[name] = torch.from_numpy(
-            np.atleast_1d(initializer_array(inits[where["scale"]])).astype(np.float32)
-        )
+    for quantized in quantized_weights(model):
+        name = planned.get(quantized, quantized)
+        ints = torch.from_numpy(initializer_array(inits[quantized]).astype(np.int32))
+        stored[name] = ints.T if name in layout and layout[name]["transpose"] else ints
+        if name in layout and layout[name]["scale"] in inits:
+            scales[name] = torch.from_numpy(
+                np.atleast_1d(initializer_array(inits[layout[name]["scale"]])).astype(np.float32)
+            )
     check = compare_integers(plan, stored, scales, strict=strict, where=str(model_path))
     return VerifyReport(
-        **{f: getattr(check, f) for f in ("layers", "matching", "mismatched", "scale_mismatches")},
+        **{
+            f: getattr(check, f)
+            for f in ("layers", "matching", "mismatched", "scale_mismatches", "unplanned")
+        },
         int_kernels={k: v for k, v in optimized_op_counts(model_path).items() if k in INT_KERNELS},
     )
