@@ -24,9 +24,11 @@ from .evaluate import Metrics, as_predictor, asr, clean_acc, der, evaluate, pred
 from .fake_quant import fake_quant_forward
 from .files import atomic_write, check_writable, read_safetensors, safetensors_shapes, staged
 from .layers import fingerprint, prepare_model, quantizable_layers, relu_after
+from .loop import defend_layers
 from .models import DigitsCNN, ResNet, build_model, resnet8, resnet20
+from .objective import learnable_bounds, truncation_error
 from .plan import LayerPlan, RoundingPlan, snap_weight
-from .rounding import LayerProblem, LayerResult, learn_rounding, learnable_bounds, truncation_error
+from .rounding import LayerProblem, LayerResult, learn_rounding
 from .schemes import SCHEME_PRESETS, ActivationQuantizer, QuantScheme, scheme_preset
 from .training import resolve_device, train
 from .triggers import PatchTrigger
@@ -64,6 +66,7 @@ __all__ = [
     "clean_acc",
     "compare_integers",
     "defend",
+    "defend_layers",
     "der",
     "evaluate",
     "fake_quant_forward",

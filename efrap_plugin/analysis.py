@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .rounding import truncation_error
+from .objective import truncation_error
 from .schemes import QuantScheme
 
 __all__ = ["LayerScan", "scan_weights", "format_scan", "crowded_layers"]

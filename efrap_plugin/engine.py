@@ -9,18 +9,19 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import EFRAPConfig
 from .data import as_calibration
 from .errors import DataError
-from .layers import fingerprint, followed_by_relu, layer_forward, prepare_model, quantizable_layers
-from .plan import LayerPlan, RoundingPlan
-from .rounding import LayerProblem, learn_rounding
+from .layers import followed_by_relu, layer_forward, prepare_model, quantizable_layers
+from .loop import defend_layers
+from .plan import RoundingPlan
+from .rounding import LayerProblem
 from .schemes import ActivationQuantizer, QuantScheme, scheme_preset
 
 __all__ = ["defend", "capture"]
@@ -78,6 +79,41 @@ def _then_relu(forward):
     return lambda x, w: torch.relu(forward(x, w))
 
 
+def _problems(
+    prepared: nn.Module,
+    quantized: nn.Module,
+    layers: list[tuple[str, nn.Module]],
+    calib: torch.Tensor,
+    scheme: QuantScheme,
+    with_relu: set[str],
+) -> Iterator[LayerProblem]:
+    """One problem per layer, built when the loop asks: by then earlier layers' integers are installed."""
+    for i, (name, layer) in enumerate(layers):
+        position = "first" if i == 0 else "last" if i == len(layers) - 1 else "middle"
+        layer_scheme = scheme.for_layer(position)
+        q_layer = quantized.get_submodule(name)
+        forward, targets = layer_forward(layer), capture(prepared, layer, calib, "output")
+        if name in with_relu:
+            forward, targets = _then_relu(forward), torch.relu(targets)
+
+        def install(
+            integers: torch.Tensor, q_layer=q_layer, layer_scheme=layer_scheme, w=layer.weight
+        ) -> None:
+            scale, zero_point = layer_scheme.qparams(w)
+            with torch.no_grad():
+                q_layer.weight.copy_(layer_scheme.dequantize(integers, scale, zero_point))
+
+        yield LayerProblem(
+            name,
+            layer.weight.detach().clone(),
+            layer_scheme,
+            forward,
+            capture(quantized, q_layer, calib, "input"),
+            targets,
+            install=install,
+        )
+
+
 def defend(
     model: nn.Module,
     calib_data: Any,
@@ -108,57 +144,8 @@ def defend(
     with_relu = followed_by_relu(prepared) if config.unit == "activation" else set()
     quantized = copy.deepcopy(prepared)
     _install_act_quantizers(quantized, layers, calib, scheme)
-    gen = torch.Generator().manual_seed(config.seed)
-    plans: dict[str, LayerPlan] = {}
-    total = config.iters * len(layers)
-    with tqdm(total=total, desc="EFRAP", unit="it", disable=not progress, leave=False) as bar:
-        for i, (name, layer) in enumerate(layers):
-            position = "first" if i == 0 else "last" if i == len(layers) - 1 else "middle"
-            layer_scheme = scheme.for_layer(position)
-            q_layer = quantized.get_submodule(name)
-            forward, targets = layer_forward(layer), capture(prepared, layer, calib, "output")
-            if name in with_relu:
-                forward, targets = _then_relu(forward), torch.relu(targets)
-            problem = LayerProblem(
-                name,
-                layer.weight.detach().clone(),
-                layer_scheme,
-                forward,
-                capture(quantized, q_layer, calib, "input"),
-                targets,
-            )
-            bar.set_postfix(layer=name)
-            result = learn_rounding(problem, config, gen, bar.update)
-            with torch.no_grad():
-                q_layer.weight.copy_(
-                    layer_scheme.dequantize(result.integers, result.scale, result.zero_point)
-                )
-            nearest = layer_scheme.quantize(problem.weight, result.scale, result.zero_point)
-            plans[name] = LayerPlan(
-                name,
-                result.integers,
-                result.scale,
-                result.zero_point,
-                nearest,
-                fingerprint(layer.weight),
-                {
-                    "flipped_share": result.flipped_share,
-                    "loss_before": result.loss_before,
-                    "loss_after": result.loss_after,
-                    "act_error_nearest": result.act_error_nearest,
-                    "act_error_learned": result.act_error_learned,
-                    "bits": layer_scheme.bits,
-                },
-            )
-            log.info(
-                "%s: %.1f%% flipped, loss %.4g -> %.4g, relative output error %.2e (nearest %.2e)",
-                name,
-                100 * result.flipped_share,
-                result.loss_before,
-                result.loss_after,
-                result.act_error_learned,
-                result.act_error_nearest,
-            )
+    problems = _problems(prepared, quantized, layers, calib, scheme, with_relu)
+    plans = defend_layers(problems, config, len(layers), progress)
     log.info("EFRAP: %d layers in %.1f s", len(plans), time.perf_counter() - start)
     meta = {"config": config.to_dict(), "calib_size": int(calib.shape[0])}  # no timings: same run, same bytes
     return RoundingPlan(scheme, plans, "torch", meta)

@@ -170,7 +170,7 @@ def test_learn_rounding_flips_toward_the_targets_when_only_flipping():
 def test_neuron_wise_error_norm_keeps_the_element_scale_under_the_lsb_balance():
     """The paper's per-channel norm ranks channels; under balance="lsb" it is an RMS, so a channel whose
     errors are all equal weighs exactly as the element-wise factor would (an L2 norm would be sqrt(fan-in)x)."""
-    from efrap_plugin.rounding import _flip_errors
+    from efrap_plugin.objective import _flip_errors
 
     err = torch.tensor([[0.3] * 16, [0.1] * 8 + [0.4] * 8]).reshape(2, 4, 2, 2)
     rms = _flip_errors(err, EFRAPConfig(error_norm="neuron"))

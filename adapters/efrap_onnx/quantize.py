@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +22,16 @@ import torch
 from onnx import TensorProto, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
 from onnxruntime.quantization import quantize_static as ort_quantize_static
-from tqdm.auto import tqdm
 
 from efrap_plugin import (
     DataError,
     EFRAPConfig,
     EFRAPError,
-    LayerPlan,
     LayerProblem,
     ModelError,
     QuantScheme,
     RoundingPlan,
-    fingerprint,
-    learn_rounding,
+    defend_layers,
 )
 
 from .graph import QuantizedLayer, find_quantized_layers
@@ -283,6 +281,60 @@ def _to_core(arr: np.ndarray, layer: QuantizedLayer) -> torch.Tensor:
     return t.T.contiguous() if layer.transpose else t
 
 
+def _calibration_subset(batches: list[dict[str, np.ndarray]], size: int) -> list[dict[str, np.ndarray]]:
+    """The leading batches holding ``size`` inputs (the last one cut)."""
+    calib, n = [], 0
+    for b in batches:
+        take = {k: v[: size - n] for k, v in b.items()}
+        calib.append(take)
+        n += len(next(iter(take.values())))
+        if n >= size:
+            break
+    return calib
+
+
+def _problems(
+    float_model: onnx.ModelProto,
+    qdq: onnx.ModelProto,
+    layers: list[QuantizedLayer],
+    calib: list[dict[str, np.ndarray]],
+    scheme: QuantScheme,
+) -> Iterator[LayerProblem]:
+    """One problem per quantized weight of ``qdq``, its inputs read from the QDQ graph as it stands
+    (earlier layers' learned integers already written), its targets from the float graph."""
+    inits = {t.name: t for t in qdq.graph.initializer}
+    float_inits = {t.name: t for t in float_model.graph.initializer}
+    for layer in layers:
+        weight = _to_core(initializer_array(float_inits[layer.float_weight]).astype(np.float32), layer)
+        scale = torch.from_numpy(np.atleast_1d(initializer_array(inits[layer.scale])).astype(np.float32))
+        zp = (
+            np.atleast_1d(initializer_array(inits[layer.zero_point])).astype(np.int32)
+            if layer.zero_point
+            else np.zeros(scale.shape, np.int32)
+        )
+        if np.any(zp != 0):
+            raise EFRAPError(
+                f"layer {layer.node}: weights are quantized with non-zero zero points; EFRAP needs symmetric "
+                "weights (extra_options WeightSymmetric=True, onnxruntime's default)"
+            )
+
+        def install(integers: torch.Tensor, layer=layer) -> None:
+            ints = integers.T if layer.transpose else integers
+            _write_integers(inits[layer.quantized], ints.numpy())
+
+        yield LayerProblem(
+            layer.float_weight,
+            weight,
+            scheme,
+            layer.forward,
+            _run(session(qdq, [layer.input_name]), calib, layer.input_name),
+            _run(session(float_model, [layer.output_name]), calib, layer.output_name),
+            scale,
+            torch.from_numpy(zp),
+            install=install,
+        )
+
+
 def defend_qdq(
     float_model: onnx.ModelProto,
     qdq: onnx.ModelProto,
@@ -299,81 +351,27 @@ def defend_qdq(
         raise ModelError(
             "model: no quantized Conv / Gemm / MatMul weight found in the QDQ graph; nothing to defend"
         )
-    calib, n = [], 0
-    for b in batches:  # keep config.calib_size images
-        take = {k: v[: config.calib_size - n] for k, v in b.items()}
-        calib.append(take)
-        n += len(next(iter(take.values())))
-        if n >= config.calib_size:
-            break
-    inits = {t.name: t for t in qdq.graph.initializer}
-    float_inits = {t.name: t for t in float_model.graph.initializer}
-    gen = torch.Generator().manual_seed(config.seed)
-    plans: dict[str, LayerPlan] = {}
-    layout: dict[str, dict[str, Any]] = {}
-    with tqdm(
-        total=config.iters * len(layers), desc="EFRAP", unit="it", disable=not progress, leave=False
-    ) as bar:
-        for layer in layers:
-            weight = _to_core(initializer_array(float_inits[layer.float_weight]).astype(np.float32), layer)
-            scale = torch.from_numpy(np.atleast_1d(initializer_array(inits[layer.scale])).astype(np.float32))
-            zp = (
-                np.atleast_1d(initializer_array(inits[layer.zero_point])).astype(np.int32)
-                if layer.zero_point
-                else np.zeros(scale.shape, np.int32)
-            )
-            if np.any(zp != 0):
-                raise EFRAPError(
-                    f"layer {layer.node}: weights are quantized with non-zero zero points; EFRAP needs symmetric "
-                    "weights (extra_options WeightSymmetric=True, onnxruntime's default)"
-                )
-            problem = LayerProblem(
-                layer.node,
-                weight,
-                scheme,
-                layer.forward,
-                _run(session(qdq, [layer.input_name]), calib, layer.input_name),
-                _run(session(float_model, [layer.output_name]), calib, layer.output_name),
-                scale,
-                torch.from_numpy(zp),
-            )
-            bar.set_postfix(layer=layer.node)
-            result = learn_rounding(problem, config, gen, bar.update)
-            ints = result.integers.T if layer.transpose else result.integers
-            _write_integers(qdq, inits, layer.quantized, ints.numpy())
-            plans[layer.float_weight] = LayerPlan(
-                layer.float_weight,
-                result.integers,
-                result.scale,
-                result.zero_point,
-                scheme.quantize(weight, result.scale, result.zero_point),
-                fingerprint(weight),
-                {
-                    "flipped_share": result.flipped_share,
-                    "act_error_nearest": result.act_error_nearest,
-                    "act_error_learned": result.act_error_learned,
-                    "bits": scheme.bits,
-                },
-            )
-            layout[layer.float_weight] = {
-                "quantized": layer.quantized,
-                "scale": layer.scale,
-                "transpose": layer.transpose,
-                "node": layer.node,
-            }
-            log.info("%s: %.1f%% flipped", layer.node, 100 * result.flipped_share)
+    calib = _calibration_subset(batches, config.calib_size)
+    plans = defend_layers(_problems(float_model, qdq, layers, calib, scheme), config, len(layers), progress)
+    layout = {
+        layer.float_weight: {
+            "quantized": layer.quantized,
+            "scale": layer.scale,
+            "transpose": layer.transpose,
+            "node": layer.node,
+        }
+        for layer in layers
+    }
     meta = {"config": config.to_dict(), "layout": layout, "skipped": skipped}
     return RoundingPlan(scheme, plans, "onnx", meta)
 
 
-def _write_integers(
-    model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], name: str, ints: np.ndarray
-) -> None:
-    old = inits[name]
-    if old.data_type in (TensorProto.INT4, TensorProto.UINT4):
+def _write_integers(tensor: onnx.TensorProto, ints: np.ndarray) -> None:
+    """Overwrite a quantized weight initializer's integers, keeping its name and data type."""
+    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
         new = onnx.helper.make_tensor(
-            name, old.data_type, list(old.dims), ints.astype(np.int8).flatten().tolist()
+            tensor.name, tensor.data_type, list(tensor.dims), ints.astype(np.int8).flatten().tolist()
         )
     else:
-        new = numpy_helper.from_array(ints.astype(initializer_array(old).dtype), name)
-    old.CopyFrom(new)
+        new = numpy_helper.from_array(ints.astype(initializer_array(tensor).dtype), tensor.name)
+    tensor.CopyFrom(new)

@@ -1,0 +1,207 @@
+"""EFRAP's per-layer objective: the learnable grid, the three loss terms and the beta schedule.
+
+L = L_A (activation preservation) + L_F (error-guided flipping) + L_P (binarisation penalty), as in
+the reference code; see ../shared/spec/efrap.md. ``learn_rounding`` (rounding.py) drives it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .config import EFRAPConfig
+from .schemes import QuantScheme
+
+if TYPE_CHECKING:
+    from .rounding import LayerProblem
+
+__all__ = [
+    "PROBE_SIZE",
+    "Objective",
+    "beta_schedule",
+    "expand",
+    "init_logits",
+    "learnable_bounds",
+    "truncation_error",
+]
+
+GAMMA, ZETA = -0.1, 1.1
+"""AdaRound's stretched sigmoid: sigmoid(V) * (ZETA - GAMMA) + GAMMA, clipped to [0, 1]."""
+PROBE_SIZE = 256
+"""Cached inputs used to report the loss before / after, to estimate the flip cost, and per chunk."""
+FLIP_COST_SAMPLES = 2
+"""Random sign patterns averaged to estimate the L_A of moving every weight one step."""
+BETA_START, BETA_END, BETA_WARMUP = 20.0, 2.0, 0.2
+"""AdaRound's annealed beta: L_P off for the first 20% of steps, then beta 20 -> 2 (cosine)."""
+BCE_EPS = 1e-8
+"""Inside the logs of L_F's binary cross-entropy (reference code)."""
+LOGIT_CLAMP = 1e-4
+"""frac is clamped to [LOGIT_CLAMP, 1 - LOGIT_CLAMP] before the logit, so V starts finite."""
+BOUND_TOLERANCE = 1e-4
+"""Slack (in integer steps) when flooring max|w| / s, so float error never costs the abs-max integer."""
+_COST_FLOOR = 1e-20
+
+
+def expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-channel (or per-tensor) scale / zero point shaped to broadcast over ``like``."""
+    if t.numel() == 1:
+        return t.reshape([1] * like.dim()).to(torch.float32)
+    return t.reshape([-1] + [1] * (like.dim() - 1)).to(torch.float32)
+
+
+def truncation_error(
+    weight: torch.Tensor, scheme: QuantScheme, scale: torch.Tensor, zero_point: torch.Tensor
+) -> torch.Tensor:
+    """|w - Q_nearest(w)| in weight units, clamping included."""
+    return (weight - scheme.dequantize(scheme.quantize(weight, scale, zero_point), scale, zero_point)).abs()
+
+
+def learnable_bounds(
+    weight: torch.Tensor, scheme: QuantScheme, scale: torch.Tensor, zero_point: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-element integer bounds of the learned rounding, and the mask of elements kept at nearest.
+
+    For absmax grids the backend recomputes the scale from max|w|: the element(s) holding each
+    channel's max stay at nearest, and no other integer may reach past that max, so that weights
+    snapped to the plan's grid give the backend the very same scale.
+    """
+    s, z = expand(scale, weight), expand(zero_point, weight)
+    lo = torch.full_like(weight, float(scheme.qmin))
+    hi = torch.full_like(weight, float(scheme.qmax))
+    if scheme.range_rule != "absmax":
+        return lo, hi, torch.zeros_like(weight, dtype=torch.bool)
+    limit = torch.floor(scheme.absmax(weight) / s + BOUND_TOLERANCE)
+    lo = torch.maximum(lo, -limit + z)
+    hi = torch.minimum(hi, limit + z)
+    return lo, hi, scheme.scale_setters(weight)
+
+
+def rectify(v: torch.Tensor, kind: str) -> torch.Tensor:
+    """h(V): the soft rounding decision in [0, 1]."""
+    if kind == "sigmoid":
+        return torch.sigmoid(v)
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def init_logits(frac: torch.Tensor, kind: str) -> torch.Tensor:
+    """V such that h(V) = frac(W / s): the soft weight starts at the float weight (AdaRound's init)."""
+    f = frac if kind == "sigmoid" else (frac - GAMMA) / (ZETA - GAMMA)
+    f = f.clamp(LOGIT_CLAMP, 1 - LOGIT_CLAMP)
+    return torch.log(f / (1 - f))
+
+
+def beta_schedule(it: int, config: EFRAPConfig) -> tuple[float, bool]:
+    """L_P's exponent at step ``it``, and whether L_P is on yet (always, unless annealed)."""
+    if not config.anneal_beta:
+        return config.beta, True
+    warm = int(BETA_WARMUP * config.iters)
+    t = max(0.0, (it - warm) / max(config.iters - warm, 1))
+    beta = BETA_END + 0.5 * (BETA_START - BETA_END) * (1 + math.cos(t * math.pi))
+    return beta, it >= warm
+
+
+def _per_image(diff: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over channels, averaged over batch and positions (the reference's L_A)."""
+    return diff.sum(dim=1).mean() if diff.dim() > 1 else diff.mean()
+
+
+def _flip_cost(problem: LayerProblem, s: torch.Tensor, generator: torch.Generator | None) -> float:
+    """L_A of moving every weight by one integer step in a random direction: what 'flip everything' costs.
+
+    Dividing L_A by it makes the trade-off against L_F (in integer units) the same at every bit width,
+    layer size and input scale.
+    """
+    x = problem.inputs[: min(problem.inputs.shape[0], PROBE_SIZE)]
+    with torch.no_grad():
+        zero = problem.forward(x, torch.zeros_like(problem.weight))
+        costs = []
+        for _ in range(FLIP_COST_SAMPLES):
+            signs = torch.randint(0, 2, problem.weight.shape, generator=generator).to(torch.float32) * 2 - 1
+            costs.append(float(_per_image((problem.forward(x, signs * s) - zero).pow(2))))
+    return sum(costs) / len(costs)
+
+
+def _flip_errors(err: torch.Tensor, config: EFRAPConfig) -> torch.Tensor:
+    """L_F's per-weight factor: the truncation error itself, or its output channel's error norm."""
+    if config.error_norm != "neuron":
+        return err
+    per_channel = err.reshape(err.shape[0], -1)
+    norm = per_channel.norm(dim=1)
+    if config.balance == "lsb":  # RMS, not L2: the same scale as element errors at every fan-in
+        norm = norm / per_channel.shape[1] ** 0.5
+    return norm.reshape([-1] + [1] * (err.dim() - 1)).expand_as(err)
+
+
+@dataclass
+class Objective:
+    """One layer's loss terms as functions of the rounding logits V, with everything they need fixed."""
+
+    problem: LayerProblem
+    config: EFRAPConfig
+    s: torch.Tensor
+    z: torch.Tensor
+    base: torch.Tensor
+    frac: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    learnable: torch.Tensor
+    nearest: torch.Tensor
+    target: torch.Tensor
+    err: torch.Tensor
+    flip_scale: float
+    act_scale: float
+
+    @classmethod
+    def build(
+        cls, problem: LayerProblem, config: EFRAPConfig, generator: torch.Generator | None
+    ) -> Objective:
+        scheme, w = problem.scheme, problem.weight.detach().to(torch.float32)
+        scale, zp = problem.scale, problem.zero_point
+        s, z = expand(scale, w), expand(zp, w)
+        base = torch.floor(w / s)
+        frac = w / s - base
+        lo, hi, frozen = learnable_bounds(w, scheme, scale, zp)
+        nearest = scheme.quantize(w, scale, zp).to(torch.float32)
+        target = 1.0 - (frac > 0.5).to(torch.float32)  # flip nearest; frac exactly 0.5 counts as down
+        err = _flip_errors(truncation_error(w, scheme, scale, zp), config)
+        if config.balance == "lsb":
+            err = err / s
+            flip_scale = 1.0 / w.numel()
+            act_scale = 1.0 / max(_flip_cost(problem, s, generator), _COST_FLOOR)
+        else:
+            flip_scale, act_scale = 1.0, 1.0
+        return cls(
+            problem, config, s, z, base, frac, lo, hi, ~frozen, nearest, target, err, flip_scale, act_scale
+        )
+
+    def soft_weight(self, h: torch.Tensor) -> torch.Tensor:
+        """W~(V) = s * (clamp(floor(W / s) + h(V) + z, lo, hi) - z); frozen elements stay at nearest."""
+        h = torch.where(self.learnable, h, self.nearest - self.z - self.base)
+        q = torch.minimum(torch.maximum(self.base + h + self.z, self.lo), self.hi)
+        return (q - self.z) * self.s
+
+    def terms(self, v: torch.Tensor, idx: torch.Tensor, beta: float) -> tuple[torch.Tensor, ...]:
+        """(L_A, L_F, L_P) on the cached inputs ``idx``; an ablation's missing term is zero."""
+        config, problem = self.config, self.problem
+        h = rectify(v, config.rectifier)
+        zero = h.new_zeros(())
+        l_a = zero
+        if config.objective != "flip_only":
+            y = problem.forward(problem.inputs[idx], self.soft_weight(h))
+            l_a = _per_image((y - problem.targets[idx]).pow(2)) * self.act_scale
+        l_f = zero
+        if config.objective != "preserve_only":
+            bce = -(self.target * torch.log(h + BCE_EPS) + (1 - self.target) * torch.log(1 - h + BCE_EPS))
+            l_f = config.flip_weight * self.flip_scale * (self.err * bce * self.learnable).sum()
+        penalty_scale = self.flip_scale if config.balance == "lsb" else 1.0
+        l_p = config.round_weight * (1 - (2 * h - 1).abs().pow(beta))[self.learnable].sum() * penalty_scale
+        return l_a, l_f, l_p
+
+    def hard_round(self, v: torch.Tensor) -> torch.Tensor:
+        """Up where V >= 0, else down, within the bounds; frozen elements at nearest. int32."""
+        up = (v >= 0).to(torch.float32)
+        q = torch.minimum(torch.maximum(self.base + up + self.z, self.lo), self.hi)
+        return torch.where(self.learnable, q, self.nearest).to(torch.int32)
