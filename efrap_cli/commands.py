@@ -35,7 +35,7 @@ from efrap_plugin import (
 )
 from efrap_plugin.attacks import run_attack
 
-from .backends import adapter, stock_onnx_int8
+from .backends import CALIB_IMAGES, adapter, stock_onnx_int8, stock_runner
 
 __all__ = ["COMMANDS", "UsageError", "load_attack_info", "calibration_images"]
 
@@ -146,13 +146,13 @@ def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
     if args.scheme == "onnxruntime" and args.bits in (8, 4):
         with tempfile.TemporaryDirectory() as tmp:
             stock = stock_onnx_int8(
-                out / "model.onnx", splits.train.x[:1024].numpy(), Path(tmp) / "q.onnx", args.bits
+                out / "model.onnx", splits.train.x[:CALIB_IMAGES].numpy(), Path(tmp) / "q.onnx", args.bits
             )
             info["metrics"][f"onnxruntime-int{args.bits}-stock"] = _metrics(
                 onnx_adapter.session(stock), splits.test, result.trigger
             )
     elif args.scheme == "torchao-x86" and args.bits == 8:
-        converted = _torchao().quantize_pt2e(result.model, splits.train.x[:1024])
+        converted = _torchao().quantize_pt2e(result.model, splits.train.x[:CALIB_IMAGES])
         info["metrics"]["torchao-pt2e-int8-stock"] = _metrics(converted, splits.test, result.trigger)
     atomic_write(out / "attack.json", json.dumps(info, indent=2).encode())
     if not args.json:
@@ -170,44 +170,11 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     path = Path(args.model)
     if path.suffix not in (".onnx", ".safetensors"):
         raise EFRAPError(f"model: expected a .onnx or .safetensors file, got {path.name!r}")
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.quantize == "nearest" and args.scheme == "torchao-x86":
-            if path.suffix != ".safetensors" or args.bits != 8:
-                raise EFRAPError(
-                    "--scheme torchao-x86: PT2E quantizes a torch model to int8; pass the .safetensors model "
-                    "and --bits 8"
-                )
-            runner = _torchao().quantize_pt2e(load_model(path)[0], splits.train.x[:1024])
-            label = "torchao PT2E int8 nearest (X86InductorQuantizer, convert_pt2e)"
-        elif args.quantize == "nearest" and args.scheme == "brevitas-int8":
-            if path.suffix != ".safetensors" or args.bits != 8:
-                raise EFRAPError(
-                    "--scheme brevitas-int8: Brevitas quantizes a torch model to int8; pass the .safetensors "
-                    "model and --bits 8"
-                )
-            brevitas = _brevitas()
-            quantized = brevitas.quantize_brevitas(load_model(path)[0], splits.train.x[:1024])
-            qcdq = brevitas.export_qcdq(quantized, splits.train.x[:2], Path(tmp) / "qcdq.onnx")
-            runner = _onnx().session(qcdq)
-            label = "Brevitas int8 nearest, QCDQ export run in onnxruntime"
-        elif args.quantize == "nearest":
-            if args.scheme != "onnxruntime":
-                raise EFRAPError(
-                    f"--scheme {args.scheme}: real-backend evaluation covers onnxruntime, torchao-x86 and "
-                    "brevitas-int8; the paper's reference scheme has no backend"
-                )
-            float_onnx = path
-            if path.suffix == ".safetensors":
-                model, _ = load_model(path)
-                float_onnx = _onnx().export_float_onnx(model, splits.train.x[:2], Path(tmp) / "float.onnx")
-            target = stock_onnx_int8(
-                float_onnx, splits.train.x[:1024].numpy(), Path(tmp) / "q.onnx", args.bits
-            )
-            runner: Any = _onnx().session(target)
-            label = f"onnxruntime int{args.bits} nearest (stock quantize_static)"
+    with tempfile.TemporaryDirectory(prefix="efrap-evaluate-") as tmp:
+        if args.quantize == "nearest":
+            runner, label = stock_runner(args.scheme, path, splits, Path(tmp), args.bits)
         elif path.suffix == ".onnx":
-            _onnx().load_onnx(path)
-            runner, label = _onnx().session(path), "onnxruntime session"
+            runner, label = _onnx().session(_onnx().load_onnx(path)), "onnxruntime session"
         else:
             runner, label = load_model(path)[0], "float torch model"
         metrics = _metrics(runner, splits.test, trigger)
@@ -222,16 +189,14 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 # ----- efrap defend ----------------------------------------------------------------------------
 def _config(args: argparse.Namespace) -> EFRAPConfig:
-    if args.reference:
-        return EFRAPConfig.reference(seed=args.seed, objective=args.objective, calib_size=args.calib_size)
-    return EFRAPConfig(
-        iters=args.iters,
-        lr=args.lr,
-        calib_size=args.calib_size,
-        flip_weight=args.flip_weight,
-        objective=args.objective,
-        seed=args.seed,
-    )
+    """EFRAPConfig from the flags: the defaults (or the paper's, with --reference), then what was given."""
+    base = EFRAPConfig.reference() if args.reference else EFRAPConfig()
+    given = {
+        field: getattr(args, field)
+        for field in ("iters", "lr", "batch_size", "flip_weight")
+        if getattr(args, field) is not None
+    }
+    return base.replace(**given, calib_size=args.calib_size, objective=args.objective, seed=args.seed)
 
 
 def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:

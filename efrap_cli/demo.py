@@ -13,7 +13,7 @@ import numpy as np
 from efrap_plugin import EFRAPConfig, Metrics, der, evaluate, save_model, truncation_error
 from efrap_plugin.attacks import run_attack
 
-from .backends import adapter, stock_onnx_int8
+from .backends import CALIB_IMAGES, adapter, stock_onnx_int8
 from .report import format_table, write_report
 
 __all__ = ["run_demo"]
@@ -37,7 +37,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     save_model(result.model, out / "model.safetensors", arch)
     float_onnx = onnx_adapter.export_float_onnx(result.model, splits.train.x[:2], out / "model.onnx")
     trigger, test = result.trigger, splits.test
-    calib = np.ascontiguousarray(splits.train.x[:1024].numpy())
+    calib = np.ascontiguousarray(splits.train.x[:CALIB_IMAGES].numpy())
 
     say("[2/4] stock onnxruntime quantize_static (QDQ, per-channel, MinMax) ...")
     t0 = time.perf_counter()

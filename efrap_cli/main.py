@@ -19,9 +19,11 @@ __all__ = ["build_parser", "main"]
 log = logging.getLogger("efrap")
 
 
-def _common(p: argparse.ArgumentParser, seed: int = 0) -> None:
+def _common(p: argparse.ArgumentParser, seed: int | None = None) -> None:
+    """--json, --quiet, -v everywhere; --seed only on the subcommands it drives."""
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    p.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
+    if seed is not None:
+        p.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -37,24 +39,22 @@ def _scheme(p: argparse.ArgumentParser, bits_help: str = "weight bit width, 2..8
 
 
 def _defense_flags(p: argparse.ArgumentParser) -> None:
-    d = EFRAPConfig()
-    p.add_argument(
-        "--iters", type=int, default=d.iters, help=f"optimizer steps per layer (default: {d.iters})"
-    )
-    p.add_argument(
-        "--lr", type=float, default=d.lr, help=f"learning rate of the rounding logits (default: {d.lr})"
-    )
+    """EFRAPConfig's knobs. Unset ones take the default, or the paper's value under --reference."""
+    d, ref = EFRAPConfig(), EFRAPConfig.reference()
+    for flag, kind, field, text in (
+        ("--iters", int, "iters", "optimizer steps per layer"),
+        ("--lr", float, "lr", "learning rate of the rounding logits"),
+        ("--batch-size", int, "batch_size", "cached calibration inputs per step"),
+        ("--flip-weight", float, "flip_weight", "weight of the error-guided flipping term"),
+    ):
+        default, reference = getattr(d, field), getattr(ref, field)
+        note = f"; {reference} with --reference" if reference != default else ""
+        p.add_argument(flag, type=kind, default=None, help=f"{text} (default: {default}{note})")
     p.add_argument(
         "--calib-size",
         type=int,
         default=d.calib_size,
         help=f"calibration images used (default: {d.calib_size})",
-    )
-    p.add_argument(
-        "--flip-weight",
-        type=float,
-        default=d.flip_weight,
-        help=f"weight of the error-guided flipping term (default: {d.flip_weight})",
     )
     p.add_argument(
         "--objective",
@@ -65,7 +65,8 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--reference",
         action="store_true",
-        help="the paper's settings: 10,000 steps of lr 1e-3 per layer, reference loss balance",
+        help="the paper's settings: 10,000 steps of lr 1e-3 per layer, reference loss balance "
+        "(flags given beside it still apply)",
     )
 
 
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _scheme(p)
     p.add_argument("--out", required=True, help="output folder: model.safetensors, model.onnx, attack.json")
     p.add_argument("--device", default=None, help="where training runs, e.g. cuda (default: cpu)")
-    _common(p)
+    _common(p, seed=0)
 
     p = sub.add_parser("evaluate", help="clean_acc / asr / ra of a float, quantized or defended model")
     p.add_argument("model", help=".onnx or .safetensors model")
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="weight bits (default: 8)")
     p.add_argument("--out", default="demo-out", help="report folder (default: demo-out)")
-    _common(p)
+    _common(p, seed=0)
     return parser
 
 

@@ -10,6 +10,7 @@ from .config import EFRAPConfig
 from .conformance import IntegerReport, compare_integers
 from .data import (
     LabeledData,
+    Splits,
     as_calibration,
     as_labeled,
     load_cifar10,
@@ -55,6 +56,7 @@ __all__ = [
     "ResNet",
     "RoundingPlan",
     "SCHEME_PRESETS",
+    "Splits",
     "as_calibration",
     "as_labeled",
     "as_predictor",

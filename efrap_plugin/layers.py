@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 
 import torch
 from torch import nn
@@ -21,6 +22,8 @@ __all__ = [
     "followed_by_relu",
     "relu_after",
 ]
+
+log = logging.getLogger(__name__)
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
@@ -117,7 +120,14 @@ def relu_after(model: nn.Module) -> dict[str, str | None]:
         graph = (
             model.graph if isinstance(model, torch.fx.GraphModule) else torch.fx.symbolic_trace(model).graph
         )
-    except Exception:
+    except Exception as exc:  # torch.fx raises many types on untraceable code
+        log.warning(
+            "%s does not trace with torch.fx (%s: %s); no ReLU is folded into a unit, so L_A preserves "
+            "every layer's raw output (as with unit='layer')",
+            type(model).__name__,
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
         return {}
     modules = dict(model.named_modules())
     found: dict[str, str | None] = {}

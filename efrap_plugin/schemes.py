@@ -137,7 +137,12 @@ class QuantScheme:
         if self.edge_bits is None or position == "middle" or self.edge_bits == self.bits:
             return self
         bits = self.edge_bits
-        return dataclasses.replace(self, bits=bits, qmin=0, qmax=2**bits - 1)
+        if self.qmin >= 0:  # affine: [0, 2^b - 1]
+            return dataclasses.replace(self, bits=bits, qmin=0, qmax=2**bits - 1)
+        qmax = 2 ** (bits - 1) - 1  # symmetric: the same narrow or full range at the edge's bit width
+        return dataclasses.replace(
+            self, bits=bits, qmin=-qmax if self.qmin == -self.qmax else -qmax - 1, qmax=qmax
+        )
 
     # ----- the grid ------------------------------------------------------------------------------
     def qparams(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,11 +192,6 @@ class QuantScheme:
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
         s, z = _broadcast(q, scale), _broadcast(q, zero_point)
         return (q.to(torch.float32) - z) * s
-
-    def nearest(self, weight: torch.Tensor) -> torch.Tensor:
-        """The backend's stock round-to-nearest integers of ``weight``."""
-        scale, zp = self.qparams(weight)
-        return self.quantize(weight, scale, zp)
 
     def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
         """Nearest rounding with a straight-through gradient (scale treated as a constant)."""
@@ -290,10 +290,6 @@ class ActivationQuantizer:
         elif self.lo is not None:
             lo, hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
         self.lo, self.hi = lo, hi
-
-    @property
-    def calibrated(self) -> bool:
-        return self.lo is not None
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.lo is None or self.hi is None:

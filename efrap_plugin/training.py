@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from tqdm.auto import tqdm
 from .data import LabeledData
 from .errors import EFRAPError
 
-__all__ = ["train", "cross_entropy_loss", "resolve_device"]
+__all__ = ["train", "seeded", "cross_entropy_loss", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,24 @@ def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> to
     return nn.functional.cross_entropy(model(x), y)
 
 
+_OPTIMIZERS: dict[str, Callable[[list, float, float], torch.optim.Optimizer]] = {
+    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
+    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
+}
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Seed torch's global generators (dropout, initialisation) inside the block only: the caller's
+    random state is restored after it."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda"):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+        yield
+
+
 def train(
     model: nn.Module,
     data: LabeledData,
@@ -54,20 +73,18 @@ def train(
 ) -> nn.Module:
     """Train ``model`` in place; ``after_step`` runs after every optimiser step (projections).
 
-    ``freeze_batchnorm`` keeps BatchNorm in eval mode so that running statistics do not move.
-    ``device`` (e.g. "cuda") moves the model there for training and back to where it was after;
-    batches are moved one at a time, so the data set stays in host memory.
+    ``optimizer``: "adam" or "sgd" (momentum 0.9). ``freeze_batchnorm`` keeps BatchNorm in eval mode so
+    that running statistics do not move. ``device`` (e.g. "cuda") moves the model there for training and
+    back to where it was after; batches are moved one at a time, so the data set stays in host memory.
+    The caller's global random state is left as it was.
     """
+    if optimizer not in _OPTIMIZERS:
+        raise EFRAPError(f"train: optimizer expected one of {sorted(_OPTIMIZERS)}, got {optimizer!r}")
     home = next(model.parameters()).device
     target = resolve_device(device) if device is not None else home
     model.to(target)
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    opt = _OPTIMIZERS[optimizer]([p for p in model.parameters() if p.requires_grad], lr, weight_decay)
     steps = epochs * ((len(data) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1)) if cosine else None
     model.train()
@@ -75,22 +92,24 @@ def train(
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
+
+    def step(idx: torch.Tensor) -> float:
+        loss = loss_fn(model, data.x[idx].to(target), data.y[idx].to(target))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        if after_step is not None:
+            after_step()
+        return float(loss.detach()) * len(idx)
+
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
-    for epoch in bar:
-        perm = torch.randperm(len(data), generator=gen)
-        total = 0.0
-        for start in range(0, len(data), batch_size):
-            idx = perm[start : start + batch_size]
-            loss = loss_fn(model, data.x[idx].to(target), data.y[idx].to(target))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            if after_step is not None:
-                after_step()
-            total += float(loss.detach()) * len(idx)
-        bar.set_postfix(loss=f"{total / len(data):.4f}")
-        log.debug("%s epoch %d loss %.4f", desc, epoch, total / len(data))
+    with seeded(seed, target):
+        for epoch in bar:
+            perm = torch.randperm(len(data), generator=gen)
+            total = sum(step(perm[i : i + batch_size]) for i in range(0, len(data), batch_size))
+            bar.set_postfix(loss=f"{total / len(data):.4f}")
+            log.debug("%s epoch %d loss %.4f", desc, epoch, total / len(data))
     model.eval()
     return model.to(home)

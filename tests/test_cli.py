@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from efrap_cli import main
+from efrap_plugin import EFRAPConfig
 
 SUBCOMMANDS = ["attack", "defend", "evaluate", "scan", "demo"]
 
@@ -28,12 +29,31 @@ def test_help_lists_every_subcommand():
 
 @pytest.mark.parametrize("sub", SUBCOMMANDS)
 def test_each_subcommand_has_help_with_the_common_flags(sub, capsys):
+    """--json and --quiet everywhere; --seed only where a seed drives something."""
     with pytest.raises(SystemExit) as exc:
         main([sub, "--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--json", "--seed", "--quiet"):
+    for flag in ("--json", "--quiet"):
         assert flag in text
+    assert ("--seed" in text) == (sub in ("attack", "defend", "demo"))
+
+
+def test_reference_takes_the_papers_settings_and_the_flags_given_beside_it():
+    from efrap_cli.commands import _config
+    from efrap_cli.main import build_parser
+
+    def config(*flags):
+        return _config(
+            build_parser().parse_args(["defend", "m.onnx", "--calib", "digits", "--out", "o.onnx", *flags])
+        )
+
+    assert config() == EFRAPConfig()
+    assert config("--reference") == EFRAPConfig.reference()
+    assert config("--reference", "--iters", "5", "--batch-size", "8") == EFRAPConfig.reference(
+        iters=5, batch_size=8
+    )
+    assert config("--flip-weight", "2", "--seed", "3") == EFRAPConfig(flip_weight=2.0, seed=3)
 
 
 def test_usage_errors_exit_2(capsys):

@@ -2,14 +2,13 @@
 and eager-mode flows, each producing int8 models that hold EFRAP's integers."""
 
 from .eager import quantize_eager, verify_eager
-from .fx import quantize_fx, read_fx_int8_weights, verify_fx
+from .fx import quantize_fx, verify_fx
 from .pt2e import quantize_pt2e, read_int8_weights, verify_pt2e
 
 __all__ = [
     "quantize_eager",
     "quantize_fx",
     "quantize_pt2e",
-    "read_fx_int8_weights",
     "read_int8_weights",
     "verify_eager",
     "verify_fx",

@@ -13,7 +13,7 @@ from efrap_plugin import IntegerReport, RoundingPlan, compare_integers
 
 from ._source import calibrate, quantized_module_weights, source_and_calibration
 
-__all__ = ["quantize_fx", "read_fx_int8_weights", "verify_fx"]
+__all__ = ["quantize_fx", "verify_fx"]
 
 
 def quantize_fx(
@@ -31,14 +31,7 @@ def quantize_fx(
         return convert_fx(prepared)
 
 
-def read_fx_int8_weights(
-    converted: torch.nn.Module,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """int8 weights and per-channel scales of the quantized modules, keyed by module name."""
-    return quantized_module_weights(converted)
-
-
 def verify_fx(converted: torch.nn.Module, plan: RoundingPlan, strict: bool = True) -> IntegerReport:
     """Compare the quantized modules' integers with ``plan``, bit for bit."""
-    ints, scales = read_fx_int8_weights(converted)
+    ints, scales = quantized_module_weights(converted)
     return compare_integers(plan, ints, scales, strict=strict, where="the convert_fx model")

@@ -11,7 +11,7 @@ from ..data import Splits, load_dataset
 from ..errors import EFRAPError
 from ..models import build_model
 from ..schemes import scheme_preset
-from ..training import resolve_device, train
+from ..training import resolve_device, seeded, train
 from ..triggers import PatchTrigger
 from .base import AttackResult
 from .compartifact import CompArtifact
@@ -64,8 +64,8 @@ def train_clean(
     device: str | torch.device | None = None,
 ) -> torch.nn.Module:
     """The victim's clean, pretrained model (every attack here fine-tunes one)."""
-    torch.manual_seed(seed)
-    model = build_model(**arch)
+    with seeded(seed):
+        model = build_model(**arch)
     epochs, lr, bs = (30, 3e-3, 64) if splits.name == "digits" else (3, 2e-3, 128)
     return train(
         model,
