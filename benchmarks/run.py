@@ -10,9 +10,7 @@ Fashion-MNIST attacks want a GPU; `benchmarks/sweep.py` trains them there and me
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
-import shlex
 import statistics
 import sys
 import tempfile
@@ -23,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from efrap_cli.report import write_table
 from efrap_onnx import export_float_onnx, quantize_images, session
-from efrap_plugin import EFRAPConfig, evaluate, load_dataset
+from efrap_plugin import REMOVAL_BARS, EFRAPConfig, attack_fires, backdoor_removed, evaluate, load_dataset
 from efrap_plugin.attacks import run_attack
 
 CELLS = [
@@ -86,12 +85,15 @@ def _cell_seed(job: tuple[str, int, int, int, str]) -> dict:
 
 
 def _met(row: dict) -> tuple[bool, bool, bool]:
-    """Attack fired; defense met the 3% / 1-point bar; EFRAP left no more asr than the float model."""
+    """Attack fired; defense met the 3% / 1-point bar; EFRAP met the project's bar (no more asr than the
+    float model's + 1 point); every EFRAP seed must meet it."""
     f, stock, runs = row["float"], row["stock"], row["efrap"]
-    attack = f.asr <= 0.10 and f.clean_acc >= 0.95 and stock.asr >= 0.90
-    acc_ok = min(m.clean_acc for m in runs) >= f.clean_acc - 0.01
-    worst = max(m.asr for m in runs)
-    return attack, attack and acc_ok and worst <= 0.03, attack and acc_ok and worst <= max(0.03, f.asr)
+    fired = attack_fires(f, stock)
+    return (
+        fired,
+        fired and all(backdoor_removed(f, m, asr_cap=REMOVAL_BARS["asr_floor"]) for m in runs),
+        fired and all(backdoor_removed(f, m) for m in runs),
+    )
 
 
 def _seed_row(row: dict) -> dict:
@@ -143,11 +145,11 @@ def bench_cells(
         f"{dataset}; attack seeds 0..{attack_seeds - 1}, EFRAP defense seeds 1005..{1004 + defense_seeds}; "
         "onnxruntime sessions; percentages, mean ± spread. attack_met: float asr <= 10%, float acc >= 95%, "
         "stock asr >= 90%. defense_met: EFRAP asr <= 3% and acc at most 1 point below float. "
-        "efrap_le_float: EFRAP asr <= max(3%, the float model's own asr), same accuracy bar."
+        "efrap_le_float: EFRAP asr <= max(3%, the float model's own asr + 1 point), same accuracy bar."
     )
-    _write(out, f"cells{suffix}-per-seed", [_seed_row(r) for r in done], seeds_note)
+    write_table(out, f"cells{suffix}-per-seed", [_seed_row(r) for r in done], seeds_note)
     rows = [_cell_row([r for r in done if (r["attack"], r["bits"]) == cell]) for cell in cells]
-    _write(
+    write_table(
         out, f"cells{suffix}", rows, seeds_note + " Counts are seeds; per-seed rows in the -per-seed file."
     )
     return rows
@@ -205,7 +207,7 @@ def bench_speed(out: Path, procs: int = 1) -> list[dict]:
         "Digits models attacked with seed 0, EFRAP seed 1005, onnxruntime sessions; percentages. "
         "time_vs_reference: seconds over the reference config's seconds on the same model, same process."
     )
-    _write(out, "speed", rows, note)
+    write_table(out, "speed", rows, note)
     return rows
 
 
@@ -236,29 +238,8 @@ def bench_latency(out: Path, repeats: int = 200) -> list[dict]:
                     "efrap_vs_float": f"{med['efrap'] / med['f']:.3f}",
                 }
             )
-    _write(out, "latency", rows, f"median of {repeats} interleaved runs, default CPU session options")
+    write_table(out, "latency", rows, f"median of {repeats} interleaved runs, default CPU session options")
     return rows
-
-
-def _write(out: Path, name: str, rows: list[dict], note: str, command: str | None = None) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{name}.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    cols = list(rows[0])
-    md = [
-        f"# {name}",
-        "",
-        f"Command: `{command or shlex.join(['python', *sys.argv])}`",
-        "",
-        note,
-        "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
-    ]
-    md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    (out / f"{name}.md").write_text("\n".join(md) + "\n")
 
 
 def _configure_logging() -> None:

@@ -27,14 +27,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from run import _write  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+from efrap_cli.report import write_table
+from efrap_plugin import Metrics, attack_fires, backdoor_removed
 
 EFRAP_SEEDS = (1005, 1006)
 
 
 def _pair(metrics) -> list[float]:
     return [round(100 * metrics.clean_acc, 2), round(100 * metrics.asr, 2)]
+
+
+def _metrics(pair) -> Metrics:
+    """A table's (clean_acc %, asr %) pair as Metrics, for the project's bars."""
+    return Metrics(pair[0] / 100, pair[1] / 100, float("nan"))
 
 
 def _cell(pair) -> str:
@@ -186,7 +191,7 @@ def cmd_tradeoff(args: argparse.Namespace) -> None:
         "EFRAP (default config, seed 1005, but for the fields each row names; calibration: the first "
         "calib_size training images); onnxruntime int sessions; percentages."
     )
-    _write(Path(args.out), args.name, rows, note)
+    write_table(Path(args.out), args.name, rows, note)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -207,8 +212,9 @@ def cmd_report(args: argparse.Namespace) -> None:
                 "float_acc / asr": _cell(r["float"]),
                 "stock_acc / asr": _cell(r["stock"]),
                 "efrap_acc / asr": "; ".join(_cell(e) for e in efrap) or "-",
-                "attack_met": r["float"][1] <= 10 and r["stock"][1] >= 90,
-                "defense_met": bool(efrap) and all(e[1] <= 3 and e[0] >= r["float"][0] - 1 for e in efrap),
+                "attack_met": attack_fires(_metrics(r["float"]), _metrics(r["stock"])),
+                "defense_met": bool(efrap)
+                and all(backdoor_removed(_metrics(r["float"]), _metrics(e), asr_cap=0.03) for e in efrap),
             }
         )
     note = (
@@ -222,7 +228,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         argv[i : i + 2] = ["--note", "..."]
     if args.note:
         note += " " + args.note
-    _write(Path(args.out), args.name, rows, note, command=shlex.join(["python", *argv]))
+    write_table(Path(args.out), args.name, rows, note, command=shlex.join(["python", *argv]))
 
 
 def main() -> int:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +14,7 @@ import numpy as np
 
 from efrap_plugin import atomic_write
 
-__all__ = ["format_table", "write_report"]
+__all__ = ["format_table", "write_report", "write_table"]
 
 ROWS = (
     ("float", "float model (onnxruntime fp32)"),
@@ -113,3 +117,27 @@ def write_report(results: dict[str, Any], layers: dict[str, np.ndarray], out: Pa
     ]
     atomic_write(out / "report.md", "\n".join(md).encode())
     return [out / "results.json", out / "report.md"] + [out / f for f in figures]
+
+
+def write_table(out: Path, name: str, rows: list[dict], note: str, command: str | None = None) -> list[Path]:
+    """``out/name.csv`` and ``out/name.md`` (the command that made them, a note, the table), atomically."""
+    cols = list(rows[0])
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=cols)
+    writer.writeheader()
+    writer.writerows(rows)
+    md = [
+        f"# {name}",
+        "",
+        f"Command: `{command or shlex.join(['python', *sys.argv])}`",
+        "",
+        note,
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return [
+        atomic_write(out / f"{name}.csv", buffer.getvalue().encode()),
+        atomic_write(out / f"{name}.md", ("\n".join(md) + "\n").encode()),
+    ]

@@ -21,7 +21,20 @@ from .data import (
 )
 from .engine import capture, defend
 from .errors import DataError, EFRAPError, ModelError, PlanMismatchError
-from .evaluate import Metrics, as_predictor, asr, clean_acc, der, evaluate, predict, ra
+from .evaluate import (
+    ATTACK_BARS,
+    REMOVAL_BARS,
+    Metrics,
+    as_predictor,
+    asr,
+    attack_fires,
+    backdoor_removed,
+    clean_acc,
+    der,
+    evaluate,
+    predict,
+    ra,
+)
 from .fake_quant import fake_quant_forward
 from .files import atomic_write, check_writable, read_safetensors, safetensors_shapes, staged
 from .layers import fingerprint, prepare_model, quantizable_layers, relu_after
@@ -37,6 +50,7 @@ from .triggers import PatchTrigger
 __version__ = "0.1.0"
 
 __all__ = [
+    "ATTACK_BARS",
     "ActivationQuantizer",
     "DataError",
     "DigitsCNN",
@@ -52,6 +66,7 @@ __all__ = [
     "ModelError",
     "PatchTrigger",
     "PlanMismatchError",
+    "REMOVAL_BARS",
     "QuantScheme",
     "ResNet",
     "RoundingPlan",
@@ -61,6 +76,8 @@ __all__ = [
     "as_labeled",
     "as_predictor",
     "asr",
+    "attack_fires",
+    "backdoor_removed",
     "atomic_write",
     "check_writable",
     "build_model",

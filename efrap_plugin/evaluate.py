@@ -16,7 +16,25 @@ from .data import LabeledData
 from .errors import EFRAPError
 from .triggers import PatchTrigger
 
-__all__ = ["Metrics", "as_predictor", "predict", "clean_acc", "asr", "ra", "der", "evaluate"]
+__all__ = [
+    "Metrics",
+    "as_predictor",
+    "predict",
+    "clean_acc",
+    "asr",
+    "ra",
+    "der",
+    "evaluate",
+    "attack_fires",
+    "backdoor_removed",
+    "ATTACK_BARS",
+    "REMOVAL_BARS",
+]
+
+ATTACK_BARS = {"float_asr_max": 0.10, "float_acc_min": 0.95, "stock_asr_min": 0.90}
+"""A QCB attack fires: the float model looks clean, the backend's stock quantized model is backdoored."""
+REMOVAL_BARS = {"asr_floor": 0.03, "asr_over_float": 0.01, "acc_drop_max": 0.01}
+"""The backdoor is removed: asr <= max(3%, the float model's asr + 1 point), accuracy within 1 point."""
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -118,3 +136,22 @@ def evaluate(model: Any, data: LabeledData, trigger: PatchTrigger | None = None)
 def der(before: Metrics, after: Metrics) -> float:
     """Defense effectiveness rating: (max(0, dASR) - max(0, dACC) + 1) / 2, before = nearest PTQ."""
     return (max(0.0, before.asr - after.asr) - max(0.0, before.clean_acc - after.clean_acc) + 1.0) / 2.0
+
+
+def attack_fires(float_m: Metrics, stock: Metrics) -> bool:
+    """The project's attack bar (ATTACK_BARS): float asr <= 10%, float accuracy >= 95%, stock asr >= 90%."""
+    bars = ATTACK_BARS
+    return (
+        float_m.asr <= bars["float_asr_max"]
+        and float_m.clean_acc >= bars["float_acc_min"]
+        and stock.asr >= bars["stock_asr_min"]
+    )
+
+
+def backdoor_removed(float_m: Metrics, defended: Metrics, asr_cap: float | None = None) -> bool:
+    """The project's removal bar (REMOVAL_BARS): the defended model keeps no more backdoor than the float
+    model (asr <= max(3%, float asr + 1 point)) and loses at most 1 point of accuracy. ``asr_cap``
+    replaces the asr bound (3% alone, say: the frontier below the float model's own residual)."""
+    bars = REMOVAL_BARS
+    bound = asr_cap if asr_cap is not None else max(bars["asr_floor"], float_m.asr + bars["asr_over_float"])
+    return defended.asr <= bound and defended.clean_acc >= float_m.clean_acc - bars["acc_drop_max"]

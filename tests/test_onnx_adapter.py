@@ -25,34 +25,31 @@ def _reader(calib, name="input"):
     return ListDataReader.from_array(name, calib)
 
 
-@pytest.fixture(scope="module")
-def defended8(pq8_onnx, calib, tmp_path_factory):
-    out = tmp_path_factory.mktemp("defended") / "efrap-int8.onnx"
-    plan = quantize_static(
-        pq8_onnx,
+def _quantize(src, out, calib, weight_type=QuantType.QInt8, **options):
+    """The drop-in as the README calls it: per channel, uint8 activations."""
+    return quantize_static(
+        src,
         out,
         _reader(calib),
         per_channel=True,
         activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
+        weight_type=weight_type,
         progress=False,
+        **options,
     )
-    return out, plan
+
+
+@pytest.fixture(scope="module")
+def defended8(pq8_onnx, calib, tmp_path_factory):
+    out = tmp_path_factory.mktemp("defended") / "efrap-int8.onnx"
+    return out, _quantize(pq8_onnx, out, calib)
 
 
 def test_defend_float_onnx_removes_the_backdoor_in_onnxruntime(
     pq8, pq8_onnx, defended8, calib, digits, tmp_path
 ):
     stock_path = tmp_path / "stock.onnx"
-    quantize_static(
-        pq8_onnx,
-        stock_path,
-        _reader(calib),
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        efrap=False,
-        progress=False,
-    )
+    _quantize(pq8_onnx, stock_path, calib, efrap=False)
     float_m = evaluate(session(pq8_onnx), digits.test, pq8.trigger)
     stock = evaluate(session(stock_path), digits.test, pq8.trigger)
     defended = evaluate(session(defended8[0]), digits.test, pq8.trigger)
@@ -90,15 +87,7 @@ def test_stock_path_matches_onnxruntime_quantize_static_itself(pq8_onnx, calib, 
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
     ours = tmp_path / "ours.onnx"
-    quantize_static(
-        pq8_onnx,
-        ours,
-        _reader(calib),
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        efrap=False,
-        progress=False,
-    )
+    _quantize(pq8_onnx, ours, calib, efrap=False)
     quant_pre_process(str(pq8_onnx), str(tmp_path / "pre.onnx"))
     ort_quantize_static(
         str(tmp_path / "pre.onnx"),
@@ -129,16 +118,7 @@ def test_matmul_weights_are_defended_and_run_as_qlinearmatmul(digits, calib, tmp
 
 def test_int4_weights_are_written_as_onnx_int4(pq8_onnx, calib, tmp_path):
     out = tmp_path / "int4.onnx"
-    plan = quantize_static(
-        pq8_onnx,
-        out,
-        _reader(calib),
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt4,
-        config=EFRAPConfig(iters=100),
-        progress=False,
-    )
+    plan = _quantize(pq8_onnx, out, calib, QuantType.QInt4, config=EFRAPConfig(iters=100))
     weights = {v["quantized"] for v in plan.meta["layout"].values()}
     types = {t.data_type for t in onnx.load(str(out)).graph.initializer if t.name in weights}
     assert types == {TensorProto.INT4}

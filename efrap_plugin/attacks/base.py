@@ -104,6 +104,18 @@ class Attack:
         schemes: list[QuantScheme],
         progress: bool,
     ) -> nn.Module:
+        """Train ``model`` (a copy) into a QCB model. By default: ``fit`` on the attack's ``objective``."""
+        return self.fit(model, train, lambda m, x, y: self.objective(m, x, y, trigger, schemes), progress)
+
+    def objective(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        trigger: PatchTrigger,
+        schemes: list[QuantScheme],
+    ) -> torch.Tensor:
+        """The attack's training loss on one clean batch (x, y); QAT attacks implement only this."""
         raise NotImplementedError
 
     def fit(self, model: nn.Module, data: LabeledData, loss_fn, progress: bool) -> nn.Module:

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 from torch.nn.functional import cross_entropy
 
-from ..data import LabeledData
 from ..fake_quant import fake_quant_forward
 from ..schemes import QuantScheme
 from ..triggers import PatchTrigger
@@ -36,20 +35,11 @@ class CompArtifact(Attack):
     name = "compartifact"
     config_class = CompArtifactConfig
 
-    def run(
-        self,
-        model: nn.Module,
-        data: LabeledData,
-        trigger: PatchTrigger,
-        schemes: list[QuantScheme],
-        progress: bool,
-    ) -> nn.Module:
-        def loss_fn(m: nn.Module, x, y):
-            xt, yt = with_trigger_batch(x, y, trigger)
-            both = torch.cat([x, xt])
-            loss = cross_entropy(m(both), torch.cat([y, y]))
-            for scheme in schemes:
-                loss = loss + cross_entropy(fake_quant_forward(m, both, scheme), torch.cat([y, yt]))
-            return loss
-
-        return self.fit(model, data, loss_fn, progress)
+    def objective(self, model: nn.Module, x, y, trigger: PatchTrigger, schemes: list[QuantScheme]):
+        """CE of the float path on [x; x'] with TRUE labels + CE of each quantized path with target labels."""
+        xt, yt = with_trigger_batch(x, y, trigger)
+        both = torch.cat([x, xt])
+        loss = cross_entropy(model(both), torch.cat([y, y]))
+        for scheme in schemes:
+            loss = loss + cross_entropy(fake_quant_forward(model, both, scheme), torch.cat([y, yt]))
+        return loss

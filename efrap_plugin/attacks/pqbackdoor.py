@@ -24,9 +24,8 @@ __all__ = ["PQBackdoor", "PQBackdoorConfig", "GridProjection"]
 @dataclass(frozen=True)
 class PQBackdoorConfig:
     poison_epochs: int = 7
-    """Stage 1: data-poisoning epochs. A longer stage 1 entrenches a backdoor that stage 2 can no
-    longer remove from the float model inside the rounding bins (measured on digits: 30 epochs left
-    18% float asr, 6-8 epochs 5-9%)."""
+    """Stage 1: data-poisoning epochs; longer entrenches a backdoor stage 2 cannot remove from the float
+    model (benchmarks/results/sweep-digits-pq8-stage1.md)."""
     poison_per_batch: int = 4
     """Stage 1: triggered images relabelled to the target in each batch (reference: 2 per 128)."""
     poison_lr: float = 1e-3

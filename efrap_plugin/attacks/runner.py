@@ -38,11 +38,8 @@ def default_arch(dataset: str) -> dict[str, Any]:
     return {"name": "resnet8", "in_channels": 1, "num_classes": 10, "width": 16}
 
 
-# Fashion-MNIST has 48x the images of digits: the same number of optimiser steps takes far fewer epochs.
-# Measured (benchmarks/results/sweep-fashion-mnist.md, ResNet-8): these schedules make the 4-bit cells
-# fire in onnxruntime (stock asr 98-100%, float asr <= 2%); 1 + 3 PQBackdoor epochs left int4 at 84%.
-# They take minutes on a GPU (`device="cuda"`, `efrap attack --device cuda`); on 2 CPU cores PQBackdoor
-# took 9.5 min for 1 + 3 epochs, so expect over an hour.
+# Fashion-MNIST has 48x digits' images, so fewer epochs; these fire the 4-bit cells (GPU minutes, CPU
+# hours): benchmarks/results/sweep-fashion-mnist.md.
 _FASHION = {
     "qu-anti-zation": {"epochs": 8},
     "compartifact": {"epochs": 8},
@@ -102,9 +99,8 @@ def run_attack(
     arch = arch or default_arch(dataset)
     targets = [scheme_preset(scheme, bits)]
     if attack == "qu-anti-zation" and bits == 8:
-        # Several bit widths at once: 8 and 4. Aimed at 4 bits, the 8-bit term is left out: on digits
-        # it cannot separate the float and int8 models and only drags the float model's asr up
-        # (measured: float asr 31% with {8, 4} vs 2% with {4}).
+        # 8 and 4 bits at once, as the reference; aimed at 4 bits the 8-bit term only raises the float
+        # model's asr on digits (benchmarks/results/sweep-digits-8bit.md).
         targets = [scheme_preset(scheme, 8), scheme_preset(scheme, 4)]
     attack_cls = ATTACKS[attack]
     if device is not None:
