@@ -246,21 +246,23 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
         "crowded_layers": crowded,
     }
     if not args.json:
-        print(
-            f"wrote {out}: {len(plan.layers)} layers, {100 * plan.flipped_share:.1f}% of weights flipped, "
-            f"{seconds:.1f} s"
-        )
-        kernels = ", ".join(f"{k} x{v}" for k, v in report.int_kernels.items()) or "none"
-        print(
-            f"verify: integers {'match the plan' if report.integers_ok else 'DIFFER'}; "
-            f"onnxruntime runs {kernels}"
-        )
-        if crowded:
-            print(
-                f"scan: in {len(crowded)} of {len(plan.layers)} layers the float weights crowd the rounding "
-                "boundaries of this grid, PQBackdoor's fingerprint (`efrap scan` for the table)"
-            )
+        _say_defended(summary, report.int_kernels)
     return summary
+
+
+def _say_defended(summary: dict[str, Any], kernels: dict[str, int]) -> None:
+    print(
+        f"wrote {summary['out']}: {summary['layers']} layers, {100 * summary['flipped_share']:.1f}% of weights "
+        f"flipped, {summary['seconds']:.1f} s"
+    )
+    ran = ", ".join(f"{k} x{v}" for k, v in kernels.items()) or "none"
+    ok = summary["verify"]["integers_ok"]
+    print(f"verify: integers {'match the plan' if ok else 'DIFFER'}; onnxruntime runs {ran}")
+    if summary["crowded_layers"]:
+        print(
+            f"scan: in {len(summary['crowded_layers'])} of {summary['layers']} layers the float weights crowd "
+            "the rounding boundaries of this grid, PQBackdoor's fingerprint (`efrap scan` for the table)"
+        )
 
 
 # ----- efrap scan ------------------------------------------------------------------------------

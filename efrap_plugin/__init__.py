@@ -6,6 +6,7 @@ The backend-neutral core. ``defend(model, calib_data, scheme, config) -> Roundin
 
 from .analysis import LayerScan, crowded_layers, format_scan, scan_weights
 from .checkpoint import load_model, save_model
+from .cifar import load_cifar10
 from .config import EFRAPConfig
 from .conformance import IntegerReport, compare_integers
 from .data import (
@@ -13,7 +14,6 @@ from .data import (
     Splits,
     as_calibration,
     as_labeled,
-    load_cifar10,
     load_dataset,
     load_digits,
     load_fashion_mnist,

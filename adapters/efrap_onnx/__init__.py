@@ -1,9 +1,11 @@
 """efrap-plugin's ONNX / onnxruntime adapter: defended QDQ models that onnxruntime runs."""
 
+from .defend import defend_qdq
 from .export import export_defended, export_float_onnx, onnx_plan
 from .graph import folded_weights
 from .model_io import load_onnx, save_onnx
-from .quantize import ListDataReader, defend_qdq, quantize_images, quantize_static, session
+from .quantize import ListDataReader, quantize_images, quantize_static
+from .runtime import session
 from .verify import VerifyReport, optimized_op_counts, quantized_weights, verify
 
 __all__ = [

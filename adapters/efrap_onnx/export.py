@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,17 @@ def export_float_onnx(model: torch.nn.Module, example: torch.Tensor, path: str |
     return save_onnx(data, path)
 
 
-def onnx_plan(plan: RoundingPlan, float_onnx: onnx.ModelProto, qdq: onnx.ModelProto) -> RoundingPlan:
-    """The torch plan re-keyed by the ONNX initializers that hold the same (snapped) weights."""
+def onnx_plan(
+    plan: RoundingPlan,
+    float_onnx: onnx.ModelProto,
+    qdq: onnx.ModelProto,
+    snapped_prints: Mapping[str, str] | None = None,
+) -> RoundingPlan:
+    """The torch plan re-keyed by the ONNX initializers that hold the same (snapped) weights.
+
+    ``snapped_prints`` (layer -> fingerprint of the snapped float weight the export saw) finds each
+    layer's initializer; without it the fingerprint of the plan's dequantized integers is used.
+    """
     by_print: dict[str, tuple[str, bool]] = {}
     for t in float_onnx.graph.initializer:
         arr = np.array(initializer_array(t))
@@ -57,7 +67,7 @@ def onnx_plan(plan: RoundingPlan, float_onnx: onnx.ModelProto, qdq: onnx.ModelPr
     layers, layout = {}, {}
     for name, lp in plan.layers.items():
         snapped = plan.scheme.dequantize(lp.integers, lp.scale, lp.zero_point)
-        key = lp.stats.get("snapped_fingerprint") or fingerprint(snapped)
+        key = (snapped_prints or {}).get(name) or fingerprint(snapped)
         if key not in by_print:
             raise PlanMismatchError(
                 f"export: no ONNX initializer holds the snapped weights of layer {name!r}"
@@ -105,17 +115,7 @@ def export_defended(
             efrap=False,
             progress=False,
         )
-        keyed = onnx_plan(snapshot_prints(plan, snapped), onnx.load(str(float_path)), onnx.load(str(path)))
+        modules = dict(snapped.named_modules())
+        prints = {name: fingerprint(modules[name].weight) for name in plan.layers}
+        keyed = onnx_plan(plan, onnx.load(str(float_path)), onnx.load(str(path)), prints)
     return keyed, verify(path, keyed)
-
-
-def snapshot_prints(plan: RoundingPlan, snapped: torch.nn.Module) -> RoundingPlan:
-    """Record each layer's snapped-weight fingerprint, by which the ONNX initializer is found."""
-    modules = dict(snapped.named_modules())
-    layers = {
-        name: dataclasses.replace(
-            lp, stats={**lp.stats, "snapped_fingerprint": fingerprint(modules[name].weight)}
-        )
-        for name, lp in plan.layers.items()
-    }
-    return dataclasses.replace(plan, layers=layers)

@@ -11,15 +11,11 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-import torch
-from onnx import TensorProto, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
 from onnxruntime.quantization import quantize_static as ort_quantize_static
 
@@ -27,21 +23,18 @@ from efrap_plugin import (
     DataError,
     EFRAPConfig,
     EFRAPError,
-    LayerProblem,
     ModelError,
     QuantScheme,
     RoundingPlan,
-    defend_layers,
 )
 
-from .graph import QuantizedLayer, find_quantized_layers
-from .model_io import initializer_array, load_onnx, preprocess, save_onnx
+from .defend import defend_qdq
+from .model_io import load_onnx, preprocess, save_onnx
+from .runtime import session
 
-__all__ = ["quantize_static", "quantize_images", "ListDataReader", "session"]
+__all__ = ["quantize_static", "quantize_images", "ListDataReader"]
 
 log = logging.getLogger(__name__)
-
-_MAX_QUOTED = 600  # characters of a backend's error message quoted in ours
 
 
 class ListDataReader(CalibrationDataReader):
@@ -61,37 +54,6 @@ class ListDataReader(CalibrationDataReader):
 
     def rewind(self) -> None:
         self._it = iter(self.batches)
-
-
-def session(model: onnx.ModelProto | str | Path, outputs: list[str] | None = None) -> ort.InferenceSession:
-    """A CPU InferenceSession, optionally exposing intermediate tensors as extra outputs.
-
-    A model onnxruntime cannot load (an opset it does not know, an op it lacks) is a ModelError.
-    """
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if isinstance(model, onnx.ModelProto):
-        if outputs:
-            model = onnx.ModelProto.FromString(model.SerializeToString())
-            have = {o.name for o in model.graph.output}
-            for name in outputs:
-                if name not in have:
-                    model.graph.output.append(
-                        onnx.helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
-                    )
-        source: Any = model.SerializeToString()
-    else:
-        source = str(model)
-    try:
-        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime's pybind errors share no public base class
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if len(first) > _MAX_QUOTED:
-            first = first[:_MAX_QUOTED] + " ..."
-        raise ModelError(
-            f"model: onnxruntime {ort.__version__} cannot run it ({first}); export it with an opset and ops "
-            "this onnxruntime supports"
-        ) from None
 
 
 def _collect(reader: Any, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
@@ -189,29 +151,11 @@ def quantize_static(
     session(float_model)  # onnxruntime can run the user's model, or a clear error before any work
     batches = _collect(calibration_data_reader, float_model)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="efrap-onnx-") as tmp:
-        src, pre, qdq_path = Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "qdq.onnx"
-        onnx.save(float_model, str(src))
-        preprocess(src, pre)
-        _quantize_stock(
-            str(pre),
-            str(qdq_path),
-            ListDataReader(batches),
-            quant_format,
-            op_types_to_quantize,
-            per_channel,
-            reduce_range,
-            activation_type,
-            weight_type,
-            nodes_to_quantize,
-            nodes_to_exclude,
-            use_external_data_format,
-            calibrate_method,
-            calibration_providers,
-            extra_options,
-        )
-        pre_model = onnx.load(str(pre))
-        qdq = onnx.load(str(qdq_path))
+    options = (op_types_to_quantize, per_channel, reduce_range, activation_type, weight_type)
+    options += (nodes_to_quantize, nodes_to_exclude, use_external_data_format, calibrate_method)
+    pre_model, qdq = _quantize_stock(
+        float_model, batches, quant_format, *options, calibration_providers, extra_options
+    )
     plan = None
     if efrap:
         scheme = QuantScheme.onnxruntime(bits, per_channel)
@@ -221,16 +165,25 @@ def quantize_static(
     return plan
 
 
-def _quantize_stock(src: str, out: str, *args: Any) -> None:
-    """onnxruntime's own quantize_static; its failures on a model it cannot handle become ModelErrors."""
-    try:
-        ort_quantize_static(src, out, *args)
-    except EFRAPError:
-        raise
-    except Exception as exc:
-        raise ModelError(
-            f"model: onnxruntime's quantize_static cannot quantize it ({type(exc).__name__}: {exc})"
-        ) from None
+def _quantize_stock(
+    float_model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], *options: Any
+) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """quant_pre_process, then onnxruntime's own quantize_static with the user's ``options`` (its
+    positional arguments after the reader): the pre-processed float graph and the stock QDQ graph.
+    A model onnxruntime cannot quantize is a ModelError."""
+    with tempfile.TemporaryDirectory(prefix="efrap-onnx-") as tmp:
+        src, pre, qdq = Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "qdq.onnx"
+        onnx.save(float_model, str(src))
+        preprocess(src, pre)
+        try:
+            ort_quantize_static(str(pre), str(qdq), ListDataReader(batches), *options)
+        except EFRAPError:
+            raise
+        except Exception as exc:
+            raise ModelError(
+                f"model: onnxruntime's quantize_static cannot quantize it ({type(exc).__name__}: {exc})"
+            ) from None
+        return onnx.load(str(pre)), onnx.load(str(qdq))
 
 
 def quantize_images(
@@ -267,111 +220,3 @@ def quantize_images(
         config=config,
         progress=progress,
     )
-
-
-def _run(sess: ort.InferenceSession, batches: list[dict[str, np.ndarray]], name: str) -> torch.Tensor:
-    feeds = {i.name for i in sess.get_inputs()}
-    return torch.cat(
-        [torch.from_numpy(sess.run([name], {k: v for k, v in b.items() if k in feeds})[0]) for b in batches]
-    )
-
-
-def _to_core(arr: np.ndarray, layer: QuantizedLayer) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(arr))
-    return t.T.contiguous() if layer.transpose else t
-
-
-def _calibration_subset(batches: list[dict[str, np.ndarray]], size: int) -> list[dict[str, np.ndarray]]:
-    """The leading batches holding ``size`` inputs (the last one cut)."""
-    calib, n = [], 0
-    for b in batches:
-        take = {k: v[: size - n] for k, v in b.items()}
-        calib.append(take)
-        n += len(next(iter(take.values())))
-        if n >= size:
-            break
-    return calib
-
-
-def _problems(
-    float_model: onnx.ModelProto,
-    qdq: onnx.ModelProto,
-    layers: list[QuantizedLayer],
-    calib: list[dict[str, np.ndarray]],
-    scheme: QuantScheme,
-) -> Iterator[LayerProblem]:
-    """One problem per quantized weight of ``qdq``, its inputs read from the QDQ graph as it stands
-    (earlier layers' learned integers already written), its targets from the float graph."""
-    inits = {t.name: t for t in qdq.graph.initializer}
-    float_inits = {t.name: t for t in float_model.graph.initializer}
-    for layer in layers:
-        weight = _to_core(initializer_array(float_inits[layer.float_weight]).astype(np.float32), layer)
-        scale = torch.from_numpy(np.atleast_1d(initializer_array(inits[layer.scale])).astype(np.float32))
-        zp = (
-            np.atleast_1d(initializer_array(inits[layer.zero_point])).astype(np.int32)
-            if layer.zero_point
-            else np.zeros(scale.shape, np.int32)
-        )
-        if np.any(zp != 0):
-            raise EFRAPError(
-                f"layer {layer.node}: weights are quantized with non-zero zero points; EFRAP needs symmetric "
-                "weights (extra_options WeightSymmetric=True, onnxruntime's default)"
-            )
-
-        def install(integers: torch.Tensor, layer=layer) -> None:
-            ints = integers.T if layer.transpose else integers
-            _write_integers(inits[layer.quantized], ints.numpy())
-
-        yield LayerProblem(
-            layer.float_weight,
-            weight,
-            scheme,
-            layer.forward,
-            _run(session(qdq, [layer.input_name]), calib, layer.input_name),
-            _run(session(float_model, [layer.output_name]), calib, layer.output_name),
-            scale,
-            torch.from_numpy(zp),
-            install=install,
-        )
-
-
-def defend_qdq(
-    float_model: onnx.ModelProto,
-    qdq: onnx.ModelProto,
-    batches: list[dict[str, np.ndarray]],
-    scheme: QuantScheme,
-    config: EFRAPConfig,
-    progress: bool = True,
-) -> RoundingPlan:
-    """Replace the weight integers of ``qdq`` (in place) by EFRAP's; return the plan."""
-    layers, skipped = find_quantized_layers(qdq, float_model, include_relu=config.unit == "activation")
-    if skipped:
-        log.warning("left in float or at nearest rounding (unsupported form): %s", ", ".join(skipped))
-    if not layers:
-        raise ModelError(
-            "model: no quantized Conv / Gemm / MatMul weight found in the QDQ graph; nothing to defend"
-        )
-    calib = _calibration_subset(batches, config.calib_size)
-    plans = defend_layers(_problems(float_model, qdq, layers, calib, scheme), config, len(layers), progress)
-    layout = {
-        layer.float_weight: {
-            "quantized": layer.quantized,
-            "scale": layer.scale,
-            "transpose": layer.transpose,
-            "node": layer.node,
-        }
-        for layer in layers
-    }
-    meta = {"config": config.to_dict(), "layout": layout, "skipped": skipped}
-    return RoundingPlan(scheme, plans, "onnx", meta)
-
-
-def _write_integers(tensor: onnx.TensorProto, ints: np.ndarray) -> None:
-    """Overwrite a quantized weight initializer's integers, keeping its name and data type."""
-    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
-        new = onnx.helper.make_tensor(
-            tensor.name, tensor.data_type, list(tensor.dims), ints.astype(np.int8).flatten().tolist()
-        )
-    else:
-        new = numpy_helper.from_array(ints.astype(initializer_array(tensor).dtype), tensor.name)
-    tensor.CopyFrom(new)

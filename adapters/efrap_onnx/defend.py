@@ -1,0 +1,132 @@
+"""EFRAP on a QDQ model: each quantized weight becomes a LayerProblem (inputs read from the QDQ graph
+as it stands, targets from the float graph) for the core's one per-layer loop, and the learned integers
+are written into the weight initializers. Scales and zero points stay onnxruntime's own."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, numpy_helper
+
+from efrap_plugin import (
+    EFRAPConfig,
+    EFRAPError,
+    LayerProblem,
+    ModelError,
+    QuantScheme,
+    RoundingPlan,
+    defend_layers,
+)
+
+from .graph import QuantizedLayer, find_quantized_layers
+from .model_io import initializer_array
+from .runtime import run_output, session
+
+__all__ = ["defend_qdq"]
+
+log = logging.getLogger(__name__)
+
+
+def _to_core(arr: np.ndarray, layer: QuantizedLayer) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    return t.T.contiguous() if layer.transpose else t
+
+
+def _calibration_subset(batches: list[dict[str, np.ndarray]], size: int) -> list[dict[str, np.ndarray]]:
+    """The leading batches holding ``size`` inputs (the last one cut)."""
+    calib, n = [], 0
+    for b in batches:
+        take = {k: v[: size - n] for k, v in b.items()}
+        calib.append(take)
+        n += len(next(iter(take.values())))
+        if n >= size:
+            break
+    return calib
+
+
+def _problems(
+    float_model: onnx.ModelProto,
+    qdq: onnx.ModelProto,
+    layers: list[QuantizedLayer],
+    calib: list[dict[str, np.ndarray]],
+    scheme: QuantScheme,
+) -> Iterator[LayerProblem]:
+    """One problem per quantized weight of ``qdq``, its inputs read from the QDQ graph as it stands
+    (earlier layers' learned integers already written), its targets from the float graph."""
+    inits = {t.name: t for t in qdq.graph.initializer}
+    float_inits = {t.name: t for t in float_model.graph.initializer}
+    for layer in layers:
+        weight = _to_core(initializer_array(float_inits[layer.float_weight]).astype(np.float32), layer)
+        scale = torch.from_numpy(np.atleast_1d(initializer_array(inits[layer.scale])).astype(np.float32))
+        zp = (
+            np.atleast_1d(initializer_array(inits[layer.zero_point])).astype(np.int32)
+            if layer.zero_point
+            else np.zeros(scale.shape, np.int32)
+        )
+        if np.any(zp != 0):
+            raise EFRAPError(
+                f"layer {layer.node}: weights are quantized with non-zero zero points; EFRAP needs symmetric "
+                "weights (extra_options WeightSymmetric=True, onnxruntime's default)"
+            )
+
+        def install(integers: torch.Tensor, layer=layer) -> None:
+            ints = integers.T if layer.transpose else integers
+            _write_integers(inits[layer.quantized], ints.numpy())
+
+        yield LayerProblem(
+            layer.float_weight,
+            weight,
+            scheme,
+            layer.forward,
+            run_output(session(qdq, [layer.input_name]), calib, layer.input_name),
+            run_output(session(float_model, [layer.output_name]), calib, layer.output_name),
+            scale,
+            torch.from_numpy(zp),
+            install=install,
+        )
+
+
+def defend_qdq(
+    float_model: onnx.ModelProto,
+    qdq: onnx.ModelProto,
+    batches: list[dict[str, np.ndarray]],
+    scheme: QuantScheme,
+    config: EFRAPConfig,
+    progress: bool = True,
+) -> RoundingPlan:
+    """Replace the weight integers of ``qdq`` (in place) by EFRAP's; return the plan."""
+    layers, skipped = find_quantized_layers(qdq, float_model, include_relu=config.unit == "activation")
+    if skipped:
+        log.warning("left in float or at nearest rounding (unsupported form): %s", ", ".join(skipped))
+    if not layers:
+        raise ModelError(
+            "model: no quantized Conv / Gemm / MatMul weight found in the QDQ graph; nothing to defend"
+        )
+    calib = _calibration_subset(batches, config.calib_size)
+    plans = defend_layers(_problems(float_model, qdq, layers, calib, scheme), config, len(layers), progress)
+    layout = {
+        layer.float_weight: {
+            "quantized": layer.quantized,
+            "scale": layer.scale,
+            "transpose": layer.transpose,
+            "node": layer.node,
+        }
+        for layer in layers
+    }
+    meta = {"config": config.to_dict(), "layout": layout, "skipped": skipped}
+    return RoundingPlan(scheme, plans, "onnx", meta)
+
+
+def _write_integers(tensor: onnx.TensorProto, ints: np.ndarray) -> None:
+    """Overwrite a quantized weight initializer's integers, keeping its name and data type."""
+    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        new = onnx.helper.make_tensor(
+            tensor.name, tensor.data_type, list(tensor.dims), ints.astype(np.int8).flatten().tolist()
+        )
+    else:
+        new = numpy_helper.from_array(ints.astype(initializer_array(tensor).dtype), tensor.name)
+    tensor.CopyFrom(new)
