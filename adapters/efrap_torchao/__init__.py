@@ -1,11 +1,15 @@
-"""efrap-plugin's PyTorch AO adapter: torchao PT2E (X86InductorQuantizer) and the legacy torch.ao FX
-and eager-mode flows, each producing int8 models that hold EFRAP's integers."""
+"""efrap-plugin's PyTorch AO adapter: EFRAP inside the user's own torchao PT2E and legacy torch.ao FX /
+eager flows (``defend_prepared`` between calibration and convert, on the grid their observers define),
+plus one-call flows (``quantize_pt2e`` / ``quantize_fx`` / ``quantize_eager``) and the verifiers."""
 
 from .eager import quantize_eager, verify_eager
 from .fx import quantize_fx, verify_fx
+from .observed import defend_prepared, observer_grid
 from .pt2e import quantize_pt2e, read_int8_weights, verify_pt2e
 
 __all__ = [
+    "defend_prepared",
+    "observer_grid",
     "quantize_eager",
     "quantize_fx",
     "quantize_pt2e",

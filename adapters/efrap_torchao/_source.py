@@ -31,7 +31,7 @@ def calibrate(prepared: torch.nn.Module, calib: torch.Tensor, batch_size: int) -
 def quantized_module_weights(
     converted: torch.nn.Module, strip_prefix: str = ""
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """int8 weights and per-channel scales of torch.ao's quantized modules, keyed by module name."""
+    """Integer weights and scales (per channel or per tensor) of torch.ao's quantized modules, by module name."""
     ints, scales = {}, {}
     for name, module in converted.named_modules():
         weight = getattr(module, "weight", None)
@@ -41,5 +41,7 @@ def quantized_module_weights(
         if isinstance(w, torch.Tensor) and w.is_quantized:
             key = name.removeprefix(strip_prefix)
             ints[key] = w.int_repr().to(torch.int32)
-            scales[key] = w.q_per_channel_scales().to(torch.float32)
+            per_channel = w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+            scale = w.q_per_channel_scales() if per_channel else torch.tensor([w.q_scale()])
+            scales[key] = scale.to(torch.float32)
     return ints, scales

@@ -54,12 +54,14 @@ def quantize_pt2e(
 def read_int8_weights(
     converted: torch.fx.GraphModule,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """int8 weights and their scales from a converted PT2E model, keyed by the source module's name."""
+    """Integer weights and their scales from a converted PT2E model, per channel or per tensor, keyed by
+    the source module's name. Only dequantize nodes fed by a constant (a weight) are read."""
     ints, scales = {}, {}
     for node in converted.graph.nodes:
-        if node.op != "call_function" or "dequantize_per_channel" not in str(node.target):
+        target = str(node.target) if node.op == "call_function" else ""
+        if "dequantize_per_channel" not in target and "dequantize_per_tensor" not in target:
             continue
-        q_node, s_node = node.args[0], node.args[1]
+        q_node, s_arg = node.args[0], node.args[1]
         if getattr(q_node, "op", None) != "get_attr":
             continue
         users = [u for u in node.users if u.meta.get("nn_module_stack")]
@@ -67,7 +69,8 @@ def read_int8_weights(
             continue
         name = list(users[0].meta["nn_module_stack"].values())[-1][0]
         ints[name] = getattr(converted, q_node.target).to(torch.int32)
-        scales[name] = getattr(converted, s_node.target)
+        scale = getattr(converted, s_arg.target) if getattr(s_arg, "op", None) == "get_attr" else s_arg
+        scales[name] = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
     return ints, scales
 
 

@@ -1,0 +1,395 @@
+"""EFRAP inside the user's own torch.ao / torchao flow: one call between their calibration and convert.
+
+The grid of every weight is read from the observers the user's quantizer (PT2E), QConfigMapping (FX)
+or qconfig (eager) put in the prepared model; never chosen here. Each quantized Conv / Linear becomes a
+LayerProblem for the core's one per-layer loop: its inputs are captured from the prepared model with
+activation observers fake-quantizing (the reference: the partially quantized model) or, with
+``layer_inputs="float"``, from the plain calibration pass; its targets from a float copy. The learned
+integers are installed by snapping the prepared model's weights to ``scale * (q - zero_point)`` (each
+channel's abs-max element kept exact, so every observer recomputes the same scale): the user's own
+``convert_pt2e`` / ``convert_fx`` / ``convert`` then rounds them to exactly the plan's integers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from efrap_plugin import (
+    EFRAPConfig,
+    EFRAPError,
+    LayerProblem,
+    ModelError,
+    QuantScheme,
+    RoundingPlan,
+    as_calibration,
+    defend_layers,
+)
+
+__all__ = ["defend_prepared", "observer_grid"]
+
+log = logging.getLogger(__name__)
+
+_SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
+_PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine, torch.per_channel_affine_float_qparams)
+_GRAPH_OPS = {"aten.conv1d.default", "aten.conv2d.default", "aten.linear.default"}
+_RELU_OPS = {"aten.relu.default", "aten.relu_.default"}
+_CHUNK = 256
+
+
+@dataclass
+class _Layer:
+    """A quantized Conv / Linear of the prepared model, however the flow represents it."""
+
+    name: str
+    weight: torch.Tensor  # the prepared model's own parameter: installing writes into it
+    observer: nn.Module  # its weight observer (PT2E: the graph's; FX / eager: a fresh one from the qconfig)
+    capture_in: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    capture_out: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _is_observer(module: nn.Module) -> bool:
+    return hasattr(module, "calculate_qparams") and hasattr(module, "quant_min")
+
+
+def observer_grid(observer: nn.Module, where: str) -> tuple[QuantScheme, torch.Tensor, torch.Tensor]:
+    """The integer grid a (calibrated) weight observer defines: scheme, scale, zero point.
+
+    Raises EFRAPError naming the layer for grids EFRAP does not learn on (affine or non-integer weights,
+    channels on an axis other than 0).
+    """
+    qscheme, dtype = getattr(observer, "qscheme", None), getattr(observer, "dtype", None)
+    if dtype not in (torch.qint8, torch.int8, torch.quint8, torch.uint8, torch.qint32, torch.int32):
+        raise EFRAPError(
+            f"{where}: weight observer dtype {dtype} is not an integer grid; EFRAP learns integer rounding"
+        )
+    if qscheme not in _SYMMETRIC:
+        raise EFRAPError(
+            f"{where}: weight observer {type(observer).__name__} uses {qscheme}; EFRAP needs symmetric weights "
+            "(per_tensor_symmetric or per_channel_symmetric, torch's and torchao's default)"
+        )
+    per_channel = qscheme in _PER_CHANNEL
+    if per_channel and getattr(observer, "ch_axis", 0) != 0:
+        raise EFRAPError(f"{where}: channels on axis {observer.ch_axis} (ConvTranspose); EFRAP needs axis 0")
+    qmin, qmax = int(observer.quant_min), int(observer.quant_max)
+    bits = math.ceil(math.log2(qmax - qmin + 1))
+    if not 2 <= bits <= 8:
+        raise EFRAPError(
+            f"{where}: weights on [{qmin}, {qmax}] ({bits} bits); EFRAP defends 2- to 8-bit grids"
+        )
+    scale, zero_point = observer.calculate_qparams()
+    scheme = QuantScheme("torchao-observer", bits, qmin, qmax, per_channel, "absmax", "float32", True)
+    return (
+        scheme,
+        scale.detach().reshape(-1).to(torch.float32),
+        zero_point.detach().reshape(-1).to(torch.int32),
+    )
+
+
+# ----- capturing layer inputs and outputs ----------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+def _node_value(gm: torch.fx.GraphModule, node: torch.fx.Node, x: torch.Tensor) -> torch.Tensor:
+    """The value ``node`` takes when ``gm`` runs on ``x`` (the run stops there)."""
+    found: list[torch.Tensor] = []
+
+    class Until(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n is node:
+                found.append(out)
+                raise _Stop
+            return out
+
+    try:
+        Until(gm).run(x)
+    except _Stop:
+        pass
+    except Exception:  # torch.fx re-raises what a node raised with its own message added
+        if not found:
+            raise
+    if not found:
+        raise ModelError(f"model: node {node.name} never ran")
+    return found[0].detach()
+
+
+def _module_value(model: nn.Module, module: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
+    """The input (``what="input"``) or output of ``module`` when ``model`` runs on ``x``."""
+
+    def grab(_m, inp, out=None):
+        raise _Stop(inp[0] if what == "input" else out)
+
+    handle = module.register_forward_pre_hook(grab) if what == "input" else module.register_forward_hook(grab)
+    try:
+        model(x)
+    except _Stop as stop:
+        return stop.args[0].detach()
+    finally:
+        handle.remove()
+    raise ModelError(f"model: {type(module).__name__} never ran")
+
+
+def _chunks(fn: Callable[[torch.Tensor], torch.Tensor], calib: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([fn(calib[i : i + _CHUNK]) for i in range(0, calib.shape[0], _CHUNK)])
+
+
+@contextlib.contextmanager
+def _observers(model: nn.Module, fake_quantize: bool, weight_observers: set[int]) -> Iterator[None]:
+    """Observers stop observing; activation observers fake-quantize (``fake_quantize``) or pass through.
+
+    Weight observers (ids in ``weight_observers``) always pass through: the weights themselves carry
+    the learned integers.
+    """
+    swapped = []
+    for module in model.modules():
+        if not _is_observer(module):
+            continue
+        if fake_quantize and id(module) not in weight_observers and _has_stats(module):
+            module.forward = _fake_quantizer(module)
+        else:
+            module.forward = lambda x: x
+        swapped.append(module)
+    try:
+        yield
+    finally:
+        for module in swapped:
+            del module.forward
+
+
+def _fake_quantizer(observer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the converted model does at an activation observer: quantize and dequantize per tensor."""
+    scale, zero_point = observer.calculate_qparams()
+    s, z = float(scale.reshape(-1)[0]), int(zero_point.reshape(-1)[0])
+    lo, hi = int(observer.quant_min), int(observer.quant_max)
+    return lambda x: torch.fake_quantize_per_tensor_affine(x, s, z, lo, hi)
+
+
+def _has_stats(observer: nn.Module) -> bool:
+    lo = getattr(observer, "min_val", None)
+    return isinstance(lo, torch.Tensor) and lo.numel() > 0 and bool(torch.isfinite(lo).all())
+
+
+# ----- the layers of each flow ------------------------------------------------------------------------
+def _source_name(node: torch.fx.Node) -> str:
+    """The user's module name of a PT2E graph node (what verify reads back too)."""
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else node.name
+
+
+def _graph_tensor(gm: torch.fx.GraphModule, arg: Any) -> torch.Tensor | None:
+    """A constant operand of a PT2E node: None, a get_attr, or an observer over a get_attr."""
+    if arg is None:
+        return None
+    if (
+        getattr(arg, "op", None) == "call_module"
+        and arg.args
+        and getattr(arg.args[0], "op", None) == "get_attr"
+    ):
+        arg = arg.args[0]
+    if getattr(arg, "op", None) != "get_attr":
+        raise ModelError(
+            f"model: operand {arg} of a quantized layer is computed in the graph; expected a constant"
+        )
+    return (
+        gm.get_parameter(arg.target)
+        if arg.target in dict(gm.named_parameters())
+        else gm.get_buffer(arg.target)
+    )
+
+
+def _graph_layers(gm: torch.fx.GraphModule, relu_units: bool) -> tuple[list[_Layer], dict[str, str]]:
+    """PT2E: aten conv / linear nodes whose weight input is an observer over a get_attr."""
+    layers, skipped = [], {}
+    for node in gm.graph.nodes:
+        op = str(node.target) if node.op == "call_function" else ""
+        observed = len(node.args) > 1 and getattr(node.args[1], "op", None) == "call_module"
+        if "conv_transpose" in op and observed:
+            skipped[_source_name(node)] = "ConvTranspose (channels on axis 1): left at nearest rounding"
+            continue
+        if op not in _GRAPH_OPS or not observed or getattr(node.args[1].args[0], "op", None) != "get_attr":
+            continue
+        users = list(node.users)
+        out = users[0] if relu_units and len(users) == 1 and str(users[0].target) in _RELU_OPS else node
+        bias, rest, aten = (
+            _graph_tensor(gm, node.args[2] if len(node.args) > 2 else None),
+            node.args[3:],
+            node.target,
+        )
+        bias = bias.detach().clone() if bias is not None else None
+
+        def forward(x, w, aten=aten, bias=bias, rest=rest, relu=out is not node):
+            y = aten(x, w, bias, *rest)
+            return torch.relu(y) if relu else y
+
+        layers.append(
+            _Layer(
+                _source_name(node),
+                _graph_tensor(gm, node.args[1]),
+                gm.get_submodule(node.args[1].target),
+                lambda m, x, n=node.args[0].name: _node_value(m, _named_node(m, n), x),
+                lambda m, x, n=out.name: _node_value(m, _named_node(m, n), x),
+                forward,
+            )
+        )
+    return layers, skipped
+
+
+def _named_node(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
+    return next(n for n in gm.graph.nodes if n.name == name)
+
+
+def _module_layers(model: nn.Module, relu_units: bool) -> tuple[list[_Layer], dict[str, str]]:
+    """FX / eager: modules carrying a qconfig, plain or fused with a ReLU; in execution order."""
+    import torch.ao.nn.intrinsic as nni
+
+    layers, skipped = [], {}
+    for name, module in model.named_modules():
+        qconfig = getattr(module, "qconfig", None)
+        if qconfig is None or getattr(qconfig, "weight", None) is None:
+            continue
+        fused = isinstance(module, nni._FusedModule)
+        inner = module[0] if fused else module
+        inner_name = f"{name}.0" if fused else name
+        if isinstance(inner, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
+            skipped[name] = "ConvTranspose (channels on axis 1): left at nearest rounding"
+            continue
+        if not isinstance(inner, (nn.Conv1d, nn.Conv2d, nn.Linear)) or type(inner).__module__.startswith(
+            "torch.ao.nn.quantized"
+        ):
+            continue
+        observer = qconfig.weight()
+        observer(inner.weight.detach())
+        relu = relu_units and fused and any(isinstance(m, nn.ReLU) for m in module)
+        bias = inner.bias.detach().clone() if inner.bias is not None else None
+        if isinstance(inner, nn.Linear):
+            base = lambda x, w, b=bias: F.linear(x, w, b)  # noqa: E731
+        else:
+            twin = copy.deepcopy(inner)
+            base = lambda x, w, b=bias, c=twin: c._conv_forward(x, w, b)  # noqa: E731
+        layers.append(
+            _Layer(
+                name,
+                inner.weight,
+                observer,
+                lambda m, x, n=inner_name: _module_value(m, m.get_submodule(n), x, "input"),
+                lambda m, x, n=name if relu else inner_name: _module_value(
+                    m, m.get_submodule(n), x, "output"
+                ),
+                (lambda x, w, f=base: torch.relu(f(x, w))) if relu else base,
+            )
+        )
+    return layers, skipped
+
+
+def _execution_order(model: nn.Module, layers: list[_Layer], x: torch.Tensor, ids: set[int]) -> list[_Layer]:
+    """``layers`` in the order a forward pass calls them (modules registered out of order are common)."""
+    order: list[str] = []
+    handles = [
+        model.get_submodule(layer.name).register_forward_pre_hook(
+            lambda _m, _i, n=layer.name: order.append(n)
+        )
+        for layer in layers
+    ]
+    try:
+        with _observers(model, False, ids), torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    first = {name: i for i, name in reversed(list(enumerate(order)))}
+    return sorted((layer for layer in layers if layer.name in first), key=lambda layer: first[layer.name])
+
+
+def _snap(w0: torch.Tensor, integers: torch.Tensor, scheme: QuantScheme, scale, zero_point) -> torch.Tensor:
+    """Float weights the flow's own rounding turns into ``integers``; abs-max elements kept exact."""
+    snapped = scheme.dequantize(integers, scale, zero_point).reshape(w0.shape)
+    return torch.where(scheme.scale_setters(w0), w0, snapped)
+
+
+def _problems(
+    model: nn.Module,
+    float_copy: nn.Module,
+    layers: list[_Layer],
+    calib: torch.Tensor,
+    quantized_inputs: bool,
+) -> Iterator[LayerProblem]:
+    ids = {id(layer.observer) for layer in layers}
+    for layer in layers:
+        scheme, scale, zero_point = observer_grid(layer.observer, f"layer {layer.name!r}")
+        with _observers(float_copy, False, set()):
+            targets = _chunks(lambda x, layer=layer: layer.capture_out(float_copy, x), calib)
+        source = model if quantized_inputs else float_copy
+        with _observers(source, quantized_inputs, ids):
+            inputs = _chunks(lambda x, layer=layer, m=source: layer.capture_in(m, x), calib)
+        w0 = layer.weight.detach().clone()
+
+        def install(integers, layer=layer, w0=w0, scheme=scheme, scale=scale, zero_point=zero_point):
+            with torch.no_grad():
+                layer.weight.copy_(_snap(w0, integers, scheme, scale, zero_point))
+
+        yield LayerProblem(layer.name, w0, scheme, layer.forward, inputs, targets, scale, zero_point, install)
+
+
+def defend_prepared(
+    prepared: nn.Module,
+    calib_data: Any,
+    config: EFRAPConfig | None = None,
+    *,
+    layer_inputs: Literal["quantized", "float"] = "quantized",
+    progress: bool = True,
+) -> RoundingPlan:
+    """EFRAP on a model the user prepared and calibrated with their own quantizer / QConfigMapping / qconfig.
+
+    Call it between calibration and ``convert_pt2e`` / ``convert_fx`` / ``convert``: it reads each
+    weight's grid from the observers, learns the rounding layer by layer and snaps ``prepared``'s
+    weights (in place) so that the user's convert writes the returned plan's integers. Observer
+    statistics are left as calibration made them. ``layer_inputs``: "quantized" (the reference: each
+    layer's inputs from the partially quantized model) or "float" (from the float model).
+    """
+    config = config or EFRAPConfig()
+    if layer_inputs not in ("quantized", "float"):
+        raise EFRAPError(f"layer_inputs: expected 'quantized' or 'float', got {layer_inputs!r}")
+    if not isinstance(prepared, nn.Module):
+        raise EFRAPError(
+            f"prepared: expected the model prepare_pt2e / prepare_fx / prepare returned, got {type(prepared).__name__}"
+        )
+    calib = as_calibration(calib_data, config.calib_size)
+    relu_units = config.unit == "activation"
+    graph = isinstance(prepared, torch.fx.GraphModule) and any(
+        str(n.target) in _GRAPH_OPS for n in prepared.graph.nodes if n.op == "call_function"
+    )
+    layers, skipped = _graph_layers(prepared, relu_units) if graph else _module_layers(prepared, relu_units)
+    if not graph:
+        layers = _execution_order(prepared, layers, calib[:1], set())
+    if not layers:
+        raise ModelError(
+            f"prepared: no Conv / Linear weight with an observer in {type(prepared).__name__}; call defend_prepared "
+            "after prepare_pt2e / prepare_fx / prepare (with a qconfig that quantizes weights) and calibration"
+        )
+    for name, reason in skipped.items():
+        log.warning("%s: %s", name, reason)
+    float_copy = copy.deepcopy(prepared)
+    problems = _problems(prepared, float_copy, layers, calib, layer_inputs == "quantized")
+    plans = defend_layers(problems, config, len(layers), progress)
+    scheme = observer_grid(layers[0].observer, f"layer {layers[0].name!r}")[0]
+    meta = {
+        "config": config.to_dict(),
+        "flow": "pt2e" if graph else "torch.ao",
+        "layer_inputs": layer_inputs,
+        "skipped": skipped,
+        "calib_size": int(calib.shape[0]),
+    }
+    return RoundingPlan(scheme, plans, "torchao", meta)
