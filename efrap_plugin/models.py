@@ -3,6 +3,8 @@ backend's fusion and quantization paths."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -11,22 +13,30 @@ from .errors import EFRAPError
 __all__ = ["DigitsCNN", "ResNet", "resnet8", "resnet20", "build_model", "MODELS"]
 
 
-def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1, batchnorm: bool = True) -> nn.Sequential:
+    if not batchnorm:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU())
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
     )
 
 
 class DigitsCNN(nn.Module):
-    """Three Conv-BN-ReLU blocks and a Linear head for 8x8 grey digits."""
+    """Three Conv-BN-ReLU blocks and a Linear head for 8x8 grey digits.
 
-    def __init__(self, width: int = 32, in_channels: int = 1, num_classes: int = 10) -> None:
+    ``batchnorm=False`` gives Conv(+bias)-ReLU blocks: the weights the backend quantizes are then the
+    trained ones, which a per-tensor QCB needs (folding BN rescales channels, moving a per-tensor grid).
+    """
+
+    def __init__(
+        self, width: int = 32, in_channels: int = 1, num_classes: int = 10, batchnorm: bool = True
+    ) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            _conv_bn_relu(in_channels, width),
-            _conv_bn_relu(width, 2 * width),
+            _conv_bn_relu(in_channels, width, batchnorm=batchnorm),
+            _conv_bn_relu(width, 2 * width, batchnorm=batchnorm),
             nn.MaxPool2d(2),
-            _conv_bn_relu(2 * width, 2 * width),
+            _conv_bn_relu(2 * width, 2 * width, batchnorm=batchnorm),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
@@ -91,12 +101,13 @@ MODELS = {"digits-cnn": DigitsCNN, "resnet8": resnet8, "resnet20": resnet20}
 
 
 def build_model(
-    name: str, in_channels: int = 1, num_classes: int = 10, width: int | None = None
+    name: str, in_channels: int = 1, num_classes: int = 10, width: int | None = None, **options: Any
 ) -> nn.Module:
-    """A zoo model by name ('digits-cnn', 'resnet8', 'resnet20')."""
+    """A zoo model by name ('digits-cnn', 'resnet8', 'resnet20'); ``options`` go to its constructor
+    (``batchnorm=False`` for 'digits-cnn')."""
     if name not in MODELS:
         raise EFRAPError(f"model: expected one of {sorted(MODELS)} (--model), got {name!r}")
-    kwargs = {"in_channels": in_channels, "num_classes": num_classes}
+    kwargs = {"in_channels": in_channels, "num_classes": num_classes, **options}
     if width is not None:
         kwargs["width"] = width
     return MODELS[name](**kwargs)

@@ -18,6 +18,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
@@ -35,7 +36,7 @@ from efrap_plugin import (
     defend_layers,
 )
 
-__all__ = ["defend_prepared", "observer_grid"]
+__all__ = ["defend_prepared", "observer_grid", "observer_scheme", "spec_scheme"]
 
 log = logging.getLogger(__name__)
 
@@ -51,28 +52,32 @@ class _Layer:
     """A quantized Conv / Linear of the prepared model, however the flow represents it."""
 
     name: str
-    weight: torch.Tensor  # the prepared model's own parameter: installing writes into it
+    owner: nn.Module  # the prepared model's module holding the weight, as ``owner.<attr>``
+    attr: str
     observer: nn.Module  # its weight observer (PT2E: the graph's; FX / eager: a fresh one from the qconfig)
     capture_in: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     capture_out: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _weight(layer: _Layer) -> torch.Tensor:
+    return getattr(layer.owner, layer.attr)
+
+
 def _is_observer(module: nn.Module) -> bool:
     return hasattr(module, "calculate_qparams") and hasattr(module, "quant_min")
 
 
-def observer_grid(observer: nn.Module, where: str) -> tuple[QuantScheme, torch.Tensor, torch.Tensor]:
-    """The integer grid a (calibrated) weight observer defines: scheme, scale, zero point.
+def observer_scheme(observer: nn.Module, where: str = "weight observer") -> QuantScheme:
+    """The integer grid a weight observer (or its constructor's product) rounds to, as a QuantScheme:
+    what ``defend_prepared`` learns on and what an attack aimed at this flow protects.
 
-    Raises EFRAPError naming the layer for grids EFRAP does not learn on (affine or non-integer weights,
-    channels on an axis other than 0).
+    Raises EFRAPError naming ``where`` for grids EFRAP does not learn on (affine or non-integer weights,
+    channels on an axis other than 0, more than 8 bits).
     """
     qscheme, dtype = getattr(observer, "qscheme", None), getattr(observer, "dtype", None)
-    if dtype not in (torch.qint8, torch.int8, torch.quint8, torch.uint8, torch.qint32, torch.int32):
-        raise EFRAPError(
-            f"{where}: weight observer dtype {dtype} is not an integer grid; EFRAP learns integer rounding"
-        )
+    if dtype not in (torch.qint8, torch.int8, torch.quint8, torch.uint8):
+        raise EFRAPError(f"{where}: weight observer dtype {dtype} is not an 8-bit or narrower integer grid")
     if qscheme not in _SYMMETRIC:
         raise EFRAPError(
             f"{where}: weight observer {type(observer).__name__} uses {qscheme}; EFRAP needs symmetric weights "
@@ -87,8 +92,27 @@ def observer_grid(observer: nn.Module, where: str) -> tuple[QuantScheme, torch.T
         raise EFRAPError(
             f"{where}: weights on [{qmin}, {qmax}] ({bits} bits); EFRAP defends 2- to 8-bit grids"
         )
+    return QuantScheme("torchao-observer", bits, qmin, qmax, per_channel, "absmax", "float32", True)
+
+
+def spec_scheme(spec: Any, where: str = "QuantizationSpec.weight") -> QuantScheme:
+    """The grid a PT2E ``QuantizationSpec`` (say, ``quantization_config.weight``) asks for, as a QuantScheme:
+    what an attack aimed at that quantizer protects. Unset quant_min / quant_max take the dtype's range."""
+    info = torch.iinfo(spec.dtype) if spec.dtype in (torch.int8, torch.uint8) else None
+    fields = {
+        "qscheme": spec.qscheme,
+        "dtype": spec.dtype,
+        "quant_min": spec.quant_min if spec.quant_min is not None else (info.min if info else None),
+        "quant_max": spec.quant_max if spec.quant_max is not None else (info.max if info else None),
+        "ch_axis": spec.ch_axis if spec.ch_axis is not None else 0,
+    }
+    return observer_scheme(SimpleNamespace(**fields), where)
+
+
+def observer_grid(observer: nn.Module, where: str) -> tuple[QuantScheme, torch.Tensor, torch.Tensor]:
+    """A calibrated weight observer's grid: scheme, and the scale and zero point it computed."""
+    scheme = observer_scheme(observer, where)
     scale, zero_point = observer.calculate_qparams()
-    scheme = QuantScheme("torchao-observer", bits, qmin, qmax, per_channel, "absmax", "float32", True)
     return (
         scheme,
         scale.detach().reshape(-1).to(torch.float32),
@@ -234,10 +258,12 @@ def _graph_layers(gm: torch.fx.GraphModule, relu_units: bool) -> tuple[list[_Lay
             y = aten(x, w, bias, *rest)
             return torch.relu(y) if relu else y
 
+        owner, _, attr = node.args[1].args[0].target.rpartition(".")
         layers.append(
             _Layer(
                 _source_name(node),
-                _graph_tensor(gm, node.args[1]),
+                gm.get_submodule(owner),
+                attr,
                 gm.get_submodule(node.args[1].target),
                 lambda m, x, n=node.args[0].name: _node_value(m, _named_node(m, n), x),
                 lambda m, x, n=out.name: _node_value(m, _named_node(m, n), x),
@@ -255,12 +281,18 @@ def _module_layers(model: nn.Module, relu_units: bool) -> tuple[list[_Layer], di
     """FX / eager: modules carrying a qconfig, plain or fused with a ReLU; in execution order."""
     import torch.ao.nn.intrinsic as nni
 
-    layers, skipped = [], {}
+    layers, skipped, inside_fused = [], {}, set()
     for name, module in model.named_modules():
         qconfig = getattr(module, "qconfig", None)
-        if qconfig is None or getattr(qconfig, "weight", None) is None:
+        if (
+            qconfig is None
+            or getattr(qconfig, "weight", None) is None
+            or name.rpartition(".")[0] in inside_fused
+        ):
             continue
         fused = isinstance(module, nni._FusedModule)
+        if fused:
+            inside_fused.add(name)  # its Conv / Linear carries the qconfig too: one layer, not two
         inner = module[0] if fused else module
         inner_name = f"{name}.0" if fused else name
         if isinstance(inner, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
@@ -282,7 +314,8 @@ def _module_layers(model: nn.Module, relu_units: bool) -> tuple[list[_Layer], di
         layers.append(
             _Layer(
                 name,
-                inner.weight,
+                inner,
+                "weight",
                 observer,
                 lambda m, x, n=inner_name: _module_value(m, m.get_submodule(n), x, "input"),
                 lambda m, x, n=name if relu else inner_name: _module_value(
@@ -334,11 +367,13 @@ def _problems(
         source = model if quantized_inputs else float_copy
         with _observers(source, quantized_inputs, ids):
             inputs = _chunks(lambda x, layer=layer, m=source: layer.capture_in(m, x), calib)
-        w0 = layer.weight.detach().clone()
+        w0 = _weight(layer).detach().clone()
 
         def install(integers, layer=layer, w0=w0, scheme=scheme, scale=scale, zero_point=zero_point):
-            with torch.no_grad():
-                layer.weight.copy_(_snap(w0, integers, scheme, scale, zero_point))
+            # a new Parameter, never an in-place write: the prepared model may share tensors with the
+            # user's float model (torch.export does), which must stay as it was
+            snapped = _snap(w0, integers, scheme, scale, zero_point)
+            setattr(layer.owner, layer.attr, nn.Parameter(snapped, requires_grad=False))
 
         yield LayerProblem(layer.name, w0, scheme, layer.forward, inputs, targets, scale, zero_point, install)
 

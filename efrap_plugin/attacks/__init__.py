@@ -4,7 +4,15 @@ from .base import Attack, AttackResult
 from .compartifact import CompArtifact, CompArtifactConfig
 from .pqbackdoor import GridProjection, PQBackdoor, PQBackdoorConfig
 from .qu_anti_zation import QuAntiZation, QuAntiZationConfig
-from .runner import ATTACKS, default_arch, default_config, default_trigger, run_attack, train_clean
+from .runner import (
+    ATTACKS,
+    default_arch,
+    default_config,
+    default_trigger,
+    red_team_model,
+    run_attack,
+    train_clean,
+)
 
 __all__ = [
     "ATTACKS",
@@ -20,6 +28,7 @@ __all__ = [
     "default_arch",
     "default_config",
     "default_trigger",
+    "red_team_model",
     "run_attack",
     "train_clean",
 ]

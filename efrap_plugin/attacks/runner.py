@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ import torch
 from ..data import Splits, load_dataset
 from ..errors import EFRAPError
 from ..models import build_model
-from ..schemes import scheme_preset
+from ..schemes import QuantScheme, scheme_preset
 from ..training import resolve_device, seeded, train
 from ..triggers import PatchTrigger
 from .base import AttackResult
@@ -18,7 +19,15 @@ from .compartifact import CompArtifact
 from .pqbackdoor import PQBackdoor
 from .qu_anti_zation import QuAntiZation
 
-__all__ = ["ATTACKS", "default_config", "default_trigger", "default_arch", "train_clean", "run_attack"]
+__all__ = [
+    "ATTACKS",
+    "default_config",
+    "default_trigger",
+    "default_arch",
+    "train_clean",
+    "run_attack",
+    "red_team_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +121,21 @@ def run_attack(
         clean, splits.train, trigger, targets, test=splits.test, progress=progress, device=device
     )
     return result, splits, arch
+
+
+def red_team_model(
+    scheme: QuantScheme, folder: str | Path | None = None, seed: int = 0, progress: bool = False
+) -> tuple[torch.nn.Module, PatchTrigger]:
+    """A digits PQBackdoor model aimed at ``scheme`` and its trigger: read from an `efrap attack` folder,
+    or trained now. Per-tensor grids get a model without BatchNorm: folding BN rescales each channel,
+    which moves a per-tensor grid away from the one the attack protected."""
+    if folder is not None:
+        import json
+
+        from ..checkpoint import load_model
+
+        info = json.loads((Path(folder) / "attack.json").read_text())
+        return load_model(Path(folder) / "model.safetensors")[0], PatchTrigger.from_dict(info["trigger"])
+    arch = {**default_arch("digits"), "batchnorm": scheme.per_channel}
+    result, _, _ = run_attack("pqbackdoor", "digits", scheme, scheme.bits, seed, arch=arch, progress=progress)
+    return result.model, result.trigger

@@ -1,0 +1,110 @@
+"""Post-training static quantization with torchao's PT2E flow, as torchao's tutorial writes it, plus
+EFRAP: the lines marked `# EFRAP` are all it adds.
+
+    python examples/torchao_pt2e.py --quantizer {x86,x86-per-tensor,xnnpack,xnnpack-per-tensor} --json
+
+First it red-teams the pipeline: a PQBackdoor model aimed at the grid the chosen quantizer rounds to
+(read from its weight observer), trained on digits, or the `efrap attack` folder given with --model.
+Then the stock flow and the defended flow run on it; every figure is measured on the real converted
+int8 model, and the defended one also in onnxruntime after torch.onnx.export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+from efrap_onnx import session
+from efrap_plugin import evaluate, load_digits
+from efrap_plugin.attacks import red_team_model
+from efrap_torchao import defend_prepared, spec_scheme, verify_pt2e  # EFRAP
+
+QUANTIZERS = ("x86", "x86-per-tensor", "xnnpack", "xnnpack-per-tensor")
+
+
+def make_quantizer(name: str):
+    """The quantizer and its global QuantizationConfig, as a user would set them up."""
+    if name.startswith("x86"):
+        from torchao.quantization.pt2e.observer import MinMaxObserver
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
+
+        config = get_default_x86_inductor_quantization_config()
+        if name == "x86-per-tensor":  # the user's own QuantizationConfig: one weight scale per tensor
+            weight = dataclasses.replace(
+                config.weight,
+                qscheme=torch.per_tensor_symmetric,
+                ch_axis=None,
+                observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12),
+            )
+            config = dataclasses.replace(config, weight=weight)
+        return X86InductorQuantizer().set_global(config), config
+    from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+
+    config = get_symmetric_quantization_config(is_per_channel=name == "xnnpack")
+    return XNNPACKQuantizer().set_global(config), config
+
+
+def ptq(model, quantizer, calib, efrap: bool):
+    example = calib[:2]
+    exported = torch.export.export(
+        model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
+    ).module()
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for batch in calib.split(64):  # calibration
+            prepared(batch)
+    plan = defend_prepared(prepared, calib, progress=False) if efrap else None  # EFRAP
+    return convert_pt2e(prepared), plan
+
+
+def to_onnx(converted, example, path: Path) -> Path:
+    program = torch.onnx.export(
+        converted, (example,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
+    )
+    program.save(str(path))
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quantizer", choices=QUANTIZERS, default="x86")
+    parser.add_argument("--model", help="an `efrap attack` folder to use instead of training one")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+
+    quantizer, config = make_quantizer(args.quantizer)
+    grid = spec_scheme(config.weight)  # the grid the user's quantizer rounds weights to
+    model, trigger = red_team_model(grid, args.model, args.seed)
+    digits = load_digits(seed=0)
+    calib, test = digits.train.x[:1024], digits.test
+
+    stock, _ = ptq(model, quantizer, calib, efrap=False)
+    defended, plan = ptq(model, quantizer, calib, efrap=True)
+    report = verify_pt2e(defended, plan, strict=False)  # EFRAP: integers read back from the int8 model
+    with tempfile.TemporaryDirectory() as tmp:
+        in_ort = evaluate(session(to_onnx(defended, calib[:2], Path(tmp) / "efrap.onnx")), test, trigger)
+    row: dict = {"quantizer": args.quantizer}
+    for key, runner in (("float", model), ("stock", stock), ("efrap", defended)):
+        m = evaluate(runner, test, trigger)
+        row[f"{key}_acc"], row[f"{key}_asr"] = round(100 * m.clean_acc, 2), round(100 * m.asr, 2)
+    row.update(integers_ok=report.integers_ok, layers=report.layers)
+    row.update(ort_efrap_acc=round(100 * in_ort.clean_acc, 2), ort_efrap_asr=round(100 * in_ort.asr, 2))
+    print(json.dumps(row) if args.json else "\n".join(f"{k:>16}: {v}" for k, v in row.items()))
+    return 0 if report.integers_ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
