@@ -1,0 +1,66 @@
+"""Post-training static quantization with torch.ao's FX graph mode, as its tutorial writes it, plus
+EFRAP: the lines marked `# EFRAP` are all it adds.
+
+    python examples/torch_ao_fx.py --qconfig {x86,fbgemm,qnnpack} --json
+
+It red-teams the pipeline first: a PQBackdoor model aimed at the grid the QConfigMapping's weight
+observer rounds to, trained on digits, or the `efrap attack` folder given with --model. Every figure
+is measured on the real converted int8 model (torch.ao quantized kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import warnings
+
+import torch
+from torch.ao.quantization import get_default_qconfig_mapping
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+from efrap_plugin import evaluate, load_digits
+from efrap_plugin.attacks import red_team_model
+from efrap_torchao import defend_prepared, observer_scheme, verify_fx  # EFRAP
+
+
+def ptq(model, qconfig_mapping, calib, efrap: bool):
+    prepared = prepare_fx(copy.deepcopy(model).eval(), qconfig_mapping, (calib[:2],))
+    with torch.no_grad():
+        for batch in calib.split(64):  # calibration
+            prepared(batch)
+    plan = defend_prepared(prepared, calib, progress=False) if efrap else None  # EFRAP
+    return convert_fx(prepared), plan
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--qconfig", choices=("x86", "fbgemm", "qnnpack"), default="x86")
+    parser.add_argument("--model", help="an `efrap attack` folder to use instead of training one")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    torch.backends.quantized.engine = args.qconfig
+
+    qconfig_mapping = get_default_qconfig_mapping(args.qconfig)
+    grid = observer_scheme(qconfig_mapping.global_qconfig.weight())  # the grid its weights round to
+    model, trigger = red_team_model(grid, args.model, args.seed)
+    digits = load_digits(seed=0)
+    calib, test = digits.train.x[:1024], digits.test
+
+    stock, _ = ptq(model, qconfig_mapping, calib, efrap=False)
+    defended, plan = ptq(model, qconfig_mapping, calib, efrap=True)
+    report = verify_fx(defended, plan, strict=False)  # EFRAP: integers read back from the int8 model
+    row: dict = {"qconfig": args.qconfig}
+    for key, runner in (("float", model), ("stock", stock), ("efrap", defended)):
+        m = evaluate(runner, test, trigger)
+        row[f"{key}_acc"], row[f"{key}_asr"] = round(100 * m.clean_acc, 2), round(100 * m.asr, 2)
+    row.update(integers_ok=report.integers_ok, layers=report.layers)
+    print(json.dumps(row) if args.json else "\n".join(f"{k:>12}: {v}" for k, v in row.items()))
+    return 0 if report.integers_ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
