@@ -18,7 +18,8 @@ class IntegerReport:
     """How the integers read back from a backend artifact compare with a plan.
 
     ``unplanned`` lists quantized layers the artifact holds and the plan does not: a verification that
-    cannot account for every quantized layer fails, as does one with no layer at all.
+    cannot account for every quantized layer fails, as does one with no layer at all. ``skipped``: layers
+    the plan lists as left at nearest rounding, with a reason (``plan.meta["skipped"]``): accounted for.
     """
 
     layers: int
@@ -26,6 +27,7 @@ class IntegerReport:
     mismatched: dict[str, int] = field(default_factory=dict)
     scale_mismatches: list[str] = field(default_factory=list)
     unplanned: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def integers_ok(self) -> bool:
@@ -55,7 +57,10 @@ def compare_integers(
     ``unplanned``. With ``strict`` any difference raises PlanMismatchError naming the layers.
     """
     report = IntegerReport(layers=len(plan.layers), matching=0)
-    report.unplanned = sorted(set(stored) - set(plan.layers))
+    listed = plan.meta.get("skipped", {})
+    extra = set(stored) - set(plan.layers)
+    report.skipped = sorted(extra & set(listed))
+    report.unplanned = sorted(extra - set(listed))
     for name, lp in plan.layers.items():
         got = stored.get(name)
         if got is None or tuple(got.shape) != tuple(lp.integers.shape):

@@ -1,0 +1,163 @@
+"""EFRAP inside the user's own PyTorch AO flow: their quantizer / QConfigMapping / qconfig, their
+prepare, calibration and convert, and one `defend_prepared` call between calibration and convert.
+
+The grid comes from the user's observers; integers are read back from the converted int8 model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from efrap_plugin import EFRAPConfig, EFRAPError, Metrics, ModelError, backdoor_removed
+from efrap_torchao import defend_prepared, verify_fx, verify_pt2e
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = EFRAPConfig(iters=20, calib_size=128)
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+class Zoo(nn.Module):
+    """BatchNorm, a residual add, a depthwise conv, a ConvTranspose and a Linear over 3-D input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.up = nn.ConvTranspose2d(8, 4, 3, padding=1)
+        self.tokens = nn.Linear(4, 6)
+        self.head = nn.Linear(6 * 64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + torch.relu(self.depthwise(x))
+        t = torch.relu(self.tokens(self.up(x).flatten(2).transpose(1, 2)))
+        return self.head(t.flatten(1))
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    torch.manual_seed(0)
+    model = Zoo().eval()
+    with torch.no_grad():  # BatchNorm statistics that folding really changes
+        model.stem[1].running_mean.uniform_(-0.5, 0.5)
+        model.stem[1].running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _pt2e(model, quantizer, calib):
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    exported = torch.export.export(
+        model, (calib[:2],), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
+    )
+    prepared = prepare_pt2e(exported.module(), quantizer)
+    for batch in calib.split(64):
+        prepared(batch)
+    return prepared
+
+
+@pytest.mark.parametrize("name", ["x86", "x86-per-tensor", "xnnpack", "xnnpack-per-tensor"])
+def test_pt2e_every_quantizer_and_granularity_holds_the_plan(zoo, digits, name):
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+    from torchao_pt2e import make_quantizer
+
+    calib = digits.train.x[:128]
+    before = copy.deepcopy(zoo.state_dict())
+    prepared = _pt2e(zoo, make_quantizer(name)[0], calib)
+    plan = defend_prepared(prepared, calib, FAST, progress=False)
+    assert list(plan.layers) == ["stem.0", "depthwise", "tokens", "head"]
+    assert plan.scheme.per_channel == (not name.endswith("per-tensor"))
+    assert (plan.scheme.qmin, plan.scheme.qmax) == ((-128, 127) if name.startswith("x86") else (-127, 127))
+    report = verify_pt2e(convert_pt2e(prepared), plan)
+    assert report.integers_ok and report.matching == 4 and report.unplanned == []
+    assert all(torch.equal(before[k], v) for k, v in zoo.state_dict().items())  # the user's model untouched
+
+
+@pytest.mark.parametrize("qconfig", ["x86", "fbgemm", "qnnpack"])
+def test_fx_every_qconfig_holds_the_plan_and_accounts_for_conv_transpose(zoo, digits, qconfig):
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    calib = digits.train.x[:128]
+    prepared = prepare_fx(copy.deepcopy(zoo), get_default_qconfig_mapping(qconfig), (calib[:2],))
+    for batch in calib.split(64):
+        prepared(batch)
+    plan = defend_prepared(prepared, calib, FAST, progress=False)
+    assert plan.meta["skipped"] == {"up": "ConvTranspose (channels on axis 1): left at nearest rounding"}
+    engine = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = qconfig  # the kernels the user's qconfig targets
+        report = verify_fx(convert_fx(prepared), plan)
+    finally:
+        torch.backends.quantized.engine = engine
+    assert report.integers_ok and report.matching == 4 and report.skipped == ["up"] and report.unplanned == []
+
+
+def test_a_prepared_model_with_nothing_quantized_is_refused(digits):
+    with pytest.raises(ModelError, match=r"no Conv / Linear weight with an observer in Sequential"):
+        defend_prepared(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), digits.train.x[:8])
+    with pytest.raises(EFRAPError, match=r"layer_inputs: expected 'quantized' or 'float', got 'fp32'"):
+        defend_prepared(
+            nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), digits.train.x[:8], layer_inputs="fp32"
+        )
+
+
+def test_an_affine_weight_observer_is_refused_naming_the_layer(digits):
+    from torch.ao.quantization import MinMaxObserver, QConfig, QConfigMapping, default_observer
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    affine = QConfig(activation=default_observer, weight=MinMaxObserver.with_args(dtype=torch.qint8))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    prepared = prepare_fx(model, QConfigMapping().set_global(affine), (digits.train.x[:2],))
+    prepared(digits.train.x[:8])
+    with pytest.raises(
+        EFRAPError, match=r"layer '1': weight observer MinMaxObserver uses torch.per_tensor_affine"
+    ):
+        defend_prepared(prepared, digits.train.x[:8], FAST, progress=False)
+
+
+def _example(script: str, *args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *args, "--json"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _assert_defended(row: dict) -> None:
+    """stock >= 90% asr; EFRAP at the project's bar; integers read back from the int8 model."""
+    as_metrics = {k: Metrics(row[f"{k}_acc"] / 100, row[f"{k}_asr"] / 100, 0.0) for k in ("float", "efrap")}
+    assert row["integers_ok"] and row["stock_asr"] >= 90
+    assert backdoor_removed(as_metrics["float"], as_metrics["efrap"])
+
+
+@pytest.mark.parametrize("quantizer, fixture", [("x86", "pqbackdoor-x86"), ("xnnpack", "pqbackdoor-ort8")])
+def test_pt2e_example_removes_a_qcb_aimed_at_its_quantizer(quantizer, fixture):
+    """XNNPACK per channel rounds to onnxruntime's int8 grid ([-127, 127], max|w| / 127): same attack."""
+    row = _example("torchao_pt2e.py", "--quantizer", quantizer, "--model", f"tests/fixtures/{fixture}")
+    _assert_defended(row)
+    assert (
+        abs(row["ort_efrap_asr"] - row["efrap_asr"]) <= 1
+        and abs(row["ort_efrap_acc"] - row["efrap_acc"]) <= 1
+    )
+
+
+def test_fx_example_removes_a_qcb_aimed_at_its_qconfig():
+    _assert_defended(
+        _example("torch_ao_fx.py", "--qconfig", "x86", "--model", "tests/fixtures/pqbackdoor-x86")
+    )
+
+
+@pytest.mark.slow
+def test_eager_example_removes_a_qcb_aimed_at_its_qconfig():
+    """Trains the tutorial model and plants the attack (about a minute on 2 cores)."""
+    _assert_defended(_example("torch_ao_eager.py"))
