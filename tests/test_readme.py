@@ -41,3 +41,9 @@ def test_backends_recipe(in_tmp, pq8, digits):
     scope = {"model": pq8.model, "calib": digits.train.x[:512]}
     exec(compile(_recipe("backends"), "README:backends", "exec"), scope)
     assert (in_tmp / "brevitas-qcdq.onnx").is_file()
+
+
+def test_pt2e_user_flow_recipe(in_tmp, pq_x86, digits):
+    scope = {"model": pq_x86.model, "calib": digits.train.x[:512]}
+    exec(compile(_recipe("pt2e-user-flow"), "README:pt2e-user-flow", "exec"), scope)
+    assert scope["plan"].meta["flow"] == "pt2e" and len(scope["plan"].layers) == 4
