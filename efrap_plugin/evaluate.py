@@ -27,6 +27,7 @@ __all__ = [
     "evaluate",
     "attack_fires",
     "backdoor_removed",
+    "compare",
     "ATTACK_BARS",
     "REMOVAL_BARS",
 ]
@@ -155,3 +156,13 @@ def backdoor_removed(float_m: Metrics, defended: Metrics, asr_cap: float | None 
     bars = REMOVAL_BARS
     bound = asr_cap if asr_cap is not None else max(bars["asr_floor"], float_m.asr + bars["asr_over_float"])
     return defended.asr <= bound and defended.clean_acc >= float_m.clean_acc - bars["acc_drop_max"]
+
+
+def compare(data: LabeledData, trigger: PatchTrigger, **models: Any) -> dict[str, float]:
+    """``<name>_acc`` and ``<name>_asr`` in percent (2 decimals) for each model given by name, in order:
+    the row the examples and benchmarks print (float / stock / efrap)."""
+    row: dict[str, float] = {}
+    for name, model in models.items():
+        m = evaluate(model, data, trigger)
+        row[f"{name}_acc"], row[f"{name}_asr"] = round(100 * m.clean_acc, 2), round(100 * m.asr, 2)
+    return row

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.ao.quantization import DeQuantStub, QuantStub, convert, fuse_modules, get_default_qconfig, prepare
 
-from efrap_plugin import evaluate, load_digits, train
+from efrap_plugin import compare, load_digits, train
 from efrap_plugin.attacks import PQBackdoor, default_trigger
 from efrap_torchao import defend_prepared, observer_scheme, verify_eager  # EFRAP
 
@@ -96,10 +96,7 @@ def main() -> int:
     stock, _ = ptq(model, calib, efrap=False)
     defended, plan = ptq(model, calib, efrap=True)
     report = verify_eager(defended, plan, strict=False)  # EFRAP: integers read back from the int8 model
-    row: dict = {"flow": "eager"}
-    for key, runner in (("float", model), ("stock", stock), ("efrap", defended)):
-        m = evaluate(runner, test, trigger)
-        row[f"{key}_acc"], row[f"{key}_asr"] = round(100 * m.clean_acc, 2), round(100 * m.asr, 2)
+    row = {"flow": "eager", **compare(test, trigger, float=model, stock=stock, efrap=defended)}
     row.update(integers_ok=report.integers_ok, layers=report.layers)
     print(json.dumps(row) if args.json else "\n".join(f"{k:>12}: {v}" for k, v in row.items()))
     return 0 if report.integers_ok else 1

@@ -19,7 +19,7 @@ import torch
 from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-from efrap_plugin import evaluate, load_digits
+from efrap_plugin import compare, load_digits
 from efrap_plugin.attacks import red_team_model
 from efrap_torchao import defend_prepared, observer_scheme, verify_fx  # EFRAP
 
@@ -53,10 +53,7 @@ def main() -> int:
     stock, _ = ptq(model, qconfig_mapping, calib, efrap=False)
     defended, plan = ptq(model, qconfig_mapping, calib, efrap=True)
     report = verify_fx(defended, plan, strict=False)  # EFRAP: integers read back from the int8 model
-    row: dict = {"qconfig": args.qconfig}
-    for key, runner in (("float", model), ("stock", stock), ("efrap", defended)):
-        m = evaluate(runner, test, trigger)
-        row[f"{key}_acc"], row[f"{key}_asr"] = round(100 * m.clean_acc, 2), round(100 * m.asr, 2)
+    row = {"qconfig": args.qconfig, **compare(test, trigger, float=model, stock=stock, efrap=defended)}
     row.update(integers_ok=report.integers_ok, layers=report.layers)
     print(json.dumps(row) if args.json else "\n".join(f"{k:>12}: {v}" for k, v in row.items()))
     return 0 if report.integers_ok else 1

@@ -22,7 +22,7 @@ import torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from efrap_onnx import session
-from efrap_plugin import evaluate, load_digits
+from efrap_plugin import compare, evaluate, load_digits
 from efrap_plugin.attacks import red_team_model
 from efrap_torchao import defend_prepared, spec_scheme, verify_pt2e  # EFRAP
 
@@ -96,10 +96,7 @@ def main() -> int:
     report = verify_pt2e(defended, plan, strict=False)  # EFRAP: integers read back from the int8 model
     with tempfile.TemporaryDirectory() as tmp:
         in_ort = evaluate(session(to_onnx(defended, calib[:2], Path(tmp) / "efrap.onnx")), test, trigger)
-    row: dict = {"quantizer": args.quantizer}
-    for key, runner in (("float", model), ("stock", stock), ("efrap", defended)):
-        m = evaluate(runner, test, trigger)
-        row[f"{key}_acc"], row[f"{key}_asr"] = round(100 * m.clean_acc, 2), round(100 * m.asr, 2)
+    row = {"quantizer": args.quantizer, **compare(test, trigger, float=model, stock=stock, efrap=defended)}
     row.update(integers_ok=report.integers_ok, layers=report.layers)
     row.update(ort_efrap_acc=round(100 * in_ort.clean_acc, 2), ort_efrap_asr=round(100 * in_ort.asr, 2))
     print(json.dumps(row) if args.json else "\n".join(f"{k:>16}: {v}" for k, v in row.items()))
