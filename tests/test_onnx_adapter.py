@@ -224,3 +224,16 @@ def test_quantize_images_refuses_bits_onnxruntime_cannot_store(pq8_onnx, calib, 
     ):
         quantize_images(pq8_onnx, tmp_path / "o.onnx", calib, 6)
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_unnamed_nodes_are_matched_by_structure_and_defended(calib, tmp_path):
+    """A node's name is optional in ONNX: the drop-in finds layers by graph structure, not by name."""
+    model = conv_model()
+    for node in model.graph.node:
+        node.name = ""
+    onnx.save(model, str(tmp_path / "unnamed.onnx"))
+    plan = quantize_static(
+        tmp_path / "unnamed.onnx", tmp_path / "d.onnx", _reader(calib[:64]), config=EFRAPConfig(iters=20)
+    )
+    assert list(plan.layers) == ["w"] and plan.meta["skipped"] == []
+    assert verify(tmp_path / "d.onnx", plan).integers_ok

@@ -90,7 +90,14 @@ def find_quantized_layers(
     inits = _initializers(qdq)
     float_inits = _initializers(float_model)
     producers = {out: n for n in qdq.graph.node for out in n.output}
-    float_nodes = {n.name: n for n in float_model.graph.node if n.name}
+    # matched by structure, through the weight: onnxruntime stores float weight W as W_quantized, and a
+    # node's name is optional in ONNX (an unnamed Conv must be defended all the same)
+    float_by_weight = {
+        n.input[1]: n
+        for n in float_model.graph.node
+        if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in float_inits
+    }
+    float_by_name = {n.name: n for n in float_model.graph.node if n.name}
     layers, skipped = [], []
     for node in qdq.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul"):
@@ -100,7 +107,7 @@ def find_quantized_layers(
             if node.op_type == "Conv" or node.input[1] in float_inits:
                 skipped.append(node.name or node.output[0])
             continue
-        fnode = float_nodes.get(node.name)
+        fnode = float_by_weight.get(dq.input[0].removesuffix("_quantized")) or float_by_name.get(node.name)
         if fnode is None or fnode.input[1] not in float_inits:
             skipped.append(node.name or node.output[0])
             continue
