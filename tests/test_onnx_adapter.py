@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import torch
 from conftest import FIXTURES
 from onnx import TensorProto, helper, numpy_helper
 from onnx_models import conv_model
@@ -237,3 +238,33 @@ def test_unnamed_nodes_are_matched_by_structure_and_defended(calib, tmp_path):
     )
     assert list(plan.layers) == ["w"] and plan.meta["skipped"] == []
     assert verify(tmp_path / "d.onnx", plan).integers_ok
+
+
+def test_model_proto_input_and_quantize_with_a_static_quant_config(calib, tmp_path):
+    """Both of onnxruntime's documented entry points: a ModelProto as model_input, and
+    quantize(model, out, StaticQuantConfig(...)); same plan as the path call, the caller's proto untouched."""
+    from onnxruntime.quantization import StaticQuantConfig
+
+    from efrap_onnx import quantize
+
+    model = conv_model()
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    before = model.SerializeToString()
+    fast = EFRAPConfig(iters=20)
+    by_path = quantize_static(tmp_path / "m.onnx", tmp_path / "a.onnx", _reader(calib[:64]), config=fast)
+    by_proto = quantize_static(model, tmp_path / "b.onnx", _reader(calib[:64]), config=fast)
+    by_config = quantize(model, tmp_path / "c.onnx", StaticQuantConfig(_reader(calib[:64])), config=fast)
+    assert model.SerializeToString() == before
+    for plan in (by_proto, by_config):
+        assert torch.equal(plan["w"].integers, by_path["w"].integers)
+    assert (
+        (tmp_path / "a.onnx").read_bytes()
+        == (tmp_path / "b.onnx").read_bytes()
+        == (tmp_path / "c.onnx").read_bytes()
+    )
+    with pytest.raises(
+        EFRAPError, match=r"quant_config: EFRAP defends static quantization .* got DynamicQuantConfig"
+    ):
+        from onnxruntime.quantization import DynamicQuantConfig
+
+        quantize(model, tmp_path / "d.onnx", DynamicQuantConfig())

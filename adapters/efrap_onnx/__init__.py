@@ -1,16 +1,17 @@
 """efrap-plugin's ONNX / onnxruntime adapter: defended QDQ models that onnxruntime runs."""
 
 from .defend import defend_qdq
+from .drop_in import ListDataReader, quantize, quantize_images, quantize_static
 from .export import export_defended, export_float_onnx, onnx_plan
 from .graph import folded_weights
-from .model_io import load_onnx, save_onnx
-from .quantize import ListDataReader, quantize_images, quantize_static
+from .model_io import check_onnx, load_onnx, save_onnx
 from .runtime import session
 from .verify import VerifyReport, optimized_op_counts, quantized_weights, verify
 
 __all__ = [
     "ListDataReader",
     "VerifyReport",
+    "check_onnx",
     "defend_qdq",
     "export_defended",
     "export_float_onnx",
@@ -18,6 +19,7 @@ __all__ = [
     "load_onnx",
     "onnx_plan",
     "optimized_op_counts",
+    "quantize",
     "quantize_images",
     "quantize_static",
     "quantized_weights",

@@ -15,8 +15,8 @@ import torch
 
 from efrap_plugin import EFRAPError, PlanMismatchError, RoundingPlan, as_calibration, fingerprint
 
+from .drop_in import quantize_images
 from .model_io import initializer_array, save_onnx
-from .quantize import quantize_images
 from .verify import VerifyReport, verify
 
 __all__ = ["export_float_onnx", "export_defended", "onnx_plan"]

@@ -20,7 +20,15 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from efrap_plugin import ModelError, atomic_write
 
-__all__ = ["load_onnx", "save_onnx", "initializer_array", "preprocess", "MAX_TENSOR_BYTES", "MIN_OPSET"]
+__all__ = [
+    "load_onnx",
+    "check_onnx",
+    "save_onnx",
+    "initializer_array",
+    "preprocess",
+    "MAX_TENSOR_BYTES",
+    "MIN_OPSET",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +93,7 @@ def _check_external(tensor: onnx.TensorProto, folder: Path) -> None:
         )
 
 
-def _check_ops(model: onnx.ModelProto, path: Path) -> None:
+def _check_ops(model: onnx.ModelProto, path: str | Path) -> None:
     opsets = {o.domain: o.version for o in model.opset_import}
     version = opsets.get("", opsets.get("ai.onnx"))
     if version is not None and version < MIN_OPSET:
@@ -101,7 +109,7 @@ def _check_ops(model: onnx.ModelProto, path: Path) -> None:
         )
 
 
-def _check_memory(model: onnx.ModelProto, path: Path) -> None:
+def _check_memory(model: onnx.ModelProto, path: str | Path) -> None:
     """Refuse a graph whose static shapes (batch 1, data propagated) ask for a tensor over the limit."""
     if model.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF:
         log.warning("model: %s is over 2 GB; its tensor sizes are not checked before running it", path)
@@ -146,11 +154,27 @@ def load_onnx(path: str | Path, check_finite: bool = True) -> onnx.ModelProto:
             onnx.load_external_data_for_model(model, str(folder))
         except Exception as exc:
             raise ModelError(f"model: {path}: its external data cannot be read ({exc})") from None
+    return check_onnx(model, path, check_finite)
+
+
+def check_onnx(model: onnx.ModelProto, where: str | Path, check_finite: bool = True) -> onnx.ModelProto:
+    """The checks every model gets, read from a file or handed over in memory: custom ops, opset, the
+    ONNX checker, tensors over the memory limit, NaN / Inf weights. Returns ``model``."""
+    if not isinstance(model, onnx.ModelProto):
+        raise ModelError(f"model: expected an onnx.ModelProto or a path, got {type(model).__name__}")
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _graph_tensors(model.graph)):
+        raise ModelError(
+            f"model: {where} keeps tensors in external data files that an in-memory model cannot locate; "
+            "pass the model's path instead"
+        )
+    if not model.graph.node:
+        raise ModelError(f"model: {where} holds no graph nodes")
+    _check_ops(model, where)
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
-        raise ModelError(f"model: {path} fails the ONNX checker ({exc})") from None
-    _check_memory(model, path)
+        raise ModelError(f"model: {where} fails the ONNX checker ({exc})") from None
+    _check_memory(model, where)
     if check_finite:
         for tensor in model.graph.initializer:
             arr = initializer_array(tensor)

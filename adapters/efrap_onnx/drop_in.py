@@ -16,7 +16,13 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    StaticQuantConfig,
+)
 from onnxruntime.quantization import quantize_static as ort_quantize_static
 
 from efrap_plugin import (
@@ -29,10 +35,10 @@ from efrap_plugin import (
 )
 
 from .defend import defend_qdq
-from .model_io import load_onnx, preprocess, save_onnx
+from .model_io import check_onnx, load_onnx, preprocess, save_onnx
 from .runtime import session
 
-__all__ = ["quantize_static", "quantize_images", "ListDataReader"]
+__all__ = ["quantize", "quantize_static", "quantize_images", "ListDataReader"]
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +120,7 @@ def _weight_bits(weight_type: Any) -> int:
 
 
 def quantize_static(
-    model_input: str | Path,
+    model_input: str | Path | onnx.ModelProto,
     model_output: str | Path,
     calibration_data_reader: CalibrationDataReader | None = None,
     quant_format: QuantFormat = QuantFormat.QDQ,
@@ -147,7 +153,12 @@ def quantize_static(
         raise EFRAPError("reduce_range: not supported; the 7-bit reduced range is for old CPUs without VNNI")
     bits = _weight_bits(weight_type)
     config = config or EFRAPConfig()
-    float_model = load_onnx(model_input)
+    if isinstance(
+        model_input, onnx.ModelProto
+    ):  # as onnxruntime accepts it; the caller's copy is not touched
+        float_model = check_onnx(onnx.ModelProto.FromString(model_input.SerializeToString()), "model_input")
+    else:
+        float_model = load_onnx(model_input)
     session(float_model)  # onnxruntime can run the user's model, or a clear error before any work
     batches = _collect(calibration_data_reader, float_model)
     start = time.perf_counter()
@@ -184,6 +195,44 @@ def _quantize_stock(
                 f"model: onnxruntime's quantize_static cannot quantize it ({type(exc).__name__}: {exc})"
             ) from None
         return onnx.load(str(pre)), onnx.load(str(qdq))
+
+
+def quantize(
+    model_input: str | Path | onnx.ModelProto,
+    model_output: str | Path,
+    quant_config: StaticQuantConfig,
+    *,
+    efrap: bool = True,
+    config: EFRAPConfig | None = None,
+    progress: bool = True,
+) -> RoundingPlan | None:
+    """onnxruntime's ``quantize(model, out, StaticQuantConfig(...))``, with EFRAP rounding of the weights."""
+    if not isinstance(quant_config, StaticQuantConfig):
+        raise EFRAPError(
+            f"quant_config: EFRAP defends static quantization (it needs calibration data); pass a "
+            f"StaticQuantConfig, got {type(quant_config).__name__}"
+        )
+    c = quant_config
+    return quantize_static(
+        model_input,
+        model_output,
+        c.calibration_data_reader,
+        c.quant_format,
+        c.op_types_to_quantize,
+        c.per_channel,
+        c.reduce_range,
+        c.activation_type,
+        c.weight_type,
+        c.nodes_to_quantize,
+        c.nodes_to_exclude,
+        c.use_external_data_format,
+        c.calibrate_method,
+        c.calibration_providers,
+        c.extra_options,
+        efrap=efrap,
+        config=config,
+        progress=progress,
+    )
 
 
 def quantize_images(
