@@ -268,3 +268,37 @@ def test_model_proto_input_and_quantize_with_a_static_quant_config(calib, tmp_pa
         from onnxruntime.quantization import DynamicQuantConfig
 
         quantize(model, tmp_path / "d.onnx", DynamicQuantConfig())
+
+
+def test_a_model_with_no_weights_comes_out_as_onnxruntime_writes_it(calib, tmp_path, caplog):
+    """Only activations to quantize: no error, a notice, and onnxruntime's own file."""
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["r"]), helper.make_node("Add", ["r", "input"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 8, 8])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    with caplog.at_level("WARNING"):
+        plan = quantize_static(tmp_path / "m.onnx", tmp_path / "ours.onnx", _reader(calib[:64]))
+    assert plan.layers == {} and "nothing to defend" in caplog.text
+    ort_quantize_static(str(tmp_path / "m.onnx"), str(tmp_path / "theirs.onnx"), _reader(calib[:64]))
+    ours, theirs = onnx.load(str(tmp_path / "ours.onnx")), onnx.load(str(tmp_path / "theirs.onnx"))
+    assert [n.op_type for n in ours.graph.node] == [n.op_type for n in theirs.graph.node]
+    assert {t.name: numpy_helper.to_array(t).tolist() for t in ours.graph.initializer} == {
+        t.name: numpy_helper.to_array(t).tolist() for t in theirs.graph.initializer
+    }
+
+
+def test_strided_calibration_asks_the_reader_for_ranges(pq8_onnx, calib, tmp_path):
+    """extra_options CalibStridedMinMax makes onnxruntime call reader.set_range: the drop-in's reader serves it."""
+    plan = _quantize(
+        pq8_onnx,
+        tmp_path / "d.onnx",
+        calib,
+        config=EFRAPConfig(iters=20),
+        extra_options={"CalibStridedMinMax": 4},
+    )
+    assert verify(tmp_path / "d.onnx", plan).integers_ok

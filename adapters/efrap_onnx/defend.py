@@ -16,7 +16,6 @@ from efrap_plugin import (
     EFRAPConfig,
     EFRAPError,
     LayerProblem,
-    ModelError,
     QuantScheme,
     RoundingPlan,
     defend_layers,
@@ -102,10 +101,12 @@ def defend_qdq(
     layers, skipped = find_quantized_layers(qdq, float_model, include_relu=config.unit == "activation")
     if skipped:
         log.warning("left in float or at nearest rounding (unsupported form): %s", ", ".join(skipped))
-    if not layers:
-        raise ModelError(
-            "model: no quantized Conv / Gemm / MatMul weight found in the QDQ graph; nothing to defend"
+    meta: dict = {"config": config.to_dict(), "layout": {}, "skipped": skipped}
+    if not layers:  # only activations (or nothing) quantized: onnxruntime's own output, unchanged
+        log.warning(
+            "no quantized Conv / Gemm / MatMul weight in the model: nothing to defend, output as onnxruntime wrote it"
         )
+        return RoundingPlan(scheme, {}, "onnx", meta)
     calib = _calibration_subset(batches, config.calib_size)
     plans = defend_layers(_problems(float_model, qdq, layers, calib, scheme), config, len(layers), progress)
     layout = {
@@ -117,8 +118,7 @@ def defend_qdq(
         }
         for layer in layers
     }
-    meta = {"config": config.to_dict(), "layout": layout, "skipped": skipped}
-    return RoundingPlan(scheme, plans, "onnx", meta)
+    return RoundingPlan(scheme, plans, "onnx", {**meta, "layout": layout})
 
 
 def _write_integers(tensor: onnx.TensorProto, ints: np.ndarray) -> None:

@@ -61,6 +61,13 @@ class ListDataReader(CalibrationDataReader):
     def rewind(self) -> None:
         self._it = iter(self.batches)
 
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        """Serve batches start_index..end_index only (onnxruntime's strided calibration asks for this)."""
+        self._it = iter(self.batches[start_index:end_index])
+
 
 def _collect(reader: Any, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
     if reader is None:
