@@ -241,7 +241,7 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
         "flipped_share": round(plan.flipped_share, 4),
         "seconds": round(seconds, 2),
         "per_layer": {k: round(v.stats["flipped_share"], 4) for k, v in plan.layers.items()},
-        "skipped": plan.meta.get("skipped", []),
+        "skipped": plan.meta.get("skipped", {}),
         "verify": report.to_dict(),
         "crowded_layers": crowded,
     }

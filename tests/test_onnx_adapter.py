@@ -177,9 +177,8 @@ def test_calibration_shape_mismatch_is_refused(pq8_onnx, tmp_path):
     assert _no_output(tmp_path)
 
 
-def test_unsupported_ops_stay_float_with_a_warning(tmp_path, calib, caplog):
+def _conv_then_deconv(path):
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
     graph = helper.make_graph(
         [
             helper.make_node("Conv", ["input", "w"], ["c"], name="conv"),
@@ -189,23 +188,36 @@ def test_unsupported_ops_stay_float_with_a_warning(tmp_path, calib, caplog):
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 8, 8])],
         [
-            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "w"),
             numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "wt"),
         ],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "ops, skipped",
+    [
+        (["Conv"], {"deconv": "not quantized by onnxruntime: stays in float"}),
+        (None, {"wt_quantized": "ConvTranspose (output channels on axis 1): left at nearest rounding"}),
+    ],
+)
+def test_every_weight_is_defended_or_reported_with_a_reason(tmp_path, calib, caplog, ops, skipped):
+    """A ConvTranspose left in float, or quantized by onnxruntime but not learned, is named with its reason,
+    and verify accounts for it; the Conv is defended."""
     with caplog.at_level("WARNING"):
-        plan = quantize_static(
-            tmp_path / "m.onnx",
+        plan = _quantize(
+            _conv_then_deconv(tmp_path / "m.onnx"),
             tmp_path / "out.onnx",
-            _reader(calib),
-            per_channel=True,
-            op_types_to_quantize=["Conv"],
+            calib,
+            op_types_to_quantize=ops,
             config=EFRAPConfig(iters=20),
-            progress=False,
         )
-    assert list(plan.layers) == ["w"]
-    assert verify(tmp_path / "out.onnx", plan).integers_ok
+    assert list(plan.layers) == ["w"] and plan.meta["skipped"] == skipped
+    assert next(iter(skipped.values())) in caplog.text
+    report = verify(tmp_path / "out.onnx", plan)
+    assert report.integers_ok and report.skipped == [k for k in skipped if k.endswith("_quantized")]
 
 
 def test_qoperator_and_asymmetric_weights_are_explained(pq8_onnx, calib, tmp_path):
@@ -236,7 +248,7 @@ def test_unnamed_nodes_are_matched_by_structure_and_defended(calib, tmp_path):
     plan = quantize_static(
         tmp_path / "unnamed.onnx", tmp_path / "d.onnx", _reader(calib[:64]), config=EFRAPConfig(iters=20)
     )
-    assert list(plan.layers) == ["w"] and plan.meta["skipped"] == []
+    assert list(plan.layers) == ["w"] and plan.meta["skipped"] == {}
     assert verify(tmp_path / "d.onnx", plan).integers_ok
 
 

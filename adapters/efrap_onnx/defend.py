@@ -99,8 +99,8 @@ def defend_qdq(
 ) -> RoundingPlan:
     """Replace the weight integers of ``qdq`` (in place) by EFRAP's; return the plan."""
     layers, skipped = find_quantized_layers(qdq, float_model, include_relu=config.unit == "activation")
-    if skipped:
-        log.warning("left in float or at nearest rounding (unsupported form): %s", ", ".join(skipped))
+    for name, reason in skipped.items():
+        log.warning("%s: %s", name, reason)
     meta: dict = {"config": config.to_dict(), "layout": {}, "skipped": skipped}
     if not layers:  # only activations (or nothing) quantized: onnxruntime's own output, unchanged
         log.warning(

@@ -81,8 +81,9 @@ def _relu_after(float_model: onnx.ModelProto, tensor: str) -> str | None:
 
 def find_quantized_layers(
     qdq: onnx.ModelProto, float_model: onnx.ModelProto, include_relu: bool = True
-) -> tuple[list[QuantizedLayer], list[str]]:
-    """Quantized layers in graph order, and the names of weight-bearing nodes that stay in float.
+) -> tuple[list[QuantizedLayer], dict[str, str]]:
+    """Quantized layers in graph order, and the weights left alone with the reason (quantized ones keyed
+    by their quantized initializer, as verify reads them; float ones by node).
 
     With ``include_relu`` a layer followed only by a Relu is preserved at the Relu's output (the
     reference's unit: Conv/Linear + its activation), so errors on negative outputs cost nothing.
@@ -98,22 +99,28 @@ def find_quantized_layers(
         if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in float_inits
     }
     float_by_name = {n.name: n for n in float_model.graph.node if n.name}
-    layers, skipped = [], []
+    layers, skipped = [], {}
     for node in qdq.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+        if node.op_type not in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
             continue
         dq = producers.get(node.input[1])
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
-            if node.op_type == "Conv" or node.input[1] in float_inits:
-                skipped.append(node.name or node.output[0])
+            if node.op_type in ("Conv", "ConvTranspose") or node.input[1] in float_inits:
+                skipped[node.name or node.output[0]] = "not quantized by onnxruntime: stays in float"
+            continue
+        if node.op_type == "ConvTranspose":  # keyed like verify reads it: the quantized initializer
+            skipped[dq.input[0]] = "ConvTranspose (output channels on axis 1): left at nearest rounding"
             continue
         fnode = float_by_weight.get(dq.input[0].removesuffix("_quantized")) or float_by_name.get(node.name)
-        if fnode is None or fnode.input[1] not in float_inits:
-            skipped.append(node.name or node.output[0])
-            continue
-        forward = _forward(node, fnode, float_inits)
+        forward = (
+            _forward(node, fnode, float_inits)
+            if fnode is not None and fnode.input[1] in float_inits
+            else None
+        )
         if forward is None:
-            skipped.append(node.name or node.output[0])
+            skipped[dq.input[0]] = (
+                f"{node.op_type} {node.name or node.output[0]}: a form EFRAP does not model; left at nearest rounding"
+            )
             continue
         transpose = node.op_type == "MatMul" or (node.op_type == "Gemm" and not attribute(node, "transB", 0))
         output = fnode.output[0]

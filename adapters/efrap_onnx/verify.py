@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,9 +116,6 @@ def verify(model_path: str | Path, plan: RoundingPlan, strict: bool = True) -> V
             )
     check = compare_integers(plan, stored, scales, strict=strict, where=str(model_path))
     return VerifyReport(
-        **{
-            f: getattr(check, f)
-            for f in ("layers", "matching", "mismatched", "scale_mismatches", "unplanned")
-        },
+        **{f.name: getattr(check, f.name) for f in dataclasses.fields(IntegerReport)},
         int_kernels={k: v for k, v in optimized_op_counts(model_path).items() if k in INT_KERNELS},
     )
