@@ -42,7 +42,7 @@ from .layers import fingerprint, prepare_model, quantizable_layers, relu_after
 from .loop import defend_layers
 from .models import DigitsCNN, ResNet, build_model, resnet8, resnet20
 from .objective import learnable_bounds, truncation_error
-from .plan import LayerPlan, RoundingPlan, snap_weight
+from .plan import LayerPlan, RoundingPlan, snap_integers, snap_weight
 from .rounding import LayerProblem, LayerResult, learn_rounding
 from .schemes import SCHEME_PRESETS, ActivationQuantizer, QuantScheme, scheme_preset
 from .training import resolve_device, train
@@ -114,6 +114,7 @@ __all__ = [
     "resnet20",
     "resnet8",
     "scheme_preset",
+    "snap_integers",
     "snap_weight",
     "staged",
     "resolve_device",

@@ -19,7 +19,7 @@ from .files import atomic_write, read_safetensors
 from .layers import QUANTIZABLE, fingerprint, prepare_model
 from .schemes import QuantScheme
 
-__all__ = ["LayerPlan", "RoundingPlan", "snap_weight"]
+__all__ = ["LayerPlan", "RoundingPlan", "snap_integers", "snap_weight"]
 
 _FORMAT = "efrap-plan/2"
 _HEADER_KEY = "efrap-plan"  # one metadata entry: safetensors writes several in a random order
@@ -196,7 +196,20 @@ def _parse_header(raw: dict[str, str]) -> dict[str, Any]:
 
 def snap_weight(weight: torch.Tensor, lp: LayerPlan, scheme: QuantScheme) -> torch.Tensor:
     """Float weights on the plan's grid that the backend re-rounds to exactly ``lp.integers``."""
-    snapped = lp.dequantized(scheme).reshape(weight.shape)
+    return snap_integers(weight, lp.integers, lp.scale, lp.zero_point, scheme)
+
+
+def snap_integers(
+    weight: torch.Tensor,
+    integers: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    scheme: QuantScheme,
+) -> torch.Tensor:
+    """Float weights ``scale * (integers - zero_point)`` shaped like ``weight``, which the backend's own
+    nearest rounding turns back into ``integers``; for absmax grids each scale-setting element keeps its
+    exact float value (and nothing reaches past it), so the backend recomputes the very same scale."""
+    snapped = scheme.dequantize(integers, scale, zero_point).reshape(weight.shape)
     if scheme.range_rule != "absmax":
         return snapped
     absmax = scheme.absmax(weight)

@@ -34,6 +34,7 @@ from efrap_plugin import (
     RoundingPlan,
     as_calibration,
     defend_layers,
+    snap_integers,
 )
 
 __all__ = ["defend_prepared", "observer_grid", "observer_scheme", "spec_scheme"]
@@ -327,7 +328,7 @@ def _module_layers(model: nn.Module, relu_units: bool) -> tuple[list[_Layer], di
     return layers, skipped
 
 
-def _execution_order(model: nn.Module, layers: list[_Layer], x: torch.Tensor, ids: set[int]) -> list[_Layer]:
+def _execution_order(model: nn.Module, layers: list[_Layer], x: torch.Tensor) -> list[_Layer]:
     """``layers`` in the order a forward pass calls them (modules registered out of order are common)."""
     order: list[str] = []
     handles = [
@@ -337,19 +338,13 @@ def _execution_order(model: nn.Module, layers: list[_Layer], x: torch.Tensor, id
         for layer in layers
     ]
     try:
-        with _observers(model, False, ids), torch.no_grad():
+        with _observers(model, False, set()), torch.no_grad():
             model(x)
     finally:
         for handle in handles:
             handle.remove()
     first = {name: i for i, name in reversed(list(enumerate(order)))}
     return sorted((layer for layer in layers if layer.name in first), key=lambda layer: first[layer.name])
-
-
-def _snap(w0: torch.Tensor, integers: torch.Tensor, scheme: QuantScheme, scale, zero_point) -> torch.Tensor:
-    """Float weights the flow's own rounding turns into ``integers``; abs-max elements kept exact."""
-    snapped = scheme.dequantize(integers, scale, zero_point).reshape(w0.shape)
-    return torch.where(scheme.scale_setters(w0), w0, snapped)
 
 
 def _problems(
@@ -372,7 +367,7 @@ def _problems(
         def install(integers, layer=layer, w0=w0, scheme=scheme, scale=scale, zero_point=zero_point):
             # a new Parameter, never an in-place write: the prepared model may share tensors with the
             # user's float model (torch.export does), which must stay as it was
-            snapped = _snap(w0, integers, scheme, scale, zero_point)
+            snapped = snap_integers(w0, integers, scale, zero_point, scheme)
             setattr(layer.owner, layer.attr, nn.Parameter(snapped, requires_grad=False))
 
         yield LayerProblem(layer.name, w0, scheme, layer.forward, inputs, targets, scale, zero_point, install)
@@ -408,7 +403,7 @@ def defend_prepared(
     )
     layers, skipped = _graph_layers(prepared, relu_units) if graph else _module_layers(prepared, relu_units)
     if not graph:
-        layers = _execution_order(prepared, layers, calib[:1], set())
+        layers = _execution_order(prepared, layers, calib[:1])
     if not layers:
         raise ModelError(
             f"prepared: no Conv / Linear weight with an observer in {type(prepared).__name__}; call defend_prepared "
