@@ -42,18 +42,6 @@ __all__ = ["COMMANDS", "UsageError", "load_attack_info", "calibration_images"]
 log = logging.getLogger("efrap")
 
 
-def _onnx():
-    return adapter("onnx")
-
-
-def _torchao():
-    return adapter("torchao")
-
-
-def _brevitas():
-    return adapter("brevitas")
-
-
 def calibration_images(spec: str, n: int) -> np.ndarray:
     """'digits', 'fashion-mnist' (the training split of the canonical seed-0 split, disjoint from the
     test split `efrap evaluate` uses) or a path to an .npz with array 'x'."""
@@ -141,7 +129,7 @@ def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "arch": arch,
     }
-    onnx_adapter = _onnx()
+    onnx_adapter = adapter("onnx")
     onnx_adapter.export_float_onnx(result.model, splits.train.x[:2], out / "model.onnx")
     if args.scheme == "onnxruntime" and args.bits in (8, 4):
         with tempfile.TemporaryDirectory() as tmp:
@@ -152,7 +140,7 @@ def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
                 onnx_adapter.session(stock), splits.test, result.trigger
             )
     elif args.scheme == "torchao-x86" and args.bits == 8:
-        converted = _torchao().quantize_pt2e(result.model, splits.train.x[:CALIB_IMAGES])
+        converted = adapter("torchao").quantize_pt2e(result.model, splits.train.x[:CALIB_IMAGES])
         info["metrics"]["torchao-pt2e-int8-stock"] = _metrics(converted, splits.test, result.trigger)
     atomic_write(out / "attack.json", json.dumps(info, indent=2).encode())
     if not args.json:
@@ -174,7 +162,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         if args.quantize == "nearest":
             runner, label = stock_runner(args.scheme, path, splits, Path(tmp), args.bits)
         elif path.suffix == ".onnx":
-            runner, label = _onnx().session(_onnx().load_onnx(path)), "onnxruntime session"
+            runner, label = adapter("onnx").session(adapter("onnx").load_onnx(path)), "onnxruntime session"
         else:
             runner, label = load_model(path)[0], "float torch model"
         metrics = _metrics(runner, splits.test, trigger)
@@ -200,7 +188,7 @@ def _config(args: argparse.Namespace) -> EFRAPConfig:
 
 
 def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
-    onnx_adapter = _onnx()
+    onnx_adapter = adapter("onnx")
     src, out = Path(args.model), Path(args.out)
     plan_path = Path(args.plan) if args.plan else None
     if src.suffix != ".onnx":
@@ -270,7 +258,7 @@ def cmd_scan(args: argparse.Namespace) -> dict[str, Any]:
     path = Path(args.model)
     scheme = scheme_preset(args.scheme, args.bits)
     if path.suffix == ".onnx":
-        weights = _onnx().folded_weights(path)
+        weights = adapter("onnx").folded_weights(path)
     elif path.suffix == ".safetensors":
         prepared = prepare_model(load_model(path)[0], scheme)
         weights = {n: m.weight for n, m in quantizable_layers(prepared)}

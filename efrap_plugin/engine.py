@@ -96,12 +96,11 @@ def _problems(
         if name in with_relu:
             forward, targets = _then_relu(forward), torch.relu(targets)
 
-        def install(
-            integers: torch.Tensor, q_layer=q_layer, layer_scheme=layer_scheme, w=layer.weight
-        ) -> None:
-            scale, zero_point = layer_scheme.qparams(w)
+        scale, zero_point = layer_scheme.qparams(layer.weight)
+
+        def install(integers, q_layer=q_layer, scheme=layer_scheme, scale=scale, zero_point=zero_point):
             with torch.no_grad():
-                q_layer.weight.copy_(layer_scheme.dequantize(integers, scale, zero_point))
+                q_layer.weight.copy_(scheme.dequantize(integers, scale, zero_point))
 
         yield LayerProblem(
             name,
@@ -110,7 +109,9 @@ def _problems(
             forward,
             capture(quantized, q_layer, calib, "input"),
             targets,
-            install=install,
+            scale,
+            zero_point,
+            install,
         )
 
 

@@ -56,7 +56,7 @@ def atomic_write(path: Path, data: bytes) -> Path:
 
     The file gets the mode a plain ``open(path, "w")`` would (0666 less the umask), not mkstemp's 0600.
     """
-    path = check_writable(path)
+    path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

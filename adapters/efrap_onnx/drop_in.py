@@ -160,9 +160,7 @@ def quantize_static(
         raise EFRAPError("reduce_range: not supported; the 7-bit reduced range is for old CPUs without VNNI")
     bits = _weight_bits(weight_type)
     config = config or EFRAPConfig()
-    if isinstance(
-        model_input, onnx.ModelProto
-    ):  # as onnxruntime accepts it; the caller's copy is not touched
+    if isinstance(model_input, onnx.ModelProto):  # as onnxruntime takes it; the caller's copy stays as is
         float_model = check_onnx(onnx.ModelProto.FromString(model_input.SerializeToString()), "model_input")
     else:
         float_model = load_onnx(model_input)
