@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,13 @@ class ListDataReader(CalibrationDataReader):
     def set_range(self, start_index: int, end_index: int) -> None:
         """Serve batches start_index..end_index only (onnxruntime's strided calibration asks for this)."""
         self._it = iter(self.batches[start_index:end_index])
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A model load_onnx has already read and checked: quantize_static takes it without a second pass."""
+
+    model: onnx.ModelProto
 
 
 def _collect(reader: Any, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
@@ -160,7 +168,9 @@ def quantize_static(
         raise EFRAPError("reduce_range: not supported; the 7-bit reduced range is for old CPUs without VNNI")
     bits = _weight_bits(weight_type)
     config = config or EFRAPConfig()
-    if isinstance(model_input, onnx.ModelProto):  # as onnxruntime takes it; the caller's copy stays as is
+    if isinstance(model_input, _Checked):  # quantize_images loaded and checked it already
+        float_model = model_input.model
+    elif isinstance(model_input, onnx.ModelProto):  # as onnxruntime takes it; the caller's copy stays as is
         float_model = check_onnx(onnx.ModelProto.FromString(model_input.SerializeToString()), "model_input")
     else:
         float_model = load_onnx(model_input)
@@ -256,7 +266,7 @@ def quantize_images(
     weight_types = {8: QuantType.QInt8, 4: QuantType.QInt4}
     if bits not in weight_types:
         raise EFRAPError(f"bits: onnxruntime quantizes weights to 8 (QInt8) or 4 (QInt4) bits, got {bits}")
-    model = load_onnx(model_input, check_finite=False)
+    model = load_onnx(model_input)
     inits = {t.name for t in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in inits]
     if len(names) != 1:
@@ -264,7 +274,7 @@ def quantize_images(
             f"model: {model_input} has inputs {names}; quantize_images handles single-input models"
         )
     return quantize_static(
-        model_input,
+        _Checked(model),
         model_output,
         ListDataReader.from_array(names[0], images),
         per_channel=per_channel,
