@@ -28,6 +28,9 @@ class IntegerReport:
     scale_mismatches: list[str] = field(default_factory=list)
     unplanned: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    grid_mismatches: dict[str, str] = field(default_factory=dict)
+    """Layers whose artifact stores another integer range than the plan's grid (a changed bit width
+    or a substituted quantizer), with what each holds."""
 
     @property
     def integers_ok(self) -> bool:
@@ -37,6 +40,7 @@ class IntegerReport:
             and not self.mismatched
             and not self.scale_mismatches
             and not self.unplanned
+            and not self.grid_mismatches
         )
 
     def to_dict(self) -> dict:
@@ -49,12 +53,15 @@ def compare_integers(
     scales: Mapping[str, torch.Tensor] | None = None,
     strict: bool = True,
     where: str = "the artifact",
+    ranges: Mapping[str, tuple[int, int]] | None = None,
 ) -> IntegerReport:
     """Compare ``stored`` integers (every quantized layer of the artifact, plan layout: output channel on
     axis 0) with ``plan``.
 
     A plan layer missing from ``stored`` counts as mismatched (-1); a stored layer the plan lacks is
-    ``unplanned``. With ``strict`` any difference raises PlanMismatchError naming the layers.
+    ``unplanned``. ``ranges``: the integer range the artifact clamps each layer to, checked against the
+    plan's grid (``plan.meta["grids"][name]`` where the plan has per-layer grids, else its scheme).
+    With ``strict`` any difference raises PlanMismatchError naming the layers.
     """
     report = IntegerReport(layers=len(plan.layers), matching=0)
     listed = plan.meta.get("skipped", {})
@@ -66,6 +73,10 @@ def compare_integers(
         if got is None or tuple(got.shape) != tuple(lp.integers.shape):
             report.mismatched[name] = -1
             continue
+        if ranges is not None and name in ranges:
+            want = _planned_range(plan, name)
+            if tuple(ranges[name]) != want:
+                report.grid_mismatches[name] = f"stored on {list(ranges[name])}, planned on {list(want)}"
         diff = int((got.to(torch.int32) != lp.integers.to(torch.int32)).sum())
         if scales is not None and name in scales:
             if not torch.equal(
@@ -85,6 +96,13 @@ def compare_integers(
         raise PlanMismatchError(
             f"verify: {where} does not hold the plan's integers: differing elements per layer "
             f"{report.mismatched} (-1: layer missing), scale mismatches {report.scale_mismatches}, "
-            f"quantized layers the plan lacks {report.unplanned}"
+            f"quantized layers the plan lacks {report.unplanned}, other integer ranges {report.grid_mismatches}"
         )
     return report
+
+
+def _planned_range(plan: RoundingPlan, name: str) -> tuple[int, int]:
+    grid = plan.meta.get("grids", {}).get(name)
+    if grid is not None:
+        return int(grid["qmin"]), int(grid["qmax"])
+    return plan.scheme.qmin, plan.scheme.qmax

@@ -1,5 +1,33 @@
-"""efrap-plugin's Brevitas adapter: Brevitas int8 models on EFRAP's integers, exported to QCDQ ONNX."""
+"""efrap-plugin's Brevitas adapter: EFRAP on the user's own Brevitas model, as its quantizers' rounding.
 
-from .qcdq import export_qcdq, quantize_brevitas, read_qcdq_integers, verify_qcdq
+``defend_quant_model(model, calib)`` after the user's ``calibration_mode`` pass (or build layers with
+``weight_quant=with_efrap(TheirQuantizer)``); ``export_onnx_qcdq`` as usual; ``verify_qcdq`` reads the
+integers back. ``quantize_brevitas`` builds an int8 Brevitas model from a plain torch model (the CLI's).
+"""
 
-__all__ = ["export_qcdq", "quantize_brevitas", "read_qcdq_integers", "verify_qcdq"]
+from .defend import apply_plan, defend_quant_model, layer_grid, quant_layers
+from .qcdq import (
+    QCDQWeight,
+    export_qcdq,
+    quantize_brevitas,
+    read_qcdq_integers,
+    read_qcdq_weights,
+    verify_qcdq,
+)
+from .rounding import EFRAPRound, install_rounding, with_efrap
+
+__all__ = [
+    "EFRAPRound",
+    "QCDQWeight",
+    "apply_plan",
+    "defend_quant_model",
+    "export_qcdq",
+    "install_rounding",
+    "layer_grid",
+    "quant_layers",
+    "quantize_brevitas",
+    "read_qcdq_integers",
+    "read_qcdq_weights",
+    "verify_qcdq",
+    "with_efrap",
+]

@@ -11,6 +11,7 @@ import copy
 import logging
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from torch import nn
 from efrap_plugin import (
     EFRAPError,
     IntegerReport,
+    ModelError,
+    PlanMismatchError,
     QuantScheme,
     RoundingPlan,
     as_calibration,
@@ -31,7 +34,14 @@ from efrap_plugin import (
     prepare_model,
 )
 
-__all__ = ["quantize_brevitas", "export_qcdq", "read_qcdq_integers", "verify_qcdq"]
+__all__ = [
+    "QCDQWeight",
+    "export_qcdq",
+    "quantize_brevitas",
+    "read_qcdq_integers",
+    "read_qcdq_weights",
+    "verify_qcdq",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +88,20 @@ def _swap(module: nn.Module, per_channel: bool) -> None:
 def quantize_brevitas(
     model: nn.Module, calib_data: Any, plan: RoundingPlan | None = None, per_channel: bool = True
 ) -> nn.Module:
-    """A Brevitas int8 model (narrow-range weights, int8 inputs); with ``plan``, on the plan's integers.
+    """A Brevitas int8 model (narrow-range weights, int8 inputs) built from a plain torch model; with
+    ``plan``, on the plan's integers. For a model already built from ``brevitas.nn`` layers, use
+    ``defend_quant_model``: it keeps the user's quantizers.
 
     ``model`` is not modified. BatchNorm is folded first, as Brevitas' preprocess_for_quantize does.
     """
     from brevitas.graph.calibrate import calibration_mode
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
 
+    if any(isinstance(m, QuantWeightBiasInputOutputLayer) for m in model.modules()):
+        raise EFRAPError(
+            "model: already a Brevitas model with its own quantizers; quantize_brevitas would replace them "
+            "with int8 ones. Calibrate it as usual and call efrap_brevitas.defend_quant_model(model, calib)"
+        )
     if plan is not None and plan.scheme.name != "brevitas-int8":
         raise EFRAPError(
             f"plan: made for the {plan.scheme.name!r} scheme; Brevitas' Int8Weight quantizers need "
@@ -124,29 +142,138 @@ def export_qcdq(quantized: nn.Module, example: torch.Tensor, path: str | Path) -
     return atomic_write(Path(path), data)
 
 
-def read_qcdq_integers(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """int8 weights and scales of a QCDQ file, keyed by the source module name."""
-    model = onnx.load(str(path))
-    inits = {t.name: t for t in model.graph.initializer}
-    producers = {out: n for n in model.graph.node for out in n.output}
-    ints, scales = {}, {}
+@dataclass(frozen=True)
+class QCDQWeight:
+    """One quantized weight of a QCDQ file: the stored integers, scale, zero point and clamp range."""
+
+    integers: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    qmin: int
+    qmax: int
+
+
+_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _module_name(node_name: str) -> str:
+    """The module a TorchScript-exported node came from: '/layer1/layer1.0/conv1/Conv' -> 'layer1.0.conv1'."""
+    name = ""
+    for part in node_name.strip("/").split("/")[:-1]:
+        if part in ("weight_quant", "input_quant", "export_handler"):
+            break
+        name = part if not name or part.startswith(name + ".") else f"{name}.{part}"
+    return name
+
+
+def read_qcdq_weights(path: str | Path) -> dict[str, QCDQWeight]:
+    """Every weight a QCDQ file quantizes (integers -> [Clip] -> DequantizeLinear -> Conv / Gemm), keyed
+    by the source module's name, read from the file's own constants."""
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (OSError, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
+        raise ModelError(f"verify: cannot read {path} as an ONNX model ({exc})") from None
+    except Exception as exc:  # protobuf's DecodeError
+        raise ModelError(f"verify: {path} is not an ONNX model ({type(exc).__name__})") from None
+    consts = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = node.attribute[0].t
+    producers = {out: n for n in model.graph.node for out in n.output}
+
+    def const(name: str) -> np.ndarray | None:
+        tensor = consts.get(name)
+        if tensor is None:
+            return None
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise ModelError(f"verify: {path} keeps weights in external data; QCDQ exports keep them inside")
+        return numpy_helper.to_array(tensor)
+
+    weights = {}
+    for node in model.graph.node:
+        if node.op_type not in _WEIGHT_OPS or len(node.input) < 2:
             continue
         dq = producers.get(node.input[1])
-        clip = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        source = clip.input[0] if clip is not None and clip.op_type == "Clip" else dq.input[0] if dq else None
-        if source not in inits:
+        if dq is None or dq.op_type != "DequantizeLinear":
             continue
-        name = node.name.strip("/").split("/")[0]
-        ints[name] = torch.from_numpy(numpy_helper.to_array(inits[source]).astype(np.int32))
-        scales[name] = torch.from_numpy(
-            np.atleast_1d(numpy_helper.to_array(inits[dq.input[1]])).astype(np.float32)
+        clip = producers.get(dq.input[0])
+        source = clip.input[0] if clip is not None and clip.op_type == "Clip" else dq.input[0]
+        ints = const(source)
+        if ints is None or ints.dtype.kind not in "iu":
+            continue
+        info = np.iinfo(ints.dtype)
+        lo, hi = info.min, info.max
+        if clip is not None and clip.op_type == "Clip":
+            bounds = [const(n) if n else None for n in list(clip.input[1:3]) + [""] * (3 - len(clip.input))]
+            lo = int(bounds[0]) if bounds[0] is not None else lo
+            hi = int(bounds[1]) if bounds[1] is not None else hi
+        zero_point = const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros(1, ints.dtype)
+        weights[_module_name(node.name)] = QCDQWeight(
+            torch.from_numpy(ints.astype(np.int32)),
+            torch.from_numpy(np.atleast_1d(const(dq.input[1])).astype(np.float32)),
+            torch.from_numpy(np.atleast_1d(zero_point).astype(np.int32)),
+            int(lo),
+            int(hi),
         )
-    return ints, scales
+    return weights
 
 
-def verify_qcdq(path: str | Path, plan: RoundingPlan, strict: bool = True) -> IntegerReport:
-    """Compare the int8 weights stored in the QCDQ file with ``plan``, bit for bit."""
-    ints, scales = read_qcdq_integers(path)
-    return compare_integers(plan, ints, scales, strict=strict, where=str(path))
+def read_qcdq_integers(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """int weights and scales of a QCDQ file, keyed by the source module name."""
+    weights = read_qcdq_weights(path)
+    return {k: w.integers for k, w in weights.items()}, {k: w.scale for k, w in weights.items()}
+
+
+def verify_qcdq(
+    path: str | Path, plan: RoundingPlan, model: nn.Module | None = None, strict: bool = True
+) -> IntegerReport:
+    """Compare the integers, scales and integer ranges stored in the QCDQ file with ``plan``, bit for bit.
+
+    With ``model`` (the user's Brevitas model) each planned layer's stored integers and scale must also
+    be what that layer's own quantizer gives now, and every integer-quantized layer of it must be in
+    the plan (or skipped with a reason): a substituted quantizer, a changed bit width or a layer left
+    out is a mismatch naming the layer.
+    """
+    weights = read_qcdq_weights(path)
+    stored = {k: w.integers for k, w in weights.items()}
+    scales = {k: w.scale for k, w in weights.items()}
+    ranges = {k: (w.qmin, w.qmax) for k, w in weights.items()}
+    report = compare_integers(plan, stored, scales, strict=False, where=str(path), ranges=ranges)
+    if model is not None:
+        _check_against_model(report, model, plan, weights)
+    if strict and not report.integers_ok:
+        raise PlanMismatchError(
+            f"verify: {path} does not hold the plan's integers on the model's quantizers: differing "
+            f"elements per layer {report.mismatched} (-1: layer missing), scale mismatches "
+            f"{report.scale_mismatches}, quantized layers the plan lacks {report.unplanned}, other "
+            f"integer ranges {report.grid_mismatches}"
+        )
+    return report
+
+
+def _check_against_model(
+    report: IntegerReport, model: nn.Module, plan: RoundingPlan, weights: dict[str, QCDQWeight]
+) -> None:
+    from .defend import quant_layers
+
+    layers, _ = quant_layers(model)
+    listed = set(plan.meta.get("skipped", {}))
+    for name in sorted(set(layers) - set(plan.layers) - listed - set(report.unplanned)):
+        report.unplanned.append(name)
+    for name in plan.layers:
+        layer, stored = layers.get(name), weights.get(name)
+        if layer is None:
+            report.mismatched[name] = -1
+            continue
+        with torch.no_grad():
+            qt = layer.quant_weight()
+        if stored is None or tuple(stored.integers.shape) != tuple(qt.int().shape):
+            continue  # compare_integers counted it already
+        diff = int((qt.int().to(torch.int32) != stored.integers).sum())
+        if diff:
+            report.mismatched[name] = max(report.mismatched.get(name, 0), diff)
+        if not torch.equal(qt.scale.detach().to(torch.float32).flatten(), stored.scale.flatten()):
+            if name not in report.scale_mismatches:
+                report.scale_mismatches.append(name)
+    report.matching = sum(1 for name in plan.layers if name not in report.mismatched)

@@ -1,0 +1,310 @@
+"""EFRAP on the user's own Brevitas model: one call after their ``calibration_mode`` pass.
+
+Every QuantConv / QuantConvTranspose / QuantLinear whose weight quantizer gives integers becomes a
+LayerProblem for the core's one per-layer loop. The grid is read from the layer's own quantizer
+(``quant_weight()``: scale, zero point, bit width, signedness; the proxy's narrow range), never chosen
+here. Inputs come from the model with quantization on and every earlier layer's learned rounding in
+(the reference's partially quantized model) or, with ``layer_inputs="float"``, with quantization off;
+targets always from the model with quantization off. The learned integers go in as the quantizer's
+``float_to_int_impl`` (see rounding.py): weights, scales and quantizers stay the user's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from efrap_plugin import (
+    EFRAPConfig,
+    EFRAPError,
+    LayerPlan,
+    LayerProblem,
+    ModelError,
+    QuantScheme,
+    RoundingPlan,
+    as_calibration,
+    defend_layers,
+    fingerprint,
+)
+
+from .rounding import install_rounding
+
+__all__ = ["apply_plan", "defend_quant_model", "layer_grid", "quant_layers"]
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class LayerGrid:
+    """One layer's integer grid, as its Brevitas weight quantizer defines it."""
+
+    scheme: QuantScheme
+    scale: torch.Tensor  # [C] along ``axis`` (or [1])
+    zero_point: torch.Tensor
+    axis: int  # the weight axis the scales run along (0 for Conv / Linear, 1 for ConvTranspose)
+
+
+def _quant_wbiol() -> type:
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+
+    return QuantWeightBiasInputOutputLayer
+
+
+def _value(x: Any) -> torch.Tensor:
+    """A QuantTensor's dequantized value, or the tensor itself."""
+    return (x.value if hasattr(x, "value") else x).detach()
+
+
+def layer_grid(layer: nn.Module, name: str) -> LayerGrid:
+    """The grid ``layer``'s weight quantizer rounds to. Raises EFRAPError (naming the layer and why)
+    for grids EFRAP does not learn on: float or non-integer formats, per-group scales, under 2 bits."""
+    from brevitas.function.ops import max_int, min_int
+    from brevitas.quant_tensor import IntQuantTensor
+
+    with torch.no_grad():
+        qt = layer.quant_weight()
+    if not isinstance(qt, IntQuantTensor):
+        raise EFRAPError(f"layer {name!r}: weights quantized to {type(qt).__name__}, not integers")
+    bits = int(round(float(qt.bit_width)))
+    if not 2 <= bits <= 8:
+        raise EFRAPError(f"layer {name!r}: {bits}-bit weights; EFRAP defends 2- to 8-bit grids")
+    narrow = bool(layer.weight_quant.is_narrow_range)
+    signed = bool(qt.signed)
+    width = torch.tensor(float(bits))
+    qmin, qmax = int(min_int(signed, narrow, width)), int(max_int(signed, narrow, width))
+    scale = qt.scale.detach().to(torch.float32)
+    zero_point = torch.broadcast_to(qt.zero_point.detach().to(torch.float32), scale.shape)
+    if not torch.equal(zero_point, zero_point.round()):
+        raise EFRAPError(f"layer {name!r}: a non-integer zero point; EFRAP needs integer zero points")
+    weight = layer.weight
+    axes = [d for d in range(scale.dim()) if scale.shape[d] != 1]
+    if scale.numel() == 1:
+        axis, per_channel = 0, False
+    elif len(axes) == 1 and scale.dim() == weight.dim() and scale.shape[axes[0]] == weight.shape[axes[0]]:
+        axis, per_channel = axes[0], True
+    else:
+        raise EFRAPError(
+            f"layer {name!r}: scales of shape {tuple(scale.shape)} for a weight of shape "
+            f"{tuple(weight.shape)} (per-group); EFRAP learns per-tensor or per-channel grids"
+        )
+    symmetric = qmin < 0 and not bool(zero_point.any())
+    scheme = QuantScheme(
+        "brevitas",
+        bits,
+        qmin,
+        qmax,
+        per_channel,
+        "absmax" if symmetric else "minmax",
+        "float32",
+        False,
+        False,
+    )
+    return LayerGrid(scheme, scale.reshape(-1), zero_point.reshape(-1).to(torch.int32), axis)
+
+
+def quant_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The layers EFRAP defends, by name, and every other weight-quantized layer with the reason."""
+    wbiol = _quant_wbiol()
+    layers, skipped = {}, {}
+    for name, module in model.named_modules():
+        if not isinstance(module, wbiol) or not module.weight_quant.is_quant_enabled:
+            continue
+        try:
+            layer_grid(module, name)
+        except EFRAPError as exc:
+            skipped[name] = str(exc).split(": ", 1)[1]
+            continue
+        layers[name] = module
+    return layers, skipped
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture(
+    model: nn.Module, module: nn.Module, calib: torch.Tensor, hook: Literal["input", "output"]
+) -> torch.Tensor:
+    """What ``module`` outputs (its input quantizer's output for "input") as ``model`` runs on ``calib``,
+    stopping each batch there."""
+
+    def grab(_m, _inp, out):
+        raise _Stop(_value(out))
+
+    target = module.input_quant if hook == "input" else module
+    chunks = []
+    handle = target.register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            for i in range(0, calib.shape[0], _CHUNK):
+                try:
+                    model(calib[i : i + _CHUNK])
+                except _Stop as stop:
+                    chunks.append(stop.args[0])
+                    continue
+                raise ModelError(f"model: layer {type(module).__name__} never ran in a forward pass")
+    finally:
+        handle.remove()
+    return torch.cat(chunks)
+
+
+def _float_mode(model: nn.Module) -> Any:
+    """Brevitas' own switch: every quantizer off (and QuantTensors off), restored on exit."""
+    from brevitas.graph.calibrate import quantization_status_manager
+
+    return quantization_status_manager(
+        model, disable_act_quant=True, disable_weight_quant=True, disable_bias_quant=True, is_training=False
+    )
+
+
+def _execution_order(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor) -> list[str]:
+    order: list[str] = []
+    handles = [
+        m.register_forward_pre_hook(lambda _m, _i, n=name: order.append(n)) for name, m in layers.items()
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    first = {name: i for i, name in reversed(list(enumerate(order)))}
+    never = sorted(set(layers) - set(first))
+    if never:
+        log.warning("%s: never called in a forward pass; left at the quantizer's own rounding", never)
+    return sorted(first, key=first.__getitem__)
+
+
+def _permutation(dim: int, axis: int) -> tuple[list[int], list[int]]:
+    perm = [axis] + [d for d in range(dim) if d != axis]
+    return perm, [perm.index(d) for d in range(dim)]
+
+
+def _problems(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    order: list[str],
+    calib: torch.Tensor,
+    quantized_inputs: bool,
+) -> Iterator[LayerProblem]:
+    for name in order:
+        layer = layers[name]
+        grid = layer_grid(layer, name)
+        with _float_mode(model):
+            targets = _capture(model, layer, calib, "output")
+            if not quantized_inputs:
+                inputs = _capture(model, layer, calib, "input")
+        if quantized_inputs:
+            inputs = _capture(model, layer, calib, "input")
+        perm, inverse = _permutation(layer.weight.dim(), grid.axis)
+        bias = layer.bias.detach().clone() if layer.bias is not None else None
+
+        def forward(x, w, layer=layer, bias=bias, inverse=inverse):
+            return layer.inner_forward_impl(x, w.permute(inverse), bias)
+
+        def install(integers, layer=layer, inverse=inverse):
+            install_rounding(layer, integers.permute(inverse))
+
+        weight = layer.weight.detach().permute(perm).contiguous()
+        yield LayerProblem(
+            name, weight, grid.scheme, forward, inputs, targets, grid.scale, grid.zero_point, install
+        )
+
+
+def _in_weight_layout(plan: LayerPlan, weight: torch.Tensor, axis: int) -> LayerPlan:
+    """A layer plan learned with the channel axis moved first, back in the weight's own layout."""
+    if axis == 0:
+        return plan
+    _, inverse = _permutation(weight.dim(), axis)
+    return dataclasses.replace(
+        plan,
+        integers=plan.integers.permute(inverse).contiguous(),
+        nearest=plan.nearest.permute(inverse).contiguous(),
+        fingerprint=fingerprint(weight.detach()),
+    )
+
+
+def defend_quant_model(
+    model: nn.Module,
+    calib_data: Any,
+    config: EFRAPConfig | None = None,
+    *,
+    layer_inputs: Literal["quantized", "float"] = "quantized",
+    progress: bool = True,
+) -> RoundingPlan:
+    """EFRAP on a Brevitas model the user built (``brevitas.nn`` layers, or ``preprocess_for_quantize``
+    + ``quantize`` / ``layerwise_quantize``) and calibrated with their own quantizers.
+
+    Learns each weight's rounding on the grid its quantizer defines and installs it as that quantizer's
+    ``float_to_int_impl`` (in place: the model is the user's PTQ model, as after ``calibration_mode``),
+    so ``quant_weight()``, evaluation and ``export_onnx_qcdq`` give the returned plan's integers. Plan
+    integers are in each weight's own layout; ``plan.meta["grids"]`` holds each layer's grid.
+    """
+    config = config or EFRAPConfig()
+    if layer_inputs not in ("quantized", "float"):
+        raise EFRAPError(f"layer_inputs: expected 'quantized' or 'float', got {layer_inputs!r}")
+    if not isinstance(model, nn.Module):
+        raise EFRAPError(f"model: expected a Brevitas nn.Module, got {type(model).__name__}")
+    layers, skipped = quant_layers(model)
+    if not layers:
+        reasons = f" ({skipped})" if skipped else ""
+        raise ModelError(
+            f"model: no brevitas.nn QuantConv / QuantConvTranspose / QuantLinear with an integer weight "
+            f"quantizer in {type(model).__name__}{reasons}; build the model from brevitas.nn layers (or "
+            "brevitas.graph.quantize) and calibrate it before defend_quant_model"
+        )
+    for name, reason in skipped.items():
+        log.warning("%s: %s; left at the quantizer's own rounding", name, reason)
+    calib = as_calibration(calib_data, config.calib_size)
+    was_training = model.training
+    model.eval()
+    try:
+        order = _execution_order(model, layers, calib[:1])
+        grids = {name: layer_grid(layers[name], name) for name in order}
+        problems = _problems(model, layers, order, calib, layer_inputs == "quantized")
+        learned = defend_layers(problems, config, len(order), progress)
+    finally:
+        model.train(was_training)
+    plans = {name: _in_weight_layout(learned[name], layers[name].weight, grids[name].axis) for name in order}
+    meta = {
+        "config": config.to_dict(),
+        "flow": "brevitas",
+        "layer_inputs": layer_inputs,
+        "skipped": skipped | {name: "never called in a forward pass" for name in set(layers) - set(order)},
+        "calib_size": int(calib.shape[0]),
+        "grids": {name: _grid_meta(grids[name]) for name in order},
+    }
+    return RoundingPlan(grids[order[0]].scheme, plans, "brevitas", meta)
+
+
+def _grid_meta(grid: LayerGrid) -> dict[str, Any]:
+    s = grid.scheme
+    return {"bits": s.bits, "qmin": s.qmin, "qmax": s.qmax, "per_channel": s.per_channel, "axis": grid.axis}
+
+
+def apply_plan(model: nn.Module, plan: RoundingPlan) -> nn.Module:
+    """Reinstall a saved plan's rounding on the same Brevitas model (say, rebuilt and reloaded):
+    every planned layer must be there, with the weights the plan was learned on."""
+    layers, _ = quant_layers(model)
+    for name, lp in plan.layers.items():
+        layer = layers.get(name)
+        if layer is None:
+            raise EFRAPError(
+                f"plan: layer {name!r} is not an integer-quantized Brevitas layer of this model; "
+                "apply the plan to the model it was learned on"
+            )
+        if fingerprint(layer.weight.detach()) != lp.fingerprint:
+            raise EFRAPError(
+                f"plan: layer {name!r} holds other weights than the plan was learned on; "
+                "load the same weights, or defend this model again"
+            )
+        install_rounding(layer, lp.integers)
+    return model
