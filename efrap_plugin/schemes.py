@@ -57,6 +57,8 @@ class QuantScheme:
     """minmax over the calibration set (onnxruntime, torch observers) or the paper's MSE search + EMA."""
     edge_bits: int | None = None
     """Bit width for the first and last layers (the paper keeps them at 8); None: same as ``bits``."""
+    power_of_two_scale: bool = False
+    """absmax scale rounded up to a power of two (Brevitas' fixed-point quantizers)."""
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -78,6 +80,8 @@ class QuantScheme:
             raise EFRAPError(
                 f"QuantScheme.scale_precision: expected one of {_PRECISIONS}, got {self.scale_precision!r}"
             )
+        if self.power_of_two_scale and self.range_rule != "absmax":
+            raise EFRAPError("QuantScheme.power_of_two_scale: needs range_rule='absmax'")
         if not 2 <= self.act_bits <= 16:
             raise EFRAPError(f"QuantScheme.act_bits: expected 2..16, got {self.act_bits!r}")
 
@@ -162,6 +166,8 @@ class QuantScheme:
                 scale = torch.where(scale < torch.finfo(torch.float32).tiny, torch.ones_like(scale), scale)
             else:  # torch observers: scale floored at float32 eps
                 scale = torch.clamp(scale, min=torch.finfo(torch.float32).eps)
+            if self.power_of_two_scale:
+                scale = torch.exp2(torch.ceil(torch.log2(scale)))
             return scale, torch.zeros_like(scale, dtype=torch.int32)
         lo = flat.min(dim=1).values.clamp(max=0)
         hi = flat.max(dim=1).values.clamp(min=0)

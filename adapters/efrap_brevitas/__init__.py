@@ -5,7 +5,8 @@
 integers back. ``quantize_brevitas`` builds an int8 Brevitas model from a plain torch model (the CLI's).
 """
 
-from .defend import apply_plan, defend_quant_model, layer_grid, quant_layers
+from .defend import apply_plan, defend_quant_model, quant_layers
+from .grid import LayerGrid, layer_grid, quantizer_scheme
 from .qcdq import (
     QCDQWeight,
     export_qcdq,
@@ -18,6 +19,7 @@ from .rounding import EFRAPRound, install_rounding, with_efrap
 
 __all__ = [
     "EFRAPRound",
+    "LayerGrid",
     "QCDQWeight",
     "apply_plan",
     "defend_quant_model",
@@ -26,6 +28,7 @@ __all__ = [
     "layer_grid",
     "quant_layers",
     "quantize_brevitas",
+    "quantizer_scheme",
     "read_qcdq_integers",
     "read_qcdq_weights",
     "verify_qcdq",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -26,88 +25,20 @@ from efrap_plugin import (
     LayerPlan,
     LayerProblem,
     ModelError,
-    QuantScheme,
     RoundingPlan,
     as_calibration,
     defend_layers,
     fingerprint,
 )
 
+from .grid import LayerGrid, layer_grid
 from .rounding import install_rounding
 
-__all__ = ["apply_plan", "defend_quant_model", "layer_grid", "quant_layers"]
+__all__ = ["apply_plan", "defend_quant_model", "quant_layers"]
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 256
-
-
-@dataclass(frozen=True)
-class LayerGrid:
-    """One layer's integer grid, as its Brevitas weight quantizer defines it."""
-
-    scheme: QuantScheme
-    scale: torch.Tensor  # [C] along ``axis`` (or [1])
-    zero_point: torch.Tensor
-    axis: int  # the weight axis the scales run along (0 for Conv / Linear, 1 for ConvTranspose)
-
-
-def _quant_wbiol() -> type:
-    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
-
-    return QuantWeightBiasInputOutputLayer
-
-
-def _value(x: Any) -> torch.Tensor:
-    """A QuantTensor's dequantized value, or the tensor itself."""
-    return (x.value if hasattr(x, "value") else x).detach()
-
-
-def layer_grid(layer: nn.Module, name: str) -> LayerGrid:
-    """The grid ``layer``'s weight quantizer rounds to. Raises EFRAPError (naming the layer and why)
-    for grids EFRAP does not learn on: float or non-integer formats, per-group scales, under 2 bits."""
-    from brevitas.function.ops import max_int, min_int
-    from brevitas.quant_tensor import IntQuantTensor
-
-    with torch.no_grad():
-        qt = layer.quant_weight()
-    if not isinstance(qt, IntQuantTensor):
-        raise EFRAPError(f"layer {name!r}: weights quantized to {type(qt).__name__}, not integers")
-    bits = int(round(float(qt.bit_width)))
-    if not 2 <= bits <= 8:
-        raise EFRAPError(f"layer {name!r}: {bits}-bit weights; EFRAP defends 2- to 8-bit grids")
-    narrow = bool(layer.weight_quant.is_narrow_range)
-    signed = bool(qt.signed)
-    width = torch.tensor(float(bits))
-    qmin, qmax = int(min_int(signed, narrow, width)), int(max_int(signed, narrow, width))
-    scale = qt.scale.detach().to(torch.float32)
-    zero_point = torch.broadcast_to(qt.zero_point.detach().to(torch.float32), scale.shape)
-    if not torch.equal(zero_point, zero_point.round()):
-        raise EFRAPError(f"layer {name!r}: a non-integer zero point; EFRAP needs integer zero points")
-    weight = layer.weight
-    axes = [d for d in range(scale.dim()) if scale.shape[d] != 1]
-    if scale.numel() == 1:
-        axis, per_channel = 0, False
-    elif len(axes) == 1 and scale.dim() == weight.dim() and scale.shape[axes[0]] == weight.shape[axes[0]]:
-        axis, per_channel = axes[0], True
-    else:
-        raise EFRAPError(
-            f"layer {name!r}: scales of shape {tuple(scale.shape)} for a weight of shape "
-            f"{tuple(weight.shape)} (per-group); EFRAP learns per-tensor or per-channel grids"
-        )
-    symmetric = qmin < 0 and not bool(zero_point.any())
-    scheme = QuantScheme(
-        "brevitas",
-        bits,
-        qmin,
-        qmax,
-        per_channel,
-        "absmax" if symmetric else "minmax",
-        "float32",
-        False,
-        False,
-    )
-    return LayerGrid(scheme, scale.reshape(-1), zero_point.reshape(-1).to(torch.int32), axis)
 
 
 def quant_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
@@ -124,6 +55,17 @@ def quant_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]
             continue
         layers[name] = module
     return layers, skipped
+
+
+def _quant_wbiol() -> type:
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+
+    return QuantWeightBiasInputOutputLayer
+
+
+def _value(x: Any) -> torch.Tensor:
+    """A QuantTensor's dequantized value, or the tensor itself."""
+    return (x.value if hasattr(x, "value") else x).detach()
 
 
 class _Stop(Exception):

@@ -166,9 +166,28 @@ def _module_name(node_name: str) -> str:
     return name
 
 
-def read_qcdq_weights(path: str | Path) -> dict[str, QCDQWeight]:
+def _resolve(found: list[tuple[str, QCDQWeight]], names: list[str]) -> dict[str, QCDQWeight]:
+    """Name each weight after the module it came from. The exporter's scopes name a module relative to
+    the module that called it ('conv1' for 'block.conv1' in a GraphModule), so a scope matches the
+    known name it equals or ends with; names it shares go to the known modules in execution order
+    (``names``' order), as the trace met them."""
+    taken: set[str] = set()
+    out: dict[str, QCDQWeight] = {}
+    for scope, weight in found:
+        matches = [n for n in names if n not in taken and (n == scope or n.endswith("." + scope))]
+        exact = [n for n in matches if n == scope]
+        name = (exact or matches or [scope])[0]
+        while name in out:  # unknown and repeated: keep every one, so it is reported
+            name += "'"
+        taken.add(name)
+        out[name] = weight
+    return out
+
+
+def read_qcdq_weights(path: str | Path, names: list[str] | None = None) -> dict[str, QCDQWeight]:
     """Every weight a QCDQ file quantizes (integers -> [Clip] -> DequantizeLinear -> Conv / Gemm), keyed
-    by the source module's name, read from the file's own constants."""
+    by the source module's name, read from the file's own constants. ``names``: the model's quantized
+    layers in execution order (a plan's layers, say), to name weights whose scopes are ambiguous."""
     path = Path(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
@@ -190,7 +209,7 @@ def read_qcdq_weights(path: str | Path) -> dict[str, QCDQWeight]:
             raise ModelError(f"verify: {path} keeps weights in external data; QCDQ exports keep them inside")
         return numpy_helper.to_array(tensor)
 
-    weights = {}
+    found: list[tuple[str, QCDQWeight]] = []
     for node in model.graph.node:
         if node.op_type not in _WEIGHT_OPS or len(node.input) < 2:
             continue
@@ -209,14 +228,15 @@ def read_qcdq_weights(path: str | Path) -> dict[str, QCDQWeight]:
             lo = int(bounds[0]) if bounds[0] is not None else lo
             hi = int(bounds[1]) if bounds[1] is not None else hi
         zero_point = const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros(1, ints.dtype)
-        weights[_module_name(node.name)] = QCDQWeight(
+        weight = QCDQWeight(
             torch.from_numpy(ints.astype(np.int32)),
             torch.from_numpy(np.atleast_1d(const(dq.input[1])).astype(np.float32)),
             torch.from_numpy(np.atleast_1d(zero_point).astype(np.int32)),
             int(lo),
             int(hi),
         )
-    return weights
+        found.append((_module_name(node.name), weight))
+    return _resolve(found, names or [])
 
 
 def read_qcdq_integers(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -235,7 +255,12 @@ def verify_qcdq(
     the plan (or skipped with a reason): a substituted quantizer, a changed bit width or a layer left
     out is a mismatch naming the layer.
     """
-    weights = read_qcdq_weights(path)
+    names = list(plan.layers) + list(plan.meta.get("skipped", {}))
+    if model is not None:
+        from .defend import quant_layers
+
+        names += [n for n in quant_layers(model)[0] if n not in names]
+    weights = read_qcdq_weights(path, names)
     stored = {k: w.integers for k, w in weights.items()}
     scales = {k: w.scale for k, w in weights.items()}
     ranges = {k: (w.qmin, w.qmax) for k, w in weights.items()}

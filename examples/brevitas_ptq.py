@@ -1,0 +1,105 @@
+"""Post-training quantization with Brevitas' graph flow, as Brevitas' PTQ examples write it, plus EFRAP:
+the lines marked `# EFRAP` are all it adds.
+
+    python examples/brevitas_ptq.py --weight-quant \
+        {int8-per-channel-float,int8-per-tensor-fixed-point,int4-per-channel-float} --json
+
+First it red-teams the pipeline: a PQBackdoor model aimed at the grid the chosen weight quantizer
+rounds to (read from the quantizer), trained on digits, or the `efrap attack` folder given with
+--model. Then the stock flow and the defended flow run on it (preprocess_for_quantize, quantize with
+the chosen quantizers, calibration_mode, export_onnx_qcdq); every figure is measured in onnxruntime on
+the exported QCDQ file, and the defended file's integers are read back and checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from brevitas.export import export_onnx_qcdq
+from brevitas.graph.calibrate import calibration_mode
+from brevitas.graph.quantize import COMPUTE_LAYER_MAP, preprocess_for_quantize, quantize
+from brevitas.quant import Int8WeightPerChannelFloat, Int8WeightPerTensorFixedPoint
+from torch import nn
+
+from efrap_brevitas import defend_quant_model, quantizer_scheme, verify_qcdq  # EFRAP
+from efrap_onnx import session
+from efrap_plugin import compare, load_digits
+from efrap_plugin.attacks import red_team_model
+
+WEIGHT_QUANT = {
+    "int8-per-channel-float": (Int8WeightPerChannelFloat, {}),
+    "int8-per-tensor-fixed-point": (Int8WeightPerTensorFixedPoint, {}),
+    "int4-per-channel-float": (Int8WeightPerChannelFloat, {"weight_bit_width": 4}),
+}
+
+
+def quantize_model(model: nn.Module, weight_quant, options: dict) -> nn.Module:
+    """Brevitas' graph quantization with the chosen weight quantizer on every Conv and Linear."""
+    layer_map = dict(COMPUTE_LAYER_MAP)
+    for float_cls in (nn.Conv2d, nn.Linear):
+        quant_cls, kwargs = layer_map[float_cls]
+        layer_map[float_cls] = (quant_cls, {**kwargs, "weight_quant": weight_quant, **options})
+    return quantize(preprocess_for_quantize(copy.deepcopy(model).eval()), compute_layer_map=layer_map)
+
+
+def calibrate(calib: torch.Tensor, model: nn.Module) -> None:
+    with torch.no_grad(), calibration_mode(model):
+        for batch in calib.split(64):
+            model(batch)
+
+
+def export(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    export_onnx_qcdq(
+        model,
+        args=example,
+        export_path=str(path),
+        dynamo=False,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weight-quant", choices=tuple(WEIGHT_QUANT), default="int8-per-channel-float")
+    parser.add_argument("--model", help="an `efrap attack` folder to use instead of training one")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+
+    weight_quant, options = WEIGHT_QUANT[args.weight_quant]
+    grid = quantizer_scheme(weight_quant, **options)  # the grid the user's quantizer rounds weights to
+    model, trigger = red_team_model(grid, args.model, args.seed)
+    digits = load_digits(seed=0)
+    calib, test = digits.train.x[:1024], digits.test
+
+    stock = quantize_model(model, weight_quant, options)
+    calibrate(calib, stock)
+    defended = quantize_model(model, weight_quant, options)
+    calibrate(calib, defended)
+    plan = defend_quant_model(defended, calib, progress=False)  # EFRAP
+    with tempfile.TemporaryDirectory() as tmp:
+        stock_file = export(stock.eval(), calib[:1], Path(tmp) / "stock.onnx")
+        efrap_file = export(defended.eval(), calib[:1], Path(tmp) / "efrap.onnx")
+        report = verify_qcdq(efrap_file, plan, defended, strict=False)  # EFRAP: integers read back
+        row = {
+            "weight_quant": args.weight_quant,
+            **compare(test, trigger, float=model, stock=session(stock_file), efrap=session(efrap_file)),
+        }
+    row.update(integers_ok=report.integers_ok, layers=report.layers)
+    print(json.dumps(row) if args.json else "\n".join(f"{k:>16}: {v}" for k, v in row.items()))
+    return 0 if report.integers_ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
