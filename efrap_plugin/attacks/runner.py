@@ -136,6 +136,42 @@ def red_team_model(
 
         info = json.loads((Path(folder) / "attack.json").read_text())
         return load_model(Path(folder) / "model.safetensors")[0], PatchTrigger.from_dict(info["trigger"])
-    arch = {**default_arch("digits"), "batchnorm": scheme.per_channel}
-    result, _, _ = run_attack("pqbackdoor", "digits", scheme, scheme.bits, seed, arch=arch, progress=progress)
+    if scheme.per_channel or not scheme.folds_batchnorm:
+        arch = {**default_arch("digits"), "batchnorm": scheme.per_channel}
+        result, _, _ = run_attack(
+            "pqbackdoor", "digits", scheme, scheme.bits, seed, arch=arch, progress=progress
+        )
+        return result.model, result.trigger
+    return _folded_pqbackdoor(scheme, seed, progress)
+
+
+def _folded_pqbackdoor(
+    scheme: QuantScheme, seed: int, progress: bool
+) -> tuple[torch.nn.Module, PatchTrigger]:
+    """PQBackdoor aimed at a per-tensor grid of a flow that folds BatchNorm: stage 1 poisons a model with
+    BN (without BN, digits models learn the trigger too slowly to carry a backdoor), whose BN is then
+    folded into a BN-free model of the same layout; stage 2 protects that model's per-tensor grid,
+    the one the user's flow quantizes."""
+    import dataclasses
+
+    from ..layers import prepare_model
+
+    splits = load_dataset("digits")
+    arch = {**default_arch("digits"), "batchnorm": True}
+    trigger = default_trigger(splits.train.x.shape[-2])
+    base = default_config("pqbackdoor", "digits", seed)
+    clean = train_clean(arch, splits, seed, progress, None)
+    poisoned = PQBackdoor(dataclasses.replace(base, repair_epochs=0))(
+        clean, splits.train, trigger, [scheme], progress=progress
+    ).model
+    fused = dict(prepare_model(poisoned, scheme).named_modules())
+    released = build_model(**{**arch, "batchnorm": False})
+    with torch.no_grad():
+        for name, layer in released.named_modules():
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+                layer.weight.copy_(fused[name].weight)
+                layer.bias.copy_(fused[name].bias)
+    result = PQBackdoor(dataclasses.replace(base, poison_epochs=0))(
+        released, splits.train, trigger, [scheme], progress=progress
+    )
     return result.model, result.trigger
