@@ -19,6 +19,7 @@ from brevitas.quant import (
     Int8WeightPerTensorFloat,
     ShiftedUint8WeightPerTensorFloat,
 )
+from example_runs import assert_defended, run_example
 from torch import nn
 
 from efrap_brevitas import (
@@ -334,3 +335,19 @@ def test_bad_input_is_refused_with_the_fix(pq8, digits):
         defend_quant_model(model, calib, FAST, layer_inputs="fp32", progress=False)
     with pytest.raises(EFRAPError, match=r"with_efrap: expected a Brevitas weight quantizer"):
         with_efrap("int8")
+
+
+@pytest.mark.parametrize(
+    "weight_quant, fixture",
+    [
+        ("int8-per-channel-float", "pqbackdoor-ort8"),  # Int8WeightPerChannelFloat: onnxruntime's int8 grid
+        ("int4-per-channel-float", "pqbackdoor-brevitas-int4-pc"),
+        ("int8-per-tensor-fixed-point", "pqbackdoor-brevitas-int8-pt-pot"),
+    ],
+)
+def test_ptq_example_removes_a_qcb_aimed_at_its_weight_quantizer(weight_quant, fixture):
+    row = run_example(
+        "brevitas_ptq.py", "--weight-quant", weight_quant, "--model", f"tests/fixtures/{fixture}"
+    )
+    assert_defended(row)
+    assert row["layers"] == 4

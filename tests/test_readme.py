@@ -47,3 +47,12 @@ def test_pt2e_user_flow_recipe(in_tmp, pq_x86, digits):
     scope = {"model": pq_x86.model, "calib": digits.train.x[:512]}
     exec(compile(_recipe("pt2e-user-flow"), "README:pt2e-user-flow", "exec"), scope)
     assert scope["plan"].meta["flow"] == "pt2e" and len(scope["plan"].layers) == 4
+
+
+def test_brevitas_user_flow_recipe(in_tmp, pq8, digits):
+    import copy
+
+    scope = {"model": copy.deepcopy(pq8.model), "calib": digits.train.x[:512]}
+    exec(compile(_recipe("brevitas-user-flow"), "README:brevitas-user-flow", "exec"), scope)
+    assert scope["plan"].meta["flow"] == "brevitas" and len(scope["plan"].layers) == 4
+    assert (in_tmp / "qcdq.onnx").is_file()

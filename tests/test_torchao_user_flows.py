@@ -7,19 +7,16 @@ The grid comes from the user's observers; integers are read back from the conver
 from __future__ import annotations
 
 import copy
-import json
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from example_runs import ROOT, assert_defended, run_example
 from torch import nn
 
-from efrap_plugin import EFRAPConfig, EFRAPError, Metrics, ModelError, backdoor_removed
+from efrap_plugin import EFRAPConfig, EFRAPError, ModelError
 from efrap_torchao import defend_prepared, verify_fx, verify_pt2e
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = EFRAPConfig(iters=20, calib_size=128)
 sys.path.insert(0, str(ROOT / "examples"))
 
@@ -124,27 +121,11 @@ def test_an_affine_weight_observer_is_refused_naming_the_layer(digits):
         defend_prepared(prepared, digits.train.x[:8], FAST, progress=False)
 
 
-def _example(script: str, *args: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), *args, "--json"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _assert_defended(row: dict) -> None:
-    """stock >= 90% asr; EFRAP at the project's bar; integers read back from the int8 model."""
-    as_metrics = {k: Metrics(row[f"{k}_acc"] / 100, row[f"{k}_asr"] / 100, 0.0) for k in ("float", "efrap")}
-    assert row["integers_ok"] and row["stock_asr"] >= 90
-    assert backdoor_removed(as_metrics["float"], as_metrics["efrap"])
-
-
 @pytest.mark.parametrize("quantizer, fixture", [("x86", "pqbackdoor-x86"), ("xnnpack", "pqbackdoor-ort8")])
 def test_pt2e_example_removes_a_qcb_aimed_at_its_quantizer(quantizer, fixture):
     """XNNPACK per channel rounds to onnxruntime's int8 grid ([-127, 127], max|w| / 127): same attack."""
-    row = _example("torchao_pt2e.py", "--quantizer", quantizer, "--model", f"tests/fixtures/{fixture}")
-    _assert_defended(row)
+    row = run_example("torchao_pt2e.py", "--quantizer", quantizer, "--model", f"tests/fixtures/{fixture}")
+    assert_defended(row)
     assert (
         abs(row["ort_efrap_asr"] - row["efrap_asr"]) <= 1
         and abs(row["ort_efrap_acc"] - row["efrap_acc"]) <= 1
@@ -152,12 +133,12 @@ def test_pt2e_example_removes_a_qcb_aimed_at_its_quantizer(quantizer, fixture):
 
 
 def test_fx_example_removes_a_qcb_aimed_at_its_qconfig():
-    _assert_defended(
-        _example("torch_ao_fx.py", "--qconfig", "x86", "--model", "tests/fixtures/pqbackdoor-x86")
+    assert_defended(
+        run_example("torch_ao_fx.py", "--qconfig", "x86", "--model", "tests/fixtures/pqbackdoor-x86")
     )
 
 
 @pytest.mark.slow
 def test_eager_example_removes_a_qcb_aimed_at_its_qconfig():
     """Trains the tutorial model and plants the attack (about a minute on 2 cores)."""
-    _assert_defended(_example("torch_ao_eager.py"))
+    assert_defended(run_example("torch_ao_eager.py"))
