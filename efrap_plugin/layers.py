@@ -33,6 +33,7 @@ def quantizable_layers(model: nn.Module, example: torch.Tensor | None = None) ->
 
     Without an example input, the order is the module registration order.
     """
+    refuse_quantized_layers(model)
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
     if not found:
         raise ModelError(
@@ -57,6 +58,18 @@ def quantizable_layers(model: nn.Module, example: torch.Tensor | None = None) ->
     return list(seen.items())
 
 
+def refuse_quantized_layers(model: nn.Module) -> None:
+    """Brevitas layers carry their own weight quantizer: a preset grid here would ignore it (a user's
+    int4 or fixed-point layer silently defended as int8), so they go to the Brevitas adapter."""
+    for name, module in model.named_modules():
+        if isinstance(module, QUANTIZABLE) and callable(getattr(module, "quant_weight", None)):
+            raise ModelError(
+                f"model: layer {name!r} is a Brevitas {type(module).__name__} with its own weight quantizer; "
+                "defend it with efrap_brevitas.defend_quant_model(model, calib), which learns on the grid "
+                "that quantizer defines"
+            )
+
+
 def check_finite_weights(model: nn.Module) -> None:
     for name, param in model.named_parameters():
         if not torch.isfinite(param).all():
@@ -73,6 +86,7 @@ def prepare_model(model: nn.Module, scheme: QuantScheme) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     check_finite_weights(model)
+    refuse_quantized_layers(model)
     prepared = copy.deepcopy(model).eval()
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in prepared.modules())
     if not (scheme.folds_batchnorm and has_bn):

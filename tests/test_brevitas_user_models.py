@@ -351,3 +351,13 @@ def test_ptq_example_removes_a_qcb_aimed_at_its_weight_quantizer(weight_quant, f
     )
     assert_defended(row)
     assert row["layers"] == 4
+
+
+def test_the_core_refuses_a_brevitas_model_instead_of_guessing_its_grid(digits):
+    from efrap_plugin import defend
+
+    model = build("quant-tensor-chain", "int4-per-channel-float", digits.train.x[:64])
+    with pytest.raises(
+        ModelError, match=r"layer 'conv1' is a Brevitas QuantConv2d .* efrap_brevitas.defend_quant_model"
+    ):
+        defend(model, digits.train.x[:64], "brevitas-int8", FAST, progress=False)

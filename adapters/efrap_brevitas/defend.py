@@ -220,6 +220,7 @@ def defend_quant_model(
         "config": config.to_dict(),
         "flow": "brevitas",
         "layer_inputs": layer_inputs,
+        "unit": "layer",  # a Brevitas ReLU is its own quantized module: L_A preserves the layer's output
         "skipped": skipped | {name: "never called in a forward pass" for name in set(layers) - set(order)},
         "calib_size": int(calib.shape[0]),
         "grids": {name: _grid_meta(grids[name]) for name in order},
