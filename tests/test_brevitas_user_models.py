@@ -11,7 +11,13 @@ import brevitas.nn as qnn
 import pytest
 import torch
 from brevitas.graph.calibrate import calibration_mode
-from brevitas.graph.quantize import COMPUTE_LAYER_MAP, preprocess_for_quantize, quantize
+from brevitas.graph.quantize import (
+    COMPUTE_LAYER_MAP,
+    LAYERWISE_COMPUTE_LAYER_MAP,
+    layerwise_quantize,
+    preprocess_for_quantize,
+    quantize,
+)
 from brevitas.quant import (
     Int8ActPerTensorFloat,
     Int8WeightPerChannelFloat,
@@ -122,23 +128,35 @@ class SmallResNet(nn.Module):
         return self.head(self.block(self.stem(x)))
 
 
-def graph_quantized(quant: str) -> nn.Module:
-    """Brevitas' graph flow on a float ResNet block: BN folded, residual add requantized, QuantTensors."""
-    torch.manual_seed(0)
+def _layer_map(base: dict, quant: str) -> dict:
     weight_quant, options, _ = QUANTIZERS[quant]
-    layer_map = dict(COMPUTE_LAYER_MAP)
+    layer_map = dict(base)
     for float_cls in (nn.Conv2d, nn.Linear):
         quant_cls, kwargs = layer_map[float_cls]
         layer_map[float_cls] = (quant_cls, {**kwargs, "weight_quant": weight_quant, **options})
+    return layer_map
+
+
+def graph_quantized(quant: str) -> nn.Module:
+    """Brevitas' graph flow on a float ResNet block: BN folded, residual add requantized, QuantTensors."""
+    torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return quantize(preprocess_for_quantize(SmallResNet().eval()), compute_layer_map=layer_map)
+        model = preprocess_for_quantize(SmallResNet().eval())
+        return quantize(model, compute_layer_map=_layer_map(COMPUTE_LAYER_MAP, quant))
+
+
+def layerwise_quantized(quant: str) -> nn.Module:
+    """Brevitas' layerwise_quantize: each Conv / Linear swapped in place, BN kept in float, plain tensors."""
+    torch.manual_seed(0)
+    return layerwise_quantize(SmallResNet(), compute_layer_map=_layer_map(LAYERWISE_COMPUTE_LAYER_MAP, quant))
 
 
 MODELS = {
     "hand-built-bn-residual": lambda q: HandBuilt(q),
     "quant-tensor-chain": lambda q: QuantTensorChain(q),
     "graph-flow-resnet": graph_quantized,
+    "layerwise-resnet": layerwise_quantized,
 }
 
 
@@ -164,7 +182,7 @@ CASES = [
     (model, quant)
     for model in MODELS
     for quant in QUANTIZERS
-    if not (quant == "uint8-shifted-per-tensor" and model != "hand-built-bn-residual")
+    if not (quant == "uint8-shifted-per-tensor" and model in ("quant-tensor-chain", "graph-flow-resnet"))
 ]
 
 

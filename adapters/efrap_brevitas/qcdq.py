@@ -156,27 +156,50 @@ class QCDQWeight:
 _WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-def _module_name(node_name: str) -> str:
-    """The module a TorchScript-exported node came from: '/layer1/layer1.0/conv1/Conv' -> 'layer1.0.conv1'."""
-    name = ""
+def _scopes(node_name: str) -> list[str]:
+    """The module scopes of a TorchScript-exported node: '/layer1/layer1.0/conv1/Conv' ->
+    ['layer1', 'layer1.0', 'conv1']. Each is a name relative to some enclosing module, not a full name."""
+    parts = []
     for part in node_name.strip("/").split("/")[:-1]:
         if part in ("weight_quant", "input_quant", "export_handler"):
             break
+        parts.append(part)
+    return parts
+
+
+def _joined(scopes: list[str]) -> str:
+    """A best guess at the full name, for modules no known name matches."""
+    name = ""
+    for part in scopes:
         name = part if not name or part.startswith(name + ".") else f"{name}.{part}"
     return name
 
 
-def _resolve(found: list[tuple[str, QCDQWeight]], names: list[str]) -> dict[str, QCDQWeight]:
+def _fits(name: str, scopes: list[str]) -> bool:
+    """Whether the full module name ``name`` can have ``scopes``: it ends with the last scope, and each
+    scope starts at an atom of it, in order (scopes overlap: 'block', 'shortcut', 'shortcut.0')."""
+    if not scopes or not (name == scopes[-1] or name.endswith("." + scopes[-1])):
+        return False
+    atoms, position = name.split("."), 0
+    for part in scopes:
+        try:
+            position = atoms.index(part.split(".")[0], position)
+        except ValueError:
+            return False
+    return True
+
+
+def _resolve(found: list[tuple[list[str], QCDQWeight]], names: list[str]) -> dict[str, QCDQWeight]:
     """Name each weight after the module it came from. The exporter's scopes name a module relative to
-    the module that called it ('conv1' for 'block.conv1' in a GraphModule), so a scope matches the
-    known name it equals or ends with; names it shares go to the known modules in execution order
-    (``names``' order), as the trace met them."""
+    an enclosing one ('conv1' for 'block.conv1' in a GraphModule, 'shortcut.0' inside 'block'), so a
+    weight takes the known name that fits its scopes; names several weights fit go to the known
+    modules in execution order (``names``' order), as the trace met them."""
     taken: set[str] = set()
     out: dict[str, QCDQWeight] = {}
-    for scope, weight in found:
-        matches = [n for n in names if n not in taken and (n == scope or n.endswith("." + scope))]
-        exact = [n for n in matches if n == scope]
-        name = (exact or matches or [scope])[0]
+    for scopes, weight in found:
+        guess = _joined(scopes)
+        matches = [n for n in names if n not in taken and (n == guess or _fits(n, scopes))]
+        name = ([n for n in matches if n == guess] or matches or [guess])[0]
         while name in out:  # unknown and repeated: keep every one, so it is reported
             name += "'"
         taken.add(name)
@@ -209,7 +232,7 @@ def read_qcdq_weights(path: str | Path, names: list[str] | None = None) -> dict[
             raise ModelError(f"verify: {path} keeps weights in external data; QCDQ exports keep them inside")
         return numpy_helper.to_array(tensor)
 
-    found: list[tuple[str, QCDQWeight]] = []
+    found: list[tuple[list[str], QCDQWeight]] = []
     for node in model.graph.node:
         if node.op_type not in _WEIGHT_OPS or len(node.input) < 2:
             continue
@@ -235,7 +258,7 @@ def read_qcdq_weights(path: str | Path, names: list[str] | None = None) -> dict[
             int(lo),
             int(hi),
         )
-        found.append((_module_name(node.name), weight))
+        found.append((_scopes(node.name), weight))
     return _resolve(found, names or [])
 
 
