@@ -38,7 +38,7 @@ from .evaluate import (
 )
 from .fake_quant import fake_quant_forward
 from .files import atomic_write, check_writable, read_safetensors, safetensors_shapes, staged
-from .layers import fingerprint, prepare_model, quantizable_layers, relu_after
+from .layers import execution_order, fingerprint, prepare_model, quantizable_layers, relu_after
 from .loop import defend_layers
 from .models import DigitsCNN, ResNet, build_model, resnet8, resnet20
 from .objective import learnable_bounds, truncation_error
@@ -90,6 +90,7 @@ __all__ = [
     "defend_layers",
     "der",
     "evaluate",
+    "execution_order",
     "fake_quant_forward",
     "fingerprint",
     "crowded_layers",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -42,20 +43,24 @@ def quantizable_layers(model: nn.Module, example: torch.Tensor | None = None) ->
         )
     if example is None:
         return found
+    modules = dict(found)
+    return [(name, modules[name]) for name in execution_order(model, modules, example)]
+
+
+def execution_order(model: nn.Module, modules: Mapping[str, nn.Module], example: torch.Tensor) -> list[str]:
+    """The names of ``modules`` in the order one forward pass of ``model`` on ``example`` first calls
+    them (modules are often registered out of order); modules it never calls are left out."""
     order: list[str] = []
-    names = {id(m): n for n, m in found}
-    hooks = [m.register_forward_pre_hook(lambda mod, _inp: order.append(names[id(mod)])) for _, m in found]
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, _i, n=name: order.append(n)) for name, m in modules.items()
+    ]
     try:
         with torch.no_grad():
             model(example)
     finally:
-        for h in hooks:
-            h.remove()
-    seen: dict[str, nn.Module] = {}
-    modules = dict(found)
-    for name in order:
-        seen.setdefault(name, modules[name])
-    return list(seen.items())
+        for hook in hooks:
+            hook.remove()
+    return list(dict.fromkeys(order))
 
 
 def refuse_quantized_layers(model: nn.Module) -> None:

@@ -28,6 +28,7 @@ from efrap_plugin import (
     RoundingPlan,
     as_calibration,
     defend_layers,
+    execution_order,
     fingerprint,
 )
 
@@ -105,24 +106,6 @@ def _float_mode(model: nn.Module) -> Any:
     return quantization_status_manager(
         model, disable_act_quant=True, disable_weight_quant=True, disable_bias_quant=True, is_training=False
     )
-
-
-def _execution_order(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor) -> list[str]:
-    order: list[str] = []
-    handles = [
-        m.register_forward_pre_hook(lambda _m, _i, n=name: order.append(n)) for name, m in layers.items()
-    ]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    first = {name: i for i, name in reversed(list(enumerate(order)))}
-    never = sorted(set(layers) - set(first))
-    if never:
-        log.warning("%s: never called in a forward pass; left at the quantizer's own rounding", never)
-    return sorted(first, key=first.__getitem__)
 
 
 def _permutation(dim: int, axis: int) -> tuple[list[int], list[int]]:
@@ -209,7 +192,10 @@ def defend_quant_model(
     was_training = model.training
     model.eval()
     try:
-        order = _execution_order(model, layers, calib[:1])
+        order = execution_order(model, layers, calib[:1])
+        never = sorted(set(layers) - set(order))
+        if never:
+            log.warning("%s: never called in a forward pass; left at the quantizer's own rounding", never)
         grids = {name: layer_grid(layers[name], name) for name in order}
         problems = _problems(model, layers, order, calib, layer_inputs == "quantized")
         learned = defend_layers(problems, config, len(order), progress)

@@ -34,6 +34,7 @@ from efrap_plugin import (
     RoundingPlan,
     as_calibration,
     defend_layers,
+    execution_order,
     snap_integers,
 )
 
@@ -329,22 +330,11 @@ def _module_layers(model: nn.Module, relu_units: bool) -> tuple[list[_Layer], di
 
 
 def _execution_order(model: nn.Module, layers: list[_Layer], x: torch.Tensor) -> list[_Layer]:
-    """``layers`` in the order a forward pass calls them (modules registered out of order are common)."""
-    order: list[str] = []
-    handles = [
-        model.get_submodule(layer.name).register_forward_pre_hook(
-            lambda _m, _i, n=layer.name: order.append(n)
-        )
-        for layer in layers
-    ]
-    try:
-        with _observers(model, False, set()), torch.no_grad():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    first = {name: i for i, name in reversed(list(enumerate(order)))}
-    return sorted((layer for layer in layers if layer.name in first), key=lambda layer: first[layer.name])
+    """``layers`` in the order a forward pass calls them, observers passing through."""
+    with _observers(model, False, set()):
+        order = execution_order(model, {layer.name: model.get_submodule(layer.name) for layer in layers}, x)
+    by_name = {layer.name: layer for layer in layers}
+    return [by_name[name] for name in order]
 
 
 def _problems(
