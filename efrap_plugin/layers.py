@@ -37,6 +37,8 @@ def quantizable_layers(model: nn.Module, example: torch.Tensor | None = None) ->
     refuse_quantized_layers(model)
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
     if not found:
+        if _is_exported_graph(model):
+            raise ModelError(_EXPORTED)
         raise ModelError(
             f"model: {type(model).__name__} has no Conv1d, Conv2d or Linear layer; EFRAP learns the rounding "
             "of those layers' weights, so there is nothing to defend"
@@ -61,6 +63,21 @@ def execution_order(model: nn.Module, modules: Mapping[str, nn.Module], example:
         for hook in hooks:
             hook.remove()
     return list(dict.fromkeys(order))
+
+
+_EXPORTED = (
+    "model: an exported graph (torch.export): its Conv / Linear layers are graph operations, not modules. "
+    "Pass the nn.Module it was exported from, or defend it inside your PT2E flow: "
+    "efrap_torchao.defend_prepared(prepare_pt2e(exported.module(), quantizer), calib) before convert_pt2e"
+)
+
+
+def _is_exported_graph(model: nn.Module) -> bool:
+    graph = getattr(model, "graph", None)
+    return any(
+        node.op == "call_function" and ("conv" in str(node.target) or "linear" in str(node.target))
+        for node in getattr(graph, "nodes", ())
+    )
 
 
 def refuse_quantized_layers(model: nn.Module) -> None:
@@ -89,6 +106,8 @@ def prepare_model(model: nn.Module, scheme: QuantScheme) -> nn.Module:
     The defended weights must be the ones the backend really quantizes.
     """
     if not isinstance(model, nn.Module):
+        if hasattr(model, "graph_module"):  # torch.export.ExportedProgram
+            raise ModelError(_EXPORTED)
         raise ModelError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     check_finite_weights(model)
     refuse_quantized_layers(model)

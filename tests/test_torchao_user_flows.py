@@ -142,3 +142,16 @@ def test_fx_example_removes_a_qcb_aimed_at_its_qconfig():
 def test_eager_example_removes_a_qcb_aimed_at_its_qconfig():
     """Trains the tutorial model and plants the attack (about a minute on 2 cores)."""
     assert_defended(run_example("torch_ao_eager.py"))
+
+
+def test_an_exported_model_is_pointed_to_the_pt2e_flow(pq_x86, digits):
+    """The one-call API learns on modules; an ExportedProgram (or its .module()) goes through
+    defend_prepared after the user's own prepare_pt2e, which takes it as it is."""
+    from efrap_plugin import defend
+
+    exported = torch.export.export(pq_x86.model.eval(), (digits.train.x[:2],))
+    for held in (exported, exported.module()):
+        with pytest.raises(
+            ModelError, match=r"an exported graph \(torch.export\).*defend_prepared\(prepare_pt2e"
+        ):
+            defend(held, digits.train.x[:64], "torchao-x86", FAST, progress=False)
