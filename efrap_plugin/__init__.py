@@ -38,6 +38,7 @@ from .evaluate import (
 )
 from .fake_quant import fake_quant_forward
 from .files import atomic_write, check_writable, read_safetensors, safetensors_shapes, staged
+from .layer_inputs import LAYER_INPUTS, LayerInputs, check_layer_inputs, pick_layer_inputs
 from .layers import execution_order, fingerprint, prepare_model, quantizable_layers, relu_after
 from .loop import defend_layers
 from .models import DigitsCNN, ResNet, build_model, resnet8, resnet20
@@ -59,6 +60,8 @@ __all__ = [
     "EFRAPError",
     "IntegerReport",
     "LabeledData",
+    "LAYER_INPUTS",
+    "LayerInputs",
     "LayerPlan",
     "LayerProblem",
     "LayerScan",
@@ -78,6 +81,7 @@ __all__ = [
     "as_predictor",
     "asr",
     "attack_fires",
+    "check_layer_inputs",
     "backdoor_removed",
     "atomic_write",
     "check_writable",
@@ -95,6 +99,7 @@ __all__ = [
     "fingerprint",
     "crowded_layers",
     "format_scan",
+    "pick_layer_inputs",
     "learn_rounding",
     "learnable_bounds",
     "load_cifar10",

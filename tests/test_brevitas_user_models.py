@@ -349,7 +349,7 @@ def test_bad_input_is_refused_with_the_fix(pq8, digits):
     model = build("quant-tensor-chain", "int8-per-channel-float", calib)
     with pytest.raises(EFRAPError, match=r"quantize_brevitas would replace them"):
         quantize_brevitas(model, calib)
-    with pytest.raises(EFRAPError, match=r"layer_inputs: expected 'quantized' or 'float'"):
+    with pytest.raises(EFRAPError, match=r"layer_inputs: expected 'quantized', 'float' or 'mixed'"):
         defend_quant_model(model, calib, FAST, layer_inputs="fp32", progress=False)
     with pytest.raises(EFRAPError, match=r"with_efrap: expected a Brevitas weight quantizer"):
         with_efrap("int8")

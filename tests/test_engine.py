@@ -204,3 +204,27 @@ def test_scan_flags_no_layer_of_a_clean_model_and_leaves_scale_setters_out(clean
         row = scan_weights({"w": pushed}, scheme)[0]
         assert row.crowded and row.boundary_ks > 50
         assert abs(row.near_boundary - near) < 0.01
+
+
+def test_mixed_layer_inputs_take_each_element_from_one_pass_or_the_other():
+    from efrap_plugin import EFRAPError, pick_layer_inputs
+
+    quantized, floating = torch.zeros(64, 8, 4, 4), torch.ones(64, 8, 4, 4)
+    passes = {"quantized": quantized, "float": floating}
+    asked: list[str] = []
+
+    def capture(kind):
+        asked.append(kind)
+        return passes[kind]
+
+    mixed = pick_layer_inputs("mixed", capture, torch.Generator().manual_seed(0))
+    assert sorted(asked) == ["float", "quantized"]
+    assert 0.45 < float(mixed.mean()) < 0.55 and bool(((mixed == 0) | (mixed == 1)).all())
+    again = pick_layer_inputs("mixed", capture, torch.Generator().manual_seed(0))
+    assert torch.equal(mixed, again)  # one seed, one mix
+    asked.clear()
+    assert pick_layer_inputs("float", capture, torch.Generator()) is floating and asked == ["float"]
+    with pytest.raises(
+        EFRAPError, match=r"layer_inputs: expected 'quantized', 'float' or 'mixed', got 'both'"
+    ):
+        pick_layer_inputs("both", capture, torch.Generator())

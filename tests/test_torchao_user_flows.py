@@ -101,7 +101,9 @@ def test_fx_every_qconfig_holds_the_plan_and_accounts_for_conv_transpose(zoo, di
 def test_a_prepared_model_with_nothing_quantized_is_refused(digits):
     with pytest.raises(ModelError, match=r"no Conv / Linear weight with an observer in Sequential"):
         defend_prepared(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), digits.train.x[:8])
-    with pytest.raises(EFRAPError, match=r"layer_inputs: expected 'quantized' or 'float', got 'fp32'"):
+    with pytest.raises(
+        EFRAPError, match=r"layer_inputs: expected 'quantized', 'float' or 'mixed', got 'fp32'"
+    ):
         defend_prepared(
             nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), digits.train.x[:8], layer_inputs="fp32"
         )
@@ -121,7 +123,15 @@ def test_an_affine_weight_observer_is_refused_naming_the_layer(digits):
         defend_prepared(prepared, digits.train.x[:8], FAST, progress=False)
 
 
-@pytest.mark.parametrize("quantizer, fixture", [("x86", "pqbackdoor-x86"), ("xnnpack", "pqbackdoor-ort8")])
+@pytest.mark.parametrize(
+    "quantizer, fixture",
+    [
+        ("x86", "pqbackdoor-x86"),
+        ("xnnpack", "pqbackdoor-ort8"),
+        ("x86-per-tensor", "pqbackdoor-x86-per-tensor"),
+        pytest.param("xnnpack-per-tensor", "pqbackdoor-xnnpack-per-tensor", marks=pytest.mark.slow),
+    ],
+)
 def test_pt2e_example_removes_a_qcb_aimed_at_its_quantizer(quantizer, fixture):
     """XNNPACK per channel rounds to onnxruntime's int8 grid ([-127, 127], max|w| / 127): same attack."""
     row = run_example("torchao_pt2e.py", "--quantizer", quantizer, "--model", f"tests/fixtures/{fixture}")
@@ -132,9 +142,17 @@ def test_pt2e_example_removes_a_qcb_aimed_at_its_quantizer(quantizer, fixture):
     )
 
 
-def test_fx_example_removes_a_qcb_aimed_at_its_qconfig():
+@pytest.mark.parametrize(
+    "qconfig, fixture",
+    [
+        ("x86", "pqbackdoor-x86"),
+        # qnnpack weights: per tensor, [-128, 127], max|w| / 127.5, the x86-per-tensor PT2E grid
+        pytest.param("qnnpack", "pqbackdoor-x86-per-tensor", marks=pytest.mark.slow),
+    ],
+)
+def test_fx_example_removes_a_qcb_aimed_at_its_qconfig(qconfig, fixture):
     assert_defended(
-        run_example("torch_ao_fx.py", "--qconfig", "x86", "--model", "tests/fixtures/pqbackdoor-x86")
+        run_example("torch_ao_fx.py", "--qconfig", qconfig, "--model", f"tests/fixtures/{fixture}")
     )
 
 

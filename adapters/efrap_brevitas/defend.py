@@ -3,9 +3,9 @@
 Every QuantConv / QuantConvTranspose / QuantLinear whose weight quantizer gives integers becomes a
 LayerProblem for the core's one per-layer loop. The grid is read from the layer's own quantizer
 (``quant_weight()``: scale, zero point, bit width, signedness; the proxy's narrow range), never chosen
-here. Inputs come from the model with quantization on and every earlier layer's learned rounding in
-(the reference's partially quantized model) or, with ``layer_inputs="float"``, with quantization off;
-targets always from the model with quantization off. The learned integers go in as the quantizer's
+here. Inputs mix, element by element, the model with quantization on and every earlier layer's learned
+rounding in (the reference's partially quantized model) and the model with quantization off
+(``layer_inputs``, see efrap_plugin.layer_inputs); targets always come with quantization off. The learned integers go in as the quantizer's
 ``float_to_int_impl`` (see rounding.py): weights, scales and quantizers stay the user's.
 """
 
@@ -22,14 +22,17 @@ from torch import nn
 from efrap_plugin import (
     EFRAPConfig,
     EFRAPError,
+    LayerInputs,
     LayerPlan,
     LayerProblem,
     ModelError,
     RoundingPlan,
     as_calibration,
+    check_layer_inputs,
     defend_layers,
     execution_order,
     fingerprint,
+    pick_layer_inputs,
 )
 
 from .grid import LayerGrid, layer_grid
@@ -118,17 +121,23 @@ def _problems(
     layers: dict[str, nn.Module],
     order: list[str],
     calib: torch.Tensor,
-    quantized_inputs: bool,
+    choice: str,
+    seed: int,
 ) -> Iterator[LayerProblem]:
+    generator = torch.Generator().manual_seed(seed)
     for name in order:
         layer = layers[name]
         grid = layer_grid(layer, name)
         with _float_mode(model):
             targets = _capture(model, layer, calib, "output")
-            if not quantized_inputs:
-                inputs = _capture(model, layer, calib, "input")
-        if quantized_inputs:
-            inputs = _capture(model, layer, calib, "input")
+
+        def capture(kind, layer=layer):
+            if kind == "quantized":
+                return _capture(model, layer, calib, "input")
+            with _float_mode(model):
+                return _capture(model, layer, calib, "input")
+
+        inputs = pick_layer_inputs(choice, capture, generator)
         perm, inverse = _permutation(layer.weight.dim(), grid.axis)
         bias = layer.bias.detach().clone() if layer.bias is not None else None
 
@@ -162,7 +171,7 @@ def defend_quant_model(
     calib_data: Any,
     config: EFRAPConfig | None = None,
     *,
-    layer_inputs: Literal["quantized", "float"] = "quantized",
+    layer_inputs: LayerInputs = "mixed",
     progress: bool = True,
 ) -> RoundingPlan:
     """EFRAP on a Brevitas model the user built (``brevitas.nn`` layers, or ``preprocess_for_quantize``
@@ -172,10 +181,11 @@ def defend_quant_model(
     ``float_to_int_impl`` (in place: the model is the user's PTQ model, as after ``calibration_mode``),
     so ``quant_weight()``, evaluation and ``export_onnx_qcdq`` give the returned plan's integers. Plan
     integers are in each weight's own layout; ``plan.meta["grids"]`` holds each layer's grid.
+    ``layer_inputs``: "mixed" (default), "quantized" (the reference) or "float": measured in
+    benchmarks/results/layer-inputs.md.
     """
     config = config or EFRAPConfig()
-    if layer_inputs not in ("quantized", "float"):
-        raise EFRAPError(f"layer_inputs: expected 'quantized' or 'float', got {layer_inputs!r}")
+    check_layer_inputs(layer_inputs)
     if not isinstance(model, nn.Module):
         raise EFRAPError(f"model: expected a Brevitas nn.Module, got {type(model).__name__}")
     layers, skipped = quant_layers(model)
@@ -197,7 +207,7 @@ def defend_quant_model(
         if never:
             log.warning("%s: never called in a forward pass; left at the quantizer's own rounding", never)
         grids = {name: layer_grid(layers[name], name) for name in order}
-        problems = _problems(model, layers, order, calib, layer_inputs == "quantized")
+        problems = _problems(model, layers, order, calib, layer_inputs, config.seed)
         learned = defend_layers(problems, config, len(order), progress)
     finally:
         model.train(was_training)
