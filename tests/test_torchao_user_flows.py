@@ -78,6 +78,33 @@ def test_pt2e_every_quantizer_and_granularity_holds_the_plan(zoo, digits, name):
     assert all(torch.equal(before[k], v) for k, v in zoo.state_dict().items())  # the user's model untouched
 
 
+class RowConv(nn.Module):
+    """A Conv1d over image rows, then a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = nn.Conv1d(8, 8, 3, padding=1)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.rows(x.reshape(x.shape[0], 8, 8))).flatten(1))
+
+
+@pytest.mark.parametrize("name", ["x86", "xnnpack", "xnnpack-per-tensor"])
+def test_pt2e_conv1d_is_defended_where_the_quantizer_quantizes_it(digits, name):
+    """XNNPACK quantizes Conv1d; X86Inductor leaves it in float, so there is nothing to defend there."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+    from torchao_pt2e import make_quantizer
+
+    torch.manual_seed(0)
+    calib = digits.train.x[:128]
+    prepared = _pt2e(RowConv().eval(), make_quantizer(name)[0], calib)
+    plan = defend_prepared(prepared, calib, FAST, progress=False)
+    assert list(plan.layers) == (["head"] if name == "x86" else ["rows", "head"])
+    report = verify_pt2e(convert_pt2e(prepared), plan)
+    assert report.integers_ok and report.unplanned == []
+
+
 @pytest.mark.parametrize("qconfig", ["x86", "fbgemm", "qnnpack"])
 def test_fx_every_qconfig_holds_the_plan_and_accounts_for_conv_transpose(zoo, digits, qconfig):
     from torch.ao.quantization import get_default_qconfig_mapping
