@@ -1,9 +1,11 @@
 """A drop-in for ``onnxruntime.quantization.quantize_static`` that writes an EFRAP-defended QDQ model.
 
-Stock quantize_static runs first (BatchNorm folded by quant_pre_process, activations calibrated);
-then, layer by layer in graph order, EFRAP learns the rounding of each quantized weight against the
-real QDQ graph's inputs and the float graph's outputs, and writes the integers into the weight
-initializers. Scales and zero points are onnxruntime's own, so nothing re-rounds.
+onnxruntime's own quantize_static runs first, with every argument the user gave, on the graph the user
+gave (pre-processed only if they pre-processed it, as onnxruntime does); then, layer by layer in graph
+order, EFRAP learns the rounding of each quantized weight against the real QDQ graph's inputs and the
+float graph's outputs, and writes the integers into the weight initializers. Scales, zero points and
+every other node are onnxruntime's own. ``quantize_images`` (the CLI's path) pre-processes first, as
+onnxruntime's guide advises (BatchNorm folded into Conv).
 """
 
 from __future__ import annotations
@@ -187,20 +189,19 @@ def quantize_static(
         scheme = QuantScheme.onnxruntime(bits, per_channel)
         plan = defend_qdq(pre_model, qdq, batches, scheme, config, progress)
         log.info("EFRAP: %d layers in %.1f s", len(plan.layers), time.perf_counter() - start)
-    save_onnx(qdq, model_output)
+    save_onnx(qdq, model_output, external_data=use_external_data_format)
     return plan
 
 
 def _quantize_stock(
     float_model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], *options: Any
 ) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """quant_pre_process, then onnxruntime's own quantize_static with the user's ``options`` (its
-    positional arguments after the reader): the pre-processed float graph and the stock QDQ graph.
-    A model onnxruntime cannot quantize is a ModelError."""
+    """onnxruntime's own quantize_static with the user's ``options`` (its positional arguments after the
+    reader): the float graph it quantized and the stock QDQ graph. A model onnxruntime cannot quantize
+    is a ModelError."""
     with tempfile.TemporaryDirectory(prefix="efrap-onnx-") as tmp:
-        src, pre, qdq = Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "qdq.onnx"
-        onnx.save(float_model, str(src))
-        preprocess(src, pre)
+        pre, qdq = Path(tmp) / "in.onnx", Path(tmp) / "qdq.onnx"
+        onnx.save(float_model, str(pre))
         try:
             ort_quantize_static(str(pre), str(qdq), ListDataReader(batches), *options)
         except EFRAPError:
@@ -209,7 +210,7 @@ def _quantize_stock(
             raise ModelError(
                 f"model: onnxruntime's quantize_static cannot quantize it ({type(exc).__name__}: {exc})"
             ) from None
-        return onnx.load(str(pre)), onnx.load(str(qdq))
+        return float_model, onnx.load(str(qdq))
 
 
 def quantize(
@@ -261,8 +262,9 @@ def quantize_images(
     config: EFRAPConfig | None = None,
     progress: bool = True,
 ) -> RoundingPlan | None:
-    """The common image-model case in one call: QDQ, MinMax, uint8 activations, QInt8 or QInt4 weights,
-    calibration images fed to the graph's single input. ``efrap=False`` is onnxruntime's stock flow."""
+    """The common image-model case in one call: quant_pre_process (BatchNorm folded), then QDQ, MinMax,
+    uint8 activations, QInt8 or QInt4 weights, calibration images fed to the graph's single input.
+    ``efrap=False`` is onnxruntime's stock flow."""
     weight_types = {8: QuantType.QInt8, 4: QuantType.QInt4}
     if bits not in weight_types:
         raise EFRAPError(f"bits: onnxruntime quantizes weights to 8 (QInt8) or 4 (QInt4) bits, got {bits}")
@@ -273,6 +275,10 @@ def quantize_images(
         raise EFRAPError(
             f"model: {model_input} has inputs {names}; quantize_images handles single-input models"
         )
+    with tempfile.TemporaryDirectory(prefix="efrap-onnx-") as tmp:
+        onnx.save(model, str(Path(tmp) / "in.onnx"))
+        preprocess(Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx")
+        model = onnx.load(str(Path(tmp) / "pre.onnx"))
     return quantize_static(
         _Checked(model),
         model_output,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from efrap_plugin import ModelError, atomic_write
+from efrap_plugin import ModelError, atomic_write, check_writable
 
 __all__ = [
     "load_onnx",
@@ -213,6 +214,25 @@ def initializer_array(tensor: onnx.TensorProto) -> np.ndarray:
     return arr
 
 
-def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
-    """Serialise then rename into place: a failure never leaves a half-written model."""
-    return atomic_write(Path(path), model.SerializeToString())
+def save_onnx(model: onnx.ModelProto, path: str | Path, external_data: bool = False) -> Path:
+    """Serialise then rename into place: a failure never leaves a half-written model.
+
+    ``external_data`` (quantize_static's ``use_external_data_format``): every tensor goes to
+    ``<name>.data`` beside the model, as onnxruntime writes it (models over 2 GB need it); ``model`` is
+    converted in place. The data file is renamed into place first, so the model never points at
+    missing data.
+    """
+    path = check_writable(path)
+    if not external_data:
+        return atomic_write(path, model.SerializeToString())
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    data = path.name + ".data"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location=data, convert_attribute=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
+        onnx.save_model(model, str(Path(tmp) / path.name))
+        if (Path(tmp) / data).exists():  # tensors under 1 KiB stay inside, as onnxruntime keeps them
+            os.replace(Path(tmp) / data, path.parent / data)
+        os.replace(Path(tmp) / path.name, path)
+    return path

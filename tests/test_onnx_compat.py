@@ -1,0 +1,230 @@
+"""The drop-in against onnxruntime itself: the same quantize_static call through both, on a range of
+models and options; the two graphs must be equal in everything but the weight integers EFRAP defends
+(node types, names, order, attributes, scales, zero points, other initializers, external data)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import FIXTURES
+from onnx import TensorProto, helper, numpy_helper
+from onnx_models import conv_model
+from onnxruntime.quantization import QuantFormat, QuantType
+from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+import efrap_onnx
+from efrap_onnx import ListDataReader
+from efrap_plugin import EFRAPConfig
+
+FAST = EFRAPConfig(iters=30, calib_size=128)
+RNG = np.random.default_rng(0)
+
+
+def _weight(*shape: int) -> TensorProto:
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def _model(nodes, inputs, outputs, inits, opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g", inputs, outputs, [numpy_helper.from_array(a, n) for n, a in inits.items()]
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+
+def _image_input(channels: int = 1):
+    return [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", channels, 8, 8])]
+
+
+def unnamed_conv() -> onnx.ModelProto:
+    """Conv and Gemm nodes without names (exporters often leave them empty)."""
+    return _model(
+        [
+            helper.make_node("Conv", ["input", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("Flatten", ["r"], ["f"]),
+            helper.make_node("Gemm", ["f", "w2", "b2"], ["logits"], transB=1),
+        ],
+        _image_input(),
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        {"w1": _weight(4, 1, 3, 3), "b1": _weight(4), "w2": _weight(10, 256), "b2": _weight(10)},
+    )
+
+
+def conv_bn() -> onnx.ModelProto:
+    """Conv + BatchNormalization, not pre-processed: onnxruntime quantizes the unfolded Conv weight."""
+    scale, bias, mean = _weight(4), _weight(4), _weight(4)
+    var = np.abs(_weight(4)) + 0.5
+    return _model(
+        [
+            helper.make_node("Conv", ["input", "w"], ["c"], name="conv"),
+            helper.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], ["n"], name="bn"),
+            helper.make_node("Relu", ["n"], ["r"], name="relu"),
+            helper.make_node("Flatten", ["r"], ["logits"], name="flatten"),
+        ],
+        _image_input(),
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 144])],
+        {"w": _weight(4, 1, 3, 3), "s": scale, "bb": bias, "m": mean, "v": var},
+    )
+
+
+def conv_transpose() -> onnx.ModelProto:
+    return _model(
+        [
+            helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"], name="relu"),
+            helper.make_node("ConvTranspose", ["r", "wt"], ["u"], name="up", strides=[2, 2]),
+            helper.make_node("Flatten", ["u"], ["logits"], name="flatten"),
+        ],
+        _image_input(),
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2 * 16 * 16])],
+        {"w": _weight(4, 1, 3, 3), "wt": _weight(4, 2, 2, 2)},
+    )
+
+
+def no_weights() -> onnx.ModelProto:
+    """Only activations to quantize."""
+    return _model(
+        [
+            helper.make_node("Relu", ["input"], ["r"], name="relu"),
+            helper.make_node("Add", ["r", "input"], ["a"], name="add"),
+            helper.make_node("Flatten", ["a"], ["logits"], name="flatten"),
+        ],
+        _image_input(),
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 64])],
+        {},
+    )
+
+
+MODELS = {
+    "conv": lambda: conv_model(),
+    "unnamed-conv-gemm": unnamed_conv,
+    "conv-bn-not-preprocessed": conv_bn,
+    "conv-transpose": conv_transpose,
+    "matmul-row-tokens": lambda: onnx.load(str(FIXTURES / "row-tokens.onnx")),
+    "no-weights": no_weights,
+}
+
+OPTIONS = {
+    "qint8-per-channel": {"per_channel": True, "weight_type": QuantType.QInt8},
+    "qint8-per-tensor": {"per_channel": False, "weight_type": QuantType.QInt8},
+    "qint4-per-channel": {"per_channel": True, "weight_type": QuantType.QInt4},
+}
+
+
+def _reader(digits) -> ListDataReader:
+    return ListDataReader.from_array("input", digits.train.x[:128].numpy(), batch_size=32)
+
+
+def _run_both(model: onnx.ModelProto, tmp_path, digits, **options):
+    src = tmp_path / "float.onnx"
+    onnx.save(model, str(src))
+    options = {"quant_format": QuantFormat.QDQ, "activation_type": QuantType.QUInt8, **options}
+    ort_quantize_static(str(src), str(tmp_path / "ort.onnx"), _reader(digits), **options)
+    plan = efrap_onnx.quantize_static(
+        str(src), tmp_path / "efrap.onnx", _reader(digits), config=FAST, progress=False, **options
+    )
+    return onnx.load(str(tmp_path / "ort.onnx")), onnx.load(str(tmp_path / "efrap.onnx")), plan
+
+
+def _node_key(node: onnx.NodeProto) -> tuple:
+    return (
+        node.op_type,
+        node.name,
+        node.domain,
+        tuple(node.input),
+        tuple(node.output),
+        tuple(str(a) for a in node.attribute),
+    )
+
+
+def assert_same_but_defended_weights(ort: onnx.ModelProto, ours: onnx.ModelProto, plan) -> int:
+    """Everything equal but the defended weights' integers, which move by at most one step.
+    Returns how many integers EFRAP changed."""
+    assert [_node_key(n) for n in ours.graph.node] == [_node_key(n) for n in ort.graph.node]
+    assert list(ours.opset_import) == list(ort.opset_import)
+    assert list(ours.graph.input) == list(ort.graph.input) and list(ours.graph.output) == list(
+        ort.graph.output
+    )
+    defended = {entry["quantized"] for entry in plan.meta.get("layout", {}).values()}
+    assert len(defended) == len(plan.layers)
+    ort_inits = {t.name: t for t in ort.graph.initializer}
+    our_inits = {t.name: t for t in ours.graph.initializer}
+    assert sorted(our_inits) == sorted(ort_inits)
+    changed = 0
+    for name, theirs in ort_inits.items():
+        mine = our_inits[name]
+        assert (mine.data_type, list(mine.dims)) == (theirs.data_type, list(theirs.dims)), name
+        a = numpy_helper.to_array(mine).astype(
+            np.int64 if mine.data_type != TensorProto.FLOAT else np.float64
+        )
+        b = numpy_helper.to_array(theirs).astype(a.dtype)
+        if name in defended:
+            assert np.abs(a - b).max() <= 1, name  # a flipped rounding: one step
+            changed += int((a != b).sum())
+        else:
+            assert np.array_equal(a, b), name
+    return changed
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_the_drop_in_writes_onnxruntimes_graph_with_defended_integers(model_name, option, digits, tmp_path):
+    ort, ours, plan = _run_both(MODELS[model_name](), tmp_path, digits, **OPTIONS[option])
+    changed = assert_same_but_defended_weights(ort, ours, plan)
+    if plan.layers:
+        assert changed > 0  # EFRAP's integers, not onnxruntime's nearest ones
+    else:
+        assert model_name == "no-weights"
+
+
+def test_conv_transpose_weights_are_reported_not_silently_left(digits, tmp_path):
+    ort, ours, plan = _run_both(conv_transpose(), tmp_path, digits, per_channel=True)
+    assert_same_but_defended_weights(ort, ours, plan)
+    assert list(plan.layers) == ["w"]
+    assert plan.meta["skipped"] == {
+        "wt_quantized": "ConvTranspose (output channels on axis 1): left at nearest rounding"
+    }
+
+
+def test_options_are_honoured_as_onnxruntime_honours_them(digits, tmp_path):
+    """nodes_to_exclude, op_types_to_quantize and a per-tensor override of one weight's type."""
+    model = unnamed_conv()
+    for i, node in enumerate(model.graph.node):
+        node.name = f"n{i}"
+    cases = (
+        ({"nodes_to_exclude": ["n3"]}, ["w1"]),
+        ({"op_types_to_quantize": ["Conv"]}, ["w1"]),
+        (
+            {
+                "extra_options": {
+                    "TensorQuantOverrides": {"w2": [{"quant_type": QuantType.QInt8, "symmetric": True}]}
+                }
+            },
+            ["w1", "w2"],
+        ),
+    )
+    for options, defended in cases:
+        ort, ours, plan = _run_both(model, tmp_path, digits, per_channel=True, **options)
+        assert assert_same_but_defended_weights(ort, ours, plan) > 0
+        assert list(plan.layers) == defended
+
+
+def test_external_data_is_written_as_onnxruntime_writes_it(digits, tmp_path):
+    model = unnamed_conv()
+    ort, ours, plan = _run_both(model, tmp_path, digits, per_channel=True, use_external_data_format=True)
+    assert assert_same_but_defended_weights(ort, ours, plan) > 0
+    assert (tmp_path / "efrap.onnx.data").is_file() and (tmp_path / "ort.onnx.data").is_file()
+
+    def external(path):  # tensors over 1 KiB go to the .data file: the same ones in both
+        stored = onnx.load(str(path), load_external_data=False)
+        return sorted(t.name for t in stored.graph.initializer if t.data_location == TensorProto.EXTERNAL)
+
+    assert external(tmp_path / "efrap.onnx") == external(tmp_path / "ort.onnx") != []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "efrap.onnx",
+        "efrap.onnx.data",
+        "float.onnx",
+        "ort.onnx",
+        "ort.onnx.data",
+    ]
