@@ -35,7 +35,7 @@ class QuantScheme:
     name: str = "onnxruntime"
     """Preset name, recorded in plans and attack files."""
     bits: int = 8
-    """Weight bit width, 2..8."""
+    """Weight bit width, 2..16 (the presets and the CLI: 2..8)."""
     qmin: int = -127
     """Smallest weight integer."""
     qmax: int = 127
@@ -61,8 +61,8 @@ class QuantScheme:
     """absmax scale rounded up to a power of two (Brevitas' fixed-point quantizers)."""
 
     def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 8:
-            raise EFRAPError(f"QuantScheme.bits: expected an integer in 2..8 (--bits), got {self.bits!r}")
+        if not 2 <= self.bits <= 16:
+            raise EFRAPError(f"QuantScheme.bits: expected an integer in 2..16, got {self.bits!r}")
         if not self.qmin < 0 <= self.qmax and self.range_rule == "absmax":
             raise EFRAPError(
                 f"QuantScheme: an absmax scheme needs qmin < 0 <= qmax, got [{self.qmin}, {self.qmax}]"

@@ -219,13 +219,14 @@ def test_every_weight_is_defended_or_reported_with_a_reason(tmp_path, calib, cap
     assert report.integers_ok and report.skipped == [k for k in skipped if k.endswith("_quantized")]
 
 
-def test_qoperator_and_asymmetric_weights_are_explained(pq8_onnx, calib, tmp_path):
+def test_qoperator_and_float8_weights_are_explained(pq8_onnx, calib, tmp_path):
     from onnxruntime.quantization import QuantFormat
 
     with pytest.raises(EFRAPError, match=r"EFRAP writes QDQ models; pass QuantFormat.QDQ"):
         quantize_static(pq8_onnx, tmp_path / "o.onnx", _reader(calib), quant_format=QuantFormat.QOperator)
-    with pytest.raises(EFRAPError, match=r"QuantType.QInt8 or QuantType.QInt4; got QuantType.QUInt8"):
-        quantize_static(pq8_onnx, tmp_path / "o.onnx", _reader(calib), weight_type=QuantType.QUInt8)
+    with pytest.raises(EFRAPError, match=r"weight_type: float8 weights have no integer rounding to learn"):
+        quantize_static(pq8_onnx, tmp_path / "o.onnx", _reader(calib), weight_type=QuantType.QFLOAT8E4M3FN)
+    assert not (tmp_path / "o.onnx").exists()
 
 
 def test_quantize_images_refuses_bits_onnxruntime_cannot_store(pq8_onnx, calib, tmp_path):

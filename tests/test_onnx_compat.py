@@ -109,6 +109,10 @@ OPTIONS = {
     "qint8-per-channel": {"per_channel": True, "weight_type": QuantType.QInt8},
     "qint8-per-tensor": {"per_channel": False, "weight_type": QuantType.QInt8},
     "qint4-per-channel": {"per_channel": True, "weight_type": QuantType.QInt4},
+    "qint8-reduce-range": {"per_channel": True, "weight_type": QuantType.QInt8, "reduce_range": True},
+    "quint8-asymmetric-per-channel": {"per_channel": True, "weight_type": QuantType.QUInt8},
+    "quint8-asymmetric-per-tensor": {"per_channel": False, "weight_type": QuantType.QUInt8},
+    "qint16-per-channel": {"per_channel": True, "weight_type": QuantType.QInt16},
 }
 
 
@@ -172,10 +176,14 @@ def assert_same_but_defended_weights(ort: onnx.ModelProto, ours: onnx.ModelProto
 def test_the_drop_in_writes_onnxruntimes_graph_with_defended_integers(model_name, option, digits, tmp_path):
     ort, ours, plan = _run_both(MODELS[model_name](), tmp_path, digits, **OPTIONS[option])
     changed = assert_same_but_defended_weights(ort, ours, plan)
+    flips = sum(int((lp.integers != lp.nearest).sum()) for lp in plan.layers.values())
+    assert changed == flips  # the file differs from onnxruntime's exactly where EFRAP flipped a rounding
     if plan.layers:
-        assert changed > 0  # EFRAP's integers, not onnxruntime's nearest ones
-    else:
+        assert efrap_onnx.verify(tmp_path / "efrap.onnx", plan).integers_ok
+    if not plan.layers:
         assert model_name == "no-weights"
+    elif OPTIONS[option]["weight_type"] != QuantType.QInt16:
+        assert flips > 0  # at 16 bits a layer may keep every nearest rounding
 
 
 def test_conv_transpose_weights_are_reported_not_silently_left(digits, tmp_path):

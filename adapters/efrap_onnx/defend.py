@@ -5,7 +5,9 @@ are written into the weight initializers. Scales and zero points stay onnxruntim
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -25,7 +27,7 @@ from .graph import QuantizedLayer, find_quantized_layers
 from .model_io import initializer_array
 from .runtime import run_output, session
 
-__all__ = ["defend_qdq"]
+__all__ = ["WeightOptions", "defend_qdq", "weight_scheme"]
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +49,54 @@ def _calibration_subset(batches: list[dict[str, np.ndarray]], size: int) -> list
     return calib
 
 
+_BITS = {
+    TensorProto.INT4: 4,
+    TensorProto.UINT4: 4,
+    TensorProto.INT8: 8,
+    TensorProto.UINT8: 8,
+    TensorProto.INT16: 16,
+    TensorProto.UINT16: 16,
+}
+
+
+@dataclass(frozen=True)
+class WeightOptions:
+    """The quantize_static arguments that decide a weight's integer range, as onnxruntime reads them."""
+
+    reduce_range: bool = False
+    symmetric: bool | None = None  # extra_options["WeightSymmetric"]; None: signed types are symmetric
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # extra_options["TensorQuantOverrides"]
+
+
+def weight_scheme(
+    name: str, data_type: int, per_channel: bool, options: WeightOptions, where: str
+) -> QuantScheme:
+    """The grid onnxruntime rounded weight ``name`` to: its stored type, with the reduce-range and
+    symmetry rules of onnxruntime's own get_qmin_qmax_for_qType, per-tensor overrides included."""
+    from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
+
+    if data_type not in _BITS:
+        raise EFRAPError(
+            f"{where}: weights stored as {TensorProto.DataType.Name(data_type)}; EFRAP learns integer grids "
+            "(QInt4 / QUInt4 / QInt8 / QUInt8 / QInt16 / QUInt16 weight_type)"
+        )
+    override = (options.overrides.get(name) or [{}])[0]
+    reduce_range = bool(override.get("reduce_range", options.reduce_range))
+    symmetric = override.get("symmetric", options.symmetric)
+    if symmetric is None:
+        symmetric = data_type in (TensorProto.INT4, TensorProto.INT8, TensorProto.INT16)
+    qmin, qmax = (int(v) for v in get_qmin_qmax_for_qType(data_type, reduce_range, bool(symmetric)))
+    rule = "absmax" if symmetric and qmin < 0 else "minmax"
+    return QuantScheme("onnxruntime", _BITS[data_type], qmin, qmax, per_channel, rule, "float64")
+
+
 def _problems(
     float_model: onnx.ModelProto,
     qdq: onnx.ModelProto,
     layers: list[QuantizedLayer],
     calib: list[dict[str, np.ndarray]],
-    scheme: QuantScheme,
+    options: WeightOptions,
+    grids: dict[str, QuantScheme],
 ) -> Iterator[LayerProblem]:
     """One problem per quantized weight of ``qdq``, its inputs read from the QDQ graph as it stands
     (earlier layers' learned integers already written), its targets from the float graph."""
@@ -66,11 +110,11 @@ def _problems(
             if layer.zero_point
             else np.zeros(scale.shape, np.int32)
         )
-        if np.any(zp != 0):
-            raise EFRAPError(
-                f"layer {layer.node}: weights are quantized with non-zero zero points; EFRAP needs symmetric "
-                "weights (extra_options WeightSymmetric=True, onnxruntime's default)"
-            )
+        stored = inits[layer.quantized]
+        scheme = weight_scheme(
+            layer.float_weight, stored.data_type, scale.numel() > 1, options, f"layer {layer.node}"
+        )
+        grids[layer.float_weight] = scheme
 
         def install(integers: torch.Tensor, layer=layer) -> None:
             ints = integers.T if layer.transpose else integers
@@ -93,11 +137,12 @@ def defend_qdq(
     float_model: onnx.ModelProto,
     qdq: onnx.ModelProto,
     batches: list[dict[str, np.ndarray]],
-    scheme: QuantScheme,
+    options: WeightOptions,
     config: EFRAPConfig,
     progress: bool = True,
 ) -> RoundingPlan:
-    """Replace the weight integers of ``qdq`` (in place) by EFRAP's; return the plan."""
+    """Replace the weight integers of ``qdq`` (in place) by EFRAP's; return the plan. Each weight's grid
+    is the one onnxruntime used (``weight_scheme``); ``plan.meta["grids"]`` holds each layer's range."""
     layers, skipped = find_quantized_layers(qdq, float_model, include_relu=config.unit == "activation")
     for name, reason in skipped.items():
         log.warning("%s: %s", name, reason)
@@ -106,9 +151,11 @@ def defend_qdq(
         log.warning(
             "no quantized Conv / Gemm / MatMul weight in the model: nothing to defend, output as onnxruntime wrote it"
         )
-        return RoundingPlan(scheme, {}, "onnx", meta)
+        return RoundingPlan(QuantScheme.onnxruntime(), {}, "onnx", meta)
     calib = _calibration_subset(batches, config.calib_size)
-    plans = defend_layers(_problems(float_model, qdq, layers, calib, scheme), config, len(layers), progress)
+    grids: dict[str, QuantScheme] = {}
+    problems = _problems(float_model, qdq, layers, calib, options, grids)
+    plans = defend_layers(problems, config, len(layers), progress)
     layout = {
         layer.float_weight: {
             "quantized": layer.quantized,
@@ -118,7 +165,12 @@ def defend_qdq(
         }
         for layer in layers
     }
-    return RoundingPlan(scheme, plans, "onnx", {**meta, "layout": layout})
+    meta["grids"] = {
+        name: {"bits": g.bits, "qmin": g.qmin, "qmax": g.qmax, "per_channel": g.per_channel}
+        for name, g in grids.items()
+    }
+    first = grids[layers[0].float_weight]
+    return RoundingPlan(first, plans, "onnx", {**meta, "layout": layout})
 
 
 def _write_integers(tensor: onnx.TensorProto, ints: np.ndarray) -> None:

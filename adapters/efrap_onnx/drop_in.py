@@ -33,11 +33,10 @@ from efrap_plugin import (
     EFRAPConfig,
     EFRAPError,
     ModelError,
-    QuantScheme,
     RoundingPlan,
 )
 
-from .defend import defend_qdq
+from .defend import WeightOptions, defend_qdq
 from .model_io import check_onnx, load_onnx, preprocess, save_onnx
 from .runtime import session
 
@@ -126,14 +125,12 @@ def _rebatch(batches: list[dict[str, np.ndarray]], size: int) -> list[dict[str, 
     return [{k: v[i : i + size] for k, v in joined.items()} for i in range(0, rows - size + 1, size)]
 
 
-def _weight_bits(weight_type: Any) -> int:
-    if weight_type == QuantType.QInt8:
-        return 8
-    if weight_type == QuantType.QInt4:
-        return 4
-    raise EFRAPError(
-        f"weight_type: EFRAP defends signed symmetric weights, QuantType.QInt8 or QuantType.QInt4; got QuantType.{weight_type}"
-    )
+def _check_weight_type(weight_type: Any) -> None:
+    if weight_type in (QuantType.QFLOAT8E4M3FN,):
+        raise EFRAPError(
+            "weight_type: float8 weights have no integer rounding to learn; pass QInt8, QUInt8, QInt4, "
+            "QUInt4, QInt16 or QUInt16"
+        )
 
 
 def quantize_static(
@@ -166,9 +163,7 @@ def quantize_static(
         raise EFRAPError(
             "quant_format: EFRAP writes QDQ models; pass QuantFormat.QDQ (QOperator is not supported)"
         )
-    if reduce_range:
-        raise EFRAPError("reduce_range: not supported; the 7-bit reduced range is for old CPUs without VNNI")
-    bits = _weight_bits(weight_type)
+    _check_weight_type(weight_type)
     config = config or EFRAPConfig()
     if isinstance(model_input, _Checked):  # quantize_images loaded and checked it already
         float_model = model_input.model
@@ -186,8 +181,11 @@ def quantize_static(
     )
     plan = None
     if efrap:
-        scheme = QuantScheme.onnxruntime(bits, per_channel)
-        plan = defend_qdq(pre_model, qdq, batches, scheme, config, progress)
+        extra = extra_options or {}
+        options = WeightOptions(
+            reduce_range, extra.get("WeightSymmetric"), extra.get("TensorQuantOverrides") or {}
+        )
+        plan = defend_qdq(pre_model, qdq, batches, options, config, progress)
         log.info("EFRAP: %d layers in %.1f s", len(plan.layers), time.perf_counter() - start)
     save_onnx(qdq, model_output, external_data=use_external_data_format)
     return plan
