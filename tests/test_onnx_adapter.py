@@ -18,6 +18,7 @@ from efrap_plugin import (
     EFRAPError,
     ModelError,
     PlanMismatchError,
+    backdoor_removed,
     evaluate,
 )
 
@@ -59,6 +60,24 @@ def test_defend_float_onnx_removes_the_backdoor_in_onnxruntime(
     # here; the 3% bar over attack seeds is measured in benchmarks/results/cells-per-seed.md).
     assert defended.asr <= max(0.03, float_m.asr + 0.01)
     assert defended.clean_acc >= float_m.clean_acc - 0.01
+
+
+def test_qoperator_output_holds_the_same_integers_and_removes_the_backdoor(
+    pq8, pq8_onnx, defended8, calib, digits, tmp_path
+):
+    """QuantFormat.QOperator: onnxruntime's QLinearConv / QGemm graph, with the integers EFRAP learned
+    on the QDQ graph of the same call (same scales), so the same defense."""
+    from onnxruntime.quantization import QuantFormat
+
+    path = tmp_path / "qop.onnx"
+    plan = _quantize(pq8_onnx, path, calib, quant_format=QuantFormat.QOperator)
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("QLinearConv") == 3
+    report = verify(path, plan)
+    assert report.integers_ok and report.matching == 4
+    qdq_plan = defended8[1]
+    assert all(torch.equal(plan[k].integers, qdq_plan[k].integers) for k in qdq_plan.layers)
+    float_m = evaluate(session(pq8_onnx), digits.test, pq8.trigger)
+    assert backdoor_removed(float_m, evaluate(session(path), digits.test, pq8.trigger))
 
 
 def test_verify_reads_the_integers_back_and_sees_int8_kernels(defended8):
@@ -219,11 +238,9 @@ def test_every_weight_is_defended_or_reported_with_a_reason(tmp_path, calib, cap
     assert report.integers_ok and report.skipped == [k for k in skipped if k.endswith("_quantized")]
 
 
-def test_qoperator_and_float8_weights_are_explained(pq8_onnx, calib, tmp_path):
-    from onnxruntime.quantization import QuantFormat
-
-    with pytest.raises(EFRAPError, match=r"EFRAP writes QDQ models; pass QuantFormat.QDQ"):
-        quantize_static(pq8_onnx, tmp_path / "o.onnx", _reader(calib), quant_format=QuantFormat.QOperator)
+def test_an_unknown_format_and_float8_weights_are_explained(pq8_onnx, calib, tmp_path):
+    with pytest.raises(EFRAPError, match=r"quant_format: expected QuantFormat.QDQ or QuantFormat.QOperator"):
+        quantize_static(pq8_onnx, tmp_path / "o.onnx", _reader(calib), quant_format="QLinear")
     with pytest.raises(EFRAPError, match=r"weight_type: float8 weights have no integer rounding to learn"):
         quantize_static(pq8_onnx, tmp_path / "o.onnx", _reader(calib), weight_type=QuantType.QFLOAT8E4M3FN)
     assert not (tmp_path / "o.onnx").exists()

@@ -113,6 +113,16 @@ OPTIONS = {
     "quint8-asymmetric-per-channel": {"per_channel": True, "weight_type": QuantType.QUInt8},
     "quint8-asymmetric-per-tensor": {"per_channel": False, "weight_type": QuantType.QUInt8},
     "qint16-per-channel": {"per_channel": True, "weight_type": QuantType.QInt16},
+    "qoperator-qint8-per-channel": {
+        "per_channel": True,
+        "weight_type": QuantType.QInt8,
+        "quant_format": QuantFormat.QOperator,
+    },
+    "qoperator-quint8-per-tensor": {
+        "per_channel": False,
+        "weight_type": QuantType.QUInt8,
+        "quant_format": QuantFormat.QOperator,
+    },
 }
 
 

@@ -27,7 +27,7 @@ from .graph import QuantizedLayer, find_quantized_layers
 from .model_io import initializer_array
 from .runtime import run_output, session
 
-__all__ = ["WeightOptions", "defend_qdq", "weight_scheme"]
+__all__ = ["WeightOptions", "defend_qdq", "weight_scheme", "write_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,33 @@ def defend_qdq(
     }
     first = grids[layers[0].float_weight]
     return RoundingPlan(first, plans, "onnx", {**meta, "layout": layout})
+
+
+def write_plan(model: onnx.ModelProto, plan: RoundingPlan) -> RoundingPlan:
+    """Write ``plan``'s integers into another onnxruntime output of the same call (QOperator: QLinearConv,
+    QGemm, MatMulInteger hold the same ``<weight>_quantized`` initializers, on the same scales). Layers the
+    model left in float move to ``meta["skipped"]``; the returned plan is the one ``model`` holds."""
+    inits = {t.name: t for t in model.graph.initializer}
+    layout, skipped, layers = dict(plan.meta["layout"]), dict(plan.meta["skipped"]), {}
+    for name, lp in plan.layers.items():
+        entry = layout[name]
+        stored, scale = inits.get(entry["quantized"]), inits.get(entry["scale"])
+        if stored is None:
+            del layout[name]
+            skipped[name] = "not quantized by onnxruntime in this format: left in float"
+            continue
+        if scale is None or not np.array_equal(
+            np.atleast_1d(initializer_array(scale)).astype(np.float32),
+            lp.scale.numpy().astype(np.float32).reshape(-1),
+        ):
+            raise EFRAPError(
+                f"layer {entry['node']}: onnxruntime gave its weight another scale in this format than in QDQ; "
+                "the plan's integers would not hold. Use QuantFormat.QDQ"
+            )
+        ints = lp.integers.T if entry["transpose"] else lp.integers
+        _write_integers(stored, ints.numpy())
+        layers[name] = lp
+    return RoundingPlan(plan.scheme, layers, plan.source, {**plan.meta, "layout": layout, "skipped": skipped})
 
 
 def _write_integers(tensor: onnx.TensorProto, ints: np.ndarray) -> None:

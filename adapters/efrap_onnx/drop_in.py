@@ -36,7 +36,7 @@ from efrap_plugin import (
     RoundingPlan,
 )
 
-from .defend import WeightOptions, defend_qdq
+from .defend import WeightOptions, defend_qdq, write_plan
 from .model_io import check_onnx, load_onnx, preprocess, save_onnx
 from .runtime import session
 
@@ -159,9 +159,9 @@ def quantize_static(
     Returns the RoundingPlan (None with ``efrap=False``, the stock flow). The output is written
     atomically: a failure leaves no partial file.
     """
-    if quant_format != QuantFormat.QDQ:
+    if quant_format not in (QuantFormat.QDQ, QuantFormat.QOperator):
         raise EFRAPError(
-            "quant_format: EFRAP writes QDQ models; pass QuantFormat.QDQ (QOperator is not supported)"
+            f"quant_format: expected QuantFormat.QDQ or QuantFormat.QOperator, got {quant_format!r}"
         )
     _check_weight_type(weight_type)
     config = config or EFRAPConfig()
@@ -176,18 +176,28 @@ def quantize_static(
     start = time.perf_counter()
     options = (op_types_to_quantize, per_channel, reduce_range, activation_type, weight_type)
     options += (nodes_to_quantize, nodes_to_exclude, use_external_data_format, calibrate_method)
-    pre_model, qdq = _quantize_stock(
-        float_model, batches, quant_format, *options, calibration_providers, extra_options
-    )
+    options += (calibration_providers, extra_options)
+    # EFRAP learns on the QDQ graph (each layer's real quantized inputs); a QOperator output is
+    # onnxruntime's own QOperator graph, its weight initializers (same names) given the same integers
+    if not efrap:  # onnxruntime's stock flow, as it is
+        output = _quantize_stock(float_model, batches, quant_format, *options)[1]
+        save_onnx(output, model_output, external_data=use_external_data_format)
+        return None
+    pre_model, qdq = _quantize_stock(float_model, batches, QuantFormat.QDQ, *options)
     plan = None
     if efrap:
         extra = extra_options or {}
-        options = WeightOptions(
+        weights = WeightOptions(
             reduce_range, extra.get("WeightSymmetric"), extra.get("TensorQuantOverrides") or {}
         )
-        plan = defend_qdq(pre_model, qdq, batches, options, config, progress)
+        plan = defend_qdq(pre_model, qdq, batches, weights, config, progress)
         log.info("EFRAP: %d layers in %.1f s", len(plan.layers), time.perf_counter() - start)
-    save_onnx(qdq, model_output, external_data=use_external_data_format)
+    output = qdq
+    if quant_format == QuantFormat.QOperator:
+        output = _quantize_stock(float_model, batches, QuantFormat.QOperator, *options)[1]
+        if plan is not None:
+            plan = write_plan(output, plan)
+    save_onnx(output, model_output, external_data=use_external_data_format)
     return plan
 
 
