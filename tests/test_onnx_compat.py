@@ -15,7 +15,7 @@ from onnxruntime.quantization import quantize_static as ort_quantize_static
 
 import efrap_onnx
 from efrap_onnx import ListDataReader
-from efrap_plugin import EFRAPConfig
+from efrap_plugin import EFRAPConfig, EFRAPError
 
 FAST = EFRAPConfig(iters=30, calib_size=128)
 RNG = np.random.default_rng(0)
@@ -96,6 +96,23 @@ def no_weights() -> onnx.ModelProto:
     )
 
 
+def conv_fp16() -> onnx.ModelProto:
+    """A float16 model: onnxruntime quantizes it as it is (no Casts added before quantizing)."""
+    weight = _weight(4, 1, 3, 3).astype(np.float16)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["input", "w"], ["c"], name="conv"),
+            helper.make_node("Relu", ["c"], ["r"], name="relu"),
+            helper.make_node("Flatten", ["r"], ["logits"], name="flatten"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT16, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT16, ["N", 144])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
 MODELS = {
     "conv": lambda: conv_model(),
     "unnamed-conv-gemm": unnamed_conv,
@@ -126,17 +143,20 @@ OPTIONS = {
 }
 
 
-def _reader(digits) -> ListDataReader:
-    return ListDataReader.from_array("input", digits.train.x[:128].numpy(), batch_size=32)
+def _reader(digits, dtype=np.float32) -> ListDataReader:
+    x = digits.train.x[:128].numpy().astype(dtype)
+    return ListDataReader([{"input": x[i : i + 32]} for i in range(0, len(x), 32)])
 
 
 def _run_both(model: onnx.ModelProto, tmp_path, digits, **options):
     src = tmp_path / "float.onnx"
     onnx.save(model, str(src))
+    fp16 = model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    dtype = np.float16 if fp16 else np.float32
     options = {"quant_format": QuantFormat.QDQ, "activation_type": QuantType.QUInt8, **options}
-    ort_quantize_static(str(src), str(tmp_path / "ort.onnx"), _reader(digits), **options)
+    ort_quantize_static(str(src), str(tmp_path / "ort.onnx"), _reader(digits, dtype), **options)
     plan = efrap_onnx.quantize_static(
-        str(src), tmp_path / "efrap.onnx", _reader(digits), config=FAST, progress=False, **options
+        str(src), tmp_path / "efrap.onnx", _reader(digits, dtype), config=FAST, progress=False, **options
     )
     return onnx.load(str(tmp_path / "ort.onnx")), onnx.load(str(tmp_path / "efrap.onnx")), plan
 
@@ -194,6 +214,25 @@ def test_the_drop_in_writes_onnxruntimes_graph_with_defended_integers(model_name
         assert model_name == "no-weights"
     elif OPTIONS[option]["weight_type"] != QuantType.QInt16:
         assert flips > 0  # at 16 bits a layer may keep every nearest rounding
+
+
+def test_a_float16_model_is_refused_because_onnxruntimes_own_output_cannot_run(digits, tmp_path):
+    import onnxruntime as ort
+
+    src = tmp_path / "float.onnx"
+    onnx.save(conv_fp16(), str(src))
+    ort_quantize_static(str(src), str(tmp_path / "ort.onnx"), _reader(digits, np.float16), per_channel=True)
+    with pytest.raises(
+        Exception, match=r"float16|Type"
+    ):  # the premise: onnxruntime's own output does not run
+        ort.InferenceSession(str(tmp_path / "ort.onnx"), providers=["CPUExecutionProvider"])
+    with pytest.raises(
+        EFRAPError, match=r"model: float16 tensors \(input, w\); .* Quantize the float32 model"
+    ):
+        efrap_onnx.quantize_static(
+            str(src), tmp_path / "efrap.onnx", _reader(digits, np.float16), per_channel=True
+        )
+    assert not (tmp_path / "efrap.onnx").exists()
 
 
 def test_conv_transpose_weights_are_reported_not_silently_left(digits, tmp_path):

@@ -125,6 +125,19 @@ def _rebatch(batches: list[dict[str, np.ndarray]], size: int) -> list[dict[str, 
     return [{k: v[i : i + size] for k, v in joined.items()} for i in range(0, rows - size + 1, size)]
 
 
+def _refuse_float16(model: onnx.ModelProto) -> None:
+    """onnxruntime 1.32's quantize_static writes a float16 graph's QDQ model with float32 scales on
+    float16 tensors, which onnxruntime itself refuses to run: nothing EFRAP could measure or defend."""
+    halves = [i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16]
+    halves += [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    if halves:
+        raise EFRAPError(
+            f"model: float16 tensors ({', '.join(halves[:3])}); onnxruntime's quantize_static writes a QDQ "
+            "graph for them that onnxruntime cannot run. Quantize the float32 model (export it in float32, "
+            "or convert it back before quantizing)"
+        )
+
+
 def _check_weight_type(weight_type: Any) -> None:
     if weight_type in (QuantType.QFLOAT8E4M3FN,):
         raise EFRAPError(
@@ -179,6 +192,8 @@ def quantize_static(
     options += (calibration_providers, extra_options)
     # EFRAP learns on the QDQ graph (each layer's real quantized inputs); a QOperator output is
     # onnxruntime's own QOperator graph, its weight initializers (same names) given the same integers
+    if efrap:
+        _refuse_float16(float_model)
     if not efrap:  # onnxruntime's stock flow, as it is
         output = _quantize_stock(float_model, batches, quant_format, *options)[1]
         save_onnx(output, model_output, external_data=use_external_data_format)
