@@ -359,8 +359,11 @@ def test_bad_input_is_refused_with_the_fix(pq8, digits):
     "weight_quant, fixture",
     [
         ("int8-per-channel-float", "pqbackdoor-ort8"),  # Int8WeightPerChannelFloat: onnxruntime's int8 grid
-        ("int4-per-channel-float", "pqbackdoor-brevitas-int4-pc"),
-        ("int8-per-tensor-fixed-point", "pqbackdoor-brevitas-int8-pt-pot"),
+        # the other two options, about 20 s each: `make test-slow`
+        pytest.param("int4-per-channel-float", "pqbackdoor-brevitas-int4-pc", marks=pytest.mark.slow),
+        pytest.param(
+            "int8-per-tensor-fixed-point", "pqbackdoor-brevitas-int8-pt-pot", marks=pytest.mark.slow
+        ),
     ],
 )
 def test_ptq_example_removes_a_qcb_aimed_at_its_weight_quantizer(weight_quant, fixture):
