@@ -129,7 +129,9 @@ OPTIONS = {
     "qint8-reduce-range": {"per_channel": True, "weight_type": QuantType.QInt8, "reduce_range": True},
     "quint8-asymmetric-per-channel": {"per_channel": True, "weight_type": QuantType.QUInt8},
     "quint8-asymmetric-per-tensor": {"per_channel": False, "weight_type": QuantType.QUInt8},
+    "qint4-per-tensor": {"per_channel": False, "weight_type": QuantType.QInt4},
     "qint16-per-channel": {"per_channel": True, "weight_type": QuantType.QInt16},
+    "qint16-per-tensor": {"per_channel": False, "weight_type": QuantType.QInt16},
     "qoperator-qint8-per-channel": {
         "per_channel": True,
         "weight_type": QuantType.QInt8,
