@@ -137,6 +137,16 @@ OPTIONS = {
         "weight_type": QuantType.QInt8,
         "quant_format": QuantFormat.QOperator,
     },
+    "qoperator-qint8-per-tensor": {
+        "per_channel": False,
+        "weight_type": QuantType.QInt8,
+        "quant_format": QuantFormat.QOperator,
+    },
+    "qoperator-quint8-per-channel": {
+        "per_channel": True,
+        "weight_type": QuantType.QUInt8,
+        "quant_format": QuantFormat.QOperator,
+    },
     "qoperator-quint8-per-tensor": {
         "per_channel": False,
         "weight_type": QuantType.QUInt8,

@@ -27,7 +27,7 @@ from .graph import QuantizedLayer, find_quantized_layers
 from .model_io import initializer_array
 from .runtime import run_output, session
 
-__all__ = ["WeightOptions", "defend_qdq", "weight_scheme", "write_plan"]
+__all__ = ["WeightOptions", "defend_qdq", "pin_weight_grids", "weight_scheme", "write_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,19 @@ def defend_qdq(
     }
     first = grids[layers[0].float_weight]
     return RoundingPlan(first, plans, "onnx", {**meta, "layout": layout})
+
+
+def pin_weight_grids(qdq: onnx.ModelProto, target: onnx.ModelProto) -> None:
+    """Give ``qdq``'s quantized weights the integers, scales and zero points ``target`` (onnxruntime's
+    output of the same call in another format) stores under the same names. QOperator may store a weight
+    on another grid than QDQ (per-channel QUInt8 becomes symmetric int8 for QLinearConv): learning on
+    the pinned QDQ graph then learns on the grid the output really holds."""
+    theirs = {t.name: t for t in target.graph.initializer}
+    for tensor in qdq.graph.initializer:
+        if tensor.name.endswith(("_quantized", "_scale", "_zero_point")) and tensor.name in theirs:
+            pinned = theirs[tensor.name]
+            if list(pinned.dims) == list(tensor.dims):
+                tensor.CopyFrom(pinned)
 
 
 def write_plan(model: onnx.ModelProto, plan: RoundingPlan) -> RoundingPlan:

@@ -36,7 +36,7 @@ from efrap_plugin import (
     RoundingPlan,
 )
 
-from .defend import WeightOptions, defend_qdq, write_plan
+from .defend import WeightOptions, defend_qdq, pin_weight_grids, write_plan
 from .model_io import check_onnx, load_onnx, preprocess, save_onnx
 from .runtime import session
 
@@ -190,28 +190,27 @@ def quantize_static(
     options = (op_types_to_quantize, per_channel, reduce_range, activation_type, weight_type)
     options += (nodes_to_quantize, nodes_to_exclude, use_external_data_format, calibrate_method)
     options += (calibration_providers, extra_options)
-    # EFRAP learns on the QDQ graph (each layer's real quantized inputs); a QOperator output is
-    # onnxruntime's own QOperator graph, its weight initializers (same names) given the same integers
-    if efrap:
-        _refuse_float16(float_model)
     if not efrap:  # onnxruntime's stock flow, as it is
         output = _quantize_stock(float_model, batches, quant_format, *options)[1]
         save_onnx(output, model_output, external_data=use_external_data_format)
         return None
+    _refuse_float16(float_model)
+    # EFRAP learns on the QDQ graph (each layer's real quantized inputs). A QOperator output is
+    # onnxruntime's own QOperator graph: the QDQ graph's weights are first pinned to the grids it stores
+    # (same initializer names), and the learned integers are then written into it.
     pre_model, qdq = _quantize_stock(float_model, batches, QuantFormat.QDQ, *options)
-    plan = None
-    if efrap:
-        extra = extra_options or {}
-        weights = WeightOptions(
-            reduce_range, extra.get("WeightSymmetric"), extra.get("TensorQuantOverrides") or {}
-        )
-        plan = defend_qdq(pre_model, qdq, batches, weights, config, progress)
-        log.info("EFRAP: %d layers in %.1f s", len(plan.layers), time.perf_counter() - start)
     output = qdq
     if quant_format == QuantFormat.QOperator:
         output = _quantize_stock(float_model, batches, QuantFormat.QOperator, *options)[1]
-        if plan is not None:
-            plan = write_plan(output, plan)
+        pin_weight_grids(qdq, output)
+    extra = extra_options or {}
+    weights = WeightOptions(
+        reduce_range, extra.get("WeightSymmetric"), extra.get("TensorQuantOverrides") or {}
+    )
+    plan = defend_qdq(pre_model, qdq, batches, weights, config, progress)
+    log.info("EFRAP: %d layers in %.1f s", len(plan.layers), time.perf_counter() - start)
+    if quant_format == QuantFormat.QOperator:
+        plan = write_plan(output, plan)
     save_onnx(output, model_output, external_data=use_external_data_format)
     return plan
 
