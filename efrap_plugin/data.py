@@ -133,9 +133,10 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def load_npz(
-    path: str | Path, num_classes: int | None = None, rows: int | None = None
+    path: str | Path, num_classes: int | None = None, rows: int | None = None, images: bool = True
 ) -> LabeledData | torch.Tensor:
-    """An .npz with images in ``x`` (N x C x H x W float32) and optional labels in ``y``.
+    """An .npz with images in ``x`` (N x C x H x W float32) and optional labels in ``y``; with
+    ``images=False`` (calibration data) ``x`` may be any batch of inputs, N x ....
 
     Only ``x`` and ``y`` are read, and only their first ``rows`` rows: other arrays are never inflated.
     """
@@ -145,7 +146,7 @@ def load_npz(
     arrays, available = read_npz_arrays(path, ("x", "y"), rows)
     if "x" not in arrays:
         raise DataError(f"{path}: expected an array named 'x' (N x C x H x W float32), found {available}")
-    x = _to_images(arrays["x"], f"{path}:x")
+    x = _to_images(arrays["x"], f"{path}:x", images)
     if "y" not in arrays:
         return x
     y_arr = arrays["y"]
@@ -180,24 +181,24 @@ def as_calibration(
     if isinstance(data, LabeledData):
         x = data.x
     elif isinstance(data, (str, Path)):
-        loaded = load_npz(data, rows=n if n is not None and n > 0 else None)
+        loaded = load_npz(data, rows=n if n is not None and n > 0 else None, images=False)
         x = loaded.x if isinstance(loaded, LabeledData) else loaded
     elif isinstance(data, (torch.Tensor, np.ndarray)):
-        x = _to_images(data, "calibration data")
+        x = _to_inputs(data, "calibration data")
     elif isinstance(data, Iterable):
         batches = [_first(b) for b in data]
         if not batches:
             raise DataError("calibration data: the iterable yielded no batches; pass at least one image")
         shapes = {tuple(b.shape[1:]) for b in batches}
         if len(shapes) != 1:
-            raise DataError(f"calibration data: batches must share one image shape, got {sorted(shapes)}")
+            raise DataError(f"calibration data: batches must share one sample shape, got {sorted(shapes)}")
         x = torch.cat(batches)
     else:
         raise DataError(
             "calibration data: expected a tensor / array (N x C x H x W), an .npz path, a LabeledData, "
             f"a DataLoader or an iterable of batches, got {type(data).__name__}"
         )
-    x = _to_images(x, "calibration data")
+    x = _to_inputs(x, "calibration data")
     if sample_shape is not None and tuple(x.shape[1:]) != tuple(sample_shape):
         raise DataError(
             f"calibration data: images of shape {tuple(x.shape[1:])} do not match the model input "
@@ -249,10 +250,15 @@ def _first(batch: Any) -> torch.Tensor:
         if not batch:
             raise DataError("calibration data: got an empty batch tuple")
         batch = batch[0]
-    return _to_images(batch, "calibration batch")
+    return _to_inputs(batch, "calibration batch")
 
 
-def _to_images(x: Any, what: str) -> torch.Tensor:
+def _to_inputs(x: Any, what: str) -> torch.Tensor:
+    """Calibration inputs of any shape a model takes: N x D, N x T x D, N x C x L, images."""
+    return _to_images(x, what, images=False)
+
+
+def _to_images(x: Any, what: str, images: bool = True) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         if x.dtype == object:
             raise DataError(f"{what}: expected a numeric array, got dtype object")
@@ -263,13 +269,18 @@ def _to_images(x: Any, what: str) -> torch.Tensor:
         raise DataError(
             f"{what}: expected float images scaled to [0, 1], got dtype {x.dtype}; divide by 255 and cast to float32"
         )
-    _check_images(x, what)
+    _check_images(x, what, images)
     return x.to(torch.float32)
 
 
-def _check_images(x: torch.Tensor, what: str) -> None:
-    if x.dim() != 4:
+def _check_images(x: torch.Tensor, what: str, images: bool = True) -> None:
+    if images and x.dim() != 4:
         raise DataError(f"{what}: expected N x C x H x W images (4 dimensions), got shape {tuple(x.shape)}")
+    if x.dim() < 2:
+        raise DataError(
+            f"{what}: expected a batch of inputs, N x ... (N x D, N x T x D, N x C x L or N x C x H x W), "
+            f"got shape {tuple(x.shape)}"
+        )
     if x.shape[0] == 0:
         raise DataError(f"{what}: empty (0 images); pass at least one image")
     if not torch.isfinite(x).all():

@@ -140,7 +140,7 @@ def defend(
         layers = quantizable_layers(prepared, calib[:1])
     except RuntimeError as exc:
         raise DataError(
-            f"calibration data: images of shape {tuple(calib.shape[1:])} do not fit {type(model).__name__} ({exc})"
+            f"calibration data: samples of shape {tuple(calib.shape[1:])} do not fit {type(model).__name__} ({exc})"
         ) from None
     with_relu = followed_by_relu(prepared) if config.unit == "activation" else set()
     quantized = copy.deepcopy(prepared)

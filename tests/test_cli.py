@@ -224,3 +224,31 @@ def test_evaluate_in_brevitas_and_torchao(attack_dir, capsys):
     assert _evaluate_nearest(model, info, "torchao-x86", "--json") == 0
     torchao = json.loads(capsys.readouterr().out)
     assert torchao["evaluated"].startswith("torchao PT2E") and torchao["clean_acc"] >= 0.95
+
+
+def test_defend_takes_token_inputs_n_x_t_x_d(tmp_path, capsys):
+    """A transformer-style model (Linear over N x T x D tokens) exported to ONNX, calibrated from an
+    .npz of token batches: defended, verified, run by onnxruntime's integer kernels."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from efrap_onnx import export_float_onnx
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows = nn.Linear(8, 16)
+            self.head = nn.Linear(16 * 8, 10)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.rows(x)).flatten(1))
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 8, 8)
+    export_float_onnx(Tokens().eval(), x[:2], tmp_path / "tokens.onnx")
+    np.savez(tmp_path / "calib.npz", x=x.numpy())
+    args = ["defend", str(tmp_path / "tokens.onnx"), "--calib", str(tmp_path / "calib.npz")]
+    assert main([*args, "--out", str(tmp_path / "defended.onnx"), "--iters", "50", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["verify"]["integers_ok"] and summary["layers"] == 2

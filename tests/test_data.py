@@ -108,7 +108,7 @@ def test_calibration_from_batches_loader_and_tuples():
 @pytest.mark.parametrize(
     "data,message",
     [
-        (torch.rand(5, 8, 8), r"expected N x C x H x W images \(4 dimensions\), got shape \(5, 8, 8\)"),
+        (torch.rand(5), r"expected a batch of inputs, N x ... .* got shape \(5,\)"),
         (torch.zeros(0, 1, 8, 8), r"empty \(0 images\)"),
         (
             torch.randint(0, 255, (2, 1, 8, 8)),
@@ -117,7 +117,7 @@ def test_calibration_from_batches_loader_and_tuples():
         (torch.full((2, 1, 8, 8), float("nan")), r"contains NaN or Inf"),
         ([], r"the iterable yielded no batches"),
         ("nothere.npz", r"no such file"),
-        ([torch.rand(2, 1, 8, 8), torch.rand(2, 1, 6, 6)], r"batches must share one image shape"),
+        ([torch.rand(2, 1, 8, 8), torch.rand(2, 1, 6, 6)], r"batches must share one sample shape"),
         (42, r"expected a tensor / array .* got int"),
     ],
 )

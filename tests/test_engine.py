@@ -103,8 +103,13 @@ class _NoQuantizable(nn.Module):
             ModelError,
         ),
         (lambda m: m, torch.rand(0, 1, 8, 8), r"empty \(0 images\)", DataError),
-        (lambda m: m, torch.rand(4, 3, 8, 8), r"images of shape \(3, 8, 8\) do not fit DigitsCNN", DataError),
-        (lambda m: m, torch.rand(4, 8, 8), r"expected N x C x H x W images", DataError),
+        (
+            lambda m: m,
+            torch.rand(4, 3, 8, 8),
+            r"samples of shape \(3, 8, 8\) do not fit DigitsCNN",
+            DataError,
+        ),
+        (lambda m: m, torch.rand(4, 8, 8), r"samples of shape \(8, 8\) do not fit DigitsCNN", DataError),
         (
             lambda m: _with_nan(m),
             torch.rand(4, 1, 8, 8),
@@ -228,3 +233,41 @@ def test_mixed_layer_inputs_take_each_element_from_one_pass_or_the_other():
         EFRAPError, match=r"layer_inputs: expected 'quantized', 'float' or 'mixed', got 'both'"
     ):
         pick_layer_inputs("both", capture, torch.Generator())
+
+
+class _RowTokens(nn.Module):
+    """A Linear over N x T x D tokens, as transformer blocks apply it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = nn.Linear(8, 16)
+        self.head = nn.Linear(16 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.rows(x)).flatten(1))
+
+
+@pytest.mark.parametrize(
+    "build, shape, layers",
+    [
+        (lambda: nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), (256, 64), ["0", "2"]),
+        (_RowTokens, (256, 8, 8), ["rows", "head"]),
+        (
+            lambda: nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 10)),
+            (256, 4, 16),
+            ["0", "3"],
+        ),
+    ],
+)
+def test_calibration_inputs_of_any_shape_are_defended(build, shape, layers, tmp_path):
+    """N x D (an MLP), N x T x D (Linear over tokens), N x C x L (Conv1d): not only images."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(*shape)
+    plan = defend(model, x, "onnxruntime", FAST, progress=False)
+    assert list(plan.layers) == layers
+    np.savez(tmp_path / "calib.npz", x=x.numpy())  # the same from an .npz, as the CLI reads it
+    again = defend(model, str(tmp_path / "calib.npz"), "onnxruntime", FAST, progress=False)
+    assert all(torch.equal(plan[k].integers, again[k].integers) for k in layers)
