@@ -181,7 +181,7 @@ def _config(args: argparse.Namespace) -> EFRAPConfig:
     base = EFRAPConfig.reference() if args.reference else EFRAPConfig()
     given = {
         field: getattr(args, field)
-        for field in ("iters", "lr", "batch_size", "flip_weight")
+        for field in ("iters", "lr", "batch_size", "flip_weight", "patience")
         if getattr(args, field) is not None
     }
     return base.replace(**given, calib_size=args.calib_size, objective=args.objective, seed=args.seed)

@@ -46,6 +46,7 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
         ("--lr", float, "lr", "learning rate of the rounding logits"),
         ("--batch-size", int, "batch_size", "cached calibration inputs per step"),
         ("--flip-weight", float, "flip_weight", "weight of the error-guided flipping term"),
+        ("--patience", int, "patience", "end a layer once its integers are stable this many steps; 0: off"),
     ):
         default, reference = getattr(d, field), getattr(ref, field)
         note = f"; {reference} with --reference" if reference != default else ""

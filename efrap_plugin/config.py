@@ -49,11 +49,16 @@ class EFRAPConfig:
     """efrap: L_A + L_F + L_P; ablations: flip_only (L_F + L_P), preserve_only (L_A + L_P, AdaRound-like)."""
     seed: int = 1005
     """Seed of the batch sampling (--seed); same seed, same plan."""
+    patience: int = 0
+    """Early stop (--patience): end a layer's optimisation once its hard-rounded integers have not
+    changed for this many steps (checked every 50); 0 runs all ``iters``."""
 
     def __post_init__(self) -> None:
         _positive(self, "iters", "--iters")
         _positive(self, "batch_size", "--batch-size")
         _positive(self, "calib_size", "--calib-size")
+        if not isinstance(self.patience, int) or self.patience < 0:
+            raise EFRAPError(f"EFRAPConfig.patience (--patience): expected steps >= 0, got {self.patience!r}")
         if not self.lr > 0:
             raise EFRAPError(f"EFRAPConfig.lr (--lr): expected a positive learning rate, got {self.lr!r}")
         for name in ("flip_weight", "round_weight", "beta"):

@@ -53,6 +53,7 @@ def defend_layers(
                     "act_error_nearest": result.act_error_nearest,
                     "act_error_learned": result.act_error_learned,
                     "bits": problem.scheme.bits,
+                    "steps": result.steps,
                 },
             )
             log.info(

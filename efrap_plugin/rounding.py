@@ -22,6 +22,7 @@ __all__ = ["LayerProblem", "LayerResult", "learn_rounding"]
 log = logging.getLogger(__name__)
 
 _ENERGY_FLOOR = 1e-12
+PATIENCE_CHECK = 50  # steps between two looks at the hard-rounded integers (EFRAPConfig.patience)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class LayerResult:
     loss_after: float
     act_error_nearest: float
     act_error_learned: float
+    steps: int
 
 
 def learn_rounding(
@@ -90,6 +92,8 @@ def learn_rounding(
     probe = torch.arange(min(n, PROBE_SIZE))
     with torch.no_grad():
         before = float(sum(objective.terms(v, probe, config.beta)))
+    stable, last = 0, None
+    steps = config.iters
     for it in range(config.iters):
         beta, with_penalty = beta_schedule(it, config)
         idx = torch.randint(0, n, (min(config.batch_size, n),), generator=generator)
@@ -100,14 +104,29 @@ def learn_rounding(
         opt.step()
         if progress is not None:
             progress(1)
+        if config.patience and with_penalty and (it + 1) % PATIENCE_CHECK == 0:
+            with torch.no_grad():
+                now = objective.hard_round(v)
+            stable = stable + PATIENCE_CHECK if last is not None and torch.equal(now, last) else 0
+            last = now
+            if stable >= config.patience:
+                steps = it + 1
+                if progress is not None:
+                    progress(config.iters - steps)
+                break
     with torch.no_grad():
         after = float(sum(objective.terms(v, probe, config.beta)))
         integers = objective.hard_round(v)
-    return _result(problem, objective, integers, before, after)
+    return _result(problem, objective, integers, before, after, steps)
 
 
 def _result(
-    problem: LayerProblem, objective: Objective, integers: torch.Tensor, before: float, after: float
+    problem: LayerProblem,
+    objective: Objective,
+    integers: torch.Tensor,
+    before: float,
+    after: float,
+    steps: int,
 ) -> LayerResult:
     scheme, scale, zp = problem.scheme, problem.scale, problem.zero_point
     nearest, learnable = objective.nearest, objective.learnable
@@ -116,7 +135,7 @@ def _result(
         err_near = _act_error(problem, scheme.dequantize(nearest, scale, zp))
         err_learn = _act_error(problem, scheme.dequantize(integers, scale, zp))
     log.debug("%s: flipped %.1f%%, loss %.4g -> %.4g", problem.name, 100 * flipped, before, after)
-    return LayerResult(integers, scale, zp, flipped, before, after, err_near, err_learn)
+    return LayerResult(integers, scale, zp, flipped, before, after, err_near, err_learn, steps)
 
 
 def _act_error(problem: LayerProblem, w: torch.Tensor) -> float:

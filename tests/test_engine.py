@@ -271,3 +271,18 @@ def test_calibration_inputs_of_any_shape_are_defended(build, shape, layers, tmp_
     np.savez(tmp_path / "calib.npz", x=x.numpy())  # the same from an .npz, as the CLI reads it
     again = defend(model, str(tmp_path / "calib.npz"), "onnxruntime", FAST, progress=False)
     assert all(torch.equal(plan[k].integers, again[k].integers) for k in layers)
+
+
+def test_patience_ends_a_layer_once_its_integers_are_stable(clean_cnn, digits):
+    """Off by default (every layer runs all iters); with patience a layer stops once its hard-rounded
+    integers have not moved for that many steps (small layers settle; large ones keep moving about 1%
+    per 50 steps at 1,000 steps, so they run on)."""
+    full = defend(clean_cnn, digits.train.x, "onnxruntime", FAST.replace(iters=600), progress=False)
+    assert {lp.stats["steps"] for lp in full.layers.values()} == {600}
+    early = defend(
+        clean_cnn, digits.train.x, "onnxruntime", FAST.replace(iters=600, patience=50), progress=False
+    )
+    steps = [lp.stats["steps"] for lp in early.layers.values()]
+    assert all(s % 50 == 0 and 100 <= s <= 600 for s in steps) and min(steps) < 600
+    with pytest.raises(EFRAPError, match=r"EFRAPConfig.patience \(--patience\): expected steps >= 0, got -1"):
+        EFRAPConfig(patience=-1)
