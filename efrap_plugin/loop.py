@@ -17,10 +17,17 @@ from .config import EFRAPConfig
 from .layers import fingerprint
 from .plan import LayerPlan
 from .rounding import LayerProblem, learn_rounding
+from .threads import threads_for
 
 __all__ = ["defend_layers"]
 
 log = logging.getLogger(__name__)
+
+
+def step_flops(problem: LayerProblem, config: EFRAPConfig) -> float:
+    """A step's forward + backward through the layer, about 3x the forward's multiply-adds x 2."""
+    per_sample = problem.targets[0].numel() * problem.weight[0].numel()
+    return 6.0 * min(config.batch_size, problem.inputs.shape[0]) * per_sample
 
 
 def defend_layers(
@@ -36,7 +43,8 @@ def defend_layers(
     with tqdm(total=config.iters * layers, desc="EFRAP", unit="it", disable=not progress, leave=False) as bar:
         for problem in problems:
             bar.set_postfix(layer=problem.name)
-            result = learn_rounding(problem, config, generator, bar.update)
+            with threads_for(step_flops(problem, config)):
+                result = learn_rounding(problem, config, generator, bar.update)
             if problem.install is not None:
                 problem.install(result.integers)
             plans[problem.name] = LayerPlan(

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .data import LabeledData
 from .errors import EFRAPError
+from .threads import forward_flops, threads_for
 
 __all__ = ["train", "seeded", "cross_entropy_loss", "resolve_device"]
 
@@ -105,7 +106,12 @@ def train(
         return float(loss.detach()) * len(idx)
 
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
-    with seeded(seed, target):
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    flops = 3.0 * batch_size * forward_flops(model, data.x[:1].to(target))  # forward + backward per step
+    for m, mode in was_training.items():
+        m.train(mode)
+    with seeded(seed, target), threads_for(flops, target):
         for epoch in bar:
             perm = torch.randperm(len(data), generator=gen)
             total = sum(step(perm[i : i + batch_size]) for i in range(0, len(data), batch_size))

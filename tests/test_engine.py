@@ -286,3 +286,20 @@ def test_patience_ends_a_layer_once_its_integers_are_stable(clean_cnn, digits):
     assert all(s % 50 == 0 and 100 <= s <= 600 for s in steps) and min(steps) < 600
     with pytest.raises(EFRAPError, match=r"EFRAPConfig.patience \(--patience\): expected steps >= 0, got -1"):
         EFRAPConfig(patience=-1)
+
+
+def test_small_work_runs_on_one_thread_and_the_count_is_restored():
+    from efrap_plugin.threads import SMALL_WORK_FLOPS, forward_flops, threads_for
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with threads_for(SMALL_WORK_FLOPS / 10):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with threads_for(SMALL_WORK_FLOPS * 10):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    # a Linear 64 -> 10 on one sample: 640 multiply-adds
+    assert forward_flops(nn.Linear(64, 10), torch.zeros(1, 64)) == 2 * 640
