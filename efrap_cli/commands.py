@@ -28,6 +28,7 @@ from efrap_plugin import (
     load_model,
     prepare_model,
     quantizable_layers,
+    resolve_device,
     save_model,
     scan_weights,
     scheme_preset,
@@ -184,7 +185,11 @@ def _config(args: argparse.Namespace) -> EFRAPConfig:
         for field in ("iters", "lr", "batch_size", "flip_weight", "patience")
         if getattr(args, field) is not None
     }
-    return base.replace(**given, calib_size=args.calib_size, objective=args.objective, seed=args.seed)
+    device = getattr(args, "device", None) or "cpu"
+    resolve_device(device)  # a clear error before any work, not after the stock quantization
+    return base.replace(
+        **given, calib_size=args.calib_size, objective=args.objective, seed=args.seed, device=device
+    )
 
 
 def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:

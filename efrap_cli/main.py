@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="defended QDQ .onnx to write")
     p.add_argument("--plan", help="also save the RoundingPlan (.safetensors)")
+    p.add_argument(
+        "--device", default="cpu", help="where each layer's optimisation runs, e.g. cuda (default: cpu)"
+    )
     _defense_flags(p)
     _common(p, seed=EFRAPConfig().seed)
 

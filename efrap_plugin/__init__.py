@@ -39,7 +39,7 @@ from .evaluate import (
 from .fake_quant import fake_quant_forward
 from .files import atomic_write, check_writable, read_safetensors, safetensors_shapes, staged
 from .layer_inputs import LAYER_INPUTS, LayerInputs, check_layer_inputs, pick_layer_inputs
-from .layers import execution_order, fingerprint, prepare_model, quantizable_layers, relu_after
+from .layers import execution_order, fingerprint, on_device_of, prepare_model, quantizable_layers, relu_after
 from .loop import defend_layers
 from .models import DigitsCNN, ResNet, build_model, resnet8, resnet20
 from .objective import learnable_bounds, truncation_error
@@ -99,6 +99,7 @@ __all__ = [
     "fingerprint",
     "crowded_layers",
     "format_scan",
+    "on_device_of",
     "pick_layer_inputs",
     "learn_rounding",
     "learnable_bounds",

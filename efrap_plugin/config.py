@@ -49,6 +49,9 @@ class EFRAPConfig:
     """efrap: L_A + L_F + L_P; ablations: flip_only (L_F + L_P), preserve_only (L_A + L_P, AdaRound-like)."""
     seed: int = 1005
     """Seed of the batch sampling (--seed); same seed, same plan."""
+    device: str = "cpu"
+    """Where each layer's optimisation runs (--device): "cpu", "cuda", "cuda:1", ... Cached inputs and
+    targets move there one layer at a time; the plan comes back on the CPU."""
     patience: int = 0
     """Early stop (--patience): end a layer's optimisation once its hard-rounded integers have not
     changed for this many steps (checked every 50); 0 runs all ``iters``."""
@@ -57,6 +60,10 @@ class EFRAPConfig:
         _positive(self, "iters", "--iters")
         _positive(self, "batch_size", "--batch-size")
         _positive(self, "calib_size", "--calib-size")
+        if not isinstance(self.device, str) or not self.device:
+            raise EFRAPError(
+                f"EFRAPConfig.device (--device): expected a device name such as 'cpu' or 'cuda', got {self.device!r}"
+            )
         if not isinstance(self.patience, int) or self.patience < 0:
             raise EFRAPError(f"EFRAPConfig.patience (--patience): expected steps >= 0, got {self.patience!r}")
         if not self.lr > 0:

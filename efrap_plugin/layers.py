@@ -133,18 +133,25 @@ def fingerprint(weight: torch.Tensor) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
+def on_device_of(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``t`` (a layer's bias, captured on the CPU) where ``x`` is: forward functions run on any device."""
+    return None if t is None else t.to(x.device)
+
+
 def layer_forward(layer: nn.Module):
     """(x, weight) -> the layer's output with the given weight, for the rounding optimiser."""
     bias = layer.bias.detach() if getattr(layer, "bias", None) is not None else None
     if isinstance(layer, nn.Linear):
-        return lambda x, w: nn.functional.linear(x, w, bias)
+        return lambda x, w: nn.functional.linear(x, w, on_device_of(bias, x))
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         conv = nn.functional.conv1d if isinstance(layer, nn.Conv1d) else nn.functional.conv2d
         if layer.padding_mode != "zeros":
             raise ModelError(
                 f"layer {layer}: padding_mode {layer.padding_mode!r} is not supported; use 'zeros'"
             )
-        return lambda x, w: conv(x, w, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return lambda x, w: conv(
+            x, w, on_device_of(bias, x), layer.stride, layer.padding, layer.dilation, layer.groups
+        )
     raise ModelError(f"layer: expected Conv1d, Conv2d or Linear, got {type(layer).__name__}")
 
 

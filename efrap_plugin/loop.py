@@ -18,6 +18,7 @@ from .layers import fingerprint
 from .plan import LayerPlan
 from .rounding import LayerProblem, learn_rounding
 from .threads import threads_for
+from .training import resolve_device
 
 __all__ = ["defend_layers"]
 
@@ -38,12 +39,13 @@ def defend_layers(
     ``layers`` (the number of problems) sizes the progress bar. One generator seeded with
     ``config.seed`` drives every layer's batch sampling, so the same problems give the same plan.
     """
+    resolve_device(config.device)  # before the first layer's inputs are captured
     generator = torch.Generator().manual_seed(config.seed)
     plans: dict[str, LayerPlan] = {}
     with tqdm(total=config.iters * layers, desc="EFRAP", unit="it", disable=not progress, leave=False) as bar:
         for problem in problems:
             bar.set_postfix(layer=problem.name)
-            with threads_for(step_flops(problem, config)):
+            with threads_for(step_flops(problem, config), config.device):
                 result = learn_rounding(problem, config, generator, bar.update)
             if problem.install is not None:
                 problem.install(result.integers)

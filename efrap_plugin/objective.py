@@ -119,7 +119,10 @@ def _flip_cost(problem: LayerProblem, s: torch.Tensor, generator: torch.Generato
         zero = problem.forward(x, torch.zeros_like(problem.weight))
         costs = []
         for _ in range(FLIP_COST_SAMPLES):
-            signs = torch.randint(0, 2, problem.weight.shape, generator=generator).to(torch.float32) * 2 - 1
+            signs = (
+                torch.randint(0, 2, problem.weight.shape, generator=generator).to(problem.weight.device) * 2.0
+                - 1
+            )
             costs.append(float(_per_image((problem.forward(x, signs * s) - zero).pow(2))))
     return sum(costs) / len(costs)
 

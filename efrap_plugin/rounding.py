@@ -6,6 +6,7 @@ A pure function of its inputs: (weight, grid, cached inputs and float targets, c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from .config import EFRAPConfig
 from .errors import EFRAPError
 from .objective import PROBE_SIZE, Objective, beta_schedule, init_logits
 from .schemes import QuantScheme
+from .training import resolve_device
 
 __all__ = ["LayerProblem", "LayerResult", "learn_rounding"]
 
@@ -85,18 +87,21 @@ def learn_rounding(
     References: Li et al., "Nearest is Not Dearest", CVPR 2024 (arXiv 2405.12725); Nagel et al.,
     "Up or Down? Adaptive Rounding for Post-Training Quantization", ICML 2020 (arXiv 2004.10568).
     """
+    device = resolve_device(config.device)
+    if device.type != "cpu":
+        problem = _on(problem, device)
     objective = Objective.build(problem, config, generator)
     v = init_logits(objective.frac, config.rectifier).clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=config.lr)
     n = problem.inputs.shape[0]
-    probe = torch.arange(min(n, PROBE_SIZE))
+    probe = torch.arange(min(n, PROBE_SIZE), device=device)
     with torch.no_grad():
         before = float(sum(objective.terms(v, probe, config.beta)))
     stable, last = 0, None
     steps = config.iters
     for it in range(config.iters):
         beta, with_penalty = beta_schedule(it, config)
-        idx = torch.randint(0, n, (min(config.batch_size, n),), generator=generator)
+        idx = torch.randint(0, n, (min(config.batch_size, n),), generator=generator).to(device)
         l_a, l_f, l_p = objective.terms(v, idx, beta)
         loss = l_a + l_f + (l_p if with_penalty else 0.0)
         opt.zero_grad(set_to_none=True)
@@ -117,7 +122,25 @@ def learn_rounding(
     with torch.no_grad():
         after = float(sum(objective.terms(v, probe, config.beta)))
         integers = objective.hard_round(v)
-    return _result(problem, objective, integers, before, after, steps)
+    result = _result(problem, objective, integers, before, after, steps)
+    if device.type == "cpu":
+        return result
+    return dataclasses.replace(
+        result, integers=result.integers.cpu(), scale=result.scale.cpu(), zero_point=result.zero_point.cpu()
+    )
+
+
+def _on(problem: LayerProblem, device: torch.device) -> LayerProblem:
+    """The problem's tensors on ``device`` (forward functions move what they captured: on_device_of)."""
+    return dataclasses.replace(
+        problem,
+        weight=problem.weight.to(device),
+        inputs=problem.inputs.to(device),
+        targets=problem.targets.to(device),
+        scale=problem.scale.to(device),
+        zero_point=problem.zero_point.to(device),
+        install=None,
+    )
 
 
 def _result(

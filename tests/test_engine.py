@@ -303,3 +303,11 @@ def test_small_work_runs_on_one_thread_and_the_count_is_restored():
         torch.set_num_threads(before)
     # a Linear 64 -> 10 on one sample: 640 multiply-adds
     assert forward_flops(nn.Linear(64, 10), torch.zeros(1, 64)) == 2 * 640
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error_before_any_work(clean_cnn, digits):
+    with pytest.raises(EFRAPError, match=r"device: 'cuda:99' is not usable here .* pass 'cpu'"):
+        defend(clean_cnn, digits.train.x[:64], "onnxruntime", FAST.replace(device="cuda:99"), progress=False)
+    cpu = defend(clean_cnn, digits.train.x, "onnxruntime", FAST.replace(device="cpu"), progress=False)
+    default = defend(clean_cnn, digits.train.x, "onnxruntime", FAST, progress=False)
+    assert all(torch.equal(cpu[k].integers, default[k].integers) for k in default.layers)

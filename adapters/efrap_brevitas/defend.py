@@ -32,6 +32,7 @@ from efrap_plugin import (
     defend_layers,
     execution_order,
     fingerprint,
+    on_device_of,
     pick_layer_inputs,
 )
 
@@ -142,7 +143,7 @@ def _problems(
         bias = layer.bias.detach().clone() if layer.bias is not None else None
 
         def forward(x, w, layer=layer, bias=bias, inverse=inverse):
-            return layer.inner_forward_impl(x, w.permute(inverse), bias)
+            return layer.inner_forward_impl(x, w.permute(inverse), on_device_of(bias, x))
 
         def install(integers, layer=layer, inverse=inverse):
             install_rounding(layer, integers.permute(inverse))

@@ -13,7 +13,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-from efrap_plugin import ModelError
+from efrap_plugin import ModelError, on_device_of
 
 from .model_io import initializer_array, load_onnx, preprocess
 
@@ -180,7 +180,9 @@ def _forward(node: onnx.NodeProto, fnode: onnx.NodeProto, inits) -> Callable | N
         def run_conv(x, w):
             if not symmetric:
                 x = F.pad(x, torch_pad)
-            return conv(x, w, bias, strides, list(pads[:rank]) if symmetric else 0, dilations, group)
+            return conv(
+                x, w, on_device_of(bias, x), strides, list(pads[:rank]) if symmetric else 0, dilations, group
+            )
 
         return run_conv
     if node.op_type == "Gemm":
@@ -193,7 +195,7 @@ def _forward(node: onnx.NodeProto, fnode: onnx.NodeProto, inits) -> Callable | N
 
         def run_gemm(x, w):
             y = alpha * (x @ w.T)
-            return y + beta * bias if bias is not None else y
+            return y + beta * on_device_of(bias, x) if bias is not None else y
 
         return run_gemm
     if node.op_type == "MatMul":

@@ -37,6 +37,7 @@ from efrap_plugin import (
     check_layer_inputs,
     defend_layers,
     execution_order,
+    on_device_of,
     pick_layer_inputs,
     snap_integers,
 )
@@ -260,7 +261,7 @@ def _graph_layers(gm: torch.fx.GraphModule, relu_units: bool) -> tuple[list[_Lay
         bias = bias.detach().clone() if bias is not None else None
 
         def forward(x, w, aten=aten, bias=bias, rest=rest, relu=out is not node):
-            y = aten(x, w, bias, *rest)
+            y = aten(x, w, on_device_of(bias, x), *rest)
             return torch.relu(y) if relu else y
 
         owner, _, attr = node.args[1].args[0].target.rpartition(".")
@@ -312,10 +313,10 @@ def _module_layers(model: nn.Module, relu_units: bool) -> tuple[list[_Layer], di
         relu = relu_units and fused and any(isinstance(m, nn.ReLU) for m in module)
         bias = inner.bias.detach().clone() if inner.bias is not None else None
         if isinstance(inner, nn.Linear):
-            base = lambda x, w, b=bias: F.linear(x, w, b)  # noqa: E731
+            base = lambda x, w, b=bias: F.linear(x, w, on_device_of(b, x))  # noqa: E731
         else:
             twin = copy.deepcopy(inner)
-            base = lambda x, w, b=bias, c=twin: c._conv_forward(x, w, b)  # noqa: E731
+            base = lambda x, w, b=bias, c=twin: c._conv_forward(x, w, on_device_of(b, x))  # noqa: E731
         layers.append(
             _Layer(
                 name,
