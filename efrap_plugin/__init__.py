@@ -41,7 +41,7 @@ from .files import atomic_write, check_writable, read_safetensors, safetensors_s
 from .layer_inputs import LAYER_INPUTS, LayerInputs, check_layer_inputs, pick_layer_inputs
 from .layers import execution_order, fingerprint, on_device_of, prepare_model, quantizable_layers, relu_after
 from .loop import defend_layers
-from .models import DigitsCNN, ResNet, build_model, resnet8, resnet20
+from .models import DigitsCNN, ResNet, TokenEncoder, build_model, resnet8, resnet20
 from .objective import learnable_bounds, truncation_error
 from .plan import LayerPlan, RoundingPlan, snap_integers, snap_weight
 from .rounding import LayerProblem, LayerResult, learn_rounding
@@ -74,6 +74,7 @@ __all__ = [
     "QuantScheme",
     "ResNet",
     "RoundingPlan",
+    "TokenEncoder",
     "SCHEME_PRESETS",
     "Splits",
     "as_calibration",

@@ -40,14 +40,15 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 @dataclass(frozen=True)
 class LabeledData:
-    """Images and integer labels of one split."""
+    """Inputs (images, or any N x ... batch: tokens, sequences) and integer labels of one split.
+    Triggers need images; training and clean accuracy take any input the model takes."""
 
     x: torch.Tensor
     y: torch.Tensor
     num_classes: int
 
     def __post_init__(self) -> None:
-        _check_images(self.x, "x")
+        _check_images(self.x, "x", images=False)
         if self.y.dim() != 1 or self.y.shape[0] != self.x.shape[0]:
             raise DataError(
                 f"y: expected {self.x.shape[0]} labels (one per image), got shape {tuple(self.y.shape)}"

@@ -100,6 +100,51 @@ def resnet20(in_channels: int = 3, num_classes: int = 10, width: int = 16) -> Re
 MODELS = {"digits-cnn": DigitsCNN, "resnet8": resnet8, "resnet20": resnet20}
 
 
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: self-attention (q, k, v, out projections) and a GELU MLP."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        h = self.norm1(x)
+        split = lambda y: y.reshape(n, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        attn = torch.softmax(q @ k.transpose(-2, -1) / (d // self.heads) ** 0.5, dim=-1)
+        x = x + self.out((attn @ v).transpose(1, 2).reshape(n, t, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class TokenEncoder(nn.Module):
+    """A small transformer encoder over N x T x D token inputs (digits: each image row a token):
+    embedding, position embedding, pre-norm blocks, mean pooling, a Linear head."""
+
+    def __init__(
+        self,
+        tokens: int = 8,
+        token_dim: int = 8,
+        num_classes: int = 10,
+        width: int = 32,
+        depth: int = 2,
+        heads: int = 2,
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Linear(token_dim, width)
+        self.position = nn.Parameter(torch.zeros(1, tokens, width))
+        self.blocks = nn.Sequential(*(EncoderBlock(width, heads) for _ in range(depth)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.embed(x) + self.position)
+        return self.head(self.norm(x).mean(dim=1))
+
+
 def build_model(
     name: str, in_channels: int = 1, num_classes: int = 10, width: int | None = None, **options: Any
 ) -> nn.Module:

@@ -331,3 +331,13 @@ def test_strided_calibration_asks_the_reader_for_ranges(pq8_onnx, calib, tmp_pat
         extra_options={"CalibStridedMinMax": 4},
     )
     assert verify(tmp_path / "d.onnx", plan).integers_ok
+
+
+def test_onnxruntime_ptq_example_on_a_transformer_encoder():
+    """A user's own onnxruntime script on N x T x D tokens (examples/onnxruntime_ptq.py): every weight
+    MatMul of the encoder defended and read back; the int8 model agrees with the float one."""
+    from example_runs import run_example
+
+    row = run_example("onnxruntime_ptq.py")
+    assert row["integers_ok"] and row["layers"] == 14 and row["skipped"] == []
+    assert row["efrap_agreement"] >= 97 and row["efrap_acc"] >= row["float_acc"] - 1
