@@ -67,17 +67,24 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR-style ResNet-(6n+2): three stages of n basic blocks, widths w, 2w, 4w."""
+    """CIFAR-style ResNet: stages of basic blocks, widths w, 2w, 4w, ... (an int: three stages of that
+    many blocks, ResNet-(6n+2); a tuple: one entry per stage, (2, 2, 2, 2) with w=64 is ResNet-18)."""
 
     def __init__(
-        self, blocks_per_stage: int, width: int = 16, in_channels: int = 3, num_classes: int = 10
+        self,
+        blocks_per_stage: int | tuple[int, ...],
+        width: int = 16,
+        in_channels: int = 3,
+        num_classes: int = 10,
     ) -> None:
         super().__init__()
+        stages = (blocks_per_stage,) * 3 if isinstance(blocks_per_stage, int) else tuple(blocks_per_stage)
         self.stem = _conv_bn_relu(in_channels, width)
         layers: list[nn.Module] = []
         cin = width
-        for stage, cout in enumerate((width, 2 * width, 4 * width)):
-            for i in range(blocks_per_stage):
+        for stage, blocks in enumerate(stages):
+            cout = width * 2**stage
+            for i in range(blocks):
                 layers.append(BasicBlock(cin, cout, 2 if (stage > 0 and i == 0) else 1))
                 cin = cout
         self.layers = nn.Sequential(*layers)
@@ -97,7 +104,90 @@ def resnet20(in_channels: int = 3, num_classes: int = 10, width: int = 16) -> Re
     return ResNet(3, width, in_channels, num_classes)
 
 
-MODELS = {"digits-cnn": DigitsCNN, "resnet8": resnet8, "resnet20": resnet20}
+def resnet18(in_channels: int = 3, num_classes: int = 10, width: int = 64) -> ResNet:
+    """ResNet-18 with the CIFAR stem (3x3, stride 1, no max-pool): 11M parameters at width 64."""
+    return ResNet((2, 2, 2, 2), width, in_channels, num_classes)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion, 3x3 depthwise, 1x1 linear projection; residual at stride 1."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        self.body = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 for 32x32 inputs (stride-1 stem and first stages), 2.2M parameters."""
+
+    SETTINGS = (
+        (1, 16, 1, 1),
+        (6, 24, 2, 1),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    )
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU6(),
+        ]
+        cin = width
+        for expand, cout, repeats, stride in self.SETTINGS:
+            for i in range(repeats):
+                layers.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
+                cin = cout
+        layers += [nn.Conv2d(cin, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU6()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1280, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class SequenceCNN(nn.Module):
+    """Conv1d over N x C x L sequences: three Conv1d-BN-ReLU blocks, pooling, a Linear head."""
+
+    def __init__(self, in_channels: int = 8, num_classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+        blocks = []
+        for cin, cout in ((in_channels, width), (width, 2 * width), (2 * width, 2 * width)):
+            blocks += [nn.Conv1d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm1d(cout), nn.ReLU()]
+        self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool1d(1), nn.Flatten())
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+MODELS = {
+    "digits-cnn": DigitsCNN,
+    "resnet8": resnet8,
+    "resnet20": resnet20,
+    "resnet18": resnet18,
+    "mobilenetv2": MobileNetV2,
+    "sequence-cnn": SequenceCNN,
+}
 
 
 class EncoderBlock(nn.Module):
