@@ -30,5 +30,38 @@ def test_resnets_forward_and_structure(factory, blocks, channels, size):
 
 
 def test_unknown_model_name():
-    with pytest.raises(EFRAPError, match=r"model: expected one of \['digits-cnn', 'resnet20', 'resnet8'\]"):
+    with pytest.raises(EFRAPError, match=r"model: expected one of \['digits-cnn', 'mobilenetv2', 'resnet18', 'resnet20', 'resnet8', 'sequence-cnn'\]"):
         build_model("vgg16")
+
+
+@pytest.mark.parametrize(
+    "name, options, shape, parameters",
+    [
+        ("resnet8", {"in_channels": 3}, (3, 32, 32), 78_042),  # unchanged by the stages tuple
+        ("resnet18", {"in_channels": 3}, (3, 32, 32), 11_173_962),
+        ("mobilenetv2", {"in_channels": 3}, (3, 32, 32), 2_236_682),
+        ("sequence-cnn", {"in_channels": 8}, (8, 64), 20_170),
+    ],
+)
+def test_zoo_models_build_and_run(name, options, shape, parameters):
+    model = build_model(name, **options).eval()
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    with torch.no_grad():
+        assert model(torch.rand(2, *shape)).shape == (2, 10)
+
+
+def test_a_conv1d_sequence_model_goes_through_the_onnx_drop_in(tmp_path):
+    import numpy as np
+
+    from efrap_onnx import ListDataReader, export_float_onnx, quantize_static, verify
+    from efrap_plugin import EFRAPConfig
+
+    torch.manual_seed(0)
+    model = build_model("sequence-cnn", in_channels=8).eval()
+    x = torch.rand(128, 8, 64)
+    src = export_float_onnx(model, x[:2], tmp_path / "seq.onnx")
+    reader = ListDataReader.from_array("input", np.ascontiguousarray(x.numpy()))
+    plan = quantize_static(
+        src, tmp_path / "q.onnx", reader, per_channel=True, config=EFRAPConfig(iters=20), progress=False
+    )
+    assert len(plan.layers) == 4 and verify(tmp_path / "q.onnx", plan).integers_ok
