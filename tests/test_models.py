@@ -30,7 +30,10 @@ def test_resnets_forward_and_structure(factory, blocks, channels, size):
 
 
 def test_unknown_model_name():
-    with pytest.raises(EFRAPError, match=r"model: expected one of \['digits-cnn', 'mobilenetv2', 'resnet18', 'resnet20', 'resnet8', 'sequence-cnn'\]"):
+    with pytest.raises(
+        EFRAPError,
+        match=r"model: expected one of \['digits-cnn', 'mobilenetv2', 'resnet18', 'resnet20', 'resnet8', 'sequence-cnn'\]",
+    ):
         build_model("vgg16")
 
 
