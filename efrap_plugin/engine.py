@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import EFRAPConfig
 from .data import as_calibration
-from .errors import DataError
+from .errors import DataError, ModelError
 from .layers import followed_by_relu, layer_forward, prepare_model, quantizable_layers
 from .loop import defend_layers
 from .plan import RoundingPlan
@@ -34,21 +34,21 @@ class _Stop(Exception):
 
 
 def capture(model: nn.Module, layer: nn.Module, x: torch.Tensor, what: str, chunk: int = 256) -> torch.Tensor:
-    """The input ('input') or output ('output') of ``layer`` for every image, stopping the forward early."""
+    """The input ('input') or output ('output') of ``layer`` for every image, stopping the forward early.
+
+    A value wrapped with its quantization (Brevitas' QuantTensor) is captured as its ``.value``. A layer
+    the forward pass never reaches is a ModelError.
+    """
     parts: list[torch.Tensor] = []
 
-    def pre_hook(_m, inp):
-        parts.append(inp[0].detach())
-        raise _Stop
-
-    def post_hook(_m, _inp, out):
-        parts.append(out.detach())
+    def keep(value) -> None:
+        parts.append((value if isinstance(value, torch.Tensor) else value.value).detach())
         raise _Stop
 
     handle = (
-        layer.register_forward_pre_hook(pre_hook)
+        layer.register_forward_pre_hook(lambda _m, inp: keep(inp[0]))
         if what == "input"
-        else layer.register_forward_hook(post_hook)
+        else layer.register_forward_hook(lambda _m, _inp, out: keep(out))
     )
     try:
         with torch.no_grad():
@@ -56,7 +56,8 @@ def capture(model: nn.Module, layer: nn.Module, x: torch.Tensor, what: str, chun
                 try:
                     model(x[i : i + chunk])
                 except _Stop:
-                    pass
+                    continue
+                raise ModelError(f"model: layer {type(layer).__name__} never ran in a forward pass")
     finally:
         handle.remove()
     return torch.cat(parts)

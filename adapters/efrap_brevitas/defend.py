@@ -5,8 +5,9 @@ LayerProblem for the core's one per-layer loop. The grid is read from the layer'
 (``quant_weight()``: scale, zero point, bit width, signedness; the proxy's narrow range), never chosen
 here. Inputs mix, element by element, the model with quantization on and every earlier layer's learned
 rounding in (the reference's partially quantized model) and the model with quantization off
-(``layer_inputs``, see efrap_plugin.layer_inputs); targets always come with quantization off. The learned integers go in as the quantizer's
-``float_to_int_impl`` (see rounding.py): weights, scales and quantizers stay the user's.
+(``layer_inputs``, see efrap_plugin.layer_inputs); targets always come with quantization off. The
+learned integers go in as the quantizer's ``float_to_int_impl`` (see rounding.py): weights, scales and
+quantizers stay the user's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ from efrap_plugin import (
     ModelError,
     RoundingPlan,
     as_calibration,
+    capture,
     check_layer_inputs,
     defend_layers,
     execution_order,
@@ -42,8 +44,6 @@ from .rounding import install_rounding
 __all__ = ["apply_plan", "defend_quant_model", "quant_layers"]
 
 log = logging.getLogger(__name__)
-
-_CHUNK = 256
 
 
 def quant_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
@@ -68,41 +68,6 @@ def _quant_wbiol() -> type:
     return QuantWeightBiasInputOutputLayer
 
 
-def _value(x: Any) -> torch.Tensor:
-    """A QuantTensor's dequantized value, or the tensor itself."""
-    return (x.value if hasattr(x, "value") else x).detach()
-
-
-class _Stop(Exception):
-    pass
-
-
-def _capture(
-    model: nn.Module, module: nn.Module, calib: torch.Tensor, hook: Literal["input", "output"]
-) -> torch.Tensor:
-    """What ``module`` outputs (its input quantizer's output for "input") as ``model`` runs on ``calib``,
-    stopping each batch there."""
-
-    def grab(_m, _inp, out):
-        raise _Stop(_value(out))
-
-    target = module.input_quant if hook == "input" else module
-    chunks = []
-    handle = target.register_forward_hook(grab)
-    try:
-        with torch.no_grad():
-            for i in range(0, calib.shape[0], _CHUNK):
-                try:
-                    model(calib[i : i + _CHUNK])
-                except _Stop as stop:
-                    chunks.append(stop.args[0])
-                    continue
-                raise ModelError(f"model: layer {type(module).__name__} never ran in a forward pass")
-    finally:
-        handle.remove()
-    return torch.cat(chunks)
-
-
 def _float_mode(model: nn.Module) -> Any:
     """Brevitas' own switch: every quantizer off (and QuantTensors off), restored on exit."""
     from brevitas.graph.calibrate import quantization_status_manager
@@ -120,25 +85,26 @@ def _permutation(dim: int, axis: int) -> tuple[list[int], list[int]]:
 def _problems(
     model: nn.Module,
     layers: dict[str, nn.Module],
-    order: list[str],
+    grids: dict[str, LayerGrid],
     calib: torch.Tensor,
     choice: str,
     seed: int,
 ) -> Iterator[LayerProblem]:
+    """One problem per layer of ``grids`` (in execution order). A layer's input is what its input
+    quantizer hands it (the quantized input when quantization is on)."""
     generator = torch.Generator().manual_seed(seed)
-    for name in order:
+    for name, grid in grids.items():
         layer = layers[name]
-        grid = layer_grid(layer, name)
         with _float_mode(model):
-            targets = _capture(model, layer, calib, "output")
+            targets = capture(model, layer, calib, "output")
 
-        def capture(kind, layer=layer):
+        def inputs_of(kind, layer=layer):
             if kind == "quantized":
-                return _capture(model, layer, calib, "input")
+                return capture(model, layer.input_quant, calib, "output")
             with _float_mode(model):
-                return _capture(model, layer, calib, "input")
+                return capture(model, layer.input_quant, calib, "output")
 
-        inputs = pick_layer_inputs(choice, capture, generator)
+        inputs = pick_layer_inputs(choice, inputs_of, generator)
         perm, inverse = _permutation(layer.weight.dim(), grid.axis)
         bias = layer.bias.detach().clone() if layer.bias is not None else None
 
@@ -208,7 +174,7 @@ def defend_quant_model(
         if never:
             log.warning("%s: never called in a forward pass; left at the quantizer's own rounding", never)
         grids = {name: layer_grid(layers[name], name) for name in order}
-        problems = _problems(model, layers, order, calib, layer_inputs, config.seed)
+        problems = _problems(model, layers, grids, calib, layer_inputs, config.seed)
         learned = defend_layers(problems, config, len(order), progress)
     finally:
         model.train(was_training)
@@ -218,7 +184,7 @@ def defend_quant_model(
         "flow": "brevitas",
         "layer_inputs": layer_inputs,
         "unit": "layer",  # a Brevitas ReLU is its own quantized module: L_A preserves the layer's output
-        "skipped": skipped | {name: "never called in a forward pass" for name in set(layers) - set(order)},
+        "skipped": skipped | {name: "never called in a forward pass" for name in never},
         "calib_size": int(calib.shape[0]),
         "grids": {name: _grid_meta(grids[name]) for name in order},
     }

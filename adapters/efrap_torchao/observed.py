@@ -34,6 +34,7 @@ from efrap_plugin import (
     QuantScheme,
     RoundingPlan,
     as_calibration,
+    capture,
     check_layer_inputs,
     defend_layers,
     execution_order,
@@ -153,22 +154,6 @@ def _node_value(gm: torch.fx.GraphModule, node: torch.fx.Node, x: torch.Tensor) 
     if not found:
         raise ModelError(f"model: node {node.name} never ran")
     return found[0].detach()
-
-
-def _module_value(model: nn.Module, module: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
-    """The input (``what="input"``) or output of ``module`` when ``model`` runs on ``x``."""
-
-    def grab(_m, inp, out=None):
-        raise _Stop(inp[0] if what == "input" else out)
-
-    handle = module.register_forward_pre_hook(grab) if what == "input" else module.register_forward_hook(grab)
-    try:
-        model(x)
-    except _Stop as stop:
-        return stop.args[0].detach()
-    finally:
-        handle.remove()
-    raise ModelError(f"model: {type(module).__name__} never ran")
 
 
 def _chunks(fn: Callable[[torch.Tensor], torch.Tensor], calib: torch.Tensor) -> torch.Tensor:
@@ -323,10 +308,8 @@ def _module_layers(model: nn.Module, relu_units: bool) -> tuple[list[_Layer], di
                 inner,
                 "weight",
                 observer,
-                lambda m, x, n=inner_name: _module_value(m, m.get_submodule(n), x, "input"),
-                lambda m, x, n=name if relu else inner_name: _module_value(
-                    m, m.get_submodule(n), x, "output"
-                ),
+                lambda m, x, n=inner_name: capture(m, m.get_submodule(n), x, "input"),
+                lambda m, x, n=name if relu else inner_name: capture(m, m.get_submodule(n), x, "output"),
                 (lambda x, w, f=base: torch.relu(f(x, w))) if relu else base,
             )
         )
