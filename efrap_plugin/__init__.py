@@ -43,7 +43,7 @@ from .layers import execution_order, fingerprint, on_device_of, prepare_model, q
 from .loop import defend_layers
 from .models import DigitsCNN, ResNet, TokenEncoder, build_model, resnet8, resnet20
 from .objective import learnable_bounds, truncation_error
-from .plan import LayerPlan, RoundingPlan, snap_integers, snap_weight
+from .plan import LayerPlan, RoundingPlan, grid_record, snap_integers, snap_weight
 from .rounding import LayerProblem, LayerResult, learn_rounding
 from .schemes import SCHEME_PRESETS, ActivationQuantizer, QuantScheme, scheme_preset
 from .training import resolve_device, train
@@ -100,6 +100,7 @@ __all__ = [
     "fingerprint",
     "crowded_layers",
     "format_scan",
+    "grid_record",
     "on_device_of",
     "pick_layer_inputs",
     "learn_rounding",

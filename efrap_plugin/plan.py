@@ -194,6 +194,18 @@ def _parse_header(raw: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def grid_record(scheme: QuantScheme, **extra: Any) -> dict[str, Any]:
+    """A layer's own grid as plans record it in ``meta["grids"]`` (adapters whose layers may each round
+    to another grid); the conformance check reads its range."""
+    return {
+        "bits": scheme.bits,
+        "qmin": scheme.qmin,
+        "qmax": scheme.qmax,
+        "per_channel": scheme.per_channel,
+        **extra,
+    }
+
+
 def snap_weight(weight: torch.Tensor, lp: LayerPlan, scheme: QuantScheme) -> torch.Tensor:
     """Float weights on the plan's grid that the backend re-rounds to exactly ``lp.integers``."""
     return snap_integers(weight, lp.integers, lp.scale, lp.zero_point, scheme)

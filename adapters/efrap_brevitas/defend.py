@@ -34,6 +34,7 @@ from efrap_plugin import (
     defend_layers,
     execution_order,
     fingerprint,
+    grid_record,
     on_device_of,
     pick_layer_inputs,
 )
@@ -186,14 +187,9 @@ def defend_quant_model(
         "unit": "layer",  # a Brevitas ReLU is its own quantized module: L_A preserves the layer's output
         "skipped": skipped | {name: "never called in a forward pass" for name in never},
         "calib_size": int(calib.shape[0]),
-        "grids": {name: _grid_meta(grids[name]) for name in order},
+        "grids": {name: grid_record(grids[name].scheme, axis=grids[name].axis) for name in order},
     }
     return RoundingPlan(grids[order[0]].scheme, plans, "brevitas", meta)
-
-
-def _grid_meta(grid: LayerGrid) -> dict[str, Any]:
-    s = grid.scheme
-    return {"bits": s.bits, "qmin": s.qmin, "qmax": s.qmax, "per_channel": s.per_channel, "axis": grid.axis}
 
 
 def apply_plan(model: nn.Module, plan: RoundingPlan) -> nn.Module:

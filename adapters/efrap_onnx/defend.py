@@ -21,6 +21,7 @@ from efrap_plugin import (
     QuantScheme,
     RoundingPlan,
     defend_layers,
+    grid_record,
 )
 
 from .graph import QuantizedLayer, find_quantized_layers
@@ -95,7 +96,6 @@ def _problems(
     qdq: onnx.ModelProto,
     layers: list[QuantizedLayer],
     calib: list[dict[str, np.ndarray]],
-    options: WeightOptions,
     grids: dict[str, QuantScheme],
 ) -> Iterator[LayerProblem]:
     """One problem per quantized weight of ``qdq``, its inputs read from the QDQ graph as it stands
@@ -110,11 +110,6 @@ def _problems(
             if layer.zero_point
             else np.zeros(scale.shape, np.int32)
         )
-        stored = inits[layer.quantized]
-        scheme = weight_scheme(
-            layer.float_weight, stored.data_type, scale.numel() > 1, options, f"layer {layer.node}"
-        )
-        grids[layer.float_weight] = scheme
 
         def install(integers: torch.Tensor, layer=layer) -> None:
             ints = integers.T if layer.transpose else integers
@@ -123,7 +118,7 @@ def _problems(
         yield LayerProblem(
             layer.float_weight,
             weight,
-            scheme,
+            grids[layer.float_weight],
             layer.forward,
             run_output(session(qdq, [layer.input_name]), calib, layer.input_name),
             run_output(session(float_model, [layer.output_name]), calib, layer.output_name),
@@ -153,8 +148,18 @@ def defend_qdq(
         )
         return RoundingPlan(QuantScheme.onnxruntime(), {}, "onnx", meta)
     calib = _calibration_subset(batches, config.calib_size)
-    grids: dict[str, QuantScheme] = {}
-    problems = _problems(float_model, qdq, layers, calib, options, grids)
+    inits = {t.name: t for t in qdq.graph.initializer}
+    grids = {
+        layer.float_weight: weight_scheme(
+            layer.float_weight,
+            inits[layer.quantized].data_type,
+            initializer_array(inits[layer.scale]).size > 1,
+            options,
+            f"layer {layer.node}",
+        )
+        for layer in layers
+    }
+    problems = _problems(float_model, qdq, layers, calib, grids)
     plans = defend_layers(problems, config, len(layers), progress)
     layout = {
         layer.float_weight: {
@@ -165,10 +170,7 @@ def defend_qdq(
         }
         for layer in layers
     }
-    meta["grids"] = {
-        name: {"bits": g.bits, "qmin": g.qmin, "qmax": g.qmax, "per_channel": g.per_channel}
-        for name, g in grids.items()
-    }
+    meta["grids"] = {name: grid_record(g) for name, g in grids.items()}
     first = grids[layers[0].float_weight]
     return RoundingPlan(first, plans, "onnx", {**meta, "layout": layout})
 

@@ -191,23 +191,23 @@ def quantize_static(
     options += (nodes_to_quantize, nodes_to_exclude, use_external_data_format, calibrate_method)
     options += (calibration_providers, extra_options)
     if not efrap:  # onnxruntime's stock flow, as it is
-        output = _quantize_stock(float_model, batches, quant_format, *options)[1]
+        output = _quantize_stock(float_model, batches, quant_format, *options)
         save_onnx(output, model_output, external_data=use_external_data_format)
         return None
     _refuse_float16(float_model)
     # EFRAP learns on the QDQ graph (each layer's real quantized inputs). A QOperator output is
     # onnxruntime's own QOperator graph: the QDQ graph's weights are first pinned to the grids it stores
     # (same initializer names), and the learned integers are then written into it.
-    pre_model, qdq = _quantize_stock(float_model, batches, QuantFormat.QDQ, *options)
+    qdq = _quantize_stock(float_model, batches, QuantFormat.QDQ, *options)
     output = qdq
     if quant_format == QuantFormat.QOperator:
-        output = _quantize_stock(float_model, batches, QuantFormat.QOperator, *options)[1]
+        output = _quantize_stock(float_model, batches, QuantFormat.QOperator, *options)
         pin_weight_grids(qdq, output)
     extra = extra_options or {}
     weights = WeightOptions(
         reduce_range, extra.get("WeightSymmetric"), extra.get("TensorQuantOverrides") or {}
     )
-    plan = defend_qdq(pre_model, qdq, batches, weights, config, progress)
+    plan = defend_qdq(float_model, qdq, batches, weights, config, progress)
     log.info("EFRAP: %d layers in %.1f s", len(plan.layers), time.perf_counter() - start)
     if quant_format == QuantFormat.QOperator:
         plan = write_plan(output, plan)
@@ -217,22 +217,21 @@ def quantize_static(
 
 def _quantize_stock(
     float_model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], *options: Any
-) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+) -> onnx.ModelProto:
     """onnxruntime's own quantize_static with the user's ``options`` (its positional arguments after the
-    reader): the float graph it quantized and the stock QDQ graph. A model onnxruntime cannot quantize
-    is a ModelError."""
+    reader): the stock quantized graph. A model onnxruntime cannot quantize is a ModelError."""
     with tempfile.TemporaryDirectory(prefix="efrap-onnx-") as tmp:
-        pre, qdq = Path(tmp) / "in.onnx", Path(tmp) / "qdq.onnx"
-        onnx.save(float_model, str(pre))
+        src, qdq = Path(tmp) / "in.onnx", Path(tmp) / "qdq.onnx"
+        onnx.save(float_model, str(src))
         try:
-            ort_quantize_static(str(pre), str(qdq), ListDataReader(batches), *options)
+            ort_quantize_static(str(src), str(qdq), ListDataReader(batches), *options)
         except EFRAPError:
             raise
         except Exception as exc:
             raise ModelError(
                 f"model: onnxruntime's quantize_static cannot quantize it ({type(exc).__name__}: {exc})"
             ) from None
-        return float_model, onnx.load(str(qdq))
+        return onnx.load(str(qdq))
 
 
 def quantize(
