@@ -43,6 +43,14 @@ class IntegerReport:
             and not self.grid_mismatches
         )
 
+    def differences(self) -> str:
+        """Every way the artifact departs from the plan, for an error message."""
+        return (
+            f"differing elements per layer {self.mismatched} (-1: layer missing), scale mismatches "
+            f"{self.scale_mismatches}, quantized layers the plan lacks {self.unplanned}, other integer "
+            f"ranges {self.grid_mismatches}"
+        )
+
     def to_dict(self) -> dict:
         return {**asdict(self), "integers_ok": self.integers_ok}
 
@@ -93,11 +101,7 @@ def compare_integers(
                 f"verify: the plan holds no layer, so it proves nothing about {where} "
                 f"({len(stored)} quantized layers there); pass the plan the defense returned"
             )
-        raise PlanMismatchError(
-            f"verify: {where} does not hold the plan's integers: differing elements per layer "
-            f"{report.mismatched} (-1: layer missing), scale mismatches {report.scale_mismatches}, "
-            f"quantized layers the plan lacks {report.unplanned}, other integer ranges {report.grid_mismatches}"
-        )
+        raise PlanMismatchError(f"verify: {where} does not hold the plan's integers: {report.differences()}")
     return report
 
 

@@ -34,6 +34,8 @@ from efrap_plugin import (
     prepare_model,
 )
 
+from .defend import quant_layers
+
 __all__ = [
     "QCDQWeight",
     "export_qcdq",
@@ -278,34 +280,27 @@ def verify_qcdq(
     the plan (or skipped with a reason): a substituted quantizer, a changed bit width or a layer left
     out is a mismatch naming the layer.
     """
+    layers = quant_layers(model)[0] if model is not None else {}
     names = list(plan.layers) + list(plan.meta.get("skipped", {}))
-    if model is not None:
-        from .defend import quant_layers
-
-        names += [n for n in quant_layers(model)[0] if n not in names]
+    names += [n for n in layers if n not in names]
     weights = read_qcdq_weights(path, names)
     stored = {k: w.integers for k, w in weights.items()}
     scales = {k: w.scale for k, w in weights.items()}
     ranges = {k: (w.qmin, w.qmax) for k, w in weights.items()}
     report = compare_integers(plan, stored, scales, strict=False, where=str(path), ranges=ranges)
     if model is not None:
-        _check_against_model(report, model, plan, weights)
+        _check_against_model(report, layers, plan, weights)
     if strict and not report.integers_ok:
         raise PlanMismatchError(
-            f"verify: {path} does not hold the plan's integers on the model's quantizers: differing "
-            f"elements per layer {report.mismatched} (-1: layer missing), scale mismatches "
-            f"{report.scale_mismatches}, quantized layers the plan lacks {report.unplanned}, other "
-            f"integer ranges {report.grid_mismatches}"
+            f"verify: {path} does not hold the plan's integers on the model's quantizers: {report.differences()}"
         )
     return report
 
 
 def _check_against_model(
-    report: IntegerReport, model: nn.Module, plan: RoundingPlan, weights: dict[str, QCDQWeight]
+    report: IntegerReport, layers: dict[str, nn.Module], plan: RoundingPlan, weights: dict[str, QCDQWeight]
 ) -> None:
-    from .defend import quant_layers
-
-    layers, _ = quant_layers(model)
+    """``layers``: the user's model's integer-quantized layers (quant_layers)."""
     listed = set(plan.meta.get("skipped", {}))
     for name in sorted(set(layers) - set(plan.layers) - listed - set(report.unplanned)):
         report.unplanned.append(name)
@@ -316,9 +311,10 @@ def _check_against_model(
             continue
         with torch.no_grad():
             qt = layer.quant_weight()
-        if stored is None or tuple(stored.integers.shape) != tuple(qt.int().shape):
+        ints = qt.int().to(torch.int32)
+        if stored is None or tuple(stored.integers.shape) != tuple(ints.shape):
             continue  # compare_integers counted it already
-        diff = int((qt.int().to(torch.int32) != stored.integers).sum())
+        diff = int((ints != stored.integers).sum())
         if diff:
             report.mismatched[name] = max(report.mismatched.get(name, 0), diff)
         if not torch.equal(qt.scale.detach().to(torch.float32).flatten(), stored.scale.flatten()):
