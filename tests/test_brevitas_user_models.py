@@ -218,11 +218,7 @@ def test_learned_integers_come_out_of_the_users_own_qcdq_export(model_name, quan
 def test_graph_flow_removes_the_backdoor_in_onnxruntime(pq8, digits, tmp_path):
     """The attacked fixture (aimed at max|w|/127 per channel, Int8WeightPerChannelFloat's grid) through
     preprocess_for_quantize + quantize + calibration_mode: stock fires, EFRAP's export does not."""
-    weight_quant = Int8WeightPerChannelFloat
-    layer_map = dict(COMPUTE_LAYER_MAP)
-    for float_cls in (nn.Conv2d, nn.Linear):
-        quant_cls, kwargs = layer_map[float_cls]
-        layer_map[float_cls] = (quant_cls, {**kwargs, "weight_quant": weight_quant})
+    layer_map = _layer_map(COMPUTE_LAYER_MAP, "int8-per-channel-float")
 
     def ptq():
         with warnings.catch_warnings():
