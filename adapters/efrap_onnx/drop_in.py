@@ -296,12 +296,8 @@ def quantize_images(
         raise EFRAPError(
             f"model: {model_input} has inputs {names}; quantize_images handles single-input models"
         )
-    with tempfile.TemporaryDirectory(prefix="efrap-onnx-") as tmp:
-        onnx.save(model, str(Path(tmp) / "in.onnx"))
-        preprocess(Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx")
-        model = onnx.load(str(Path(tmp) / "pre.onnx"))
     return quantize_static(
-        _Checked(model),
+        _Checked(preprocess(model)),
         model_output,
         ListDataReader.from_array(names[0], images),
         per_channel=per_channel,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +48,7 @@ class QuantizedLayer:
 def folded_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Conv / Gemm / MatMul weights (output channels on axis 0) as quantize_static sees them: after
     quant_pre_process has folded BatchNorm."""
-    model = load_onnx(path)
-    with tempfile.TemporaryDirectory(prefix="efrap-onnx-") as tmp:
-        onnx.save(model, str(Path(tmp) / "in.onnx"))
-        preprocess(Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx")
-        pre = onnx.load(str(Path(tmp) / "pre.onnx"))
+    pre = preprocess(load_onnx(path))
     inits = _initializers(pre)
     weights = {}
     for node in pre.graph.node:

@@ -186,8 +186,9 @@ def check_onnx(model: onnx.ModelProto, where: str | Path, check_finite: bool = T
     return model
 
 
-def preprocess(src: Path, out: Path) -> None:
-    """onnxruntime's quant_pre_process (folds BatchNorm), with its failures made clear and its litter removed.
+def preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` through onnxruntime's quant_pre_process (folds BatchNorm), with its failures made clear
+    and its litter removed; ``model`` itself is left as it was.
 
     When symbolic shape inference fails it saves ``sym_shape_infer_temp.onnx`` and a data file into the
     working folder; those are removed here, as they are not the user's.
@@ -195,7 +196,11 @@ def preprocess(src: Path, out: Path) -> None:
     litter = Path("sym_shape_infer_temp.onnx")
     before = set(Path.cwd().iterdir()) if not litter.exists() else None
     try:
-        quant_pre_process(str(src), str(out))
+        with tempfile.TemporaryDirectory(prefix="efrap-onnx-") as tmp:
+            src, out = Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx"
+            onnx.save(model, str(src))
+            quant_pre_process(str(src), str(out))
+            return onnx.load(str(out))
     except Exception as exc:
         raise ModelError(
             f"model: onnxruntime's quant_pre_process cannot prepare it ({type(exc).__name__}: {exc})"
