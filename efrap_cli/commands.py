@@ -185,6 +185,10 @@ def _config(args: argparse.Namespace) -> EFRAPConfig:
         for field in ("iters", "lr", "batch_size", "flip_weight", "patience")
         if getattr(args, field) is not None
     }
+    if hasattr(args, "budget"):
+        given["budget"] = args.budget
+    elif args.objective != "efrap":
+        given["budget"] = None  # an ablation has no flipping strength to search
     device = getattr(args, "device", None) or "cpu"
     resolve_device(device)  # a clear error before any work, not after the stock quantization
     return base.replace(
@@ -204,7 +208,9 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
     if plan_path is not None:
         check_writable(plan_path, "--plan")
     config = _config(args)
-    calib = calibration_images(args.calib, config.calib_size)
+    calib = calibration_images(
+        args.calib, config.calib_size + (config.holdout if config.budget is not None else 0)
+    )
     # the float model's scan, read before anything is written
     crowded = crowded_layers(
         scan_weights(
@@ -234,6 +240,9 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
         "flipped_share": round(plan.flipped_share, 4),
         "seconds": round(seconds, 2),
         "per_layer": {k: round(v.stats["flipped_share"], 4) for k, v in plan.layers.items()},
+        "budget": config.budget,
+        "disagreement": None if plan.disagreement is None else round(plan.disagreement, 2),
+        "strength": {k: v.stats["strength"] for k, v in plan.layers.items() if "strength" in v.stats},
         "skipped": plan.meta.get("skipped", {}),
         "verify": report.to_dict(),
         "crowded_layers": crowded,
@@ -248,6 +257,12 @@ def _say_defended(summary: dict[str, Any], kernels: dict[str, int]) -> None:
         f"wrote {summary['out']}: {summary['layers']} layers, {100 * summary['flipped_share']:.1f}% of weights "
         f"flipped, {summary['seconds']:.1f} s"
     )
+    if summary["budget"] is not None:
+        strengths = ", ".join(f"{s:g}" for s in summary["strength"].values())
+        print(
+            f"budget: {summary['disagreement']:.2f}% of held-out images disagree with the float model's top-1 "
+            f"(budget {summary['budget']:g}%); flipped shares per layer: {strengths}"
+        )
     ran = ", ".join(f"{k} x{v}" for k, v in kernels.items()) or "none"
     ok = summary["verify"]["integers_ok"]
     print(f"verify: integers {'match the plan' if ok else 'DIFFER'}; onnxruntime runs {ran}")

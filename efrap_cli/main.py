@@ -52,6 +52,14 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
         note = f"; {reference} with --reference" if reference != default else ""
         p.add_argument(flag, type=kind, default=None, help=f"{text} (default: {default}{note})")
     p.add_argument(
+        "--budget",
+        type=_budget,
+        default=argparse.SUPPRESS,
+        help="budget mode: the top-1 disagreement with the float model, in percent of held-out calibration "
+        "images, the defended model may show; each layer takes the strongest flipping within it. 'off': "
+        f"one fixed --flip-weight (default: {'off' if d.budget is None else d.budget}; off with --reference)",
+    )
+    p.add_argument(
         "--calib-size",
         type=int,
         default=d.calib_size,
@@ -69,6 +77,20 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
         help="the paper's settings: 10,000 steps of lr 1e-3 per layer, reference loss balance "
         "(flags given beside it still apply)",
     )
+
+
+def _budget(text: str) -> float | None:
+    if text.lower() == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a percentage such as 1 or 0.5, or 'off', got {text!r}"
+        ) from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"expected a percentage in [0, 100], got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

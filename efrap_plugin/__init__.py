@@ -38,13 +38,14 @@ from .evaluate import (
 )
 from .fake_quant import fake_quant_forward
 from .files import atomic_write, check_writable, read_safetensors, safetensors_shapes, staged
+from .held_out import MIN_HOLDOUT, HeldOut, split_calibration, split_sizes
 from .layer_inputs import LAYER_INPUTS, LayerInputs, check_layer_inputs, pick_layer_inputs
 from .layers import execution_order, fingerprint, on_device_of, prepare_model, quantizable_layers, relu_after
 from .loop import defend_layers
 from .models import DigitsCNN, ResNet, TokenEncoder, build_model, resnet8, resnet20
 from .objective import learnable_bounds, truncation_error
 from .plan import LayerPlan, RoundingPlan, grid_record, snap_integers, snap_weight
-from .rounding import LayerProblem, LayerResult, learn_rounding
+from .rounding import BUDGET_STRENGTHS, LayerProblem, LayerResult, learn_rounding, path_steps, rounding_path
 from .schemes import SCHEME_PRESETS, ActivationQuantizer, QuantScheme, scheme_preset
 from .training import resolve_device, train
 from .triggers import PatchTrigger
@@ -53,6 +54,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ATTACK_BARS",
+    "BUDGET_STRENGTHS",
+    "HeldOut",
+    "MIN_HOLDOUT",
     "ActivationQuantizer",
     "DataError",
     "DigitsCNN",
@@ -104,6 +108,10 @@ __all__ = [
     "on_device_of",
     "pick_layer_inputs",
     "learn_rounding",
+    "path_steps",
+    "rounding_path",
+    "split_calibration",
+    "split_sizes",
     "learnable_bounds",
     "load_cifar10",
     "load_dataset",

@@ -55,6 +55,14 @@ class EFRAPConfig:
     patience: int = 0
     """Early stop (--patience): end a layer's optimisation once its hard-rounded integers have not
     changed for this many steps (checked every 50); 0 runs all ``iters``."""
+    budget: float | None = None
+    """Budget mode (--budget PCT): the top-1 disagreement with the float model, in percent of held-out
+    calibration images, that the defended model may show. Each layer then searches its flipping strength
+    from weak to strong and keeps the strongest within its share of the budget. None: one fixed strength
+    (``flip_weight``) for every layer."""
+    holdout: int = 256
+    """Budget mode: calibration images held out of the optimisation to measure the disagreement on
+    (at most a quarter of the calibration data)."""
 
     def __post_init__(self) -> None:
         _positive(self, "iters", "--iters")
@@ -66,6 +74,18 @@ class EFRAPConfig:
             )
         if not isinstance(self.patience, int) or self.patience < 0:
             raise EFRAPError(f"EFRAPConfig.patience (--patience): expected steps >= 0, got {self.patience!r}")
+        if self.budget is not None and not (
+            isinstance(self.budget, (int, float)) and 0 <= self.budget <= 100
+        ):
+            raise EFRAPError(
+                f"EFRAPConfig.budget (--budget): expected a percentage in [0, 100] or None, got {self.budget!r}"
+            )
+        if self.budget is not None and self.objective != "efrap":
+            raise EFRAPError(
+                f"EFRAPConfig.budget (--budget): searches the flipping strength of the full objective; "
+                f"objective={self.objective!r} has none to search. Set budget=None (--budget off)"
+            )
+        _positive(self, "holdout", "holdout")
         if not self.lr > 0:
             raise EFRAPError(f"EFRAPConfig.lr (--lr): expected a positive learning rate, got {self.lr!r}")
         for name in ("flip_weight", "round_weight", "beta"):
@@ -89,7 +109,7 @@ class EFRAPConfig:
     @classmethod
     def reference(cls, **changes: Any) -> EFRAPConfig:
         """The paper's code: 10,000 Adam steps of lr 1e-3 per layer, batch 32, 1,024 images, seed 1005."""
-        base = cls(iters=10_000, batch_size=32, lr=1e-3, calib_size=1024, balance="reference")
+        base = cls(iters=10_000, batch_size=32, lr=1e-3, calib_size=1024, balance="reference", budget=None)
         return dataclasses.replace(base, **changes)
 
     def replace(self, **changes: Any) -> EFRAPConfig:

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from .config import EFRAPConfig
-from .data import as_calibration
 from .errors import DataError, ModelError
+from .held_out import HeldOut, split_calibration
 from .layers import followed_by_relu, layer_forward, prepare_model, quantizable_layers
 from .loop import defend_layers
 from .plan import RoundingPlan
@@ -136,7 +136,7 @@ def defend(
     start = time.perf_counter()
     prepared = prepare_model(model, scheme)
     layers = quantizable_layers(prepared)
-    calib = as_calibration(calib_data, config.calib_size)
+    calib, held = split_calibration(calib_data, config)
     try:
         layers = quantizable_layers(prepared, calib[:1])
     except RuntimeError as exc:
@@ -147,7 +147,8 @@ def defend(
     quantized = copy.deepcopy(prepared)
     _install_act_quantizers(quantized, layers, calib, scheme)
     problems = _problems(prepared, quantized, layers, calib, scheme, with_relu)
-    plans = defend_layers(problems, config, len(layers), progress)
+    held_out = HeldOut.of_models(prepared, quantized, held) if config.budget is not None else None
+    plans = defend_layers(problems, config, len(layers), progress, held_out)
     log.info("EFRAP: %d layers in %.1f s", len(plans), time.perf_counter() - start)
     meta = {"config": config.to_dict(), "calib_size": int(calib.shape[0])}  # no timings: same run, same bytes
     return RoundingPlan(scheme, plans, "torch", meta)

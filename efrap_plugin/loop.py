@@ -8,15 +8,17 @@ learned integers were installed (``LayerProblem.install``) in the partially quan
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from .config import EFRAPConfig
+from .errors import EFRAPError
+from .held_out import HeldOut
 from .layers import fingerprint
 from .plan import LayerPlan
-from .rounding import LayerProblem, learn_rounding
+from .rounding import LayerProblem, LayerResult, learn_rounding, path_steps, rounding_path
 from .threads import threads_for
 from .training import resolve_device
 
@@ -32,23 +34,42 @@ def step_flops(problem: LayerProblem, config: EFRAPConfig) -> float:
 
 
 def defend_layers(
-    problems: Iterable[LayerProblem], config: EFRAPConfig, layers: int, progress: bool = True
+    problems: Iterable[LayerProblem],
+    config: EFRAPConfig,
+    layers: int,
+    progress: bool = True,
+    held_out: HeldOut | None = None,
 ) -> dict[str, LayerPlan]:
     """Learn and install the rounding of each problem in turn; the plan of every layer, by problem name.
 
     ``layers`` (the number of problems) sizes the progress bar. One generator seeded with
     ``config.seed`` drives every layer's batch sampling, so the same problems give the same plan.
+    Under a budget (``config.budget``), ``held_out`` measures each strength the layer tries.
     """
     resolve_device(config.device)  # before the first layer's inputs are captured
+    if config.budget is not None and held_out is None:
+        raise EFRAPError("budget mode: this producer gives no held-out measurement; set budget=None")
     generator = torch.Generator().manual_seed(config.seed)
     plans: dict[str, LayerPlan] = {}
-    with tqdm(total=config.iters * layers, desc="EFRAP", unit="it", disable=not progress, leave=False) as bar:
-        for problem in problems:
+    spent = 0.0
+    per_layer = path_steps(config)
+    with tqdm(total=per_layer * layers, desc="EFRAP", unit="it", disable=not progress, leave=False) as bar:
+        for i, problem in enumerate(problems):
             bar.set_postfix(layer=problem.name)
+            start = bar.n
             with threads_for(step_flops(problem, config), config.device):
-                result = learn_rounding(problem, config, generator, bar.update)
-            if problem.install is not None:
-                problem.install(result.integers)
+                if held_out is None or config.budget is None:
+                    result, stats = learn_rounding(problem, config, generator, bar.update), {}
+                    if problem.install is not None:
+                        problem.install(result.integers)
+                else:
+                    allowance = (config.budget - spent) / (layers - i)
+                    result, disagreement, cost = _strongest_within(
+                        problem, config, generator, bar.update, held_out, allowance
+                    )
+                    spent += cost
+                    stats = {"strength": result.strength, "disagreement": disagreement}
+            bar.update(per_layer - (bar.n - start))  # steps an early stop or the budget skipped
             plans[problem.name] = LayerPlan(
                 problem.name,
                 result.integers,
@@ -64,15 +85,51 @@ def defend_layers(
                     "act_error_learned": result.act_error_learned,
                     "bits": problem.scheme.bits,
                     "steps": result.steps,
+                    **stats,
                 },
             )
             log.info(
-                "%s: %.1f%% flipped, loss %.4g -> %.4g, relative output error %.2e (nearest %.2e)",
+                "%s: %.1f%% flipped, loss %.4g -> %.4g, relative output error %.2e (nearest %.2e)%s",
                 problem.name,
                 100 * result.flipped_share,
                 result.loss_before,
                 result.loss_after,
                 result.act_error_learned,
                 result.act_error_nearest,
+                f", strength {stats['strength']}, held-out disagreement {stats['disagreement']:.2f}%"
+                if stats
+                else "",
             )
     return plans
+
+
+def _strongest_within(
+    problem: LayerProblem,
+    config: EFRAPConfig,
+    generator: torch.Generator,
+    progress: Callable[[int], None],
+    held_out: HeldOut,
+    allowance: float,
+) -> tuple[LayerResult, float, float]:
+    """The strongest rounding on the layer's path whose held-out disagreement exceeds the weakest one's
+    by at most ``allowance`` points; its disagreement, and that excess (what it spent of the budget).
+
+    Each strength is measured with the layer installed in the producer's model; the path stops at the
+    first strength over the allowance, so a tight budget costs fewer steps than a loose one.
+    """
+    if problem.install is None:
+        raise EFRAPError(f"layer {problem.name!r}: budget mode needs a producer that installs each layer")
+    chosen: tuple[LayerResult, float] | None = None
+    weakest = 0.0
+    path = rounding_path(problem, config, generator, progress)
+    for result in path:
+        problem.install(result.integers)
+        disagreement = held_out.disagreement()
+        if chosen is None:
+            weakest = disagreement
+        elif disagreement - weakest > allowance:
+            problem.install(chosen[0].integers)
+            break
+        chosen = (result, disagreement)
+    path.close()
+    return chosen[0], chosen[1], chosen[1] - weakest

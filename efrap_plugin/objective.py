@@ -93,12 +93,14 @@ def init_logits(frac: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.log(f / (1 - f))
 
 
-def beta_schedule(it: int, config: EFRAPConfig) -> tuple[float, bool]:
-    """L_P's exponent at step ``it``, and whether L_P is on yet (always, unless annealed)."""
+def beta_schedule(it: int, config: EFRAPConfig, steps: int | None = None) -> tuple[float, bool]:
+    """L_P's exponent at step ``it`` of ``steps`` (default ``config.iters``), and whether L_P is on yet
+    (always, unless annealed)."""
     if not config.anneal_beta:
         return config.beta, True
-    warm = int(BETA_WARMUP * config.iters)
-    t = max(0.0, (it - warm) / max(config.iters - warm, 1))
+    steps = config.iters if steps is None else steps
+    warm = int(BETA_WARMUP * steps)
+    t = max(0.0, (it - warm) / max(steps - warm, 1))
     beta = BETA_END + 0.5 * (BETA_START - BETA_END) * (1 + math.cos(t * math.pi))
     return beta, it >= warm
 
@@ -156,6 +158,14 @@ class Objective:
     err: torch.Tensor
     flip_scale: float
     act_scale: float
+    free: torch.Tensor | None = (
+        None  # learnable and not forced (force_flips); every learnable element at first
+    )
+    fixed: torch.Tensor | None = None  # the integers of the other elements: nearest, or flipped where forced
+
+    def __post_init__(self) -> None:
+        if self.free is None:
+            self.free, self.fixed = self.learnable, self.nearest
 
     @classmethod
     def build(
@@ -180,9 +190,26 @@ class Objective:
             problem, config, s, z, base, frac, lo, hi, ~frozen, nearest, target, err, flip_scale, act_scale
         )
 
+    def force_flips(self, share: float) -> None:
+        """L_F as a constraint (budget mode): flip the rounding of the ``share`` of learnable elements
+        with the largest truncation error, and learn only the others from now on.
+
+        Unlike L_F's weight, the share measures how far the layer moves from nearest rounding: a larger
+        share always flips more, so a budget can search it from weak to strong.
+        """
+        k = round(share * int(self.learnable.sum()))
+        forced = torch.zeros(self.learnable.numel(), dtype=torch.bool, device=self.learnable.device)
+        if k > 0:
+            steps = torch.minimum(self.frac, 1 - self.frac)  # truncation error in integer steps
+            score = torch.where(self.learnable, steps, torch.full_like(steps, -1.0))
+            forced[score.reshape(-1).topk(k).indices] = True
+        forced = forced.reshape(self.learnable.shape)
+        flipped = torch.minimum(torch.maximum(self.base + self.target + self.z, self.lo), self.hi)
+        self.free, self.fixed = self.learnable & ~forced, torch.where(forced, flipped, self.nearest)
+
     def soft_weight(self, h: torch.Tensor) -> torch.Tensor:
-        """W~(V) = s * (clamp(floor(W / s) + h(V) + z, lo, hi) - z); frozen elements stay at nearest."""
-        h = torch.where(self.learnable, h, self.nearest - self.z - self.base)
+        """W~(V) = s * (clamp(floor(W / s) + h(V) + z, lo, hi) - z); other elements at their fixed integers."""
+        h = torch.where(self.free, h, self.fixed - self.z - self.base)
         q = torch.minimum(torch.maximum(self.base + h + self.z, self.lo), self.hi)
         return (q - self.z) * self.s
 
@@ -196,15 +223,15 @@ class Objective:
             y = problem.forward(problem.inputs[idx], self.soft_weight(h))
             l_a = _per_image((y - problem.targets[idx]).pow(2)) * self.act_scale
         l_f = zero
-        if config.objective != "preserve_only":
+        if config.objective != "preserve_only" and config.budget is None:
             bce = -(self.target * torch.log(h + BCE_EPS) + (1 - self.target) * torch.log(1 - h + BCE_EPS))
-            l_f = config.flip_weight * self.flip_scale * (self.err * bce * self.learnable).sum()
+            l_f = config.flip_weight * self.flip_scale * (self.err * bce * self.free).sum()
         penalty_scale = self.flip_scale if config.balance == "lsb" else 1.0
-        l_p = config.round_weight * (1 - (2 * h - 1).abs().pow(beta))[self.learnable].sum() * penalty_scale
+        l_p = config.round_weight * (1 - (2 * h - 1).abs().pow(beta))[self.free].sum() * penalty_scale
         return l_a, l_f, l_p
 
     def hard_round(self, v: torch.Tensor) -> torch.Tensor:
-        """Up where V >= 0, else down, within the bounds; frozen elements at nearest. int32."""
+        """Up where V >= 0, else down, within the bounds; other elements at their fixed integers. int32."""
         up = (v >= 0).to(torch.float32)
         q = torch.minimum(torch.maximum(self.base + up + self.z, self.lo), self.hi)
-        return torch.where(self.learnable, q, self.nearest).to(torch.int32)
+        return torch.where(self.free, q, self.fixed).to(torch.int32)

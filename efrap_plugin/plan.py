@@ -60,6 +60,13 @@ class RoundingPlan:
         return self.layers[name]
 
     @property
+    def disagreement(self) -> float | None:
+        """Budget mode: percent of held-out calibration inputs whose top-1 differs from the float model's,
+        measured on the finished model (the last layer's measurement); None without a budget."""
+        last = list(self.layers.values())[-1] if self.layers else None
+        return None if last is None or "disagreement" not in last.stats else float(last.stats["disagreement"])
+
+    @property
     def flipped_share(self) -> float:
         total = sum(lp.integers.numel() for lp in self.layers.values())
         flipped = sum(int((lp.integers != lp.nearest).sum()) for lp in self.layers.values())

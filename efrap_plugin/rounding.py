@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,7 @@ from .objective import PROBE_SIZE, Objective, beta_schedule, init_logits
 from .schemes import QuantScheme
 from .training import resolve_device
 
-__all__ = ["LayerProblem", "LayerResult", "learn_rounding"]
+__all__ = ["BUDGET_STRENGTHS", "LayerProblem", "LayerResult", "learn_rounding", "path_steps", "rounding_path"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,23 @@ class LayerResult:
     act_error_nearest: float
     act_error_learned: float
     steps: int
+    strength: float | None = None
+    """Budget mode: the share of learnable weights flipped by force (BUDGET_STRENGTHS); None otherwise."""
+
+
+BUDGET_STRENGTHS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+"""Budget mode's ladder, weak to strong: the share of a layer's learnable weights whose rounding is
+flipped, largest truncation error first (benchmarks/results/budget.md)."""
+STAGE_SHARE = 4
+"""Budget mode: each strength runs ``iters // STAGE_SHARE`` steps from the previous one's logits, so the
+whole ladder costs 1.5x one fixed-strength run."""
+
+
+def path_steps(config: EFRAPConfig) -> int:
+    """Optimizer steps one layer's ``rounding_path`` takes at most."""
+    if config.budget is None:
+        return config.iters
+    return len(BUDGET_STRENGTHS) * max(config.iters // STAGE_SHARE, 1)
 
 
 def learn_rounding(
@@ -83,9 +100,25 @@ def learn_rounding(
     """Optimise L_A + L_F + L_P (or an ablation) for one layer, then hard-round.
 
     Returns the layer's integers on ``problem.scheme``'s grid. Deterministic for a given generator.
+    Under a budget, the strongest rounding of the ladder, unmeasured (``defend_layers`` measures).
 
     References: Li et al., "Nearest is Not Dearest", CVPR 2024 (arXiv 2405.12725); Nagel et al.,
     "Up or Down? Adaptive Rounding for Post-Training Quantization", ICML 2020 (arXiv 2004.10568).
+    """
+    *_, last = rounding_path(problem, config, generator, progress)
+    return last
+
+
+def rounding_path(
+    problem: LayerProblem,
+    config: EFRAPConfig,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[LayerResult]:
+    """One layer's learned roundings, weak to strong: one at ``flip_weight``, or under a budget one per
+    strength of BUDGET_STRENGTHS, each continuing from the previous one's logits (``result.strength``).
+
+    A caller that stops early (the budget is spent) skips the stronger strengths' steps.
     """
     device = resolve_device(config.device)
     if device.type != "cpu":
@@ -93,15 +126,48 @@ def learn_rounding(
     objective = Objective.build(problem, config, generator)
     v = init_logits(objective.frac, config.rectifier).clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=config.lr)
-    n = problem.inputs.shape[0]
-    probe = torch.arange(min(n, PROBE_SIZE), device=device)
+    probe = torch.arange(min(problem.inputs.shape[0], PROBE_SIZE), device=device)
     with torch.no_grad():
         before = float(sum(objective.terms(v, probe, config.beta)))
+    stages = (
+        [(None, config.iters)]
+        if config.budget is None
+        else [(share, max(config.iters // STAGE_SHARE, 1)) for share in BUDGET_STRENGTHS]
+    )
+    for strength, stage_steps in stages:
+        if strength is not None:
+            objective.force_flips(strength)
+        steps = _optimise(objective, v, opt, stage_steps, generator, progress)
+        with torch.no_grad():
+            after = float(sum(objective.terms(v, probe, config.beta)))
+            integers = objective.hard_round(v)
+        result = _result(problem, objective, integers, before, after, steps, strength)
+        if device.type != "cpu":
+            result = dataclasses.replace(
+                result,
+                integers=result.integers.cpu(),
+                scale=result.scale.cpu(),
+                zero_point=result.zero_point.cpu(),
+            )
+        yield result
+
+
+def _optimise(
+    objective: Objective,
+    v: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    steps: int,
+    generator: torch.Generator | None,
+    progress: Callable[[int], None] | None,
+) -> int:
+    """Adam on V for ``steps`` steps, or until the hard-rounded integers hold still (``patience``);
+    the steps taken."""
+    config, problem = objective.config, objective.problem
+    n = problem.inputs.shape[0]
     stable, last = 0, None
-    steps = config.iters
-    for it in range(config.iters):
-        beta, with_penalty = beta_schedule(it, config)
-        idx = torch.randint(0, n, (min(config.batch_size, n),), generator=generator).to(device)
+    for it in range(steps):
+        beta, with_penalty = beta_schedule(it, config, steps)
+        idx = torch.randint(0, n, (min(config.batch_size, n),), generator=generator).to(v.device)
         l_a, l_f, l_p = objective.terms(v, idx, beta)
         loss = l_a + l_f + (l_p if with_penalty else 0.0)
         opt.zero_grad(set_to_none=True)
@@ -115,19 +181,10 @@ def learn_rounding(
             stable = stable + PATIENCE_CHECK if last is not None and torch.equal(now, last) else 0
             last = now
             if stable >= config.patience:
-                steps = it + 1
                 if progress is not None:
-                    progress(config.iters - steps)
-                break
-    with torch.no_grad():
-        after = float(sum(objective.terms(v, probe, config.beta)))
-        integers = objective.hard_round(v)
-    result = _result(problem, objective, integers, before, after, steps)
-    if device.type == "cpu":
-        return result
-    return dataclasses.replace(
-        result, integers=result.integers.cpu(), scale=result.scale.cpu(), zero_point=result.zero_point.cpu()
-    )
+                    progress(steps - it - 1)
+                return it + 1
+    return steps
 
 
 def _on(problem: LayerProblem, device: torch.device) -> LayerProblem:
@@ -150,6 +207,7 @@ def _result(
     before: float,
     after: float,
     steps: int,
+    strength: float | None = None,
 ) -> LayerResult:
     scheme, scale, zp = problem.scheme, problem.scale, problem.zero_point
     nearest, learnable = objective.nearest, objective.learnable
@@ -158,7 +216,7 @@ def _result(
         err_near = _act_error(problem, scheme.dequantize(nearest, scale, zp))
         err_learn = _act_error(problem, scheme.dequantize(integers, scale, zp))
     log.debug("%s: flipped %.1f%%, loss %.4g -> %.4g", problem.name, 100 * flipped, before, after)
-    return LayerResult(integers, scale, zp, flipped, before, after, err_near, err_learn, steps)
+    return LayerResult(integers, scale, zp, flipped, before, after, err_near, err_learn, steps, strength)
 
 
 def _act_error(problem: LayerProblem, w: torch.Tensor) -> float:

@@ -23,12 +23,12 @@ from torch import nn
 from efrap_plugin import (
     EFRAPConfig,
     EFRAPError,
+    HeldOut,
     LayerInputs,
     LayerPlan,
     LayerProblem,
     ModelError,
     RoundingPlan,
-    as_calibration,
     capture,
     check_layer_inputs,
     defend_layers,
@@ -37,6 +37,7 @@ from efrap_plugin import (
     grid_record,
     on_device_of,
     pick_layer_inputs,
+    split_calibration,
 )
 
 from .grid import LayerGrid, layer_grid
@@ -76,6 +77,17 @@ def _float_mode(model: nn.Module) -> Any:
     return quantization_status_manager(
         model, disable_act_quant=True, disable_weight_quant=True, disable_bias_quant=True, is_training=False
     )
+
+
+def _held_out(model: nn.Module, held: torch.Tensor) -> HeldOut:
+    """Budget mode: the model's outputs with quantization off, and with it on (its quantizers' own
+    rounding, the learned layers' so far) on the held-out inputs."""
+
+    def float_forward(x: torch.Tensor) -> Any:
+        with _float_mode(model):
+            return model(x)
+
+    return HeldOut.of_models(float_forward, model, held)
 
 
 def _permutation(dim: int, axis: int) -> tuple[list[int], list[int]]:
@@ -166,7 +178,7 @@ def defend_quant_model(
         )
     for name, reason in skipped.items():
         log.warning("%s: %s; left at the quantizer's own rounding", name, reason)
-    calib = as_calibration(calib_data, config.calib_size)
+    calib, held = split_calibration(calib_data, config)
     was_training = model.training
     model.eval()
     try:
@@ -176,7 +188,8 @@ def defend_quant_model(
             log.warning("%s: never called in a forward pass; left at the quantizer's own rounding", never)
         grids = {name: layer_grid(layers[name], name) for name in order}
         problems = _problems(model, layers, grids, calib, layer_inputs, config.seed)
-        learned = defend_layers(problems, config, len(order), progress)
+        held_out = _held_out(model, held) if config.budget is not None else None
+        learned = defend_layers(problems, config, len(order), progress, held_out)
     finally:
         model.train(was_training)
     plans = {name: _in_weight_layout(learned[name], layers[name].weight, grids[name].axis) for name in order}

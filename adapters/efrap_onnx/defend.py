@@ -17,11 +17,13 @@ from onnx import TensorProto, numpy_helper
 from efrap_plugin import (
     EFRAPConfig,
     EFRAPError,
+    HeldOut,
     LayerProblem,
     QuantScheme,
     RoundingPlan,
     defend_layers,
     grid_record,
+    split_sizes,
 )
 
 from .graph import QuantizedLayer, find_quantized_layers
@@ -38,16 +40,30 @@ def _to_core(arr: np.ndarray, layer: QuantizedLayer) -> torch.Tensor:
     return t.T.contiguous() if layer.transpose else t
 
 
-def _calibration_subset(batches: list[dict[str, np.ndarray]], size: int) -> list[dict[str, np.ndarray]]:
-    """The leading batches holding ``size`` inputs (the last one cut)."""
-    calib, n = [], 0
+def _inputs_between(
+    batches: list[dict[str, np.ndarray]], start: int, stop: int
+) -> list[dict[str, np.ndarray]]:
+    """The calibration inputs ``start:stop`` (counted across batches), as batches."""
+    picked, seen = [], 0
     for b in batches:
-        take = {k: v[: size - n] for k, v in b.items()}
-        calib.append(take)
-        n += len(next(iter(take.values())))
-        if n >= size:
-            break
-    return calib
+        n = len(next(iter(b.values())))
+        lo, hi = max(start - seen, 0), min(stop - seen, n)
+        if lo < hi:
+            picked.append({k: v[lo:hi] for k, v in b.items()})
+        seen += n
+    return picked
+
+
+def _held_out(
+    float_model: onnx.ModelProto, qdq: onnx.ModelProto, held: list[dict[str, np.ndarray]]
+) -> HeldOut:
+    """Budget mode: the float graph's first output on the held-out inputs, and the QDQ graph's as it
+    stands (the learned integers written so far, the rest onnxruntime's)."""
+    name = float_model.graph.output[0].name
+    return HeldOut(
+        run_output(session(float_model), held, name),
+        lambda: run_output(session(qdq), held, qdq.graph.output[0].name),
+    )
 
 
 _BITS = {
@@ -147,7 +163,12 @@ def defend_qdq(
             "no quantized Conv / Gemm / MatMul weight in the model: nothing to defend, output as onnxruntime wrote it"
         )
         return RoundingPlan(QuantScheme.onnxruntime(), {}, "onnx", meta)
-    calib = _calibration_subset(batches, config.calib_size)
+    available = sum(len(next(iter(b.values()))) for b in batches)
+    fit, held = split_sizes(available, config)
+    calib = _inputs_between(batches, 0, fit)
+    held_out = (
+        _held_out(float_model, qdq, _inputs_between(batches, available - held, available)) if held else None
+    )
     inits = {t.name: t for t in qdq.graph.initializer}
     grids = {
         layer.float_weight: weight_scheme(
@@ -160,7 +181,7 @@ def defend_qdq(
         for layer in layers
     }
     problems = _problems(float_model, qdq, layers, calib, grids)
-    plans = defend_layers(problems, config, len(layers), progress)
+    plans = defend_layers(problems, config, len(layers), progress, held_out)
     layout = {
         layer.float_weight: {
             "quantized": layer.quantized,

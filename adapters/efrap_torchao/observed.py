@@ -28,12 +28,12 @@ from torch import nn
 from efrap_plugin import (
     EFRAPConfig,
     EFRAPError,
+    HeldOut,
     LayerInputs,
     LayerProblem,
     ModelError,
     QuantScheme,
     RoundingPlan,
-    as_calibration,
     capture,
     check_layer_inputs,
     defend_layers,
@@ -41,6 +41,7 @@ from efrap_plugin import (
     on_device_of,
     pick_layer_inputs,
     snap_integers,
+    split_calibration,
 )
 
 __all__ = ["defend_prepared", "observer_grid", "observer_scheme", "spec_scheme"]
@@ -356,6 +357,21 @@ def _problems(
         yield LayerProblem(layer.name, w0, scheme, layer.forward, inputs, targets, scale, zero_point, install)
 
 
+def _held_out(model: nn.Module, float_copy: nn.Module, layers: list[_Layer], held: torch.Tensor) -> HeldOut:
+    """Budget mode: the float copy's outputs on the held-out inputs, and the prepared model's with its
+    activation observers fake-quantizing and the learned weights snapped in so far."""
+    ids = {id(layer.observer) for layer in layers}
+
+    def run(source: nn.Module, fake_quantize: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with _observers(source, fake_quantize, ids):
+                return source(x)
+
+        return forward
+
+    return HeldOut.of_models(run(float_copy, False), run(model, True), held)
+
+
 def defend_prepared(
     prepared: nn.Module,
     calib_data: Any,
@@ -380,7 +396,7 @@ def defend_prepared(
         raise EFRAPError(
             f"prepared: expected the model prepare_pt2e / prepare_fx / prepare returned, got {type(prepared).__name__}"
         )
-    calib = as_calibration(calib_data, config.calib_size)
+    calib, held = split_calibration(calib_data, config)
     relu_units = config.unit == "activation"
     graph = isinstance(prepared, torch.fx.GraphModule) and any(
         str(n.target) in _GRAPH_OPS for n in prepared.graph.nodes if n.op == "call_function"
@@ -397,7 +413,8 @@ def defend_prepared(
         log.warning("%s: %s", name, reason)
     float_copy = copy.deepcopy(prepared)
     problems = _problems(prepared, float_copy, layers, calib, layer_inputs, config.seed)
-    plans = defend_layers(problems, config, len(layers), progress)
+    held_out = _held_out(prepared, float_copy, layers, held) if config.budget is not None else None
+    plans = defend_layers(problems, config, len(layers), progress, held_out)
     scheme = observer_grid(layers[0].observer, f"layer {layers[0].name!r}")[0]
     meta = {
         "config": config.to_dict(),

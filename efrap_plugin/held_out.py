@@ -1,0 +1,98 @@
+"""Budget mode's measurement: top-1 disagreement with the float model on calibration inputs the
+optimisation never sees. Backend-neutral: an adapter splits its calibration data with ``split_sizes``
+and hands the loop a ``HeldOut`` that runs its own partially quantized model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import EFRAPConfig
+from .data import as_calibration
+from .errors import DataError
+
+__all__ = ["MIN_HOLDOUT", "HeldOut", "split_calibration", "split_sizes"]
+
+_CHUNK = 256
+
+MIN_HOLDOUT = 16
+"""Fewest held-out inputs a budget is measured on (one input is then 6.25%)."""
+
+
+def split_sizes(available: int, config: EFRAPConfig) -> tuple[int, int]:
+    """(inputs the optimisation uses, inputs held out) of ``available`` calibration inputs, in that order.
+
+    Under a budget the held-out inputs are the last ``min(config.holdout, available // 4)``; the
+    optimisation takes up to ``calib_size`` of the others. Without one nothing is held out.
+    """
+    if config.budget is None:
+        return min(config.calib_size, available), 0
+    held = min(config.holdout, available // 4)
+    if held < MIN_HOLDOUT:
+        raise DataError(
+            f"calibration data: budget mode holds out a quarter of the calibration inputs (at most "
+            f"{config.holdout}) to measure the disagreement on, and {available} inputs leave {held}; "
+            f"give at least {4 * MIN_HOLDOUT} inputs, or set budget=None (--budget off)"
+        )
+    return min(config.calib_size, available - held), held
+
+
+def split_calibration(data: Any, config: EFRAPConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibration inputs (as ``as_calibration`` reads them) split into the optimisation's and the
+    held-out ones (empty without a budget)."""
+    wanted = config.calib_size + (config.holdout if config.budget is not None else 0)
+    x = as_calibration(data, wanted)
+    fit, held = split_sizes(x.shape[0], config)
+    return x[:fit], x[x.shape[0] - held :]
+
+
+@dataclass
+class HeldOut:
+    """The float model's outputs on the held-out inputs, and ``predict`` giving the partially quantized
+    model's outputs on the same inputs as the producer's model stands (installed layers included).
+
+    Disagreement is taken on the argmax of the outputs' last axis: the class of a classifier.
+    """
+
+    reference: torch.Tensor
+    predict: Callable[[], torch.Tensor]
+
+    def __post_init__(self) -> None:
+        self._labels = self.reference.argmax(-1)
+
+    @classmethod
+    def of_models(
+        cls,
+        float_forward: Callable[[torch.Tensor], torch.Tensor],
+        quantized_forward: Callable[[torch.Tensor], torch.Tensor],
+        inputs: torch.Tensor,
+    ) -> HeldOut:
+        """Torch flows: the float and the partially quantized model as callables, run in chunks."""
+
+        def run(forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.cat(
+                    [_output(forward(inputs[i : i + _CHUNK])) for i in range(0, len(inputs), _CHUNK)]
+                )
+
+        return cls(run(float_forward), lambda: run(quantized_forward))
+
+    def disagreement(self) -> float:
+        """Percent of held-out top-1 decisions that differ from the float model's."""
+        labels = self.predict().argmax(-1)
+        if labels.shape != self._labels.shape:
+            raise DataError(
+                f"budget mode: the quantized model's outputs {tuple(labels.shape)} do not match the float "
+                f"model's {tuple(self._labels.shape)}"
+            )
+        return 100.0 * float((labels != self._labels).float().mean())
+
+
+def _output(value: Any) -> torch.Tensor:
+    """A model's first output as a plain tensor (a QuantTensor's ``.value``, a tuple's first item)."""
+    if isinstance(value, (tuple, list)):
+        value = value[0]
+    return (value if isinstance(value, torch.Tensor) else value.value).detach()

@@ -1,0 +1,122 @@
+"""Budget mode: each layer keeps the strongest flipping whose held-out top-1 disagreement with the float
+model stays within its share of the user's budget. The disagreement the plan reports is checked against
+the real artifact (onnxruntime session, Brevitas model), and the defended models against the removal bar."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from efrap_cli.main import main
+from efrap_onnx import quantize_images, session, verify
+from efrap_plugin import (
+    BUDGET_STRENGTHS,
+    DataError,
+    EFRAPConfig,
+    EFRAPError,
+    defend,
+    evaluate,
+    split_sizes,
+)
+
+BUDGET = EFRAPConfig(budget=1.0)
+
+
+def _top1(sess, x: np.ndarray) -> np.ndarray:
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(-1)
+
+
+def test_the_budget_is_a_percentage_of_the_full_objective():
+    with pytest.raises(EFRAPError, match=r"budget \(--budget\): expected a percentage in \[0, 100\]"):
+        EFRAPConfig(budget=150)
+    with pytest.raises(EFRAPError, match=r"objective='preserve_only' has none to search"):
+        EFRAPConfig(budget=1.0, objective="preserve_only")
+    assert EFRAPConfig.reference().budget is None
+
+
+def test_a_quarter_of_the_calibration_data_at_most_is_held_out():
+    assert split_sizes(1257, BUDGET) == (1001, 256)
+    assert split_sizes(1024, BUDGET) == (768, 256)
+    assert split_sizes(200, BUDGET) == (150, 50)
+    assert split_sizes(5000, BUDGET) == (1024, 256)
+    assert split_sizes(1257, EFRAPConfig(budget=None)) == (1024, 0)
+    with pytest.raises(DataError, match=r"40 inputs leave 10; give at least 64 inputs, or set budget=None"):
+        split_sizes(40, BUDGET)
+
+
+def test_onnx_budget_mode_removes_the_backdoor_and_reports_the_artifacts_disagreement(
+    pq8, pq8_onnx, digits, tmp_path
+):
+    calib = np.ascontiguousarray(digits.train.x.numpy())
+    out = tmp_path / "efrap.onnx"
+    plan = quantize_images(pq8_onnx, out, calib, 8, config=BUDGET, progress=False)
+    assert verify(out, plan).integers_ok
+    assert all(lp.stats["strength"] in BUDGET_STRENGTHS for lp in plan.layers.values())
+    # the held-out images are the calibration data's last 256; the finished artifact shows what the plan says
+    held = calib[len(calib) - 256 :]
+    measured = 100 * float((_top1(session(out), held) != _top1(session(pq8_onnx), held)).mean())
+    assert abs(measured - plan.disagreement) <= 100 / 256 + 1e-6  # BatchNorm folding may move one tie
+    float_m = evaluate(session(pq8_onnx), digits.test, pq8.trigger)
+    efrap_m = evaluate(session(out), digits.test, pq8.trigger)
+    assert efrap_m.asr <= max(0.03, float_m.asr + 0.01)
+    assert efrap_m.clean_acc >= float_m.clean_acc - 0.01
+
+
+def test_a_loose_budget_takes_the_strongest_flipping_and_a_tight_one_never_more(clean_cnn, digits):
+    fast = EFRAPConfig(iters=40, calib_size=256, holdout=128)
+    loose = defend(clean_cnn, digits.train.x[:384], config=fast.replace(budget=100.0), progress=False)
+    tight = defend(clean_cnn, digits.train.x[:384], config=fast.replace(budget=0.0), progress=False)
+    assert [lp.stats["strength"] for lp in loose.layers.values()] == [max(BUDGET_STRENGTHS)] * 4
+    for name, lp in tight.layers.items():
+        assert lp.stats["strength"] <= loose[name].stats["strength"]
+        assert lp.stats["steps"] <= loose[name].stats["steps"]
+    # the torch path measures on the partially quantized model itself: the last layer's figure is the model's
+    assert tight.disagreement == tight[list(tight.layers)[-1]].stats["disagreement"]
+    assert tight.meta["calib_size"] == 256
+
+
+def test_brevitas_budget_mode_measures_the_users_model(digits):
+    from test_brevitas_user_models import build
+
+    from efrap_brevitas import defend_quant_model
+    from efrap_brevitas.defend import _float_mode
+
+    calib = digits.train.x[:320]
+    model = build("hand-built-bn-residual", "int8-per-channel-float", calib)
+    plan = defend_quant_model(model, calib, EFRAPConfig(iters=20, calib_size=256, budget=1.0), progress=False)
+    held = calib[-80:]  # a quarter of 320
+    with torch.no_grad():
+        quantized = model(held).argmax(-1)
+        with _float_mode(model):
+            reference = model(held).argmax(-1)
+    assert plan.disagreement == pytest.approx(100 * float((quantized != reference).float().mean()))
+    assert all(lp.stats["strength"] in BUDGET_STRENGTHS for lp in plan.layers.values())
+
+
+def test_cli_budget_flag_reports_the_measured_disagreement(pq8_onnx, tmp_path, capsys):
+    out = tmp_path / "d.onnx"
+    code = main(
+        [
+            "defend",
+            str(pq8_onnx),
+            "--calib",
+            "digits",
+            "--out",
+            str(out),
+            "--budget",
+            "1",
+            "--json",
+            "--quiet",
+        ]
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["verify"]["integers_ok"]
+    assert summary["budget"] == 1.0 and 0 <= summary["disagreement"] <= 100
+    assert sorted(summary["strength"]) == sorted(summary["per_layer"])
+    with pytest.raises(SystemExit) as exc:
+        main(["defend", str(pq8_onnx), "--calib", "digits", "--out", str(out), "--budget", "150"])
+    assert exc.value.code == 2
+    assert "expected a percentage in [0, 100], got '150'" in capsys.readouterr().err
