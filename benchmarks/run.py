@@ -46,7 +46,7 @@ def _pct(values):
     return f"{m:.2f} ± {s:.2f}"
 
 
-def _attacked_onnx(
+def attacked_onnx(
     tmp: Path, attack: str = "pqbackdoor", bits: int = 8, seed: int = 0, dataset: str = "digits"
 ):
     """An attacked model (by default the demo's digits PQBackdoor int8), its float ONNX export, the data,
@@ -64,7 +64,7 @@ def _cell_seed(job: tuple[str, int, int, int, str]) -> dict:
     attack, bits, seed, defense_seeds, dataset = job
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        result, src, data, calib, attack_s = _attacked_onnx(Path(tmp), attack, bits, seed, dataset)
+        result, src, data, calib, attack_s = attacked_onnx(Path(tmp), attack, bits, seed, dataset)
         row = {"attack": attack, "bits": bits, "attack_seed": seed, "attack_s": attack_s}
         row["float"] = evaluate(session(src), data.test, result.trigger)
         _quantize(src, Path(tmp) / "stock.onnx", calib, bits, efrap=False)
@@ -138,7 +138,7 @@ def bench_cells(
 ) -> list[dict]:
     """Every attack x bits cell over ``attack_seeds`` attacked models, in parallel processes."""
     jobs = [(a, b, s, defense_seeds, dataset) for a, b in cells for s in range(attack_seeds)]
-    with get_context("spawn").Pool(procs, initializer=_configure_logging) as pool:
+    with get_context("spawn").Pool(procs, initializer=configure_logging) as pool:
         done = pool.map(_cell_seed, jobs, chunksize=1)
     suffix = "" if dataset == "digits" else f"-{dataset}"
     seeds_note = (
@@ -169,7 +169,7 @@ def _speed_cell(cell: tuple[str, int]) -> list[dict]:
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        result, src, digits, calib, _ = _attacked_onnx(Path(tmp), attack, bits)
+        result, src, digits, calib, _ = attacked_onnx(Path(tmp), attack, bits)
         f = evaluate(session(src), digits.test, result.trigger)
         for name, cfg in SPEED_CONFIGS.items():
             t0 = time.perf_counter()
@@ -201,7 +201,7 @@ def _speed_cell(cell: tuple[str, int]) -> list[dict]:
 def bench_speed(out: Path, procs: int = 1) -> list[dict]:
     """The fast default against the paper's reference setting (10,000 steps/layer) on every digits cell
     whose attack fires; each ratio is taken within one process."""
-    with get_context("spawn").Pool(procs, initializer=_configure_logging) as pool:
+    with get_context("spawn").Pool(procs, initializer=configure_logging) as pool:
         rows = [r for cell_rows in pool.map(_speed_cell, SPEED_CELLS, chunksize=1) for r in cell_rows]
     note = (
         "Digits models attacked with seed 0, EFRAP seed 1005, onnxruntime sessions; percentages. "
@@ -215,7 +215,7 @@ def bench_latency(out: Path, repeats: int = 200) -> list[dict]:
     """onnxruntime latency of the defended int8 model against the stock int8 and the float model."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        result, src, digits, calib, _ = _attacked_onnx(Path(tmp))
+        result, src, digits, calib, _ = attacked_onnx(Path(tmp))
         _quantize(src, Path(tmp) / "stock.onnx", calib, 8, efrap=False)
         _quantize(src, Path(tmp) / "efrap.onnx", calib, 8, EFRAPConfig())
         sessions = {k: session(Path(tmp) / f"{k}.onnx") for k in ("f", "stock", "efrap")}
@@ -242,7 +242,7 @@ def bench_latency(out: Path, repeats: int = 200) -> list[dict]:
     return rows
 
 
-def _configure_logging() -> None:
+def configure_logging() -> None:
     """Progress lines from this script only (also in the worker processes)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("efrap_onnx", "efrap_plugin", "onnxruntime", "torch"):
@@ -260,7 +260,7 @@ def main() -> int:
     )
     parser.add_argument("--procs", type=int, default=2, help="parallel attack x seed jobs")
     args = parser.parse_args()
-    _configure_logging()
+    configure_logging()
     torch.set_num_threads(1)
     cells = [(a, int(b)) for a, b in (c.split(":") for c in args.cells.split(","))]
     out = Path(args.out)

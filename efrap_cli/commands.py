@@ -187,8 +187,6 @@ def _config(args: argparse.Namespace) -> EFRAPConfig:
     }
     if hasattr(args, "budget"):
         given["budget"] = args.budget
-    elif args.objective != "efrap":
-        given["budget"] = None  # an ablation has no flipping strength to search
     device = getattr(args, "device", None) or "cpu"
     resolve_device(device)  # a clear error before any work, not after the stock quantization
     return base.replace(

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from .config import EFRAPConfig
+from .data import as_calibration
 from .errors import DataError, ModelError
-from .held_out import HeldOut, split_calibration
+from .held_out import HeldOut, inputs_needed, split_calibration
 from .layers import followed_by_relu, layer_forward, prepare_model, quantizable_layers
 from .loop import defend_layers
 from .plan import RoundingPlan
@@ -136,13 +137,14 @@ def defend(
     start = time.perf_counter()
     prepared = prepare_model(model, scheme)
     layers = quantizable_layers(prepared)
-    calib, held = split_calibration(calib_data, config)
+    calib = as_calibration(calib_data, inputs_needed(config))
     try:
         layers = quantizable_layers(prepared, calib[:1])
     except RuntimeError as exc:
         raise DataError(
             f"calibration data: samples of shape {tuple(calib.shape[1:])} do not fit {type(model).__name__} ({exc})"
         ) from None
+    calib, held = split_calibration(calib, config)
     with_relu = followed_by_relu(prepared) if config.unit == "activation" else set()
     quantized = copy.deepcopy(prepared)
     _install_act_quantizers(quantized, layers, calib, scheme)

@@ -11,10 +11,9 @@ from typing import Any
 import torch
 
 from .config import EFRAPConfig
-from .data import as_calibration
 from .errors import DataError
 
-__all__ = ["MIN_HOLDOUT", "HeldOut", "split_calibration", "split_sizes"]
+__all__ = ["MIN_HOLDOUT", "HeldOut", "inputs_needed", "split_calibration", "split_sizes"]
 
 _CHUNK = 256
 
@@ -40,13 +39,16 @@ def split_sizes(available: int, config: EFRAPConfig) -> tuple[int, int]:
     return min(config.calib_size, available - held), held
 
 
-def split_calibration(data: Any, config: EFRAPConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Calibration inputs (as ``as_calibration`` reads them) split into the optimisation's and the
-    held-out ones (empty without a budget)."""
-    wanted = config.calib_size + (config.holdout if config.budget is not None else 0)
-    x = as_calibration(data, wanted)
-    fit, held = split_sizes(x.shape[0], config)
-    return x[:fit], x[x.shape[0] - held :]
+def inputs_needed(config: EFRAPConfig) -> int:
+    """Calibration inputs to read: ``calib_size``, and under a budget the held-out ones on top."""
+    return config.calib_size + (config.holdout if config.budget is not None else 0)
+
+
+def split_calibration(inputs: torch.Tensor, config: EFRAPConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibration inputs (read with ``inputs_needed``) split into the optimisation's and the held-out
+    ones (none without a budget)."""
+    fit, held = split_sizes(inputs.shape[0], config)
+    return inputs[:fit], inputs[inputs.shape[0] - held :]
 
 
 @dataclass
@@ -79,6 +81,11 @@ class HeldOut:
                 )
 
         return cls(run(float_forward), lambda: run(quantized_forward))
+
+    @property
+    def resolution(self) -> float:
+        """What one held-out decision weighs, in percent: changes this small are measurement noise."""
+        return 100.0 / max(self._labels.numel(), 1)
 
     def disagreement(self) -> float:
         """Percent of held-out top-1 decisions that differ from the float model's."""

@@ -112,7 +112,8 @@ def _strongest_within(
     allowance: float,
 ) -> tuple[LayerResult, float, float]:
     """The strongest rounding on the layer's path whose held-out disagreement exceeds the weakest one's
-    by at most ``allowance`` points; its disagreement, and that excess (what it spent of the budget).
+    by at most ``allowance`` points (one held-out decision more is within the measurement's resolution);
+    its disagreement, and that excess (what it spent of the budget).
 
     Each strength is measured with the layer installed in the producer's model; the path stops at the
     first strength over the allowance, so a tight budget costs fewer steps than a loose one.
@@ -127,7 +128,7 @@ def _strongest_within(
         disagreement = held_out.disagreement()
         if chosen is None:
             weakest = disagreement
-        elif disagreement - weakest > allowance:
+        elif disagreement - weakest > allowance + held_out.resolution:
             problem.install(chosen[0].integers)
             break
         chosen = (result, disagreement)

@@ -33,7 +33,7 @@ def test_the_budget_is_a_percentage_of_the_full_objective():
     with pytest.raises(EFRAPError, match=r"budget \(--budget\): expected a percentage in \[0, 100\]"):
         EFRAPConfig(budget=150)
     with pytest.raises(EFRAPError, match=r"objective='preserve_only' has none to search"):
-        EFRAPConfig(budget=1.0, objective="preserve_only")
+        EFRAPConfig(budget=2.0, objective="preserve_only")
     assert EFRAPConfig.reference().budget is None
 
 

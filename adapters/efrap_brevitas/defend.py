@@ -29,12 +29,14 @@ from efrap_plugin import (
     LayerProblem,
     ModelError,
     RoundingPlan,
+    as_calibration,
     capture,
     check_layer_inputs,
     defend_layers,
     execution_order,
     fingerprint,
     grid_record,
+    inputs_needed,
     on_device_of,
     pick_layer_inputs,
     split_calibration,
@@ -178,7 +180,7 @@ def defend_quant_model(
         )
     for name, reason in skipped.items():
         log.warning("%s: %s; left at the quantizer's own rounding", name, reason)
-    calib, held = split_calibration(calib_data, config)
+    calib = as_calibration(calib_data, inputs_needed(config))
     was_training = model.training
     model.eval()
     try:
@@ -187,6 +189,7 @@ def defend_quant_model(
         if never:
             log.warning("%s: never called in a forward pass; left at the quantizer's own rounding", never)
         grids = {name: layer_grid(layers[name], name) for name in order}
+        calib, held = split_calibration(calib, config)
         problems = _problems(model, layers, grids, calib, layer_inputs, config.seed)
         held_out = _held_out(model, held) if config.budget is not None else None
         learned = defend_layers(problems, config, len(order), progress, held_out)

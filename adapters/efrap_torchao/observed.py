@@ -34,10 +34,12 @@ from efrap_plugin import (
     ModelError,
     QuantScheme,
     RoundingPlan,
+    as_calibration,
     capture,
     check_layer_inputs,
     defend_layers,
     execution_order,
+    inputs_needed,
     on_device_of,
     pick_layer_inputs,
     snap_integers,
@@ -396,7 +398,7 @@ def defend_prepared(
         raise EFRAPError(
             f"prepared: expected the model prepare_pt2e / prepare_fx / prepare returned, got {type(prepared).__name__}"
         )
-    calib, held = split_calibration(calib_data, config)
+    calib = as_calibration(calib_data, inputs_needed(config))
     relu_units = config.unit == "activation"
     graph = isinstance(prepared, torch.fx.GraphModule) and any(
         str(n.target) in _GRAPH_OPS for n in prepared.graph.nodes if n.op == "call_function"
@@ -411,6 +413,7 @@ def defend_prepared(
         )
     for name, reason in skipped.items():
         log.warning("%s: %s", name, reason)
+    calib, held = split_calibration(calib, config)
     float_copy = copy.deepcopy(prepared)
     problems = _problems(prepared, float_copy, layers, calib, layer_inputs, config.seed)
     held_out = _held_out(prepared, float_copy, layers, held) if config.budget is not None else None

@@ -1,0 +1,202 @@
+"""Budget mode against the fixed default, the reference objective at 1,000 steps and preserve-only, on
+every digits attack x bits x attack-seed cell whose attack fires, in onnxruntime.
+
+    python benchmarks/budget.py --out benchmarks/results [--budgets 0.5,1,2] [--attack-seeds 3] [--procs 2]
+
+Every setting gets the same calibration data, the first 1,280 training images (all 1,257 on digits):
+fixed settings use the first 1,024, budget mode holds out the last 256 and learns on the others. ``disagreement`` is measured
+for every row on those 256 held-out images, float ONNX model against the defended int8 one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+from run import CELLS, attacked_onnx, configure_logging
+
+from efrap_cli.report import write_table
+from efrap_onnx import quantize_images, session
+from efrap_plugin import EFRAPConfig, attack_fires, backdoor_removed, evaluate
+
+HELD_OUT = 256
+
+
+def settings(budgets: list[float]) -> dict[str, EFRAPConfig]:
+    """The rows of each cell: ``default`` is whatever EFRAPConfig() is; the others where they differ."""
+    rows = {"default": EFRAPConfig()}
+    candidates = {f"budget-{b:g}": EFRAPConfig(budget=b) for b in budgets}
+    candidates["fixed-flip-weight-1"] = EFRAPConfig(budget=None)
+    candidates["reference-1000"] = EFRAPConfig(budget=None, balance="reference", lr=1e-3)
+    candidates["preserve-only"] = EFRAPConfig(budget=None, objective="preserve_only")
+    rows.update({name: cfg for name, cfg in candidates.items() if cfg != rows["default"]})
+    return rows
+
+
+def _top1(sess, x: np.ndarray) -> np.ndarray:
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(-1)
+
+
+def _cell(job: tuple[str, int, int, list[float], str, bool]) -> list[dict]:
+    attack, bits, seed, budgets, dataset, measure_all = job
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        result, src, data, _, _ = attacked_onnx(Path(tmp), attack, bits, seed, dataset)
+        calib = np.ascontiguousarray(data.train.x[: 1024 + HELD_OUT].numpy())
+        held = calib[len(calib) - HELD_OUT :]
+        float_s = session(src)
+        float_m = evaluate(float_s, data.test, result.trigger)
+        quantize_images(src, Path(tmp) / "stock.onnx", calib[:1024], bits, efrap=False, progress=False)
+        stock = evaluate(session(Path(tmp) / "stock.onnx"), data.test, result.trigger)
+        fires = attack_fires(float_m, stock)
+        if not fires and not measure_all:
+            logging.info("%s %d-bit seed %d: attack did not fire", attack, bits, seed)
+            return []
+        for name, cfg in settings(budgets).items():
+            t0 = time.perf_counter()
+            plan = quantize_images(src, Path(tmp) / "d.onnx", calib, bits, config=cfg, progress=False)
+            seconds = time.perf_counter() - t0
+            defended = session(Path(tmp) / "d.onnx")
+            m = evaluate(defended, data.test, result.trigger)
+            strengths = [lp.stats["strength"] for lp in plan.layers.values() if "strength" in lp.stats]
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "attack": attack,
+                    "bits": bits,
+                    "attack_seed": seed,
+                    "setting": name,
+                    "attack_fires": fires,
+                    "budget": "" if cfg.budget is None else cfg.budget,
+                    "float_acc": round(100 * float_m.clean_acc, 2),
+                    "float_asr": round(100 * float_m.asr, 2),
+                    "stock_asr": round(100 * stock.asr, 2),
+                    "efrap_acc": round(100 * m.clean_acc, 2),
+                    "efrap_asr": round(100 * m.asr, 2),
+                    "disagreement": round(
+                        100 * float((_top1(defended, held) != _top1(float_s, held)).mean()), 2
+                    ),
+                    "strength": round(statistics.mean(strengths), 3) if strengths else "",
+                    "seconds": round(seconds, 1),
+                    "meets_bar": backdoor_removed(float_m, m),
+                    "meets_strict": m.asr <= max(0.03, float_m.asr)
+                    and m.clean_acc >= float_m.clean_acc - 0.01,
+                }
+            )
+    logging.info("%s %d-bit seed %d done", attack, bits, seed)
+    return rows
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per setting over the firing cells: bar counts, mean asr and accuracy drop, seconds over the fixed
+    default's seconds on the same cell (same process)."""
+    fixed = {
+        (r["attack"], r["bits"], r["attack_seed"]): r["seconds"]
+        for r in rows
+        if r["setting"] == "fixed-flip-weight-1"
+    }
+    if not fixed:  # the fixed setting is the default itself
+        fixed = {
+            (r["attack"], r["bits"], r["attack_seed"]): r["seconds"]
+            for r in rows
+            if r["setting"] == "default"
+        }
+    out = []
+    for name in dict.fromkeys(r["setting"] for r in rows):
+        mine = [r for r in rows if r["setting"] == name]
+        out.append(
+            {
+                "setting": name,
+                "cells": len(mine),
+                "meets_bar": f"{sum(r['meets_bar'] for r in mine)}/{len(mine)}",
+                "meets_strict": f"{sum(r['meets_strict'] for r in mine)}/{len(mine)}",
+                "mean_efrap_asr": round(statistics.mean(r["efrap_asr"] for r in mine), 2),
+                "max_acc_drop": round(max(r["float_acc"] - r["efrap_acc"] for r in mine), 2),
+                "mean_disagreement": round(statistics.mean(r["disagreement"] for r in mine), 2),
+                "time_vs_fixed": round(
+                    statistics.mean(
+                        r["seconds"] / fixed[(r["attack"], r["bits"], r["attack_seed"])] for r in mine
+                    ),
+                    2,
+                ),
+            }
+        )
+    return out
+
+
+def plot(rows: list[dict], budgets: list[float], path: Path) -> None:
+    """asr against the budget for each firing cell; the fixed default dashed, the float model dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(dict.fromkeys((r["attack"], r["bits"], r["attack_seed"]) for r in rows))
+    fig, axes = plt.subplots(1, len(cells), figsize=(2.2 * len(cells), 2.6), sharey=True, squeeze=False)
+    for ax, cell in zip(axes[0], cells):
+        mine = {r["setting"]: r for r in rows if (r["attack"], r["bits"], r["attack_seed"]) == cell}
+        xs = [b for b in budgets if f"budget-{b:g}" in mine]
+        ax.plot(xs, [mine[f"budget-{b:g}"]["efrap_asr"] for b in xs], "o-", label="budget mode")
+        fixed = mine.get("fixed-flip-weight-1", mine["default"])
+        ax.axhline(fixed["efrap_asr"], ls="--", c="gray", label="fixed flip_weight 1")
+        ax.axhline(fixed["float_asr"], ls=":", c="k", label="float model")
+        ax.set_title(f"{cell[0]}-{cell[1]} s{cell[2]}", fontsize=8)
+        ax.set_xlabel("budget (%)", fontsize=8)
+    axes[0][0].set_ylabel("asr (%)")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--budgets", default="0.5,1,2")
+    parser.add_argument("--attack-seeds", type=int, default=3)
+    parser.add_argument("--procs", type=int, default=2)
+    parser.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist"])
+    parser.add_argument("--cells", default=",".join(f"{a}:{b}" for a, b in CELLS), help="attack:bits,...")
+    parser.add_argument("--measure-all", action="store_true", help="also cells whose attack misses the bars")
+    parser.add_argument("--name", default="budget", help="file names: NAME.csv / .md / .png, NAME-summary")
+    args = parser.parse_args()
+    configure_logging()
+    budgets = [float(b) for b in args.budgets.split(",")]
+    cells = [(a, int(b)) for a, b in (c.split(":") for c in args.cells.split(","))]
+    jobs = [
+        (a, b, s, budgets, args.dataset, args.measure_all) for a, b in cells for s in range(args.attack_seeds)
+    ]
+    t0 = time.perf_counter()
+    with get_context("spawn").Pool(args.procs, initializer=configure_logging) as pool:
+        rows = [r for cell in pool.map(_cell, jobs, chunksize=1) for r in cell]
+    out = Path(args.out)
+    note = (
+        f"{args.dataset}; every attack x bits x attack seed whose attack fires (float asr <= 10%, float acc >= 95%, stock "
+        "asr >= 90%); onnxruntime int sessions; percentages. meets_bar: asr <= max(3, float asr + 1) and accuracy "
+        "at most 1 point below float (the project's bar); meets_strict: asr <= max(3, float asr), same accuracy. "
+        f"disagreement: top-1 against the float model on the {HELD_OUT} held-out calibration images. "
+        f"{time.perf_counter() - t0:.0f} s on {args.procs} processes."
+        + (
+            " --measure-all: cells whose attack misses the bars are measured too (attack_fires)."
+            if args.measure_all
+            else ""
+        )
+    )
+    write_table(out, args.name, rows, note)
+    write_table(out, f"{args.name}-summary", summary(rows), note)
+    plot(rows, budgets, out / f"{args.name}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
