@@ -141,8 +141,12 @@ def plot(rows: list[dict], budgets: list[float], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cells = list(dict.fromkeys((r["attack"], r["bits"], r["attack_seed"]) for r in rows))
-    fig, axes = plt.subplots(1, len(cells), figsize=(2.2 * len(cells), 2.6), sharey=True, squeeze=False)
-    for ax, cell in zip(axes[0], cells):
+    cols = min(len(cells), 5)
+    rows_n = -(-len(cells) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(2.6 * cols, 2.4 * rows_n), sharey=True, squeeze=False)
+    for ax in axes.flat[len(cells) :]:
+        ax.axis("off")
+    for ax, cell in zip(axes.flat, cells):
         mine = {r["setting"]: r for r in rows if (r["attack"], r["bits"], r["attack_seed"]) == cell}
         xs = [b for b in budgets if f"budget-{b:g}" in mine]
         ax.plot(xs, [mine[f"budget-{b:g}"]["efrap_asr"] for b in xs], "o-", label="budget mode")
@@ -151,7 +155,8 @@ def plot(rows: list[dict], budgets: list[float], path: Path) -> None:
         ax.axhline(fixed["float_asr"], ls=":", c="k", label="float model")
         ax.set_title(f"{cell[0]}-{cell[1]} s{cell[2]}", fontsize=8)
         ax.set_xlabel("budget (%)", fontsize=8)
-    axes[0][0].set_ylabel("asr (%)")
+    for row in axes:
+        row[0].set_ylabel("asr (%)")
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
