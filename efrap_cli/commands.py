@@ -258,8 +258,9 @@ def _say_defended(summary: dict[str, Any], kernels: dict[str, int]) -> None:
     if summary["budget"] is not None:
         strengths = ", ".join(f"{s:g}" for s in summary["strength"].values())
         print(
-            f"budget: {summary['disagreement']:.2f}% of held-out images disagree with the float model's top-1 "
-            f"(budget {summary['budget']:g}%); flipped shares per layer: {strengths}"
+            f"budget: {summary['disagreement']:.2f}% of held-out images disagree with the float model's top-1, "
+            f"flipping adding at most {summary['budget']:g}% to quantization's own; flipped shares per layer: "
+            f"{strengths}"
         )
     ran = ", ".join(f"{k} x{v}" for k, v in kernels.items()) or "none"
     ok = summary["verify"]["integers_ok"]

@@ -56,7 +56,8 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
         type=_budget,
         default=argparse.SUPPRESS,
         help="budget mode: the top-1 disagreement with the float model, in percent of held-out calibration "
-        "images, the defended model may show; each layer takes the strongest flipping within it. 'off': "
+        "images, that flipping may add to quantization's own; each layer takes the strongest flipping "
+        "within it. 'off': "
         f"one fixed --flip-weight (default: {'off' if d.budget is None else d.budget}; off with --reference)",
     )
     p.add_argument(

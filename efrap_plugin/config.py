@@ -57,8 +57,9 @@ class EFRAPConfig:
     changed for this many steps (checked every 50); 0 runs all ``iters``."""
     budget: float | None = None
     """Budget mode (--budget PCT): the top-1 disagreement with the float model, in percent of held-out
-    calibration images, that the defended model may show. Each layer searches its flipping strength from
-    weak to strong and keeps the strongest within its share of the budget (benchmarks/results/budget.md).
+    calibration images, that flipping may add to what quantization itself costs. Each layer searches its
+    flipping strength from weak to strong and keeps the strongest whose disagreement exceeds that of its
+    weakest by at most its share of the budget (benchmarks/results/budget.md).
     None (the default, --budget off): one fixed strength, ``flip_weight``, for every layer (the paper's)."""
     holdout: int = 256
     """Budget mode: calibration images held out of the optimisation to measure the disagreement on

@@ -58,7 +58,7 @@ def defend_layers(
             bar.set_postfix(layer=problem.name)
             start = bar.n
             with threads_for(step_flops(problem, config), config.device):
-                if held_out is None or config.budget is None:
+                if config.budget is None:
                     result, stats = learn_rounding(problem, config, generator, bar.update), {}
                     if problem.install is not None:
                         problem.install(result.integers)

@@ -134,10 +134,11 @@ def rounding_path(
         if config.budget is None
         else [(share, max(config.iters // STAGE_SHARE, 1)) for share in BUDGET_STRENGTHS]
     )
+    steps = 0  # taken so far on this layer
     for strength, stage_steps in stages:
         if strength is not None:
             objective.force_flips(strength)
-        steps = _optimise(objective, v, opt, stage_steps, generator, progress)
+        steps += _optimise(objective, v, opt, stage_steps, generator, progress)
         with torch.no_grad():
             after = float(sum(objective.terms(v, probe, config.beta)))
             integers = objective.hard_round(v)
