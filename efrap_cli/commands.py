@@ -187,6 +187,11 @@ def _config(args: argparse.Namespace) -> EFRAPConfig:
     }
     if hasattr(args, "budget"):
         given["budget"] = args.budget
+    if given.get("budget") is not None and "flip_weight" in given:
+        raise UsageError(
+            "--flip-weight sets the one fixed flipping strength; --budget searches the strength per layer "
+            "instead. Give one of them (--budget off to use --flip-weight)"
+        )
     device = getattr(args, "device", None) or "cpu"
     resolve_device(device)  # a clear error before any work, not after the stock quantization
     return base.replace(

@@ -26,7 +26,8 @@ class EFRAPConfig:
     calib_size: int = 1024
     """Calibration images used (--calib-size)."""
     flip_weight: float = 1.0
-    """Weight of L_F, the error-guided flipping term (--flip-weight)."""
+    """Weight of L_F, the error-guided flipping term (--flip-weight). Budget mode has no L_F term: it
+    flips by force, searching the share per layer (``budget``)."""
     round_weight: float = 0.01
     """Weight of L_P, the binarisation penalty."""
     beta: float = 2.0

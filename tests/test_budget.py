@@ -120,3 +120,17 @@ def test_cli_budget_flag_reports_the_measured_disagreement(pq8_onnx, tmp_path, c
         main(["defend", str(pq8_onnx), "--calib", "digits", "--out", str(out), "--budget", "150"])
     assert exc.value.code == 2
     assert "expected a percentage in [0, 100], got '150'" in capsys.readouterr().err
+    args = [
+        "defend",
+        str(pq8_onnx),
+        "--calib",
+        "digits",
+        "--out",
+        str(out),
+        "--budget",
+        "1",
+        "--flip-weight",
+        "2",
+    ]
+    assert main(args) == 2
+    assert "Give one of them (--budget off to use --flip-weight)" in capsys.readouterr().err
