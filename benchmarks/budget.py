@@ -99,17 +99,8 @@ def _cell(job: tuple[str, int, int, list[float], str, bool]) -> list[dict]:
 def summary(rows: list[dict]) -> list[dict]:
     """Per setting over the firing cells: bar counts, mean asr and accuracy drop, seconds over the fixed
     default's seconds on the same cell (same process)."""
-    fixed = {
-        (r["attack"], r["bits"], r["attack_seed"]): r["seconds"]
-        for r in rows
-        if r["setting"] == "fixed-flip-weight-1"
-    }
-    if not fixed:  # the fixed setting is the default itself
-        fixed = {
-            (r["attack"], r["bits"], r["attack_seed"]): r["seconds"]
-            for r in rows
-            if r["setting"] == "default"
-        }
+    base = "fixed-flip-weight-1" if any(r["setting"] == "fixed-flip-weight-1" for r in rows) else "default"
+    fixed = {(r["attack"], r["bits"], r["attack_seed"]): r["seconds"] for r in rows if r["setting"] == base}
     out = []
     for name in dict.fromkeys(r["setting"] for r in rows):
         mine = [r for r in rows if r["setting"] == name]

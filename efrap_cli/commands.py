@@ -24,6 +24,7 @@ from efrap_plugin import (
     crowded_layers,
     evaluate,
     format_scan,
+    inputs_needed,
     load_dataset,
     load_model,
     prepare_model,
@@ -211,9 +212,7 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
     if plan_path is not None:
         check_writable(plan_path, "--plan")
     config = _config(args)
-    calib = calibration_images(
-        args.calib, config.calib_size + (config.holdout if config.budget is not None else 0)
-    )
+    calib = calibration_images(args.calib, inputs_needed(config))
     # the float model's scan, read before anything is written
     crowded = crowded_layers(
         scan_weights(

@@ -97,40 +97,15 @@ def test_brevitas_budget_mode_measures_the_users_model(digits):
 
 
 def test_cli_budget_flag_reports_the_measured_disagreement(pq8_onnx, tmp_path, capsys):
-    out = tmp_path / "d.onnx"
-    code = main(
-        [
-            "defend",
-            str(pq8_onnx),
-            "--calib",
-            "digits",
-            "--out",
-            str(out),
-            "--budget",
-            "1",
-            "--json",
-            "--quiet",
-        ]
-    )
+    defend = ["defend", str(pq8_onnx), "--calib", "digits", "--out", str(tmp_path / "d.onnx")]
+    code = main([*defend, "--budget", "1", "--json", "--quiet"])
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and summary["verify"]["integers_ok"]
     assert summary["budget"] == 1.0 and 0 <= summary["disagreement"] <= 100
     assert sorted(summary["strength"]) == sorted(summary["per_layer"])
     with pytest.raises(SystemExit) as exc:
-        main(["defend", str(pq8_onnx), "--calib", "digits", "--out", str(out), "--budget", "150"])
+        main([*defend, "--budget", "150"])
     assert exc.value.code == 2
     assert "expected a percentage in [0, 100], got '150'" in capsys.readouterr().err
-    args = [
-        "defend",
-        str(pq8_onnx),
-        "--calib",
-        "digits",
-        "--out",
-        str(out),
-        "--budget",
-        "1",
-        "--flip-weight",
-        "2",
-    ]
-    assert main(args) == 2
+    assert main([*defend, "--budget", "1", "--flip-weight", "2"]) == 2
     assert "Give one of them (--budget off to use --flip-weight)" in capsys.readouterr().err
