@@ -1,7 +1,9 @@
 """Budget mode against the fixed default, the reference objective at 1,000 steps and preserve-only, on
-every digits attack x bits x attack-seed cell whose attack fires, in onnxruntime.
+every digits attack x bits x attack-seed cell whose attack fires, in onnxruntime; with ``--study
+early-stop``, the early stop's settings (``patience``, ``settle``) against every layer's full 1,000 steps.
 
     python benchmarks/budget.py --out benchmarks/results [--budgets 0.5,1,2] [--attack-seeds 3] [--procs 2]
+    python benchmarks/budget.py --study early-stop --out benchmarks/results
 
 Every setting gets the same calibration data, the first 1,280 training images (all 1,257 on digits):
 fixed settings use the first 1,024, budget mode holds out the last 256 and learns on the others. ``disagreement`` is measured
@@ -30,13 +32,26 @@ from efrap_plugin import EFRAPConfig, attack_fires, backdoor_removed, evaluate
 HELD_OUT = 256
 
 
-def settings(budgets: list[float]) -> dict[str, EFRAPConfig]:
+EARLY_STOPS = ((100, 0.005), (100, 0.01), (100, 0.02), (200, 0.01))
+"""--study early-stop: (patience, settle) pairs measured against the full 1,000 steps."""
+BASELINES = {"budget": "fixed-flip-weight-1", "early-stop": "full-1000"}
+"""Each study's row that seconds and steps are compared with (``default`` when it is the same config)."""
+
+
+def settings(budgets: list[float], study: str = "budget") -> dict[str, EFRAPConfig]:
     """The rows of each cell: ``default`` is whatever EFRAPConfig() is; the others where they differ."""
     rows = {"default": EFRAPConfig()}
-    candidates = {f"budget-{b:g}": EFRAPConfig(budget=b) for b in budgets}
-    candidates["fixed-flip-weight-1"] = EFRAPConfig(budget=None)
-    candidates["reference-1000"] = EFRAPConfig(budget=None, balance="reference", lr=1e-3)
-    candidates["preserve-only"] = EFRAPConfig(budget=None, objective="preserve_only")
+    if study == "budget":
+        candidates = {f"budget-{b:g}": EFRAPConfig(budget=b) for b in budgets}
+        candidates["fixed-flip-weight-1"] = EFRAPConfig(budget=None)
+        candidates["reference-1000"] = EFRAPConfig(budget=None, balance="reference", lr=1e-3)
+        candidates["preserve-only"] = EFRAPConfig(budget=None, objective="preserve_only")
+    else:
+        candidates = {"full-1000": EFRAPConfig(budget=None, patience=0)}
+        for patience, settle in EARLY_STOPS:
+            candidates[f"patience-{patience}-settle-{100 * settle:g}%"] = EFRAPConfig(
+                budget=None, patience=patience, settle=settle
+            )
     rows.update({name: cfg for name, cfg in candidates.items() if cfg != rows["default"]})
     return rows
 
@@ -45,8 +60,8 @@ def _top1(sess, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(-1)
 
 
-def _cell(job: tuple[str, int, int, list[float], str, bool]) -> list[dict]:
-    attack, bits, seed, budgets, dataset, measure_all = job
+def _cell(job: tuple[str, int, int, list[float], str, bool, str]) -> list[dict]:
+    attack, bits, seed, budgets, dataset, measure_all, study = job
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +76,7 @@ def _cell(job: tuple[str, int, int, list[float], str, bool]) -> list[dict]:
         if not fires and not measure_all:
             logging.info("%s %d-bit seed %d: attack did not fire", attack, bits, seed)
             return []
-        for name, cfg in settings(budgets).items():
+        for name, cfg in settings(budgets, study).items():
             t0 = time.perf_counter()
             plan = quantize_images(src, Path(tmp) / "d.onnx", calib, bits, config=cfg, progress=False)
             seconds = time.perf_counter() - t0
@@ -87,6 +102,7 @@ def _cell(job: tuple[str, int, int, list[float], str, bool]) -> list[dict]:
                     ),
                     "strength": round(statistics.mean(strengths), 3) if strengths else "",
                     "seconds": round(seconds, 1),
+                    "steps": sum(lp.stats["steps"] for lp in plan.layers.values()),
                     "meets_bar": backdoor_removed(float_m, m),
                     "meets_strict": m.asr <= max(0.03, float_m.asr)
                     and m.clean_acc >= float_m.clean_acc - 0.01,
@@ -96,11 +112,19 @@ def _cell(job: tuple[str, int, int, list[float], str, bool]) -> list[dict]:
     return rows
 
 
-def summary(rows: list[dict]) -> list[dict]:
-    """Per setting over the firing cells: bar counts, mean asr and accuracy drop, seconds over the fixed
-    default's seconds on the same cell (same process)."""
-    base = "fixed-flip-weight-1" if any(r["setting"] == "fixed-flip-weight-1" for r in rows) else "default"
-    fixed = {(r["attack"], r["bits"], r["attack_seed"]): r["seconds"] for r in rows if r["setting"] == base}
+def summary(rows: list[dict], study: str = "budget") -> list[dict]:
+    """Per setting over the firing cells: bar counts, mean asr and accuracy drop; seconds and optimizer
+    steps over the study's baseline's on the same cell (same process), and the largest asr / accuracy
+    change against it."""
+    base = BASELINES[study] if any(r["setting"] == BASELINES[study] for r in rows) else "default"
+    ref = {(r["attack"], r["bits"], r["attack_seed"]): r for r in rows if r["setting"] == base}
+
+    def of(r: dict) -> dict:
+        return ref[(r["attack"], r["bits"], r["attack_seed"])]
+
+    def moved(r: dict, key: str) -> float:
+        return abs(r[key] - of(r)[key])
+
     out = []
     for name in dict.fromkeys(r["setting"] for r in rows):
         mine = [r for r in rows if r["setting"] == name]
@@ -113,12 +137,12 @@ def summary(rows: list[dict]) -> list[dict]:
                 "mean_efrap_asr": round(statistics.mean(r["efrap_asr"] for r in mine), 2),
                 "max_acc_drop": round(max(r["float_acc"] - r["efrap_acc"] for r in mine), 2),
                 "mean_disagreement": round(statistics.mean(r["disagreement"] for r in mine), 2),
-                "time_vs_fixed": round(
-                    statistics.mean(
-                        r["seconds"] / fixed[(r["attack"], r["bits"], r["attack_seed"])] for r in mine
-                    ),
-                    2,
+                f"time_vs_{base}": round(statistics.mean(r["seconds"] / of(r)["seconds"] for r in mine), 2),
+                f"steps_vs_{base}": round(
+                    sum(r["steps"] for r in mine) / sum(of(r)["steps"] for r in mine), 3
                 ),
+                f"max_asr_change_vs_{base}": round(max(moved(r, "efrap_asr") for r in mine), 2),
+                f"max_acc_change_vs_{base}": round(max(moved(r, "efrap_acc") for r in mine), 2),
             }
         )
     return out
@@ -164,13 +188,19 @@ def main() -> int:
     parser.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist"])
     parser.add_argument("--cells", default=",".join(f"{a}:{b}" for a, b in CELLS), help="attack:bits,...")
     parser.add_argument("--measure-all", action="store_true", help="also cells whose attack misses the bars")
-    parser.add_argument("--name", default="budget", help="file names: NAME.csv / .md / .png, NAME-summary")
+    parser.add_argument("--study", default="budget", choices=sorted(BASELINES))
+    parser.add_argument(
+        "--name", help="file names: NAME.csv / .md (/ .png), NAME-summary (default: the study)"
+    )
     args = parser.parse_args()
     configure_logging()
     budgets = [float(b) for b in args.budgets.split(",")]
     cells = [(a, int(b)) for a, b in (c.split(":") for c in args.cells.split(","))]
+    name = args.name or args.study
     jobs = [
-        (a, b, s, budgets, args.dataset, args.measure_all) for a, b in cells for s in range(args.attack_seeds)
+        (a, b, s, budgets, args.dataset, args.measure_all, args.study)
+        for a, b in cells
+        for s in range(args.attack_seeds)
     ]
     t0 = time.perf_counter()
     with get_context("spawn").Pool(args.procs, initializer=configure_logging) as pool:
@@ -188,9 +218,10 @@ def main() -> int:
             else ""
         )
     )
-    write_table(out, args.name, rows, note)
-    write_table(out, f"{args.name}-summary", summary(rows), note)
-    plot(rows, budgets, out / f"{args.name}.png")
+    write_table(out, name, rows, note)
+    write_table(out, f"{name}-summary", summary(rows, args.study), note)
+    if args.study == "budget":
+        plot(rows, budgets, out / f"{name}.png")
     return 0
 
 

@@ -183,7 +183,7 @@ def _config(args: argparse.Namespace) -> EFRAPConfig:
     base = EFRAPConfig.reference() if args.reference else EFRAPConfig()
     given = {
         field: getattr(args, field)
-        for field in ("iters", "lr", "batch_size", "flip_weight", "patience")
+        for field in ("iters", "lr", "batch_size", "flip_weight", "patience", "settle")
         if getattr(args, field) is not None
     }
     if hasattr(args, "budget"):

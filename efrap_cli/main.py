@@ -47,6 +47,7 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
         ("--batch-size", int, "batch_size", "cached calibration inputs per step"),
         ("--flip-weight", float, "flip_weight", "weight of the error-guided flipping term"),
         ("--patience", int, "patience", "end a layer once its integers are stable this many steps; 0: off"),
+        ("--settle", float, "settle", "share of a layer's integers that may change per 50 steps while stable"),
     ):
         default, reference = getattr(d, field), getattr(ref, field)
         note = f"; {reference} with --reference" if reference != default else ""

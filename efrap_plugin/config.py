@@ -54,8 +54,11 @@ class EFRAPConfig:
     """Where each layer's optimisation runs (--device): "cpu", "cuda", "cuda:1", ... Cached inputs and
     targets move there one layer at a time; the plan comes back on the CPU."""
     patience: int = 0
-    """Early stop (--patience): end a layer's optimisation once its hard-rounded integers have not
-    changed for this many steps (checked every 50); 0 runs all ``iters``."""
+    """Early stop (--patience): end a layer's optimisation once its hard-rounded integers have held
+    still for this many steps (looked at every 50; ``settle``); 0 runs all ``iters``."""
+    settle: float = 0.0
+    """Early stop (--settle): the share of a layer's learnable integers that may still change per 50
+    steps while it counts as holding still; 0 asks for no change at all."""
     budget: float | None = None
     """Budget mode (--budget PCT): the top-1 disagreement with the float model, in percent of held-out
     calibration images, that flipping may add to what quantization itself costs. Each layer searches its
@@ -76,6 +79,10 @@ class EFRAPConfig:
             )
         if not isinstance(self.patience, int) or self.patience < 0:
             raise EFRAPError(f"EFRAPConfig.patience (--patience): expected steps >= 0, got {self.patience!r}")
+        if not isinstance(self.settle, (int, float)) or not 0 <= self.settle < 1:
+            raise EFRAPError(
+                f"EFRAPConfig.settle (--settle): expected a share in [0, 1), got {self.settle!r}"
+            )
         if self.budget is not None and not (
             isinstance(self.budget, (int, float)) and 0 <= self.budget <= 100
         ):

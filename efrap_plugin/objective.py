@@ -110,6 +110,12 @@ def _per_image(diff: torch.Tensor) -> torch.Tensor:
     return diff.sum(dim=1).mean() if diff.dim() > 1 else diff.mean()
 
 
+def _per_image_sum(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``_per_image((y - target) ** 2)`` in one fused pass: the sum over everything, per channel-row."""
+    channels = y.shape[1] if y.dim() > 1 else 1
+    return torch.nn.functional.mse_loss(y, target, reduction="sum") * (channels / y.numel())
+
+
 def _flip_cost(problem: LayerProblem, s: torch.Tensor, generator: torch.Generator | None) -> float:
     """L_A of moving every weight by one integer step in a random direction: what 'flip everything' costs.
 
@@ -142,7 +148,11 @@ def _flip_errors(err: torch.Tensor, config: EFRAPConfig) -> torch.Tensor:
 
 @dataclass
 class Objective:
-    """One layer's loss terms as functions of the rounding logits V, with everything they need fixed."""
+    """One layer's loss terms as functions of the rounding logits V, with everything they need fixed.
+
+    Each step touches every weight several times, so whatever does not depend on V is computed once
+    (``_freeze``): a step costs the layer's forward + backward plus a handful of element-wise passes.
+    """
 
     problem: LayerProblem
     config: EFRAPConfig
@@ -166,6 +176,27 @@ class Objective:
     def __post_init__(self) -> None:
         if self.free is None:
             self.free, self.fixed = self.learnable, self.nearest
+        self._freeze()
+
+    def _freeze(self) -> None:
+        """The V-independent parts of the terms, for the current ``free`` / ``fixed`` split.
+
+        W~ = s * (floor(W / s) + clamp(h, h_lo, h_hi)): the bounds in units of h, equal to the fixed
+        offset where an element is not free (so that its soft weight is its fixed integer's). L_F's
+        cross-entropy against the 0/1 target is -log(flip_a + flip_b * h).
+        """
+        offset = self.base + self.z
+        pinned = self.fixed - offset
+        self._h_lo = torch.where(self.free, self.lo - offset, pinned)
+        self._h_hi = torch.where(self.free, self.hi - offset, pinned)
+        self._s_base = self.s * self.base
+        free = self.free.to(torch.float32)
+        self._free_f, self._n_free = free, float(free.sum())
+        self._flip_a = 1.0 - self.target + BCE_EPS
+        self._flip_b = 2.0 * self.target - 1.0
+        self._flip_w = (self.config.flip_weight * self.flip_scale * self.err * free).reshape(-1)
+        penalty_scale = self.flip_scale if self.config.balance == "lsb" else 1.0
+        self._penalty_w = self.config.round_weight * penalty_scale
 
     @classmethod
     def build(
@@ -206,12 +237,11 @@ class Objective:
         forced = forced.reshape(self.learnable.shape)
         flipped = torch.minimum(torch.maximum(self.base + self.target + self.z, self.lo), self.hi)
         self.free, self.fixed = self.learnable & ~forced, torch.where(forced, flipped, self.nearest)
+        self._freeze()
 
     def soft_weight(self, h: torch.Tensor) -> torch.Tensor:
         """W~(V) = s * (clamp(floor(W / s) + h(V) + z, lo, hi) - z); other elements at their fixed integers."""
-        h = torch.where(self.free, h, self.fixed - self.z - self.base)
-        q = torch.minimum(torch.maximum(self.base + h + self.z, self.lo), self.hi)
-        return (q - self.z) * self.s
+        return torch.addcmul(self._s_base, self.s, torch.clamp(h, self._h_lo, self._h_hi))
 
     def terms(self, v: torch.Tensor, idx: torch.Tensor, beta: float) -> tuple[torch.Tensor, ...]:
         """(L_A, L_F, L_P) on the cached inputs ``idx``; an ablation's missing term is zero."""
@@ -221,13 +251,14 @@ class Objective:
         l_a = zero
         if config.objective != "flip_only":
             y = problem.forward(problem.inputs[idx], self.soft_weight(h))
-            l_a = _per_image((y - problem.targets[idx]).pow(2)) * self.act_scale
+            l_a = _per_image_sum(y, problem.targets[idx]) * self.act_scale
         l_f = zero
         if config.objective != "preserve_only" and config.budget is None:
-            bce = -(self.target * torch.log(h + BCE_EPS) + (1 - self.target) * torch.log(1 - h + BCE_EPS))
-            l_f = config.flip_weight * self.flip_scale * (self.err * bce * self.free).sum()
-        penalty_scale = self.flip_scale if config.balance == "lsb" else 1.0
-        l_p = config.round_weight * (1 - (2 * h - 1).abs().pow(beta))[self.free].sum() * penalty_scale
+            bce = torch.log(torch.addcmul(self._flip_a, self._flip_b, h)).reshape(-1)
+            l_f = -torch.dot(self._flip_w, bce)
+        u = h * 2 - 1
+        peaked = u.square() if beta == 2 else u.abs().pow(beta)
+        l_p = self._penalty_w * (self._n_free - torch.dot(self._free_f.reshape(-1), peaked.reshape(-1)))
         return l_a, l_f, l_p
 
     def hard_round(self, v: torch.Tensor) -> torch.Tensor:

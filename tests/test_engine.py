@@ -275,8 +275,8 @@ def test_calibration_inputs_of_any_shape_are_defended(build, shape, layers, tmp_
 
 def test_patience_ends_a_layer_once_its_integers_are_stable(clean_cnn, digits):
     """Off by default (every layer runs all iters); with patience a layer stops once its hard-rounded
-    integers have not moved for that many steps (small layers settle; large ones keep moving about 1%
-    per 50 steps at 1,000 steps, so they run on)."""
+    integers have not moved for that many steps; ``settle`` lets a small share still move, which ends
+    the large layers too (at 1,000 steps they keep moving about 1% per 50 steps)."""
     full = defend(clean_cnn, digits.train.x, "onnxruntime", FAST.replace(iters=600), progress=False)
     assert {lp.stats["steps"] for lp in full.layers.values()} == {600}
     early = defend(
@@ -284,8 +284,23 @@ def test_patience_ends_a_layer_once_its_integers_are_stable(clean_cnn, digits):
     )
     steps = [lp.stats["steps"] for lp in early.layers.values()]
     assert all(s % 50 == 0 and 100 <= s <= 600 for s in steps) and min(steps) < 600
+    settled = defend(
+        clean_cnn,
+        digits.train.x,
+        "onnxruntime",
+        FAST.replace(iters=600, patience=50, settle=0.05),
+        progress=False,
+    )
+    loose = [lp.stats["steps"] for lp in settled.layers.values()]
+    assert all(a <= b for a, b in zip(loose, steps)) and max(loose) < 600
+    for layer in settled.layers.values():  # ended early, still a learned rounding on the grid
+        assert layer.stats["act_error_learned"] <= 2 * layer.stats["act_error_nearest"]
     with pytest.raises(EFRAPError, match=r"EFRAPConfig.patience \(--patience\): expected steps >= 0, got -1"):
         EFRAPConfig(patience=-1)
+    with pytest.raises(
+        EFRAPError, match=r"EFRAPConfig.settle \(--settle\): expected a share in \[0, 1\), got 1"
+    ):
+        EFRAPConfig(settle=1)
 
 
 def test_small_work_runs_on_one_thread_and_the_count_is_restored():
