@@ -32,7 +32,7 @@ from efrap_plugin import EFRAPConfig, attack_fires, backdoor_removed, evaluate
 HELD_OUT = 256
 
 
-EARLY_STOPS = ((100, 0.005), (100, 0.01), (100, 0.02), (200, 0.01))
+EARLY_STOPS = ((100, 0.005), (100, 0.01), (100, 0.02))
 """--study early-stop: (patience, settle) pairs measured against the full 1,000 steps."""
 BASELINES = {"budget": "fixed-flip-weight-1", "early-stop": "full-1000"}
 """Each study's row that seconds and steps are compared with (``default`` when it is the same config)."""
@@ -203,9 +203,19 @@ def main() -> int:
         for s in range(args.attack_seeds)
     ]
     t0 = time.perf_counter()
-    with get_context("spawn").Pool(args.procs, initializer=configure_logging) as pool:
-        rows = [r for cell in pool.map(_cell, jobs, chunksize=1) for r in cell]
     out = Path(args.out)
+    rows = []
+    with get_context("spawn").Pool(args.procs, initializer=configure_logging) as pool:
+        for cell in pool.imap_unordered(_cell, jobs):
+            rows += cell
+            if rows:  # a long run leaves what it measured so far
+                write_table(out, f"{name}-partial", rows, "cells measured so far")
+    (out / f"{name}-partial.csv").unlink(missing_ok=True)
+    (out / f"{name}-partial.md").unlink(missing_ok=True)
+    order = {job[:3]: i for i, job in enumerate(jobs)}
+    rows.sort(
+        key=lambda r: order[(r["attack"], r["bits"], r["attack_seed"])]
+    )  # stable: settings keep their order
     note = (
         f"{args.dataset}; every attack x bits x attack seed whose attack fires (float asr <= 10%, float acc >= 95%, stock "
         "asr >= 90%); onnxruntime int sessions; percentages. meets_bar: asr <= max(3, float asr + 1) and accuracy "

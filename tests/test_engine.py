@@ -326,3 +326,51 @@ def test_a_device_this_machine_lacks_is_a_clear_error_before_any_work(clean_cnn,
     cpu = defend(clean_cnn, digits.train.x, "onnxruntime", FAST.replace(device="cpu"), progress=False)
     default = defend(clean_cnn, digits.train.x, "onnxruntime", FAST, progress=False)
     assert all(torch.equal(cpu[k].integers, default[k].integers) for k in default.layers)
+
+
+@pytest.mark.parametrize("beta, share", [(2.0, None), (7.5, None), (2.0, 0.3)])
+def test_objective_terms_and_gradients_match_the_reference_formulas(beta, share):
+    """The step's fused terms (constants frozen per layer, L_F / L_P gradients in closed form) give the
+    reference code's losses and autograd's gradients: soft weight, BCE with logs, masked L_P."""
+    # int4: a channel's absmax element rounds to -8 while every other element is bounded to [-7, 7]
+    from efrap_plugin.objective import BCE_EPS, Objective, rectify
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3)
+    x = torch.randn(16, 3, 6, 6)
+    scheme = QuantScheme.onnxruntime(4)
+    problem = LayerProblem(
+        "c",
+        conv.weight.detach().clone(),
+        scheme,
+        lambda a, w: nn.functional.conv2d(a, w),
+        x,
+        conv(x).detach(),
+    )
+    objective = Objective.build(problem, EFRAPConfig(), torch.Generator().manual_seed(0))
+    if share is not None:
+        objective.force_flips(share)
+        assert 0 < int(objective.free.sum()) < int(objective.learnable.sum())
+    v = (torch.randn_like(problem.weight) * 3).requires_grad_(True)
+    idx = torch.arange(16)
+    fused = objective.terms(v, idx, beta)
+    grads = torch.autograd.grad(sum(fused), v)[0]
+
+    o = objective
+    ref_v = v.detach().clone().requires_grad_(True)
+    h = rectify(ref_v, "sigmoid")
+    # the elements not learned sit at their own integer, even outside the learned bounds (an int4
+    # absmax scale setter rounds to -8 where the others stop at -7)
+    q = torch.where(o.free, torch.minimum(torch.maximum(o.base + h + o.z, o.lo), o.hi), o.fixed)
+    y = problem.forward(x, (q - o.z) * o.s)
+    l_a = (y - problem.targets).pow(2).sum(dim=1).mean() * o.act_scale
+    t = o.target
+    bce = -(t * torch.log(h + BCE_EPS) + (1 - t) * torch.log(1 - h + BCE_EPS))
+    l_f = o.flip_scale * (o.err * bce * o.free).sum()
+    l_p = 0.01 * (1 - (2 * h - 1).abs().pow(beta))[o.free].sum() * o.flip_scale
+    reference = (l_a, l_f, l_p)
+    ref_grads = torch.autograd.grad(sum(reference), ref_v)[0]
+    for got, want in zip(fused, reference):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7), (got, want)
+    assert torch.allclose(grads, ref_grads, rtol=1e-3, atol=1e-7)
+    assert bool(((o.fixed < o.lo) & ~o.free).any())  # the case above occurs in this layer
