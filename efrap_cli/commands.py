@@ -27,6 +27,7 @@ from efrap_plugin import (
     inputs_needed,
     load_dataset,
     load_model,
+    load_npz_inputs,
     prepare_model,
     quantizable_layers,
     resolve_device,
@@ -42,6 +43,18 @@ from .backends import CALIB_IMAGES, adapter, stock_onnx_int8, stock_runner
 __all__ = ["COMMANDS", "UsageError", "load_attack_info", "calibration_images"]
 
 log = logging.getLogger("efrap")
+
+
+def calibration_inputs(spec: str, n: int, names: list[str]) -> np.ndarray | dict[str, np.ndarray]:
+    """``calibration_images`` for a model with one input; for several, an .npz with one array per input,
+    named as the input."""
+    if len(names) == 1:
+        return calibration_images(spec, n)
+    if spec in ("digits", "fashion-mnist"):
+        raise EFRAPError(
+            f"--calib {spec}: feeds one image input; the model takes {names}. Pass an .npz with one array per input"
+        )
+    return load_npz_inputs(Path(spec), names, n)
 
 
 def calibration_images(spec: str, n: int) -> np.ndarray:
@@ -212,7 +225,8 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
     if plan_path is not None:
         check_writable(plan_path, "--plan")
     config = _config(args)
-    calib = calibration_images(args.calib, inputs_needed(config))
+    names = onnx_adapter.input_names(onnx_adapter.load_onnx(src, check_finite=False))
+    calib = calibration_inputs(args.calib, inputs_needed(config), names)
     # the float model's scan, read before anything is written
     crowded = crowded_layers(
         scan_weights(

@@ -47,7 +47,12 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
         ("--batch-size", int, "batch_size", "cached calibration inputs per step"),
         ("--flip-weight", float, "flip_weight", "weight of the error-guided flipping term"),
         ("--patience", int, "patience", "end a layer once its integers are stable this many steps; 0: off"),
-        ("--settle", float, "settle", "share of a layer's integers that may change per 50 steps while stable"),
+        (
+            "--settle",
+            float,
+            "settle",
+            "share of a layer's integers that may change per 50 steps while stable",
+        ),
     ):
         default, reference = getattr(d, field), getattr(ref, field)
         note = f"; {reference} with --reference" if reference != default else ""
@@ -126,7 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("defend", help="write an EFRAP-defended QDQ int8 model from a float ONNX file")
     p.add_argument("model", help="float .onnx model")
     p.add_argument(
-        "--calib", required=True, help="digits, fashion-mnist, or an .npz with inputs in array 'x'"
+        "--calib",
+        required=True,
+        help="digits, fashion-mnist, or an .npz with inputs in array 'x' "
+        "(a model with several inputs: one array per input, named as the input)",
     )
     p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="weight bits: 8 (QInt8) or 4 (QInt4)")
     p.add_argument(

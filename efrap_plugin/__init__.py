@@ -18,6 +18,7 @@ from .data import (
     load_digits,
     load_fashion_mnist,
     load_npz,
+    load_npz_inputs,
 )
 from .engine import capture, defend
 from .errors import DataError, EFRAPError, ModelError, PlanMismatchError
@@ -120,6 +121,7 @@ __all__ = [
     "load_fashion_mnist",
     "load_model",
     "load_npz",
+    "load_npz_inputs",
     "predict",
     "prepare_model",
     "quantizable_layers",

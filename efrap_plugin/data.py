@@ -9,7 +9,7 @@ from __future__ import annotations
 import gzip
 import logging
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ __all__ = [
     "load_digits",
     "load_fashion_mnist",
     "load_npz",
+    "load_npz_inputs",
     "load_dataset",
     "as_calibration",
     "as_labeled",
@@ -158,6 +159,32 @@ def load_npz(
     y = torch.as_tensor(y_arr.astype(np.int64))
     classes = num_classes if num_classes is not None else int(y.max()) + 1 if y.numel() else 1
     return LabeledData(x, y, classes)
+
+
+def load_npz_inputs(path: str | Path, names: Sequence[str], rows: int | None = None) -> dict[str, np.ndarray]:
+    """Calibration inputs of a model with several inputs: the arrays of an .npz named as the model's
+    inputs, each cut to its first ``rows`` rows, all with the same number of rows and finite."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"{path}: no such file; expected an .npz with one array per model input {list(names)}"
+        )
+    arrays, available = read_npz_arrays(path, tuple(names), rows)
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise DataError(
+            f"{path}: the model takes inputs {list(names)}; the archive lacks {missing} (it holds {available}). "
+            "Save one array per input, named as the input: np.savez(path, **{name: array})"
+        )
+    counts = {n: a.shape[0] if a.ndim else 0 for n, a in arrays.items()}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        raise DataError(f"{path}: every input needs the same number of rows (> 0), got {counts}")
+    for n, a in arrays.items():
+        if a.dtype.kind not in "fiub":
+            raise DataError(f"{path}:{n}: expected a numeric array, got {a.dtype}")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise DataError(f"{path}:{n}: holds NaN or Inf values")
+    return {n: arrays[n] for n in names}
 
 
 DATASETS = {"digits": load_digits, "fashion-mnist": load_fashion_mnist}

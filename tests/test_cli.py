@@ -252,3 +252,57 @@ def test_defend_takes_token_inputs_n_x_t_x_d(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "defended.onnx"), "--iters", "50", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["verify"]["integers_ok"] and summary["layers"] == 2
+
+
+def test_defend_takes_a_model_with_two_inputs_from_an_npz_named_by_input(tmp_path, capsys):
+    """Image + side-feature model: the .npz holds one array per graph input, named as the input; every
+    quantized layer of both branches is defended and verified. A missing input is named in the error."""
+    import numpy as np
+    import onnx
+    import torch
+    from torch import nn
+
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3)
+            self.side = nn.Linear(4, 8)
+            self.head = nn.Linear(8 * 6 * 6 + 8, 10)
+
+        def forward(self, image, extra):
+            a = torch.relu(self.conv(image)).flatten(1)
+            return self.head(torch.cat([a, torch.relu(self.side(extra))], dim=1))
+
+    torch.manual_seed(0)
+    image, extra = torch.randn(300, 1, 8, 8), torch.randn(300, 4)
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(
+        TwoInputs().eval(),
+        (image[:2], extra[:2]),
+        dynamo=True,
+        input_names=["image", "extra"],
+        dynamic_shapes=({0: batch}, {0: batch}),
+        verbose=False,
+    )
+    program.save(str(tmp_path / "two.onnx"))
+    capsys.readouterr()  # the exporter's own progress lines
+    assert [i.name for i in onnx.load(str(tmp_path / "two.onnx")).graph.input] == ["image", "extra"]
+    np.savez(tmp_path / "calib.npz", image=image.numpy(), extra=extra.numpy())
+    args = [
+        "defend",
+        str(tmp_path / "two.onnx"),
+        "--out",
+        str(tmp_path / "d.onnx"),
+        "--iters",
+        "30",
+        "--json",
+    ]
+    assert main([*args, "--calib", str(tmp_path / "calib.npz")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["verify"]["integers_ok"] and summary["layers"] == 3 and not summary["skipped"]
+    np.savez(tmp_path / "half.npz", image=image.numpy())
+    before = (tmp_path / "d.onnx").read_bytes()
+    assert main([*args, "--calib", str(tmp_path / "half.npz")]) == 1
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert "lacks ['extra']" in error and "one array per input" in error
+    assert (tmp_path / "d.onnx").read_bytes() == before  # refused before anything was written

@@ -4,7 +4,7 @@ from .defend import defend_qdq
 from .drop_in import ListDataReader, quantize, quantize_images, quantize_static
 from .export import export_defended, export_float_onnx, onnx_plan
 from .graph import folded_weights
-from .model_io import check_onnx, load_onnx, save_onnx
+from .model_io import check_onnx, input_names, load_onnx, save_onnx
 from .runtime import session
 from .verify import VerifyReport, optimized_op_counts, quantized_weights, verify
 
@@ -16,6 +16,7 @@ __all__ = [
     "export_defended",
     "export_float_onnx",
     "folded_weights",
+    "input_names",
     "load_onnx",
     "onnx_plan",
     "optimized_op_counts",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from efrap_plugin import (
 )
 
 from .defend import WeightOptions, defend_qdq, pin_weight_grids, write_plan
-from .model_io import check_onnx, load_onnx, preprocess, save_onnx
+from .model_io import check_onnx, input_names, load_onnx, preprocess, save_onnx
 from .runtime import session
 
 __all__ = ["quantize", "quantize_static", "quantize_images", "ListDataReader"]
@@ -54,8 +55,16 @@ class ListDataReader(CalibrationDataReader):
 
     @classmethod
     def from_array(cls, name: str, x: np.ndarray, batch_size: int = 64) -> ListDataReader:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        return cls([{name: x[i : i + batch_size]} for i in range(0, len(x), batch_size)])
+        return cls.from_arrays({name: np.asarray(x, dtype=np.float32)}, batch_size)
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], batch_size: int = 64) -> ListDataReader:
+        """One array per model input, row i of each together: batches of ``batch_size`` rows."""
+        arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        rows = min(len(v) for v in arrays.values())
+        return cls(
+            [{k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, rows, batch_size)]
+        )
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._it, None)
@@ -108,7 +117,13 @@ def _collect(reader: Any, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]
                     f"calibration data: input {inp.name!r} has shape {arr.shape}, the graph expects "
                     f"{['N' if d is None else d for d in dims]}; pass N x {' x '.join(str(d) for d in dims[1:])} float32"
                 )
-            if not np.isfinite(arr).all():
+            expected = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+            if arr.dtype != expected:
+                raise DataError(
+                    f"calibration data: input {inp.name!r} is {arr.dtype}, the graph expects {expected}; "
+                    f"pass it as .astype(np.{expected})"
+                )
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise DataError(f"calibration data: input {inp.name!r} holds NaN or Inf values")
     fixed = {d.dim_value for i in inputs for d in i.type.tensor_type.shape.dim[:1] if d.HasField("dim_value")}
     return _rebatch(batches, fixed.pop()) if len(fixed) == 1 else batches
@@ -275,7 +290,7 @@ def quantize(
 def quantize_images(
     model_input: str | Path,
     model_output: str | Path,
-    images: np.ndarray,
+    images: np.ndarray | Mapping[str, np.ndarray],
     bits: int = 8,
     *,
     per_channel: bool = True,
@@ -284,22 +299,32 @@ def quantize_images(
     progress: bool = True,
 ) -> RoundingPlan | None:
     """The common image-model case in one call: quant_pre_process (BatchNorm folded), then QDQ, MinMax,
-    uint8 activations, QInt8 or QInt4 weights, calibration images fed to the graph's single input.
+    uint8 activations, QInt8 or QInt4 weights, calibration images fed to the graph's single input (or,
+    for a model with several inputs, a dict of arrays named as its inputs).
     ``efrap=False`` is onnxruntime's stock flow."""
     weight_types = {8: QuantType.QInt8, 4: QuantType.QInt4}
     if bits not in weight_types:
         raise EFRAPError(f"bits: onnxruntime quantizes weights to 8 (QInt8) or 4 (QInt4) bits, got {bits}")
     model = load_onnx(model_input)
-    inits = {t.name for t in model.graph.initializer}
-    names = [i.name for i in model.graph.input if i.name not in inits]
-    if len(names) != 1:
+    names = input_names(model)
+    if isinstance(images, Mapping):
+        if sorted(images) != sorted(names):
+            raise DataError(
+                f"calibration data: the model takes inputs {names}, got arrays {sorted(images)}; "
+                "name one array per input"
+            )
+        reader = ListDataReader.from_arrays(images)
+    elif len(names) != 1:
         raise EFRAPError(
-            f"model: {model_input} has inputs {names}; quantize_images handles single-input models"
+            f"model: {model_input} has inputs {names}; pass one calibration array per input, "
+            "as a dict named by input"
         )
+    else:
+        reader = ListDataReader.from_array(names[0], images)
     return quantize_static(
         _Checked(preprocess(model)),
         model_output,
-        ListDataReader.from_array(names[0], images),
+        reader,
         per_channel=per_channel,
         activation_type=QuantType.QUInt8,
         weight_type=weight_types[bits],

@@ -158,6 +158,12 @@ def load_onnx(path: str | Path, check_finite: bool = True) -> onnx.ModelProto:
     return check_onnx(model, path, check_finite)
 
 
+def input_names(model: onnx.ModelProto) -> list[str]:
+    """The graph's inputs that calibration data feeds (initializers listed as inputs left out)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
 def check_onnx(model: onnx.ModelProto, where: str | Path, check_finite: bool = True) -> onnx.ModelProto:
     """The checks every model gets, read from a file or handed over in memory: custom ops, opset, the
     ONNX checker, tensors over the memory limit, NaN / Inf weights. Returns ``model``."""
