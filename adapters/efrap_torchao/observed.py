@@ -46,6 +46,8 @@ from efrap_plugin import (
     split_calibration,
 )
 
+from .graph_run import GraphRun
+
 __all__ = ["defend_prepared", "observer_grid", "observer_scheme", "spec_scheme"]
 
 log = logging.getLogger(__name__)
@@ -65,9 +67,10 @@ class _Layer:
     owner: nn.Module  # the prepared model's module holding the weight, as ``owner.<attr>``
     attr: str
     observer: nn.Module  # its weight observer (PT2E: the graph's; FX / eager: a fresh one from the qconfig)
-    capture_in: Callable[[nn.Module, torch.Tensor], torch.Tensor]
-    capture_out: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    nodes: tuple[str, str] | None = None  # PT2E: the graph nodes of its input and of its output (GraphRun)
+    capture_in: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None  # FX / eager: by module hooks
+    capture_out: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
 
 
 def _weight(layer: _Layer) -> torch.Tensor:
@@ -131,34 +134,6 @@ def observer_grid(observer: nn.Module, where: str) -> tuple[QuantScheme, torch.T
 
 
 # ----- capturing layer inputs and outputs ----------------------------------------------------------
-class _Stop(Exception):
-    pass
-
-
-def _node_value(gm: torch.fx.GraphModule, node: torch.fx.Node, x: torch.Tensor) -> torch.Tensor:
-    """The value ``node`` takes when ``gm`` runs on ``x`` (the run stops there)."""
-    found: list[torch.Tensor] = []
-
-    class Until(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n is node:
-                found.append(out)
-                raise _Stop
-            return out
-
-    try:
-        Until(gm).run(x)
-    except _Stop:
-        pass
-    except Exception:  # torch.fx re-raises what a node raised with its own message added
-        if not found:
-            raise
-    if not found:
-        raise ModelError(f"model: node {node.name} never ran")
-    return found[0].detach()
-
-
 def _chunks(fn: Callable[[torch.Tensor], torch.Tensor], calib: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([fn(calib[i : i + _CHUNK]) for i in range(0, calib.shape[0], _CHUNK)])
@@ -259,16 +234,11 @@ def _graph_layers(gm: torch.fx.GraphModule, relu_units: bool) -> tuple[list[_Lay
                 gm.get_submodule(owner),
                 attr,
                 gm.get_submodule(node.args[1].target),
-                lambda m, x, n=node.args[0].name: _node_value(m, _named_node(m, n), x),
-                lambda m, x, n=out.name: _node_value(m, _named_node(m, n), x),
                 forward,
+                (node.args[0].name, out.name),
             )
         )
     return layers, skipped
-
-
-def _named_node(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
-    return next(n for n in gm.graph.nodes if n.name == name)
 
 
 def _module_layers(model: nn.Module, relu_units: bool) -> tuple[list[_Layer], dict[str, str]]:
@@ -311,9 +281,11 @@ def _module_layers(model: nn.Module, relu_units: bool) -> tuple[list[_Layer], di
                 inner,
                 "weight",
                 observer,
-                lambda m, x, n=inner_name: capture(m, m.get_submodule(n), x, "input"),
-                lambda m, x, n=name if relu else inner_name: capture(m, m.get_submodule(n), x, "output"),
                 (lambda x, w, f=base: torch.relu(f(x, w))) if relu else base,
+                capture_in=lambda m, x, n=inner_name: capture(m, m.get_submodule(n), x, "input"),
+                capture_out=lambda m, x, n=name if relu else inner_name: capture(
+                    m, m.get_submodule(n), x, "output"
+                ),
             )
         )
     return layers, skipped
@@ -337,17 +309,30 @@ def _problems(
 ) -> Iterator[LayerProblem]:
     ids = {id(layer.observer) for layer in layers}
     generator = torch.Generator().manual_seed(seed)
+    runs = (  # PT2E: each model's graph runs once over the calibration data, as far as asked
+        {
+            "quantized": GraphRun(model, calib, _CHUNK, lambda: _observers(model, True, ids)),
+            "float": GraphRun(float_copy, calib, _CHUNK, lambda: _observers(float_copy, False, set())),
+        }
+        if all(layer.nodes for layer in layers)
+        else None
+    )
     for layer in layers:
         scheme, scale, zero_point = observer_grid(layer.observer, f"layer {layer.name!r}")
-        with _observers(float_copy, False, set()):
-            targets = _chunks(lambda x, layer=layer: layer.capture_out(float_copy, x), calib)
 
         def capture(kind, layer=layer):
+            if runs is not None:
+                return runs[kind].value(layer.nodes[0])
             source = model if kind == "quantized" else float_copy
             with _observers(source, kind == "quantized", ids):
                 return _chunks(lambda x: layer.capture_in(source, x), calib)
 
-        inputs = pick_layer_inputs(choice, capture, generator)
+        inputs = pick_layer_inputs(choice, capture, generator)  # before the targets: a run goes forward
+        if runs is not None:
+            targets = runs["float"].value(layer.nodes[1])
+        else:
+            with _observers(float_copy, False, set()):
+                targets = _chunks(lambda x, layer=layer: layer.capture_out(float_copy, x), calib)
         w0 = _weight(layer).detach().clone()
 
         def install(integers, layer=layer, w0=w0, scheme=scheme, scale=scale, zero_point=zero_point):
