@@ -48,6 +48,8 @@ def settings(budgets: list[float], study: str = "budget") -> dict[str, EFRAPConf
         candidates["preserve-only"] = EFRAPConfig(budget=None, objective="preserve_only")
     else:
         candidates = {"full-1000": EFRAPConfig(budget=None, patience=0)}
+        # the noise floor: the full run with another seed of the batch sampling
+        candidates["full-1000-seed-1006"] = EFRAPConfig(budget=None, patience=0, seed=1006)
         for patience, settle in EARLY_STOPS:
             candidates[f"patience-{patience}-settle-{100 * settle:g}%"] = EFRAPConfig(
                 budget=None, patience=patience, settle=settle

@@ -332,8 +332,8 @@ def main() -> None:
     if "default" in parts:
         rows = [r for name in args.models for path in PATHS for r in _child(name, "default", path)]
         note = (
-            "2-core CPU; EFRAPConfig() as shipped (1,024 random calibration inputs, 1,000 steps per layer, "
-            "its early stop), end to end: onnxruntime's / torchao's own quantization, capture, optimisation. "
+            "2-core CPU; EFRAPConfig() as shipped (1,024 random calibration inputs, 1,000 steps per layer), "
+            "end to end: onnxruntime's / torchao's own quantization, capture, optimisation. "
             "One process per row; bound_mib: float32 model + 2 x the largest layer's cached inputs + targets + 1 GiB."
         )
         write_table(args.out, "scale-default", rows, note)

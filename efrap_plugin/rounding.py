@@ -170,7 +170,7 @@ def _optimise(
     for it in range(steps):
         beta, with_penalty = beta_schedule(it, config, steps)
         idx = torch.randint(0, n, (min(config.batch_size, n),), generator=generator).to(v.device)
-        l_a, l_f, l_p = objective.terms(v, idx, beta)
+        l_a, l_f, l_p = objective.terms(v, idx, beta, values=False)  # the gradient is all a step uses
         loss = l_a + l_f + (l_p if with_penalty else 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -355,6 +355,9 @@ def test_objective_terms_and_gradients_match_the_reference_formulas(beta, share)
     idx = torch.arange(16)
     fused = objective.terms(v, idx, beta)
     grads = torch.autograd.grad(sum(fused), v)[0]
+    step = objective.terms(v, idx, beta, values=False)  # what an optimizer step computes
+    assert float(step[1]) == float(step[2]) == 0.0 and torch.equal(step[0], fused[0])
+    assert torch.allclose(torch.autograd.grad(sum(step), v)[0], grads, rtol=1e-6, atol=1e-9)
 
     o = objective
     ref_v = v.detach().clone().requires_grad_(True)
