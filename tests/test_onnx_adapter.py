@@ -341,3 +341,21 @@ def test_onnxruntime_ptq_example_on_a_transformer_encoder():
     row = run_example("onnxruntime_ptq.py")
     assert row["integers_ok"] and row["layers"] == 14 and row["skipped"] == []
     assert row["efrap_agreement"] >= 97 and row["efrap_acc"] >= row["float_acc"] - 1
+
+
+def test_a_layers_inputs_come_from_the_prefix_that_computes_them(pq8_onnx, calib):
+    """session(model, [tensor]) runs only the nodes the tensor needs (onnxruntime runs every node of a
+    graph whatever is fetched); the values equal the full model's, filled into one tensor."""
+    from efrap_onnx.runtime import run_output, upstream
+
+    model = load_onnx(pq8_onnx)
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    prefix = upstream(model, [relu.output[0]])
+    assert 0 < len(prefix.graph.node) < len(model.graph.node) // 2
+    assert {t.name for t in prefix.graph.initializer} < {t.name for t in model.graph.initializer}
+    batches = ListDataReader.from_array("input", calib[:100], batch_size=32).batches
+    got = run_output(session(model, [relu.output[0]]), batches, relu.output[0])
+    full = onnx.ModelProto.FromString(model.SerializeToString())
+    full.graph.output.append(helper.make_tensor_value_info(relu.output[0], TensorProto.FLOAT, None))
+    want = np.concatenate([session(full).run([relu.output[0]], b)[0] for b in batches])
+    assert got.shape[0] == 100 and np.array_equal(got.numpy(), want)

@@ -13,13 +13,55 @@ from onnx import TensorProto
 
 from efrap_plugin import ModelError
 
-__all__ = ["session", "run_output"]
+__all__ = ["run_output", "session", "upstream"]
 
 _MAX_QUOTED = 600  # characters of a backend's error message quoted in ours
 
 
+def upstream(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are the tensors ``outputs``, holding only the nodes, initializers
+    and inputs they are computed from: onnxruntime runs every node of a graph whatever is fetched, so a
+    layer's inputs cost the model's prefix, not the whole model. A graph with subgraphs (If, Loop, Scan
+    read outer tensors implicitly) keeps all its nodes."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    nested = any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in graph.node
+        for a in n.attribute
+    )
+    needed: set[str] = set()
+    stack = list(outputs)
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        node = producer.get(name)
+        if node is not None:
+            stack.extend(i for i in node.input if i)
+    nodes = list(graph.node) if nested else [n for n in graph.node if any(o in needed for o in n.output)]
+    if nested:
+        needed |= {i for n in graph.node for i in n.input}
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    kept = result.graph
+    del kept.node[:]
+    kept.node.extend(nodes)
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del kept.initializer[:]
+    kept.initializer.extend(initializers)
+    inputs = [i for i in graph.input if i.name in needed]
+    del kept.input[:]
+    kept.input.extend(inputs)
+    del kept.output[:]
+    kept.output.extend(onnx.helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs)
+    return result
+
+
 def session(model: onnx.ModelProto | str | Path, outputs: list[str] | None = None) -> ort.InferenceSession:
-    """A CPU InferenceSession, optionally exposing intermediate tensors as extra outputs.
+    """A CPU InferenceSession; with ``outputs``, of the part of the model that computes those tensors
+    (``upstream``), which become its outputs.
 
     A model onnxruntime cannot load (an opset it does not know, an op it lacks) is a ModelError.
     """
@@ -27,13 +69,7 @@ def session(model: onnx.ModelProto | str | Path, outputs: list[str] | None = Non
     opts.log_severity_level = 3
     if isinstance(model, onnx.ModelProto):
         if outputs:
-            model = onnx.ModelProto.FromString(model.SerializeToString())
-            have = {o.name for o in model.graph.output}
-            for name in outputs:
-                if name not in have:
-                    model.graph.output.append(
-                        onnx.helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
-                    )
+            model = upstream(model, outputs)
         source: Any = model.SerializeToString()
     else:
         source = str(model)
@@ -50,8 +86,25 @@ def session(model: onnx.ModelProto | str | Path, outputs: list[str] | None = Non
 
 
 def run_output(sess: ort.InferenceSession, batches: list[dict[str, np.ndarray]], name: str) -> torch.Tensor:
-    """Tensor ``name`` for every batch, concatenated (inputs the session does not take are dropped)."""
+    """Tensor ``name`` for every batch, in one tensor filled batch by batch (no second copy for a
+    concatenation: a layer's cached activations are the largest allocation of a defense); inputs the
+    session does not take are dropped. A tensor whose rows are not the batch's (a reshaped N*T x D) is
+    concatenated instead."""
     feeds = {i.name for i in sess.get_inputs()}
-    return torch.cat(
-        [torch.from_numpy(sess.run([name], {k: v for k, v in b.items() if k in feeds})[0]) for b in batches]
-    )
+    sizes = [len(next(iter(b.values()))) for b in batches]
+    out: torch.Tensor | None = None
+    parts: list[torch.Tensor] | None = None
+    at = 0
+    for batch, rows in zip(batches, sizes):
+        part = torch.from_numpy(sess.run([name], {k: v for k, v in batch.items() if k in feeds})[0])
+        if parts is None and part.ndim > 0 and part.shape[0] == rows:
+            if out is None:
+                out = torch.empty((sum(sizes), *part.shape[1:]), dtype=part.dtype)
+            if part.shape[1:] == out.shape[1:]:
+                out[at : at + rows] = part
+                at += rows
+                continue
+        if parts is None:  # from here on, concatenate (what was filled so far first)
+            parts = [out[:at]] if out is not None and at else []
+        parts.append(part)
+    return torch.cat(parts) if parts is not None else out
