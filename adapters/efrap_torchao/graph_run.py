@@ -26,7 +26,8 @@ __all__ = ["GraphRun"]
 class GraphRun:
     """``value(name)``: the node's value for every calibration input, executing the graph no further
     than that node. A value already dropped (asked for after every node reading it ran) is recomputed
-    by a run from the start."""
+    by a run from the start. The tensor returned is shared with the run's own state: read it, do not
+    write to it."""
 
     def __init__(
         self,
@@ -66,7 +67,13 @@ class GraphRun:
                 if self.position == len(self.nodes):
                     raise ModelError(f"model: graph node {name} never ran")
                 self._step()
-        return torch.cat([env[node].detach() for env in self.envs])
+        whole = torch.cat([env[node].detach() for env in self.envs])
+        at = 0
+        for env in self.envs:  # the run keeps views of the one copy returned, not a second copy
+            rows = env[node].shape[0]
+            env[node] = whole[at : at + rows]
+            at += rows
+        return whole
 
     def _step(self) -> None:
         node, i = self.nodes[self.position], self.position
