@@ -115,6 +115,7 @@ def _problems(
             zero_point,
             install,
         )
+        del targets  # before the next layer's capture: one layer's activations held at a time
 
 
 def defend(

@@ -19,6 +19,9 @@ __all__ = ["LAYER_INPUTS", "LayerInputs", "check_layer_inputs", "pick_layer_inpu
 
 LayerInputs = Literal["quantized", "float", "mixed"]
 LAYER_INPUTS: tuple[str, ...] = ("quantized", "float", "mixed")
+_MIX_ROWS = 64
+"""Rows of the mixing mask drawn at once: the same draws as one mask for all rows (the generator runs
+serially), without a mask as large as the layer's inputs."""
 
 
 def check_layer_inputs(choice: str) -> None:
@@ -35,5 +38,9 @@ def pick_layer_inputs(
     if choice != "mixed":
         return capture(choice)
     quantized, floating = capture("quantized"), capture("float")
-    keep = torch.rand(quantized.shape, generator=generator) < 0.5
-    return torch.where(keep, quantized, floating)
+    mixed = torch.empty_like(quantized)
+    for i in range(0, quantized.shape[0], _MIX_ROWS):  # the random mask a block of rows at a time
+        rows = slice(i, i + _MIX_ROWS)
+        keep = torch.rand(quantized[rows].shape, generator=generator) < 0.5
+        torch.where(keep, quantized[rows], floating[rows], out=mixed[rows])
+    return mixed

@@ -100,6 +100,7 @@ def defend_layers(
                 if stats
                 else "",
             )
+            del problem, result  # the next layer's capture runs before the loop rebinds them
     return plans
 
 

@@ -133,6 +133,7 @@ def _problems(
         yield LayerProblem(
             name, weight, grid.scheme, forward, inputs, targets, grid.scale, grid.zero_point, install
         )
+        del inputs, targets  # before the next layer's capture: one layer's activations held at a time
 
 
 def _in_weight_layout(plan: LayerPlan, weight: torch.Tensor, axis: int) -> LayerPlan:

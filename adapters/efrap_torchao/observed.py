@@ -342,6 +342,7 @@ def _problems(
             setattr(layer.owner, layer.attr, nn.Parameter(snapped, requires_grad=False))
 
         yield LayerProblem(layer.name, w0, scheme, layer.forward, inputs, targets, scale, zero_point, install)
+        del inputs, targets  # before the next layer's capture: one layer's activations held at a time
 
 
 def _held_out(model: nn.Module, float_copy: nn.Module, layers: list[_Layer], held: torch.Tensor) -> HeldOut:
