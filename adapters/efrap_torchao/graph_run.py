@@ -43,8 +43,7 @@ class GraphRun:
             raise ModelError(
                 f"model: the exported graph takes {len(placeholders)} inputs; defend_prepared feeds one"
             )
-        self.inputs = list(calib.split(chunk))
-        self.envs: list[dict[fx.Node, Any]] = [{placeholders[0]: x} for x in self.inputs]
+        self.envs: list[dict[fx.Node, Any]] = [{placeholders[0]: x} for x in calib.split(chunk)]
         self.fresh = {n for n in self.nodes if n.op == "get_attr"}
         self.fresh |= {  # weight observers: they pass the weight through, so they are read at each use too
             n
@@ -56,11 +55,11 @@ class GraphRun:
             for arg in node.all_input_nodes:
                 self.last_use[arg] = i
         self.position = 0
-        self.by_name = {n.name: n for n in self.nodes}
+        self.by_name = {n.name: (i, n) for i, n in enumerate(self.nodes)}
 
     def value(self, name: str) -> torch.Tensor:
-        node = self.by_name[name]
-        if node not in self.envs[0] and self.nodes.index(node) < self.position:
+        index, node = self.by_name[name]
+        if node not in self.envs[0] and index < self.position:
             return GraphRun(self.gm, self.calib, self.chunk, self.context).value(name)
         with torch.no_grad(), self.context():
             while node not in self.envs[0]:
