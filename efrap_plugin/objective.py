@@ -251,11 +251,12 @@ class Objective:
         free = self.free.to(torch.float32)
         penalty_scale = self.flip_scale if self.config.balance == "lsb" else 1.0
         flip_w = self.config.flip_weight * self.flip_scale * self.err * free
+        flip_b = 2.0 * self.target - 1.0
         self._terms = _RoundingTerms(
             flip_a=1.0 - self.target + BCE_EPS,
-            flip_b=2.0 * self.target - 1.0,
+            flip_b=flip_b,
             flip_w=flip_w,
-            flip_wb=flip_w * (2.0 * self.target - 1.0),
+            flip_wb=flip_w * flip_b,
             free=free,
             neg_half_free=-0.5 * free,
             n_free=float(free.sum()),
