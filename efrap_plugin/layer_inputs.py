@@ -15,7 +15,7 @@ import torch
 
 from .errors import EFRAPError
 
-__all__ = ["LAYER_INPUTS", "LayerInputs", "check_layer_inputs", "pick_layer_inputs"]
+__all__ = ["LAYER_INPUTS", "LayerInputs", "check_layer_inputs", "mix_layer_inputs", "pick_layer_inputs"]
 
 LayerInputs = Literal["quantized", "float", "mixed"]
 LAYER_INPUTS: tuple[str, ...] = ("quantized", "float", "mixed")
@@ -37,8 +37,20 @@ def pick_layer_inputs(
     check_layer_inputs(choice)
     if choice != "mixed":
         return capture(choice)
-    quantized, floating = capture("quantized"), capture("float")
-    mixed = torch.empty_like(quantized)
+    quantized = capture("quantized")
+    return mix_layer_inputs(quantized, capture("float"), generator)
+
+
+def mix_layer_inputs(
+    quantized: torch.Tensor,
+    floating: torch.Tensor,
+    generator: torch.Generator,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ "mixed": each element from ``quantized`` or ``floating``, at random. ``out`` may be ``floating``
+    itself when nothing else reads it (a producer that captured it for this layer alone): the mix then
+    takes no memory of its own."""
+    mixed = torch.empty_like(quantized) if out is None else out
     for i in range(0, quantized.shape[0], _MIX_ROWS):  # the random mask a block of rows at a time
         rows = slice(i, i + _MIX_ROWS)
         keep = torch.rand(quantized[rows].shape, generator=generator) < 0.5

@@ -54,7 +54,8 @@ def defend_layers(
     spent = 0.0
     per_layer = path_steps(config)
     with tqdm(total=per_layer * layers, desc="EFRAP", unit="it", disable=not progress, leave=False) as bar:
-        for i, problem in enumerate(problems):
+        done = 0  # not enumerate(): its reused result tuple would keep the previous problem's
+        for problem in problems:  # activations alive while the next layer's are captured
             bar.set_postfix(layer=problem.name)
             start = bar.n
             with threads_for(step_flops(problem, config), config.device):
@@ -63,7 +64,7 @@ def defend_layers(
                     if problem.install is not None:
                         problem.install(result.integers)
                 else:
-                    allowance = (config.budget - spent) / (layers - i)
+                    allowance = (config.budget - spent) / (layers - done)
                     result, disagreement, cost = _strongest_within(
                         problem, config, generator, bar.update, held_out, allowance
                     )
@@ -100,6 +101,7 @@ def defend_layers(
                 if stats
                 else "",
             )
+            done += 1
             del problem, result  # the next layer's capture runs before the loop rebinds them
     return plans
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .rounding import LayerProblem
 
 __all__ = [
+    "PROBE_ROWS",
     "PROBE_SIZE",
     "Objective",
     "beta_schedule",
@@ -31,7 +32,9 @@ __all__ = [
 GAMMA, ZETA = -0.1, 1.1
 """AdaRound's stretched sigmoid: sigmoid(V) * (ZETA - GAMMA) + GAMMA, clipped to [0, 1]."""
 PROBE_SIZE = 256
-"""Cached inputs used to report the loss before / after, to estimate the flip cost, and per chunk."""
+"""Cached inputs used to report the loss before / after and to estimate the flip cost."""
+PROBE_ROWS = 64
+"""Inputs evaluated at once outside the optimizer's steps (flip cost, loss and output error reports)."""
 FLIP_COST_SAMPLES = 2
 """Random sign patterns averaged to estimate the L_A of moving every weight one step."""
 BETA_START, BETA_END, BETA_WARMUP = 20.0, 2.0, 0.2
@@ -105,13 +108,9 @@ def beta_schedule(it: int, config: EFRAPConfig, steps: int | None = None) -> tup
     return beta, it >= warm
 
 
-def _per_image(diff: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over channels, averaged over batch and positions (the reference's L_A)."""
-    return diff.sum(dim=1).mean() if diff.dim() > 1 else diff.mean()
-
-
 def _per_image_sum(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``_per_image((y - target) ** 2)`` in one fused pass: the sum over everything, per channel-row."""
+    """Squared error summed over channels (dim 1), averaged over batch and positions (the reference's
+    L_A), in one fused pass."""
     channels = y.shape[1] if y.dim() > 1 else 1
     return torch.nn.functional.mse_loss(y, target, reduction="sum") * (channels / y.numel())
 
@@ -120,18 +119,26 @@ def _flip_cost(problem: LayerProblem, s: torch.Tensor, generator: torch.Generato
     """L_A of moving every weight by one integer step in a random direction: what 'flip everything' costs.
 
     Dividing L_A by it makes the trade-off against L_F (in integer units) the same at every bit width,
-    layer size and input scale.
+    layer size and input scale. Measured PROBE_ROWS inputs at a time: a few MiB of outputs, not the
+    probe's (ResNet-18's first block: 128 MiB more at the defense's peak).
     """
-    x = problem.inputs[: min(problem.inputs.shape[0], PROBE_SIZE)]
+    x = problem.inputs[:PROBE_SIZE]
+    zeros = torch.zeros_like(problem.weight)
+    costs = []
     with torch.no_grad():
-        zero = problem.forward(x, torch.zeros_like(problem.weight))
-        costs = []
         for _ in range(FLIP_COST_SAMPLES):
             signs = (
                 torch.randint(0, 2, problem.weight.shape, generator=generator).to(problem.weight.device) * 2.0
                 - 1
             )
-            costs.append(float(_per_image((problem.forward(x, signs * s) - zero).pow(2))))
+            total, per_row = 0.0, 0.0
+            for rows in x.split(PROBE_ROWS):
+                moved = problem.forward(rows, signs * s)
+                total += float(
+                    torch.nn.functional.mse_loss(moved, problem.forward(rows, zeros), reduction="sum")
+                )
+                per_row = (moved.shape[1] if moved.dim() > 1 else 1) / moved[0].numel()
+            costs.append(total * per_row / x.shape[0])
     return sum(costs) / len(costs)
 
 
@@ -309,9 +316,10 @@ class Objective:
         return torch.addcmul(self._w_const, self._w_slope, h)
 
     def terms(
-        self, v: torch.Tensor, idx: torch.Tensor, beta: float, values: bool = True
+        self, v: torch.Tensor, idx: torch.Tensor | slice, beta: float, values: bool = True
     ) -> tuple[torch.Tensor, ...]:
-        """(L_A, L_F, L_P) on the cached inputs ``idx``; an ablation's missing term is zero. Without
+        """(L_A, L_F, L_P) on the cached inputs ``idx`` (indices, or a slice); an ablation's missing
+        term is zero. Without
         ``values`` (an optimizer step) L_F and L_P are zeros that still carry their gradient."""
         config, problem = self.config, self.problem
         h = rectify(v, config.rectifier)
@@ -323,6 +331,17 @@ class Objective:
         with_flip = config.objective != "preserve_only" and config.budget is None
         l_f, l_p = _RoundingLosses.apply(h, self._terms, beta, with_flip, values)
         return l_a, l_f, l_p
+
+    def probe_loss(self, v: torch.Tensor, beta: float) -> float:
+        """L_A + L_F + L_P on the first PROBE_SIZE cached inputs, PROBE_ROWS at a time: the loss the
+        plan reports before and after a layer's optimisation."""
+        n = min(self.problem.inputs.shape[0], PROBE_SIZE)
+        total = 0.0
+        for start in range(0, n, PROBE_ROWS):
+            rows = slice(start, min(start + PROBE_ROWS, n))
+            l_a, l_f, l_p = self.terms(v, rows, beta)
+            total += float(l_a) * (rows.stop - rows.start) / n
+        return total + float(l_f) + float(l_p)
 
     def hard_round(self, v: torch.Tensor) -> torch.Tensor:
         """Up where V >= 0, else down, within the bounds; other elements at their fixed integers. int32."""

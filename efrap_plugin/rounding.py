@@ -15,7 +15,7 @@ import torch
 
 from .config import EFRAPConfig
 from .errors import EFRAPError
-from .objective import PROBE_SIZE, Objective, beta_schedule, init_logits
+from .objective import PROBE_ROWS, Objective, beta_schedule, init_logits
 from .schemes import QuantScheme
 from .training import resolve_device
 
@@ -126,9 +126,8 @@ def rounding_path(
     objective = Objective.build(problem, config, generator)
     v = init_logits(objective.frac, config.rectifier).clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=config.lr, fused=True)  # one pass over V per step, not eight
-    probe = torch.arange(min(problem.inputs.shape[0], PROBE_SIZE), device=device)
     with torch.no_grad():
-        before = float(sum(objective.terms(v, probe, config.beta)))
+        before = objective.probe_loss(v, config.beta)
     stages = (
         [(None, config.iters)]
         if config.budget is None
@@ -140,7 +139,7 @@ def rounding_path(
             objective.force_flips(strength)
         steps += _optimise(objective, v, opt, stage_steps, generator, progress)
         with torch.no_grad():
-            after = float(sum(objective.terms(v, probe, config.beta)))
+            after = objective.probe_loss(v, config.beta)
             integers = objective.hard_round(v)
         result = _result(problem, objective, integers, before, after, steps, strength)
         if device.type != "cpu":
@@ -225,9 +224,9 @@ def _result(
 def _act_error(problem: LayerProblem, w: torch.Tensor) -> float:
     """||unit(X; w) - Y_fp||^2 / ||Y_fp||^2 over every cached input, in chunks."""
     total, energy = 0.0, 0.0
-    for i in range(0, problem.inputs.shape[0], PROBE_SIZE):
-        y = problem.forward(problem.inputs[i : i + PROBE_SIZE], w)
-        t = problem.targets[i : i + PROBE_SIZE]
-        total += float((y - t).pow(2).sum())
+    for i in range(0, problem.inputs.shape[0], PROBE_ROWS):
+        y = problem.forward(problem.inputs[i : i + PROBE_ROWS], w)
+        t = problem.targets[i : i + PROBE_ROWS]
+        total += float(y.sub_(t).square_().sum())  # in place: no chunk-sized copies
         energy += float(t.pow(2).sum())
     return total / max(energy, _ENERGY_FLOOR)

@@ -235,6 +235,42 @@ def test_mixed_layer_inputs_take_each_element_from_one_pass_or_the_other():
         pick_layer_inputs("both", capture, torch.Generator())
 
 
+def test_mixing_over_the_float_inputs_gives_the_same_mix_without_new_memory():
+    from efrap_plugin import mix_layer_inputs
+
+    quantized, floating = torch.rand(200, 3, 5), torch.rand(200, 3, 5)
+    apart = mix_layer_inputs(quantized, floating, torch.Generator().manual_seed(1))
+    into = floating.clone()
+    over = mix_layer_inputs(quantized, into, torch.Generator().manual_seed(1), out=into)
+    assert over is into and torch.equal(over, apart)
+    assert bool(((apart == quantized) | (apart == floating)).all())
+
+
+def test_the_loop_lets_go_of_a_layers_activations_before_the_next_is_captured():
+    """A producer captures layer k + 1 while the loop waits: layer k's inputs and targets must be free
+    by then (enumerate's reused result tuple once kept them: one layer's activations more at the peak)."""
+    import weakref
+
+    from efrap_plugin import defend_layers
+
+    torch.manual_seed(0)
+    scheme = QuantScheme.onnxruntime(8)
+    held: list[tuple[weakref.ref, weakref.ref]] = []
+    alive_at_capture: list[bool] = []
+
+    def problems():
+        for k in range(3):
+            alive_at_capture.append(any(r() is not None for pair in held for r in pair))
+            x, w = torch.randn(64, 6), torch.randn(4, 6)
+            problem = LayerProblem(f"fc{k}", w, scheme, lambda x, w: x @ w.t(), x, x @ w.t())
+            held.append((weakref.ref(problem.inputs), weakref.ref(problem.targets)))
+            yield problem
+            del problem, x
+
+    plans = defend_layers(problems(), EFRAPConfig(iters=20, calib_size=64), 3, progress=False)
+    assert list(plans) == ["fc0", "fc1", "fc2"] and alive_at_capture == [False, False, False]
+
+
 class _RowTokens(nn.Module):
     """A Linear over N x T x D tokens, as transformer blocks apply it."""
 

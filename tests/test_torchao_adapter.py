@@ -111,7 +111,8 @@ def test_eager_flow_keeps_the_models_own_quant_stubs(digits):
 def test_graph_run_gives_each_node_the_value_of_a_run_from_the_start():
     """GraphRun (one pass of a PT2E graph, advanced as asked) against torch.fx's Interpreter run from
     the start: every conv input and output equal; a value asked for after its last reader ran is
-    recomputed; a weight changed between two requests is read afresh downstream."""
+    recomputed; a weight changed between two requests is read afresh downstream; a value is one tensor,
+    held until the run passes its last reader."""
     from efrap_torchao.graph_run import GraphRun
 
     torch.manual_seed(0)
@@ -146,3 +147,11 @@ def test_graph_run_gives_each_node_the_value_of_a_run_from_the_start():
     setattr(module, attr, torch.nn.Parameter(torch.zeros_like(getattr(module, attr)), requires_grad=False))
     assert float(run.value(convs[0].name).abs().max()) == float(from_start(convs[0].name).abs().max())
     assert torch.allclose(run.value(convs[-1].name), from_start(convs[-1].name), atol=1e-6)
+
+    # one tensor per value, no copy per request; the caller may write to it once the run lets it go
+    run = GraphRun(gm, x, chunk=16)
+    only = next(c for c in convs if len(c.args[0].users) == 1 and c.args[0].op != "placeholder")
+    value = run.value(only.args[0].name)
+    assert run.value(only.args[0].name) is value and run.holds(value)
+    run.value(only.name)
+    assert not run.holds(value) and run.holds(run.value(only.name)) and run.holds(x[:3])
