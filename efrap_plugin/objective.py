@@ -319,15 +319,19 @@ class Objective:
         self, v: torch.Tensor, idx: torch.Tensor | slice, beta: float, values: bool = True
     ) -> tuple[torch.Tensor, ...]:
         """(L_A, L_F, L_P) on the cached inputs ``idx`` (indices, or a slice); an ablation's missing
-        term is zero. Without
-        ``values`` (an optimizer step) L_F and L_P are zeros that still carry their gradient."""
+        term is zero. Without ``values`` (an optimizer step) L_F and L_P are zeros that still carry
+        their gradient."""
         config, problem = self.config, self.problem
         h = rectify(v, config.rectifier)
         zero = h.new_zeros(())
         l_a = zero
         if config.objective != "flip_only":
-            y = problem.forward(problem.inputs[idx], self.soft_weight(h))
-            l_a = _per_image_sum(y, problem.targets[idx]) * self.act_scale
+            x, t = (
+                (problem.inputs[idx], problem.targets[idx])
+                if isinstance(idx, slice)
+                else (problem.inputs.index_select(0, idx), problem.targets.index_select(0, idx))
+            )
+            l_a = _per_image_sum(problem.forward(x, self.soft_weight(h)), t) * self.act_scale
         with_flip = config.objective != "preserve_only" and config.budget is None
         l_f, l_p = _RoundingLosses.apply(h, self._terms, beta, with_flip, values)
         return l_a, l_f, l_p

@@ -246,6 +246,24 @@ def test_mixing_over_the_float_inputs_gives_the_same_mix_without_new_memory():
     assert bool(((apart == quantized) | (apart == floating)).all())
 
 
+def test_fused_adam_takes_torch_adams_steps_exactly():
+    """learn_rounding's Adam is torch.optim.Adam(fused=True)'s kernel without the optimizer object:
+    the same numbers, step for step."""
+    from efrap_plugin.rounding import FusedAdam
+
+    torch.manual_seed(0)
+    start = torch.randn(5, 7)
+    ours, theirs = start.clone().requires_grad_(True), start.clone().requires_grad_(True)
+    adam, reference = FusedAdam(ours, 3e-2), torch.optim.Adam([theirs], lr=3e-2, fused=True)
+    for _ in range(25):
+        grad = torch.randn(5, 7)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        adam.step()
+        reference.step()
+        assert torch.equal(ours, theirs)
+    assert float((ours - start).abs().min()) > 0  # every element moved
+
+
 def test_the_loop_lets_go_of_a_layers_activations_before_the_next_is_captured():
     """A producer captures layer k + 1 while the loop waits: layer k's inputs and targets must be free
     by then (enumerate's reused result tuple once kept them: one layer's activations more at the peak)."""
