@@ -47,9 +47,9 @@ def mix_layer_inputs(
     generator: torch.Generator,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ "mixed": each element from ``quantized`` or ``floating``, at random. ``out`` may be ``floating``
-    itself when nothing else reads it (a producer that captured it for this layer alone): the mix then
-    takes no memory of its own."""
+    """The "mixed" inputs: each element from ``quantized`` or ``floating``, at random. ``out`` may be
+    ``floating`` itself when nothing else reads it (a producer that captured it for this layer alone):
+    the mix then takes no memory of its own."""
     mixed = torch.empty_like(quantized) if out is None else out
     for i in range(0, quantized.shape[0], _MIX_ROWS):  # the random mask a block of rows at a time
         rows = slice(i, i + _MIX_ROWS)
