@@ -124,6 +124,8 @@ def _flip_cost(problem: LayerProblem, s: torch.Tensor, generator: torch.Generato
     """
     x = problem.inputs[:PROBE_SIZE]
     zeros = torch.zeros_like(problem.weight)
+    out = problem.targets  # the unit's outputs: the shape each forward below gives
+    per_image = (out.shape[1] if out.dim() > 1 else 1) / (out[0].numel() * x.shape[0])  # as _per_image_sum
     costs = []
     with torch.no_grad():
         for _ in range(FLIP_COST_SAMPLES):
@@ -131,14 +133,15 @@ def _flip_cost(problem: LayerProblem, s: torch.Tensor, generator: torch.Generato
                 torch.randint(0, 2, problem.weight.shape, generator=generator).to(problem.weight.device) * 2.0
                 - 1
             )
-            total, per_row = 0.0, 0.0
+            moved = signs * s
+            total = 0.0
             for rows in x.split(PROBE_ROWS):
-                moved = problem.forward(rows, signs * s)
                 total += float(
-                    torch.nn.functional.mse_loss(moved, problem.forward(rows, zeros), reduction="sum")
+                    torch.nn.functional.mse_loss(
+                        problem.forward(rows, moved), problem.forward(rows, zeros), reduction="sum"
+                    )
                 )
-                per_row = (moved.shape[1] if moved.dim() > 1 else 1) / moved[0].numel()
-            costs.append(total * per_row / x.shape[0])
+            costs.append(total * per_image)
     return sum(costs) / len(costs)
 
 

@@ -261,6 +261,6 @@ def _act_error(problem: LayerProblem, w: torch.Tensor) -> float:
     for i in range(0, problem.inputs.shape[0], PROBE_ROWS):
         y = problem.forward(problem.inputs[i : i + PROBE_ROWS], w)
         t = problem.targets[i : i + PROBE_ROWS]
-        total += float(y.sub_(t).square_().sum())  # in place: no chunk-sized copies
+        total += float(torch.nn.functional.mse_loss(y, t, reduction="sum"))  # fused: no chunk-sized copies
         energy += float(t.pow(2).sum())
     return total / max(energy, _ENERGY_FLOOR)

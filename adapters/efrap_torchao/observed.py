@@ -349,8 +349,8 @@ def _graph_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PT2E: a layer's inputs and targets from the two runs. The float run passes the layer for the
     targets and then no longer holds the layer's float inputs: the mixed inputs are written over them,
-    one layer's activations fewer at the peak (ResNet-18, 1,024 inputs: 256 MiB)."""
-    check_layer_inputs(choice)
+    one layer's activations fewer at the peak (ResNet-18, 1,024 inputs: 256 MiB). ``choice`` is checked
+    by defend_prepared."""
     first, last = nodes
     quantized = runs["quantized"].value(first) if choice != "float" else None
     floating = runs["float"].value(first) if choice != "quantized" else None
