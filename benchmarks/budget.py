@@ -32,7 +32,7 @@ from efrap_plugin import EFRAPConfig, attack_fires, backdoor_removed, evaluate
 HELD_OUT = 256
 
 
-EARLY_STOPS = ((100, 0.005), (100, 0.01), (100, 0.02))
+EARLY_STOPS = ((100, 0.005), (100, 0.01), (100, 0.02), (100, 0.03), (50, 0.01))
 """--study early-stop: (patience, settle) pairs measured against the full 1,000 steps."""
 BASELINES = {"budget": "fixed-flip-weight-1", "early-stop": "full-1000"}
 """Each study's row that seconds and steps are compared with (``default`` when it is the same config)."""
@@ -116,8 +116,8 @@ def _cell(job: tuple[str, int, int, list[float], str, bool, str]) -> list[dict]:
 
 def summary(rows: list[dict], study: str = "budget") -> list[dict]:
     """Per setting over the firing cells: bar counts, mean asr and accuracy drop; seconds and optimizer
-    steps over the study's baseline's on the same cell (same process), and the largest asr / accuracy
-    change against it."""
+    steps over the study's baseline's on the same cell (same process), and the mean (signed) and largest
+    asr / accuracy change against it."""
     base = BASELINES[study] if any(r["setting"] == BASELINES[study] for r in rows) else "default"
     ref = {(r["attack"], r["bits"], r["attack_seed"]): r for r in rows if r["setting"] == base}
 
@@ -142,6 +142,12 @@ def summary(rows: list[dict], study: str = "budget") -> list[dict]:
                 f"time_vs_{base}": round(statistics.mean(r["seconds"] / of(r)["seconds"] for r in mine), 2),
                 f"steps_vs_{base}": round(
                     sum(r["steps"] for r in mine) / sum(of(r)["steps"] for r in mine), 3
+                ),
+                f"mean_asr_change_vs_{base}": round(
+                    statistics.mean(r["efrap_asr"] - of(r)["efrap_asr"] for r in mine), 2
+                ),
+                f"mean_acc_change_vs_{base}": round(
+                    statistics.mean(r["efrap_acc"] - of(r)["efrap_acc"] for r in mine), 2
                 ),
                 f"max_asr_change_vs_{base}": round(max(moved(r, "efrap_asr") for r in mine), 2),
                 f"max_acc_change_vs_{base}": round(max(moved(r, "efrap_acc") for r in mine), 2),

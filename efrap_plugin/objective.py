@@ -108,11 +108,15 @@ def beta_schedule(it: int, config: EFRAPConfig, steps: int | None = None) -> tup
     return beta, it >= warm
 
 
+def _per_image(y: torch.Tensor) -> float:
+    """The reference's L_A is the squared error summed over channels (dim 1) and averaged over batch and
+    positions: the plain sum times this."""
+    return (y.shape[1] if y.dim() > 1 else 1) / y.numel()
+
+
 def _per_image_sum(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over channels (dim 1), averaged over batch and positions (the reference's
-    L_A), in one fused pass."""
-    channels = y.shape[1] if y.dim() > 1 else 1
-    return torch.nn.functional.mse_loss(y, target, reduction="sum") * (channels / y.numel())
+    """The reference's L_A of ``y``, in one fused pass."""
+    return torch.nn.functional.mse_loss(y, target, reduction="sum") * _per_image(y)
 
 
 def _flip_cost(problem: LayerProblem, s: torch.Tensor, generator: torch.Generator | None) -> float:
@@ -125,7 +129,7 @@ def _flip_cost(problem: LayerProblem, s: torch.Tensor, generator: torch.Generato
     x = problem.inputs[:PROBE_SIZE]
     zeros = torch.zeros_like(problem.weight)
     out = problem.targets  # the unit's outputs: the shape each forward below gives
-    per_image = (out.shape[1] if out.dim() > 1 else 1) / (out[0].numel() * x.shape[0])  # as _per_image_sum
+    per_image = (out.shape[1] if out.dim() > 1 else 1) / (out[0].numel() * x.shape[0])  # as _per_image
     costs = []
     with torch.no_grad():
         for _ in range(FLIP_COST_SAMPLES):
@@ -170,45 +174,45 @@ class _RoundingTerms:
     penalty_w: float
 
 
-class _RoundingLosses(torch.autograd.Function):
-    """(L_F, L_P) of h with their gradient in closed form, four passes over the weight, where autograd
-    takes about fourteen (a large layer's step is otherwise dominated by them). Without ``values`` (an
-    optimizer step: only the gradient is used) both come back as zeros and cost nothing forward.
+def _bce_argument(h: torch.Tensor, terms: _RoundingTerms) -> torch.Tensor:
+    """h + eps where the target is up, 1 - h + eps where it is down; at least eps, as in the reference:
+    1 + eps is 1 in float32, and h reaches 1 exactly (the stretched rectifier's clip, a saturated sigmoid)."""
+    return torch.addcmul(terms.flip_a, terms.flip_b, h).clamp_min_(BCE_EPS)
 
-    L_F = -sum flip_w * log(flip_a + flip_b * h);  L_P = penalty_w * sum free * (1 - |2h - 1|^beta).
-    """
 
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, terms: _RoundingTerms, beta: float, with_flip: bool, values: bool):
-        ctx.terms, ctx.beta, ctx.with_flip = terms, beta, with_flip
-        ctx.save_for_backward(h)
-        if not values:
-            return h.new_zeros(()), h.new_zeros(())
-        l_f = h.new_zeros(())
-        if with_flip:
-            l_f = -torch.dot(
-                terms.flip_w.reshape(-1), torch.addcmul(terms.flip_a, terms.flip_b, h).log_().reshape(-1)
-            )
-        u = h * 2 - 1
-        peaked = u.square_() if beta == 2 else u.abs_().pow_(beta)
-        l_p = terms.penalty_w * (terms.n_free - torch.dot(terms.free.reshape(-1), peaked.reshape(-1)))
-        return l_f, l_p
+def _rounding_values(
+    h: torch.Tensor, terms: _RoundingTerms, beta: float, with_flip: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_F, L_P) of h: L_F = -sum flip_w * log(flip_a + flip_b * h); L_P = penalty_w * sum free * (1 - |2h - 1|^beta)."""
+    l_f = h.new_zeros(())
+    if with_flip:
+        l_f = -torch.dot(terms.flip_w.reshape(-1), _bce_argument(h, terms).log_().reshape(-1))
+    u = h * 2 - 1
+    peaked = u.square() if beta == 2 else u.abs().pow(beta)
+    l_p = terms.penalty_w * (terms.n_free - torch.dot(terms.free.reshape(-1), peaked.reshape(-1)))
+    return l_f, l_p
 
-    @staticmethod
-    def backward(ctx, g_f: torch.Tensor, g_p: torch.Tensor):
-        (h,) = ctx.saved_tensors
-        terms, beta = ctx.terms, ctx.beta
-        # dL_P/dh = -2 beta penalty_w free |2h - 1|^(beta - 1) sign(2h - 1); at beta 2: -8 penalty_w free (h - 1/2)
+
+def _rounding_gradient(
+    h: torch.Tensor, terms: _RoundingTerms, beta: float, with_flip: bool, with_penalty: bool
+) -> torch.Tensor | None:
+    """d(L_F + L_P)/dh in closed form: a few passes over the weight, where autograd takes about fourteen
+    (and a small layer's step would otherwise pay autograd's per-node overhead). None when neither is on."""
+    grad = None
+    if with_penalty:
+        # -2 beta penalty_w free |2h - 1|^(beta - 1) sign(2h - 1); at beta 2: -8 penalty_w free (h - 1/2)
         if beta == 2:
-            grad = torch.addcmul(terms.neg_half_free, terms.free, h).mul_(-8 * terms.penalty_w * g_p)
+            grad = torch.addcmul(terms.neg_half_free, terms.free, h).mul_(-8 * terms.penalty_w)
         else:
             u = h * 2 - 1
-            grad = (
-                (u.abs().pow_(beta - 1) * u.sign_()).mul_(terms.free).mul_(-2 * beta * terms.penalty_w * g_p)
-            )
-        if ctx.with_flip:  # dL_F/dh = -flip_w flip_b / (flip_a + flip_b h)
-            grad.addcdiv_(terms.flip_wb, torch.addcmul(terms.flip_a, terms.flip_b, h), value=-g_f)
-        return grad, None, None, None, None
+            grad = (u.abs().pow_(beta - 1) * u.sign_()).mul_(terms.free).mul_(-2 * beta * terms.penalty_w)
+    if with_flip:  # -flip_w flip_b / (flip_a + flip_b h)
+        denominator = _bce_argument(h, terms)
+        if grad is None:
+            grad = torch.div(terms.flip_wb, denominator).neg_()
+        else:
+            grad.addcdiv_(terms.flip_wb, denominator, value=-1)
+    return grad
 
 
 @dataclass
@@ -241,6 +245,7 @@ class Objective:
     def __post_init__(self) -> None:
         if self.free is None:
             self.free, self.fixed = self.learnable, self.nearest
+        self._scales: dict[tuple[int, ...], torch.Tensor] = {}
         self._freeze()
 
     def _freeze(self) -> None:
@@ -318,36 +323,81 @@ class Objective:
         """W~(V) = s * (clamp(floor(W / s) + h(V) + z, lo, hi) - z); other elements at their fixed integers."""
         return torch.addcmul(self._w_const, self._w_slope, h)
 
-    def terms(
-        self, v: torch.Tensor, idx: torch.Tensor | slice, beta: float, values: bool = True
-    ) -> tuple[torch.Tensor, ...]:
+    def terms(self, v: torch.Tensor, idx: torch.Tensor | slice, beta: float) -> tuple[torch.Tensor, ...]:
         """(L_A, L_F, L_P) on the cached inputs ``idx`` (indices, or a slice); an ablation's missing
-        term is zero. Without ``values`` (an optimizer step) L_F and L_P are zeros that still carry
-        their gradient."""
-        config, problem = self.config, self.problem
-        h = rectify(v, config.rectifier)
-        zero = h.new_zeros(())
-        l_a = zero
+        term is zero. The objective's definition: ``gradient`` is its derivative, ``probe_loss`` its sum."""
+        h = rectify(v, self.config.rectifier)
+        l_a = (
+            self._preservation(self.soft_weight(h), idx)
+            if self.config.objective != "flip_only"
+            else h.new_zeros(())
+        )
+        return (l_a, *_rounding_values(h, self._terms, beta, self._with_flip))
+
+    def gradient(
+        self, v: torch.Tensor, idx: torch.Tensor, beta: float, with_penalty: bool = True
+    ) -> torch.Tensor:
+        """dL/dV on the cached inputs ``idx``: what an optimizer step uses. Autograd runs through the
+        layer alone (what a bare forward + backward costs); h(V), the soft weight, L_F and L_P are
+        chained in closed form, their per-op overhead being most of a small layer's step otherwise
+        (benchmarks/results/scale-fit.md)."""
+        config = self.config  # V is a plain tensor: nothing below records a graph but the layer's forward
+        sig = torch.sigmoid(v)
+        stretched = None if config.rectifier == "sigmoid" else sig * (ZETA - GAMMA) + GAMMA
+        h = sig if stretched is None else torch.clamp(stretched, 0, 1)
+        grad = _rounding_gradient(h, self._terms, beta, self._with_flip, with_penalty)
         if config.objective != "flip_only":
-            x, t = (
-                (problem.inputs[idx], problem.targets[idx])
-                if isinstance(idx, slice)
-                else (problem.inputs.index_select(0, idx), problem.targets.index_select(0, idx))
-            )
-            l_a = _per_image_sum(problem.forward(x, self.soft_weight(h)), t) * self.act_scale
-        with_flip = config.objective != "preserve_only" and config.budget is None
-        l_f, l_p = _RoundingLosses.apply(h, self._terms, beta, with_flip, values)
-        return l_a, l_f, l_p
+            with torch.enable_grad():  # a caller's no_grad must not break the step
+                w = self.soft_weight(h).requires_grad_(True)
+                x, t = self._batch(idx)
+                y = self.problem.forward(x, w)
+                squared = torch.nn.functional.mse_loss(y, t, reduction="sum")
+                (grad_w,) = torch.autograd.grad(squared, w, self._preservation_scale(y))
+            through = grad_w.mul_(self._w_slope)
+            grad = through if grad is None else grad.add_(through)
+        if grad is None:  # preserve_only during an annealed warm-up: nothing moves V
+            return torch.zeros_like(v)
+        if stretched is not None:  # clamp's and the stretch's derivatives
+            grad = torch.where((stretched >= 0) & (stretched <= 1), grad, 0.0).mul_(ZETA - GAMMA)
+        return torch.ops.aten.sigmoid_backward(grad, sig)
+
+    @property
+    def _with_flip(self) -> bool:
+        return self.config.objective != "preserve_only" and self.config.budget is None
+
+    def _batch(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached inputs and float targets ``idx`` (indices, or a slice)."""
+        problem = self.problem
+        if isinstance(idx, slice):
+            return problem.inputs[idx], problem.targets[idx]
+        return problem.inputs.index_select(0, idx), problem.targets.index_select(0, idx)
+
+    def _preservation(self, w: torch.Tensor, idx: torch.Tensor | slice) -> torch.Tensor:
+        """L_A of the soft weight ``w`` on the cached inputs ``idx``."""
+        x, t = self._batch(idx)
+        return _per_image_sum(self.problem.forward(x, w), t) * self.act_scale
+
+    def _preservation_scale(self, y: torch.Tensor) -> torch.Tensor:
+        """dL_A / d(squared error sum) for outputs shaped like ``y``: the factor autograd would carry
+        through ``_preservation``'s two products (the same float32 roundings), made once per shape."""
+        key = tuple(y.shape)
+        if key not in self._scales:
+            one = torch.ones((), dtype=y.dtype, device=y.device)
+            self._scales[key] = (one * self.act_scale) * _per_image(y)
+        return self._scales[key]
 
     def probe_loss(self, v: torch.Tensor, beta: float) -> float:
         """L_A + L_F + L_P on the first PROBE_SIZE cached inputs, PROBE_ROWS at a time: the loss the
         plan reports before and after a layer's optimisation."""
         n = min(self.problem.inputs.shape[0], PROBE_SIZE)
+        h = rectify(v, self.config.rectifier)
         total = 0.0
-        for start in range(0, n, PROBE_ROWS):
-            rows = slice(start, min(start + PROBE_ROWS, n))
-            l_a, l_f, l_p = self.terms(v, rows, beta)
-            total += float(l_a) * (rows.stop - rows.start) / n
+        if self.config.objective != "flip_only":
+            w = self.soft_weight(h)
+            for start in range(0, n, PROBE_ROWS):
+                rows = slice(start, min(start + PROBE_ROWS, n))
+                total += float(self._preservation(w, rows)) * (rows.stop - rows.start) / n
+        l_f, l_p = _rounding_values(h, self._terms, beta, self._with_flip)
         return total + float(l_f) + float(l_p)
 
     def hard_round(self, v: torch.Tensor) -> torch.Tensor:

@@ -124,7 +124,7 @@ def rounding_path(
     if device.type != "cpu":
         problem = _on(problem, device)
     objective = Objective.build(problem, config, generator)
-    v = init_logits(objective.frac, config.rectifier).clone().requires_grad_(True)
+    v = init_logits(objective.frac, config.rectifier).clone()
     opt = FusedAdam(v, config.lr)
     with torch.no_grad():
         before = objective.probe_loss(v, config.beta)
@@ -163,11 +163,11 @@ class FusedAdam:
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(v), torch.zeros_like(v)
         self.steps = torch.zeros((), dtype=torch.float32, device=v.device)  # Adam's state["step"]
 
-    def step(self) -> None:
+    def step(self, grad: torch.Tensor) -> None:
         self.steps += 1
         torch._fused_adam_(
             [self.v],
-            [self.v.grad],
+            [grad],
             [self.exp_avg],
             [self.exp_avg_sq],
             [],
@@ -203,11 +203,7 @@ def _optimise(
         idx = torch.randint(0, n, (min(config.batch_size, n),), generator=generator)
         if idx.device != v.device:
             idx = idx.to(v.device)
-        l_a, l_f, l_p = objective.terms(v, idx, beta, values=False)  # the gradient is all a step uses
-        loss = l_a + l_f + (l_p if with_penalty else 0.0)
-        v.grad = None
-        loss.backward()
-        opt.step()
+        opt.step(objective.gradient(v, idx, beta, with_penalty))
         if progress is not None:
             progress(1)
         if config.patience and with_penalty and (it + 1) % PATIENCE_CHECK == 0:
