@@ -84,9 +84,16 @@ def learnable_bounds(
 
 def rectify(v: torch.Tensor, kind: str) -> torch.Tensor:
     """h(V): the soft rounding decision in [0, 1]."""
+    return _rectify_parts(v, kind)[0]
+
+
+def _rectify_parts(v: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(h(V), sigmoid(V), the stretched sigmoid before its clip or None): what h's derivative needs."""
+    sig = torch.sigmoid(v)
     if kind == "sigmoid":
-        return torch.sigmoid(v)
-    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+        return sig, sig, None
+    stretched = sig * (ZETA - GAMMA) + GAMMA
+    return torch.clamp(stretched, 0, 1), sig, stretched
 
 
 def init_logits(frac: torch.Tensor, kind: str) -> torch.Tensor:
@@ -342,9 +349,7 @@ class Objective:
         chained in closed form, their per-op overhead being most of a small layer's step otherwise
         (benchmarks/results/scale-fit.md)."""
         config = self.config  # V is a plain tensor: nothing below records a graph but the layer's forward
-        sig = torch.sigmoid(v)
-        stretched = None if config.rectifier == "sigmoid" else sig * (ZETA - GAMMA) + GAMMA
-        h = sig if stretched is None else torch.clamp(stretched, 0, 1)
+        h, sig, stretched = _rectify_parts(v, config.rectifier)
         grad = _rounding_gradient(h, self._terms, beta, self._with_flip, with_penalty)
         if config.objective != "flip_only":
             with torch.enable_grad():  # a caller's no_grad must not break the step
