@@ -1,9 +1,12 @@
 """Budget mode against the fixed default, the reference objective at 1,000 steps and preserve-only, on
 every digits attack x bits x attack-seed cell whose attack fires, in onnxruntime; with ``--study
-early-stop``, the early stop's settings (``patience``, ``settle``) against every layer's full 1,000 steps.
+early-stop``, the early stop's settings (``patience``, ``settle``) against every layer's full 1,000 steps;
+with ``--study steps``, fixed step counts per layer under three seeds of the batch sampling: how far the
+outcome moves with the steps taken, against how far it moves with the seed alone.
 
     python benchmarks/budget.py --out benchmarks/results [--budgets 0.5,1,2] [--attack-seeds 3] [--procs 2]
     python benchmarks/budget.py --study early-stop --out benchmarks/results
+    python benchmarks/budget.py --study steps --out benchmarks/results
 
 Every setting gets the same calibration data, the first 1,280 training images (all 1,257 on digits):
 fixed settings use the first 1,024, budget mode holds out the last 256 and learns on the others. ``disagreement`` is measured
@@ -34,7 +37,10 @@ HELD_OUT = 256
 
 EARLY_STOPS = ((100, 0.005), (100, 0.01), (100, 0.02), (100, 0.03), (50, 0.01))
 """--study early-stop: (patience, settle) pairs measured against the full 1,000 steps."""
-BASELINES = {"budget": "fixed-flip-weight-1", "early-stop": "full-1000"}
+STEPS = (250, 500, 1000, 2000)
+"""--study steps: steps per layer, each under STEP_SEEDS."""
+STEP_SEEDS = (1005, 1006, 1007)
+BASELINES = {"budget": "fixed-flip-weight-1", "early-stop": "full-1000", "steps": "steps-1000-seed-1005"}
 """Each study's row that seconds and steps are compared with (``default`` when it is the same config)."""
 
 
@@ -46,6 +52,12 @@ def settings(budgets: list[float], study: str = "budget") -> dict[str, EFRAPConf
         candidates["fixed-flip-weight-1"] = EFRAPConfig(budget=None)
         candidates["reference-1000"] = EFRAPConfig(budget=None, balance="reference", lr=1e-3)
         candidates["preserve-only"] = EFRAPConfig(budget=None, objective="preserve_only")
+    elif study == "steps":
+        candidates = {
+            f"steps-{n}-seed-{seed}": EFRAPConfig(budget=None, patience=0, iters=n, seed=seed)
+            for n in STEPS
+            for seed in STEP_SEEDS
+        }
     else:
         candidates = {"full-1000": EFRAPConfig(budget=None, patience=0)}
         # the noise floor: the full run with another seed of the batch sampling
