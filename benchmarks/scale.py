@@ -38,6 +38,7 @@ MODELS = {  # name -> (build_model arguments, one calibration sample's shape)
 STEPS = (10, 50)
 CALIB = 256
 LAYER_STEPS = (10, 40)  # per-layer timing: the slope between these step counts, the best of REPEATS
+TIMED_S, MAX_LAYER_STEPS = 0.25, 2000  # ... the second one raised until the difference lasts TIMED_S
 REPEATS = 3
 
 
@@ -155,16 +156,23 @@ def default_run(name: str, path: str) -> list[dict]:
 
 
 def _slope_ms(run, steps: tuple[int, int] = LAYER_STEPS) -> float:
-    """Milliseconds per step: the best of REPEATS timings at each step count, differenced."""
+    """Milliseconds per step: the best of REPEATS timings at each step count, differenced. The second
+    count grows until the difference takes at least TIMED_S (a small layer's 30 steps last a few
+    milliseconds, as long as the call's own set-up varies)."""
+    low, high = steps
+    start = time.perf_counter()
+    run(high)
+    estimate = (time.perf_counter() - start) / high
+    high = max(high, min(MAX_LAYER_STEPS, low + round(TIMED_S / max(estimate, 1e-6))))
     best = []
-    for n in steps:
+    for n in (low, high):
         times = []
         for _ in range(REPEATS):
             start = time.perf_counter()
             run(n)
             times.append(time.perf_counter() - start)
         best.append(min(times))
-    return 1000 * (best[1] - best[0]) / (steps[1] - steps[0])
+    return 1000 * (best[1] - best[0]) / (high - low)
 
 
 def _step_costs(problem, config) -> tuple[float, float]:
@@ -322,7 +330,8 @@ def main() -> None:
         rows = [r for name in args.models for r in _child(name, "layers")]
         note = (
             f"2-core CPU, batch {_batch_size()} of {CALIB} random inputs; milliseconds per step as the slope "
-            f"between {LAYER_STEPS[0]} and {LAYER_STEPS[1]} steps (best of {REPEATS}). efrap: learn_rounding's "
+            f"between {LAYER_STEPS[0]} and {LAYER_STEPS[1]} steps, or more until the difference lasts {TIMED_S} s "
+            f"(best of {REPEATS}). efrap: learn_rounding's "
             "step (soft weight, L_A + L_F + L_P, backward, Adam); bare: the layer's forward, a squared error, "
             "backward to the weight. step_gflop: 6 x the forward's multiply-adds (forward + backward)."
         )

@@ -87,9 +87,12 @@ def rectify(v: torch.Tensor, kind: str) -> torch.Tensor:
     return _rectify_parts(v, kind)[0]
 
 
-def _rectify_parts(v: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(h(V), sigmoid(V), the stretched sigmoid before its clip or None): what h's derivative needs."""
-    sig = torch.sigmoid(v)
+def _rectify_parts(
+    v: torch.Tensor, kind: str, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(h(V), sigmoid(V), the stretched sigmoid before its clip or None): what h's derivative needs.
+    ``out`` receives sigmoid(V)."""
+    sig = torch.sigmoid(v, out=out)
     if kind == "sigmoid":
         return sig, sig, None
     stretched = sig * (ZETA - GAMMA) + GAMMA
@@ -181,10 +184,10 @@ class _RoundingTerms:
     penalty_w: float
 
 
-def _bce_argument(h: torch.Tensor, terms: _RoundingTerms) -> torch.Tensor:
+def _bce_argument(h: torch.Tensor, terms: _RoundingTerms, out: torch.Tensor | None = None) -> torch.Tensor:
     """h + eps where the target is up, 1 - h + eps where it is down; at least eps, as in the reference:
     1 + eps is 1 in float32, and h reaches 1 exactly (the stretched rectifier's clip, a saturated sigmoid)."""
-    return torch.addcmul(terms.flip_a, terms.flip_b, h).clamp_min_(BCE_EPS)
+    return torch.addcmul(terms.flip_a, terms.flip_b, h, out=out).clamp_min_(BCE_EPS)
 
 
 def _rounding_values(
@@ -201,22 +204,29 @@ def _rounding_values(
 
 
 def _rounding_gradient(
-    h: torch.Tensor, terms: _RoundingTerms, beta: float, with_flip: bool, with_penalty: bool
+    h: torch.Tensor,
+    terms: _RoundingTerms,
+    beta: float,
+    with_flip: bool,
+    with_penalty: bool,
+    out: torch.Tensor,
+    scratch: torch.Tensor,
 ) -> torch.Tensor | None:
-    """d(L_F + L_P)/dh in closed form: a few passes over the weight, where autograd takes about fourteen
-    (and a small layer's step would otherwise pay autograd's per-node overhead). None when neither is on."""
+    """d(L_F + L_P)/dh in closed form, into ``out`` (``scratch``: a weight-sized temporary): a few passes
+    over the weight, where autograd takes about fourteen (and a small layer's step would otherwise pay
+    autograd's per-node overhead). None when neither is on."""
     grad = None
     if with_penalty:
         # -2 beta penalty_w free |2h - 1|^(beta - 1) sign(2h - 1); at beta 2: -8 penalty_w free (h - 1/2)
         if beta == 2:
-            grad = torch.addcmul(terms.neg_half_free, terms.free, h).mul_(-8 * terms.penalty_w)
+            grad = torch.addcmul(terms.neg_half_free, terms.free, h, out=out).mul_(-8 * terms.penalty_w)
         else:
             u = h * 2 - 1
             grad = (u.abs().pow_(beta - 1) * u.sign_()).mul_(terms.free).mul_(-2 * beta * terms.penalty_w)
     if with_flip:  # -flip_w flip_b / (flip_a + flip_b h)
-        denominator = _bce_argument(h, terms)
+        denominator = _bce_argument(h, terms, scratch)
         if grad is None:
-            grad = torch.div(terms.flip_wb, denominator).neg_()
+            grad = torch.div(terms.flip_wb, denominator, out=out).neg_()
         else:
             grad.addcdiv_(terms.flip_wb, denominator, value=-1)
     return grad
@@ -253,6 +263,7 @@ class Objective:
         if self.free is None:
             self.free, self.fixed = self.learnable, self.nearest
         self._scales: dict[tuple[int, ...], torch.Tensor] = {}
+        self._buffers: dict[str, torch.Tensor] = {}
         self._freeze()
 
     def _freeze(self) -> None:
@@ -342,18 +353,34 @@ class Objective:
         return (l_a, *_rounding_values(h, self._terms, beta, self._with_flip))
 
     def gradient(
-        self, v: torch.Tensor, idx: torch.Tensor, beta: float, with_penalty: bool = True
+        self,
+        v: torch.Tensor,
+        idx: torch.Tensor,
+        beta: float,
+        with_penalty: bool = True,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """dL/dV on the cached inputs ``idx``: what an optimizer step uses. Autograd runs through the
-        layer alone (what a bare forward + backward costs); h(V), the soft weight, L_F and L_P are
-        chained in closed form, their per-op overhead being most of a small layer's step otherwise
-        (benchmarks/results/scale-fit.md)."""
+        """dL/dV on the cached inputs ``idx``: what an optimizer step uses; into ``out`` where given.
+        Autograd runs through the layer alone (what a bare forward + backward costs); h(V), the soft
+        weight, L_F and L_P are chained in closed form, their per-op overhead being most of a small
+        layer's step otherwise (benchmarks/results/scale-fit.md). Its temporaries live as long as the
+        objective: a weight-sized allocation freed every step costs the kernel's page faults again
+        (most of a step on ResNet-18's 2.4M-weight convs)."""
         config = self.config  # V is a plain tensor: nothing below records a graph but the layer's forward
-        h, sig, stretched = _rectify_parts(v, config.rectifier)
-        grad = _rounding_gradient(h, self._terms, beta, self._with_flip, with_penalty)
+        h, sig, stretched = _rectify_parts(v, config.rectifier, self._buffer("sigmoid", v))
+        grad = _rounding_gradient(
+            h,
+            self._terms,
+            beta,
+            self._with_flip,
+            with_penalty,
+            self._buffer("rounding", v),
+            self._buffer("weight", v),
+        )
         if config.objective != "flip_only":
             with torch.enable_grad():  # a caller's no_grad must not break the step
-                w = self.soft_weight(h).requires_grad_(True)
+                soft = torch.addcmul(self._w_const, self._w_slope, h, out=self._buffer("weight", v))
+                w = soft.detach().requires_grad_(True)
                 x, t = self._batch(idx)
                 y = self.problem.forward(x, w)
                 squared = torch.nn.functional.mse_loss(y, t, reduction="sum")
@@ -361,21 +388,36 @@ class Objective:
             through = grad_w.mul_(self._w_slope)
             grad = through if grad is None else grad.add_(through)
         if grad is None:  # preserve_only during an annealed warm-up: nothing moves V
-            return torch.zeros_like(v)
+            return torch.zeros_like(v) if out is None else out.zero_()
         if stretched is not None:  # clamp's and the stretch's derivatives
             grad = torch.where((stretched >= 0) & (stretched <= 1), grad, 0.0).mul_(ZETA - GAMMA)
-        return torch.ops.aten.sigmoid_backward(grad, sig)
+        if out is None:
+            return torch.ops.aten.sigmoid_backward(grad, sig)
+        return torch.ops.aten.sigmoid_backward.grad_input(grad, sig, grad_input=out)
 
     @property
     def _with_flip(self) -> bool:
         return self.config.objective != "preserve_only" and self.config.budget is None
 
     def _batch(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached inputs and float targets ``idx`` (indices, or a slice)."""
+        """The cached inputs and float targets ``idx`` (indices, or a slice: views), valid until the
+        next call."""
         problem = self.problem
         if isinstance(idx, slice):
             return problem.inputs[idx], problem.targets[idx]
-        return problem.inputs.index_select(0, idx), problem.targets.index_select(0, idx)
+        x, t = problem.inputs, problem.targets
+        return (
+            torch.index_select(x, 0, idx, out=self._buffer("inputs", x, len(idx))),
+            torch.index_select(t, 0, idx, out=self._buffer("targets", t, len(idx))),
+        )
+
+    def _buffer(self, name: str, like: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """A temporary shaped like ``like`` (with ``rows`` rows where given), kept for the next step."""
+        shape = like.shape if rows is None else (rows, *like.shape[1:])
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
 
     def _preservation(self, w: torch.Tensor, idx: torch.Tensor | slice) -> torch.Tensor:
         """L_A of the soft weight ``w`` on the cached inputs ``idx``."""

@@ -198,12 +198,13 @@ def _optimise(
     n = problem.inputs.shape[0]
     stable, last = 0, None
     allowed = config.settle * int(objective.free.sum())  # changes per look that still count as still
+    grad = torch.empty_like(v)  # one buffer for every step's gradient (Objective.gradient)
     for it in range(steps):
         beta, with_penalty = beta_schedule(it, config, steps)
         idx = torch.randint(0, n, (min(config.batch_size, n),), generator=generator)
         if idx.device != v.device:
             idx = idx.to(v.device)
-        opt.step(objective.gradient(v, idx, beta, with_penalty))
+        opt.step(objective.gradient(v, idx, beta, with_penalty, out=grad))
         if progress is not None:
             progress(1)
         if config.patience and with_penalty and (it + 1) % PATIENCE_CHECK == 0:

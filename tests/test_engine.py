@@ -422,6 +422,11 @@ def test_objective_terms_and_gradients_match_the_reference_formulas(beta, share,
     step = objective.gradient(v.detach(), idx, beta, with_penalty=penalty)  # what an optimizer step uses
     with torch.no_grad():  # a caller's no_grad does not break the step
         assert torch.equal(objective.gradient(v.detach(), idx, beta, with_penalty=penalty), step)
+    # the optimizer's buffer, reused step after step (and the objective's own temporaries) change nothing
+    buffer = torch.full_like(step, float("nan"))
+    for _ in range(2):
+        got = objective.gradient(v.detach(), idx, beta, with_penalty=penalty, out=buffer)
+        assert got.data_ptr() == buffer.data_ptr() and torch.equal(got, step)
 
     o = objective
     ref_v = v.detach().clone().requires_grad_(True)

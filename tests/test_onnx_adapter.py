@@ -359,3 +359,36 @@ def test_a_layers_inputs_come_from_the_prefix_that_computes_them(pq8_onnx, calib
     full.graph.output.append(helper.make_tensor_value_info(relu.output[0], TensorProto.FLOAT, None))
     want = np.concatenate([session(full).run([relu.output[0]], b)[0] for b in batches])
     assert got.shape[0] == 100 and np.array_equal(got.numpy(), want)
+
+
+def test_a_tensor_with_rows_out_of_the_batchs_proportion_is_gathered_whole():
+    """A graph that reshapes N x T x D to N*T x D fills one tensor; one whose rows do not follow the
+    batch (a sum over it) is concatenated, also after batches that seemed in proportion."""
+    from efrap_onnx.runtime import run_output
+
+    t, d = 64, 3
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["x", "flat_shape"], ["flat"]),
+            helper.make_node("ReduceSum", ["x", "axis0"], ["summed"], keepdims=0),
+        ],
+        "shapes",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", t, d])],
+        [
+            helper.make_tensor_value_info("flat", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("summed", TensorProto.FLOAT, None),
+        ],
+        [
+            numpy_helper.from_array(np.array([-1, d], dtype=np.int64), "flat_shape"),
+            numpy_helper.from_array(np.array([0], dtype=np.int64), "axis0"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(0).standard_normal((100, t, d)).astype(np.float32)
+    batches = ListDataReader.from_array("x", x, batch_size=32).batches  # 32, 32, 32, 4 rows
+    sess = session(model)
+    flat = run_output(sess, batches, "flat")
+    assert flat.shape == (100 * t, d) and np.array_equal(flat.numpy(), x.reshape(-1, d))
+    summed = run_output(sess, batches, "summed")  # 64 rows per batch: "2 per row" until the 4-row batch
+    want = np.concatenate([x[i : i + 32].sum(0) for i in range(0, 100, 32)])
+    assert summed.shape == (4 * t, d) and np.allclose(summed.numpy(), want, atol=1e-5)

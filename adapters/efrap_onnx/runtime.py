@@ -88,23 +88,23 @@ def session(model: onnx.ModelProto | str | Path, outputs: list[str] | None = Non
 def run_output(sess: ort.InferenceSession, batches: list[dict[str, np.ndarray]], name: str) -> torch.Tensor:
     """Tensor ``name`` for every batch, in one tensor filled batch by batch (no second copy for a
     concatenation: a layer's cached activations are the largest allocation of a defense); inputs the
-    session does not take are dropped. A tensor whose rows are not the batch's (a reshaped N*T x D) is
-    concatenated instead."""
+    session does not take are dropped. Rows in proportion to the batch's (N x ..., or a reshaped N*T x D)
+    fill the one tensor; any other shape is concatenated."""
     feeds = {i.name for i in sess.get_inputs()}
     sizes = [len(next(iter(b.values()))) for b in batches]
     out: torch.Tensor | None = None
-    parts: list[torch.Tensor] | None = None
-    at = 0
+    parts: list[torch.Tensor] = []
+    at = per = 0
     for batch, rows in zip(batches, sizes):
         part = torch.from_numpy(sess.run([name], {k: v for k, v in batch.items() if k in feeds})[0])
-        if parts is None and part.ndim > 0 and part.shape[0] == rows:
-            if out is None:
-                out = torch.empty((sum(sizes), *part.shape[1:]), dtype=part.dtype)
-            if part.shape[1:] == out.shape[1:]:
-                out[at : at + rows] = part
-                at += rows
-                continue
-        if parts is None:  # from here on, concatenate (what was filled so far first)
-            parts = [out[:at]] if out is not None and at else []
+        if out is None and not parts and part.ndim > 0 and part.shape[0] % rows == 0:
+            per = part.shape[0] // rows  # 1, or T where a graph reshaped N x T x D to N*T x D
+            out = torch.empty((per * sum(sizes), *part.shape[1:]), dtype=part.dtype)
+        if out is not None and part.shape == (per * rows, *out.shape[1:]):
+            out[at : at + len(part)] = part
+            at += len(part)
+            continue
+        if out is not None:  # out of proportion after all: concatenate, what was filled so far first
+            parts, out = [out[:at]], None
         parts.append(part)
-    return torch.cat(parts) if parts is not None else out
+    return out if out is not None else torch.cat(parts)
