@@ -337,9 +337,9 @@ class Objective:
         self.free, self.fixed = self.learnable & ~forced, torch.where(forced, flipped, self.nearest)
         self._freeze()
 
-    def soft_weight(self, h: torch.Tensor) -> torch.Tensor:
+    def soft_weight(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """W~(V) = s * (clamp(floor(W / s) + h(V) + z, lo, hi) - z); other elements at their fixed integers."""
-        return torch.addcmul(self._w_const, self._w_slope, h)
+        return torch.addcmul(self._w_const, self._w_slope, h, out=out)
 
     def terms(self, v: torch.Tensor, idx: torch.Tensor | slice, beta: float) -> tuple[torch.Tensor, ...]:
         """(L_A, L_F, L_P) on the cached inputs ``idx`` (indices, or a slice); an ablation's missing
@@ -363,24 +363,18 @@ class Objective:
         """dL/dV on the cached inputs ``idx``: what an optimizer step uses; into ``out`` where given.
         Autograd runs through the layer alone (what a bare forward + backward costs); h(V), the soft
         weight, L_F and L_P are chained in closed form, their per-op overhead being most of a small
-        layer's step otherwise (benchmarks/results/scale-fit.md). Its temporaries live as long as the
-        objective: a weight-sized allocation freed every step costs the kernel's page faults again
-        (most of a step on ResNet-18's 2.4M-weight convs)."""
+        layer's step otherwise (benchmarks/results/scale-fit.md). Its weight-sized temporaries live as long
+        as the objective: on a busy machine, memory freed and faulted in again every step cost a
+        2.4M-weight conv up to half a bare step more (CHANGELOG, session 10)."""
         config = self.config  # V is a plain tensor: nothing below records a graph but the layer's forward
         h, sig, stretched = _rectify_parts(v, config.rectifier, self._buffer("sigmoid", v))
+        scratch = self._buffer("weight", v)  # L_F's denominator first, then the soft weight
         grad = _rounding_gradient(
-            h,
-            self._terms,
-            beta,
-            self._with_flip,
-            with_penalty,
-            self._buffer("rounding", v),
-            self._buffer("weight", v),
+            h, self._terms, beta, self._with_flip, with_penalty, self._buffer("rounding", v), scratch
         )
         if config.objective != "flip_only":
             with torch.enable_grad():  # a caller's no_grad must not break the step
-                soft = torch.addcmul(self._w_const, self._w_slope, h, out=self._buffer("weight", v))
-                w = soft.detach().requires_grad_(True)
+                w = self.soft_weight(h, out=scratch).detach().requires_grad_(True)
                 x, t = self._batch(idx)
                 y = self.problem.forward(x, w)
                 squared = torch.nn.functional.mse_loss(y, t, reduction="sum")
