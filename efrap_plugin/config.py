@@ -55,7 +55,9 @@ class EFRAPConfig:
     targets move there one layer at a time; the plan comes back on the CPU."""
     patience: int = 0
     """Early stop (--patience): end a layer's optimisation once its hard-rounded integers have held
-    still for this many steps (looked at every 50; ``settle``); 0 runs all ``iters``."""
+    still for this many steps (looked at every 50; ``settle``); 0 runs all ``iters``. Off by default: at
+    1,000 steps a layer's output error is still falling, so stopping sooner moves the outcome
+    (benchmarks/results/early-stop.md, steps.md)."""
     settle: float = 0.0
     """Early stop (--settle): the share of a layer's learnable integers that may still change per 50
     steps while it counts as holding still; 0 asks for no change at all."""
