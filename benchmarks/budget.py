@@ -2,11 +2,14 @@
 every digits attack x bits x attack-seed cell whose attack fires, in onnxruntime; with ``--study
 early-stop``, the early stop's settings (``patience``, ``settle``) against every layer's full 1,000 steps;
 with ``--study steps``, fixed step counts per layer under three seeds of the batch sampling: how far the
-outcome moves with the steps taken, against how far it moves with the seed alone.
+outcome moves with the steps taken, against how far it moves with the seed alone; with ``--study
+strength``, a stronger flip weight and longer runs under the same seeds: whether a fixed default
+stronger or longer than today's would lower the asr without losing accuracy.
 
     python benchmarks/budget.py --out benchmarks/results [--budgets 0.5,1,2] [--attack-seeds 3] [--procs 2]
     python benchmarks/budget.py --study early-stop --out benchmarks/results
     python benchmarks/budget.py --study steps --out benchmarks/results
+    python benchmarks/budget.py --study strength --out benchmarks/results
 
 Every setting gets the same calibration data, the first 1,280 training images (all 1,257 on digits):
 fixed settings use the first 1,024, budget mode holds out the last 256 and learns on the others. ``disagreement`` is measured
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import statistics
 import sys
 import tempfile
@@ -40,7 +44,15 @@ EARLY_STOPS = ((100, 0.005), (100, 0.01), (100, 0.02), (100, 0.03), (50, 0.01))
 STEPS = (250, 500, 1000, 2000)
 """--study steps: steps per layer, each under STEP_SEEDS."""
 STEP_SEEDS = (1005, 1006, 1007)
-BASELINES = {"budget": "fixed-flip-weight-1", "early-stop": "full-1000", "steps": "steps-1000-seed-1005"}
+FLIP_WEIGHTS = (1.0, 2.0)
+"""--study strength: flip weights, each at STRENGTH_STEPS steps per layer under STEP_SEEDS."""
+STRENGTH_STEPS = (1000, 2000)
+BASELINES = {
+    "budget": "fixed-flip-weight-1",
+    "early-stop": "full-1000",
+    "steps": "steps-1000-seed-1005",
+    "strength": "flip-weight-1-steps-1000-seed-1005",
+}
 """Each study's row that seconds and steps are compared with (``default`` when it is the same config)."""
 
 
@@ -56,6 +68,15 @@ def settings(budgets: list[float], study: str = "budget") -> dict[str, EFRAPConf
         candidates = {
             f"steps-{n}-seed-{seed}": EFRAPConfig(budget=None, patience=0, iters=n, seed=seed)
             for n in STEPS
+            for seed in STEP_SEEDS
+        }
+    elif study == "strength":
+        candidates = {
+            f"flip-weight-{fw:g}-steps-{n}-seed-{seed}": EFRAPConfig(
+                budget=None, patience=0, iters=n, seed=seed, flip_weight=fw
+            )
+            for fw in FLIP_WEIGHTS
+            for n in STRENGTH_STEPS
             for seed in STEP_SEEDS
         }
     else:
@@ -168,6 +189,45 @@ def summary(rows: list[dict], study: str = "budget") -> list[dict]:
     return out
 
 
+def pooled(rows: list[dict], study: str) -> list[dict]:
+    """Per setting over every firing cell and sampling seed (``-seed-N`` dropped from the name; ``default``
+    is the study's baseline): bar counts, mean asr and accuracy drop, and the seed spread (largest minus
+    smallest over the seeds of one cell), averaged over the cells: the noise a setting must beat."""
+    seedless = re.compile(r"-seed-\d+$")
+
+    def group(r: dict) -> str:
+        return seedless.sub("", BASELINES[study] if r["setting"] == "default" else r["setting"])
+
+    out = []
+    for name in dict.fromkeys(group(r) for r in rows):
+        mine = [r for r in rows if group(r) == name]
+        cells: dict[tuple, list[dict]] = {}
+        for r in mine:
+            cells.setdefault((r["attack"], r["bits"], r["attack_seed"]), []).append(r)
+
+        drops = [r["float_acc"] - r["efrap_acc"] for r in mine]
+        out.append(
+            {
+                "setting": name,
+                "runs": len(mine),
+                "meets_bar": f"{sum(r['meets_bar'] for r in mine)}/{len(mine)}",
+                "meets_strict": f"{sum(r['meets_strict'] for r in mine)}/{len(mine)}",
+                "mean_efrap_asr": round(statistics.mean(r["efrap_asr"] for r in mine), 2),
+                "mean_acc_drop": round(statistics.mean(drops), 2),
+                "max_acc_drop": round(max(drops), 2),
+                "mean_seed_spread_asr": round(_seed_spread(cells, "efrap_asr"), 2),
+                "mean_seed_spread_acc": round(_seed_spread(cells, "efrap_acc"), 2),
+                "seconds": round(sum(r["seconds"] for r in mine), 1),
+            }
+        )
+    return out
+
+
+def _seed_spread(cells: dict[tuple, list[dict]], key: str) -> float:
+    """Largest minus smallest ``key`` over the sampling seeds of each cell, averaged over the cells."""
+    return statistics.mean(max(r[key] for r in c) - min(r[key] for r in c) for c in cells.values())
+
+
 def plot(rows: list[dict], budgets: list[float], path: Path) -> None:
     """asr against the budget for each firing cell; the fixed default dashed, the float model dotted."""
     import matplotlib
@@ -250,6 +310,8 @@ def main() -> int:
     )
     write_table(out, name, rows, note)
     write_table(out, f"{name}-summary", summary(rows, args.study), note)
+    if args.study in ("steps", "strength"):
+        write_table(out, f"{name}-pooled", pooled(rows, args.study), note)
     if args.study == "budget":
         plot(rows, budgets, out / f"{name}.png")
     return 0
