@@ -4,12 +4,14 @@ early-stop``, the early stop's settings (``patience``, ``settle``) against every
 with ``--study steps``, fixed step counts per layer under three seeds of the batch sampling: how far the
 outcome moves with the steps taken, against how far it moves with the seed alone; with ``--study
 strength``, a stronger flip weight and longer runs under the same seeds: whether a fixed default
-stronger or longer than today's would lower the asr without losing accuracy.
+stronger or longer than today's would lower the asr without losing accuracy; with ``--study ladder``,
+budget mode with its ladder topped above the default 0.5 (``EFRAPConfig.max_strength``).
 
     python benchmarks/budget.py --out benchmarks/results [--budgets 0.5,1,2] [--attack-seeds 3] [--procs 2]
     python benchmarks/budget.py --study early-stop --out benchmarks/results
     python benchmarks/budget.py --study steps --out benchmarks/results
     python benchmarks/budget.py --study strength --out benchmarks/results
+    python benchmarks/budget.py --study ladder --out benchmarks/results [--budgets 0.5,1]
 
 Every setting gets the same calibration data, the first 1,280 training images (all 1,257 on digits):
 fixed settings use the first 1,024, budget mode holds out the last 256 and learns on the others. ``disagreement`` is measured
@@ -47,11 +49,14 @@ STEP_SEEDS = (1005, 1006, 1007)
 FLIP_WEIGHTS = (1.0, 2.0)
 """--study strength: flip weights, each at STRENGTH_STEPS steps per layer under STEP_SEEDS."""
 STRENGTH_STEPS = (1000, 2000)
+LADDER_TOPS = (0.5, 0.6, 0.7, 0.8)
+"""--study ladder: budget mode's max_strength, under each of --budgets."""
 BASELINES = {
     "budget": "fixed-flip-weight-1",
     "early-stop": "full-1000",
     "steps": "steps-1000-seed-1005",
     "strength": "flip-weight-1-steps-1000-seed-1005",
+    "ladder": "default",
 }
 """Each study's row that seconds and steps are compared with (``default`` when it is the same config)."""
 
@@ -78,6 +83,12 @@ def settings(budgets: list[float], study: str = "budget") -> dict[str, EFRAPConf
             for fw in FLIP_WEIGHTS
             for n in STRENGTH_STEPS
             for seed in STEP_SEEDS
+        }
+    elif study == "ladder":
+        candidates = {
+            f"budget-{b:g}-top-{top:g}": EFRAPConfig(budget=b, max_strength=top)
+            for b in budgets
+            for top in LADDER_TOPS
         }
     else:
         candidates = {"full-1000": EFRAPConfig(budget=None, patience=0)}

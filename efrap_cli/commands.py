@@ -196,7 +196,7 @@ def _config(args: argparse.Namespace) -> EFRAPConfig:
     base = EFRAPConfig.reference() if args.reference else EFRAPConfig()
     given = {
         field: getattr(args, field)
-        for field in ("iters", "lr", "batch_size", "flip_weight", "patience", "settle")
+        for field in ("iters", "lr", "batch_size", "flip_weight", "patience", "settle", "max_strength")
         if getattr(args, field) is not None
     }
     if hasattr(args, "budget"):
@@ -206,6 +206,8 @@ def _config(args: argparse.Namespace) -> EFRAPConfig:
             "--flip-weight sets the one fixed flipping strength; --budget searches the strength per layer "
             "instead. Give one of them (--budget off to use --flip-weight)"
         )
+    if "max_strength" in given and given.get("budget", base.budget) is None:
+        raise UsageError("--max-strength tops budget mode's ladder; give --budget PCT with it")
     device = getattr(args, "device", None) or "cpu"
     resolve_device(device)  # a clear error before any work, not after the stock quantization
     return base.replace(

@@ -53,6 +53,12 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
             "settle",
             "share of a layer's integers that may change per 50 steps while stable",
         ),
+        (
+            "--max-strength",
+            float,
+            "max_strength",
+            "budget mode: the largest share of a layer's weights whose rounding is flipped by force",
+        ),
     ):
         default, reference = getattr(d, field), getattr(ref, field)
         note = f"; {reference} with --reference" if reference != default else ""

@@ -46,7 +46,15 @@ from .loop import defend_layers
 from .models import DigitsCNN, ResNet, TokenEncoder, build_model, resnet8, resnet20
 from .objective import learnable_bounds, truncation_error
 from .plan import LayerPlan, RoundingPlan, grid_record, snap_integers, snap_weight
-from .rounding import BUDGET_STRENGTHS, LayerProblem, LayerResult, learn_rounding, path_steps, rounding_path
+from .rounding import (
+    BUDGET_STRENGTHS,
+    LayerProblem,
+    LayerResult,
+    budget_strengths,
+    learn_rounding,
+    path_steps,
+    rounding_path,
+)
 from .schemes import SCHEME_PRESETS, ActivationQuantizer, QuantScheme, scheme_preset
 from .training import resolve_device, train
 from .triggers import PatchTrigger
@@ -89,6 +97,7 @@ __all__ = [
     "attack_fires",
     "check_layer_inputs",
     "backdoor_removed",
+    "budget_strengths",
     "atomic_write",
     "check_writable",
     "build_model",

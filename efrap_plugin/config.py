@@ -11,6 +11,7 @@ from .errors import EFRAPError
 __all__ = ["EFRAPConfig"]
 
 _OBJECTIVES = ("efrap", "flip_only", "preserve_only")
+_DEFAULT_MAX_STRENGTH = 0.5
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ class EFRAPConfig:
     flipping strength from weak to strong and keeps the strongest whose disagreement exceeds that of its
     weakest by at most its share of the budget (benchmarks/results/budget.md).
     None (the default, --budget off): one fixed strength, ``flip_weight``, for every layer (the paper's)."""
+    max_strength: float = _DEFAULT_MAX_STRENGTH
+    """Budget mode (--max-strength): the top of each layer's ladder, the largest share of its learnable
+    weights flipped by force (the ladder climbs 0, 0.1, 0.2, ... to it). Above 0.5 the asr falls further
+    and so can clean accuracy, which the held-out training images see only in part
+    (benchmarks/results/ladder.md)."""
     holdout: int = 256
     """Budget mode: calibration images held out of the optimisation to measure the disagreement on
     (at most a quarter of the calibration data)."""
@@ -95,6 +101,17 @@ class EFRAPConfig:
             raise EFRAPError(
                 f"EFRAPConfig.budget (--budget): searches the flipping strength of the full objective; "
                 f"objective={self.objective!r} has none to search. Set budget=None (--budget off)"
+            )
+        if isinstance(self.max_strength, bool) or not (
+            isinstance(self.max_strength, (int, float)) and 0 < self.max_strength <= 1
+        ):
+            raise EFRAPError(
+                f"EFRAPConfig.max_strength (--max-strength): expected a share in (0, 1], got {self.max_strength!r}"
+            )
+        if self.budget is None and self.max_strength != _DEFAULT_MAX_STRENGTH:
+            raise EFRAPError(
+                f"EFRAPConfig.max_strength (--max-strength): tops budget mode's ladder, and budget is None "
+                f"(--budget off); set a budget (--budget PCT) or leave max_strength at {_DEFAULT_MAX_STRENGTH}"
             )
         _positive(self, "holdout", "holdout")
         if not self.lr > 0:

@@ -19,7 +19,15 @@ from .objective import PROBE_ROWS, Objective, beta_schedule, init_logits
 from .schemes import QuantScheme
 from .training import resolve_device
 
-__all__ = ["BUDGET_STRENGTHS", "LayerProblem", "LayerResult", "learn_rounding", "path_steps", "rounding_path"]
+__all__ = [
+    "BUDGET_STRENGTHS",
+    "LayerProblem",
+    "LayerResult",
+    "budget_strengths",
+    "learn_rounding",
+    "path_steps",
+    "rounding_path",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,22 +81,31 @@ class LayerResult:
     act_error_learned: float
     steps: int
     strength: float | None = None
-    """Budget mode: the share of learnable weights flipped by force (BUDGET_STRENGTHS); None otherwise."""
+    """Budget mode: the share of learnable weights flipped by force (``budget_strengths``); None otherwise."""
 
 
 BUDGET_STRENGTHS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
-"""Budget mode's ladder, weak to strong: the share of a layer's learnable weights whose rounding is
-flipped, largest truncation error first (benchmarks/results/budget.md)."""
+"""Budget mode's default ladder, weak to strong: the share of a layer's learnable weights whose rounding
+is flipped, largest truncation error first (benchmarks/results/budget.md)."""
+_RUNG = 0.1
 STAGE_SHARE = 4
 """Budget mode: each strength runs ``iters // STAGE_SHARE`` steps from the previous one's logits, so the
 whole ladder costs 1.5x one fixed-strength run."""
+
+
+def budget_strengths(config: EFRAPConfig) -> tuple[float, ...]:
+    """Budget mode's ladder up to ``config.max_strength``: 0, 0.1, 0.2, ..., and the top itself where it
+    falls between two rungs. BUDGET_STRENGTHS at the default top."""
+    top = float(config.max_strength)
+    rungs = tuple(round(_RUNG * i, 9) for i in range(round(1 / _RUNG) + 1) if round(_RUNG * i, 9) < top)
+    return (*rungs, top)
 
 
 def path_steps(config: EFRAPConfig) -> int:
     """Optimizer steps one layer's ``rounding_path`` takes at most."""
     if config.budget is None:
         return config.iters
-    return len(BUDGET_STRENGTHS) * max(config.iters // STAGE_SHARE, 1)
+    return len(budget_strengths(config)) * max(config.iters // STAGE_SHARE, 1)
 
 
 def learn_rounding(
@@ -116,7 +133,7 @@ def rounding_path(
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[LayerResult]:
     """One layer's learned roundings, weak to strong: one at ``flip_weight``, or under a budget one per
-    strength of BUDGET_STRENGTHS, each continuing from the previous one's logits (``result.strength``).
+    strength of its ladder (``budget_strengths``), each continuing from the previous one's logits (``result.strength``).
 
     A caller that stops early (the budget is spent) skips the stronger strengths' steps.
     """
@@ -131,7 +148,7 @@ def rounding_path(
     stages = (
         [(None, config.iters)]
         if config.budget is None
-        else [(share, max(config.iters // STAGE_SHARE, 1)) for share in BUDGET_STRENGTHS]
+        else [(share, max(config.iters // STAGE_SHARE, 1)) for share in budget_strengths(config)]
     )
     steps = 0  # taken so far on this layer
     for strength, stage_steps in stages:

@@ -17,6 +17,7 @@ from efrap_plugin import (
     DataError,
     EFRAPConfig,
     EFRAPError,
+    budget_strengths,
     defend,
     evaluate,
     split_sizes,
@@ -35,6 +36,20 @@ def test_the_budget_is_a_percentage_of_the_full_objective():
     with pytest.raises(EFRAPError, match=r"objective='preserve_only' has none to search"):
         EFRAPConfig(budget=2.0, objective="preserve_only")
     assert EFRAPConfig.reference().budget is None
+
+
+def test_the_ladder_climbs_by_tenths_to_its_top():
+    assert budget_strengths(EFRAPConfig(budget=1.0)) == BUDGET_STRENGTHS == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+    assert budget_strengths(EFRAPConfig(budget=1.0, max_strength=0.8))[-3:] == (0.6, 0.7, 0.8)
+    assert budget_strengths(EFRAPConfig(budget=1.0, max_strength=0.35)) == (0.0, 0.1, 0.2, 0.3, 0.35)
+    assert budget_strengths(EFRAPConfig(budget=1.0, max_strength=0.05)) == (0.0, 0.05)
+    for bad in (0, 1.5, True, "0.8"):
+        with pytest.raises(
+            EFRAPError, match=r"max_strength \(--max-strength\): expected a share in \(0, 1\]"
+        ):
+            EFRAPConfig(budget=1.0, max_strength=bad)
+    with pytest.raises(EFRAPError, match=r"tops budget mode's ladder, and budget is None"):
+        EFRAPConfig(max_strength=0.8)
 
 
 def test_a_quarter_of_the_calibration_data_at_most_is_held_out():
@@ -73,6 +88,13 @@ def test_a_loose_budget_takes_the_strongest_flipping_and_a_tight_one_never_more(
     for name, lp in tight.layers.items():
         assert lp.stats["strength"] <= loose[name].stats["strength"]
         assert lp.stats["steps"] <= loose[name].stats["steps"]
+    higher = defend(
+        clean_cnn, digits.train.x[:384], config=fast.replace(budget=100.0, max_strength=0.7), progress=False
+    )
+    assert [lp.stats["strength"] for lp in higher.layers.values()] == [0.7] * 4
+    assert [lp.stats["steps"] for lp in higher.layers.values()] == [8 * (40 // 4)] * 4  # 0, 0.1, ..., 0.7
+    for name, lp in higher.layers.items():
+        assert lp.stats["flipped_share"] > loose[name].stats["flipped_share"]
     # the torch path measures on the partially quantized model itself: the last layer's figure is the model's
     assert tight.disagreement == tight[list(tight.layers)[-1]].stats["disagreement"]
     assert tight.meta["calib_size"] == 256
@@ -109,3 +131,5 @@ def test_cli_budget_flag_reports_the_measured_disagreement(pq8_onnx, tmp_path, c
     assert "expected a percentage in [0, 100], got '150'" in capsys.readouterr().err
     assert main([*defend, "--budget", "1", "--flip-weight", "2"]) == 2
     assert "Give one of them (--budget off to use --flip-weight)" in capsys.readouterr().err
+    assert main([*defend, "--max-strength", "0.8"]) == 2
+    assert "--max-strength tops budget mode's ladder; give --budget PCT with it" in capsys.readouterr().err
