@@ -90,7 +90,7 @@ is flipped, largest truncation error first (benchmarks/results/budget.md)."""
 _RUNG = 0.1
 STAGE_SHARE = 4
 """Budget mode: each strength runs ``iters // STAGE_SHARE`` steps from the previous one's logits, so the
-whole ladder costs 1.5x one fixed-strength run."""
+default ladder costs 1.5x one fixed-strength run, and each rung above it a quarter more."""
 
 
 def budget_strengths(config: EFRAPConfig) -> tuple[float, ...]:
@@ -133,7 +133,8 @@ def rounding_path(
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[LayerResult]:
     """One layer's learned roundings, weak to strong: one at ``flip_weight``, or under a budget one per
-    strength of its ladder (``budget_strengths``), each continuing from the previous one's logits (``result.strength``).
+    strength of its ladder (``budget_strengths``), each continuing from the previous one's logits
+    (``result.strength``).
 
     A caller that stops early (the budget is spent) skips the stronger strengths' steps.
     """
