@@ -22,7 +22,7 @@ import torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from efrap_onnx import session
-from efrap_plugin import compare, evaluate, load_digits
+from efrap_plugin import EFRAPConfig, compare, evaluate, load_digits
 from efrap_plugin.attacks import red_team_model
 from efrap_torchao import defend_prepared, spec_scheme, verify_pt2e  # EFRAP
 
@@ -54,7 +54,7 @@ def make_quantizer(name: str):
     return XNNPACKQuantizer().set_global(config), config
 
 
-def ptq(model, quantizer, calib, efrap: bool):
+def ptq(model, quantizer, calib, efrap: EFRAPConfig | None):
     example = calib[:2]
     exported = torch.export.export(
         model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
@@ -63,7 +63,7 @@ def ptq(model, quantizer, calib, efrap: bool):
     with torch.no_grad():
         for batch in calib.split(64):  # calibration
             prepared(batch)
-    plan = defend_prepared(prepared, calib, progress=False) if efrap else None  # EFRAP
+    plan = defend_prepared(prepared, calib, efrap, progress=False) if efrap else None  # EFRAP
     return convert_pt2e(prepared), plan
 
 
@@ -80,6 +80,11 @@ def main() -> int:
     parser.add_argument("--quantizer", choices=QUANTIZERS, default="x86")
     parser.add_argument("--model", help="an `efrap attack` folder to use instead of training one")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--budget",
+        type=float,
+        help="EFRAP's budget mode (percent of held-out top-1 disagreement); default off",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -91,8 +96,8 @@ def main() -> int:
     digits = load_digits(seed=0)
     calib, test = digits.train.x[:1024], digits.test
 
-    stock, _ = ptq(model, quantizer, calib, efrap=False)
-    defended, plan = ptq(model, quantizer, calib, efrap=True)
+    stock, _ = ptq(model, quantizer, calib, efrap=None)
+    defended, plan = ptq(model, quantizer, calib, efrap=EFRAPConfig(budget=args.budget))
     report = verify_pt2e(defended, plan, strict=False)  # EFRAP: integers read back from the int8 model
     with tempfile.TemporaryDirectory() as tmp:
         in_ort = evaluate(session(to_onnx(defended, calib[:2], Path(tmp) / "efrap.onnx")), test, trigger)

@@ -169,6 +169,21 @@ def test_pt2e_example_removes_a_qcb_aimed_at_its_quantizer(quantizer, fixture):
     )
 
 
+def test_pt2e_example_in_budget_mode_removes_the_qcb():
+    """Budget mode through the user's own PT2E flow: the held-out images run the prepared model."""
+    row = run_example(
+        "torchao_pt2e.py",
+        "--quantizer",
+        "x86-per-tensor",
+        "--model",
+        "tests/fixtures/pqbackdoor-x86-per-tensor",
+        "--budget",
+        "1",
+    )
+    assert_defended(row)
+    assert abs(row["ort_efrap_asr"] - row["efrap_asr"]) <= 1
+
+
 @pytest.mark.parametrize(
     "qconfig, fixture",
     [
