@@ -215,7 +215,6 @@ def pooled(rows: list[dict], study: str) -> list[dict]:
         cells: dict[tuple, list[dict]] = {}
         for r in mine:
             cells.setdefault((r["attack"], r["bits"], r["attack_seed"]), []).append(r)
-
         drops = [r["float_acc"] - r["efrap_acc"] for r in mine]
         out.append(
             {
