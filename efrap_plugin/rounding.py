@@ -87,7 +87,6 @@ class LayerResult:
 BUDGET_STRENGTHS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 """Budget mode's default ladder, weak to strong: the share of a layer's learnable weights whose rounding
 is flipped, largest truncation error first (benchmarks/results/budget.md)."""
-_RUNG = 0.1
 STAGE_SHARE = 4
 """Budget mode: each strength runs ``iters // STAGE_SHARE`` steps from the previous one's logits, so the
 default ladder costs 1.5x one fixed-strength run, and each rung above it a quarter more."""
@@ -97,8 +96,7 @@ def budget_strengths(config: EFRAPConfig) -> tuple[float, ...]:
     """Budget mode's ladder up to ``config.max_strength``: 0, 0.1, 0.2, ..., and the top itself where it
     falls between two rungs. BUDGET_STRENGTHS at the default top."""
     top = float(config.max_strength)
-    rungs = tuple(round(_RUNG * i, 9) for i in range(round(1 / _RUNG) + 1) if round(_RUNG * i, 9) < top)
-    return (*rungs, top)
+    return (*(i / 10 for i in range(10) if i / 10 < top), top)  # i / 10: the literals 0.1, 0.2, ... exactly
 
 
 def path_steps(config: EFRAPConfig) -> int:

@@ -63,7 +63,7 @@ def ptq(model, quantizer, calib, efrap: EFRAPConfig | None):
     with torch.no_grad():
         for batch in calib.split(64):  # calibration
             prepared(batch)
-    plan = defend_prepared(prepared, calib, efrap, progress=False) if efrap else None  # EFRAP
+    plan = defend_prepared(prepared, calib, efrap, progress=False) if efrap is not None else None  # EFRAP
     return convert_pt2e(prepared), plan
 
 
