@@ -5,13 +5,17 @@ with ``--study steps``, fixed step counts per layer under three seeds of the bat
 outcome moves with the steps taken, against how far it moves with the seed alone; with ``--study
 strength``, a stronger flip weight and longer runs under the same seeds: whether a fixed default
 stronger or longer than today's would lower the asr without losing accuracy; with ``--study ladder``,
-budget mode with its ladder topped above the default 0.5 (``EFRAPConfig.max_strength``).
+budget mode with its ladder topped above the default 0.5 (``EFRAPConfig.max_strength``); with ``--study
+uniform``, one strength for every layer (budget mode under a budget it cannot spend), to measure a global
+choice of strength against budget mode's per-layer one, and what the best choice a cell allows is when the
+test labels and the trigger pick it (the oracle: a bound no rule without them can beat on this run).
 
     python benchmarks/budget.py --out benchmarks/results [--budgets 0.5,1,2] [--attack-seeds 3] [--procs 2]
     python benchmarks/budget.py --study early-stop --out benchmarks/results
     python benchmarks/budget.py --study steps --out benchmarks/results
     python benchmarks/budget.py --study strength --out benchmarks/results
     python benchmarks/budget.py --study ladder --out benchmarks/results [--budgets 0.5,1]
+    python benchmarks/budget.py --study uniform --out benchmarks/results [--budgets 0.5,1]
 
 Every setting gets the same calibration data, the first 1,280 training images (all 1,257 on digits):
 fixed settings use the first 1,024, budget mode holds out the last 256 and learns on the others. ``disagreement`` is measured
@@ -51,12 +55,15 @@ FLIP_WEIGHTS = (1.0, 2.0)
 STRENGTH_STEPS = (1000, 2000)
 LADDER_TOPS = (0.5, 0.6, 0.7, 0.8)
 """--study ladder: budget mode's max_strength, under each of --budgets."""
+UNIFORM_STRENGTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
+"""--study uniform: the strengths every layer is given in turn (a budget of 100% takes the ladder's top)."""
 BASELINES = {
     "budget": "fixed-flip-weight-1",
     "early-stop": "full-1000",
     "steps": "steps-1000-seed-1005",
     "strength": "flip-weight-1-steps-1000-seed-1005",
     "ladder": "default",
+    "uniform": "default",
 }
 """Each study's row that seconds and steps are compared with (``default`` when it is the same config)."""
 
@@ -90,6 +97,13 @@ def settings(budgets: list[float], study: str = "budget") -> dict[str, EFRAPConf
             for b in budgets
             for top in LADDER_TOPS
         }
+    elif study == "uniform":
+        candidates = {f"uniform-{s:g}": EFRAPConfig(budget=100, max_strength=s) for s in UNIFORM_STRENGTHS}
+        for b in budgets:  # budget mode's per-layer choice, at the default top and at the uniform top
+            candidates[f"budget-{b:g}"] = EFRAPConfig(budget=b)
+            candidates[f"budget-{b:g}-top-{UNIFORM_STRENGTHS[-1]:g}"] = EFRAPConfig(
+                budget=b, max_strength=UNIFORM_STRENGTHS[-1]
+            )
     else:
         candidates = {"full-1000": EFRAPConfig(budget=None, patience=0)}
         # the noise floor: the full run with another seed of the batch sampling
@@ -102,8 +116,21 @@ def settings(budgets: list[float], study: str = "budget") -> dict[str, EFRAPConf
     return rows
 
 
-def _top1(sess, x: np.ndarray) -> np.ndarray:
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(-1)
+def _logits(sess, x: np.ndarray) -> np.ndarray:
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def margin_risk(reference: np.ndarray, logits: np.ndarray) -> float:
+    """Percent of inputs whose float class's margin (its logit over the best other) the defended model
+    halves or loses: a finer accuracy signal than top-1 disagreement on inputs the float model is sure of."""
+    labels, rows = reference.argmax(-1), np.arange(len(reference))
+
+    def margin(z: np.ndarray) -> np.ndarray:
+        others = z.copy()
+        others[rows, labels] = -np.inf
+        return z[rows, labels] - others.max(-1)
+
+    return 100.0 * float((margin(logits) < 0.5 * margin(reference)).mean())
 
 
 def _cell(job: tuple[str, int, int, list[float], str, bool, str]) -> list[dict]:
@@ -115,6 +142,7 @@ def _cell(job: tuple[str, int, int, list[float], str, bool, str]) -> list[dict]:
         calib = np.ascontiguousarray(data.train.x[: 1024 + HELD_OUT].numpy())
         held = calib[len(calib) - HELD_OUT :]
         float_s = session(src)
+        float_held = _logits(float_s, held)
         float_m = evaluate(float_s, data.test, result.trigger)
         quantize_images(src, Path(tmp) / "stock.onnx", calib[:1024], bits, efrap=False, progress=False)
         stock = evaluate(session(Path(tmp) / "stock.onnx"), data.test, result.trigger)
@@ -127,6 +155,7 @@ def _cell(job: tuple[str, int, int, list[float], str, bool, str]) -> list[dict]:
             plan = quantize_images(src, Path(tmp) / "d.onnx", calib, bits, config=cfg, progress=False)
             seconds = time.perf_counter() - t0
             defended = session(Path(tmp) / "d.onnx")
+            defended_held = _logits(defended, held)
             m = evaluate(defended, data.test, result.trigger)
             strengths = [lp.stats["strength"] for lp in plan.layers.values() if "strength" in lp.stats]
             rows.append(
@@ -144,8 +173,9 @@ def _cell(job: tuple[str, int, int, list[float], str, bool, str]) -> list[dict]:
                     "efrap_acc": round(100 * m.clean_acc, 2),
                     "efrap_asr": round(100 * m.asr, 2),
                     "disagreement": round(
-                        100 * float((_top1(defended, held) != _top1(float_s, held)).mean()), 2
+                        100 * float((defended_held.argmax(-1) != float_held.argmax(-1)).mean()), 2
                     ),
+                    "margin_risk": round(margin_risk(float_held, defended_held), 2),
                     "strength": round(statistics.mean(strengths), 3) if strengths else "",
                     "seconds": round(seconds, 1),
                     "steps": sum(lp.stats["steps"] for lp in plan.layers.values()),
@@ -197,6 +227,29 @@ def summary(rows: list[dict], study: str = "budget") -> list[dict]:
                 f"max_acc_change_vs_{base}": round(max(moved(r, "efrap_acc") for r in mine), 2),
             }
         )
+    return out
+
+
+def chosen(rows: list[dict], budgets: list[float]) -> list[dict]:
+    """--study uniform, per cell: ``global-B``, the strongest uniform strength whose held-out disagreement
+    exceeds the weakest one's by at most B points, searched from weak to strong as budget mode searches a
+    layer (a selection among the measured runs: its seconds are the chosen run's alone); and
+    ``oracle-test-labels``, the lowest asr of any row of the cell whose clean accuracy is within 1 point of
+    float, picked with the test labels and the trigger (ties: the higher accuracy)."""
+    out = []
+    for cell in dict.fromkeys((r["attack"], r["bits"], r["attack_seed"]) for r in rows):
+        mine = [r for r in rows if (r["attack"], r["bits"], r["attack_seed"]) == cell]
+        ladder = [r for r in mine if r["setting"].startswith("uniform-")]
+        for b in budgets:
+            pick = ladder[0]
+            for r in ladder[1:]:
+                if r["disagreement"] - ladder[0]["disagreement"] > b:
+                    break
+                pick = r
+            out.append({**pick, "setting": f"global-{b:g}", "budget": b})
+        within = [r for r in mine if r["efrap_acc"] >= r["float_acc"] - 1]
+        best = min(within, key=lambda r: (r["efrap_asr"], -r["efrap_acc"]))
+        out.append({**best, "setting": "oracle-test-labels", "budget": ""})
     return out
 
 
@@ -318,6 +371,15 @@ def main() -> int:
             else ""
         )
     )
+    if args.study == "uniform":
+        rows += chosen(rows, budgets)
+        rows.sort(key=lambda r: order[(r["attack"], r["bits"], r["attack_seed"])])
+        note += (
+            " global-B: the strongest uniform strength within B points of the weakest one's held-out "
+            "disagreement (chosen among the uniform rows: its seconds are that run's alone); "
+            "oracle-test-labels: each cell's lowest asr within 1 point of float accuracy, picked with the "
+            "test labels and the trigger. margin_risk: held-out images whose float-class margin is halved."
+        )
     write_table(out, name, rows, note)
     write_table(out, f"{name}-summary", summary(rows, args.study), note)
     if args.study in ("steps", "strength"):
