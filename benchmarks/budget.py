@@ -322,6 +322,42 @@ def plot(rows: list[dict], budgets: list[float], path: Path) -> None:
     tmp.replace(path)
 
 
+def plot_uniform(rows: list[dict], path: Path) -> None:
+    """--study uniform: asr and clean-accuracy drop against the strength every layer gets, per firing cell;
+    the float model's asr dotted, a 1-point drop dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(dict.fromkeys((r["attack"], r["bits"], r["attack_seed"]) for r in rows))
+    cols = min(len(cells), 5)
+    rows_n = -(-len(cells) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(2.6 * cols, 2.4 * rows_n), sharey=True, squeeze=False)
+    for ax in axes.flat[len(cells) :]:
+        ax.axis("off")
+    for ax, cell in zip(axes.flat, cells):
+        mine = [
+            r
+            for r in rows
+            if (r["attack"], r["bits"], r["attack_seed"]) == cell and r["setting"].startswith("uniform-")
+        ]
+        xs = [float(r["setting"].removeprefix("uniform-")) for r in mine]
+        ax.plot(xs, [r["efrap_asr"] for r in mine], "o-", ms=3, label="asr")
+        ax.plot(xs, [r["float_acc"] - r["efrap_acc"] for r in mine], "s-", ms=3, label="accuracy drop")
+        ax.axhline(mine[0]["float_asr"], ls=":", c="k", label="float asr")
+        ax.axhline(1.0, ls="--", c="gray", label="1-point drop")
+        ax.set_title(f"{cell[0]}-{cell[1]} s{cell[2]}", fontsize=8)
+        ax.set_xlabel("strength (every layer)", fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("percent / points")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
@@ -386,6 +422,8 @@ def main() -> int:
         write_table(out, f"{name}-pooled", pooled(rows, args.study), note)
     if args.study == "budget":
         plot(rows, budgets, out / f"{name}.png")
+    if args.study == "uniform":
+        plot_uniform(rows, out / f"{name}.png")
     return 0
 
 
