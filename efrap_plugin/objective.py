@@ -221,8 +221,9 @@ def _rounding_gradient(
         if beta == 2:
             grad = torch.addcmul(terms.neg_half_free, terms.free, h, out=out).mul_(-8 * terms.penalty_w)
         else:
-            u = h * 2 - 1
-            grad = (u.abs().pow_(beta - 1) * u.sign_()).mul_(terms.free).mul_(-2 * beta * terms.penalty_w)
+            u = torch.mul(h, 2, out=out).sub_(1)
+            magnitude = torch.abs(u, out=scratch).pow_(beta - 1)  # scratch is free again below
+            grad = u.sign_().mul_(magnitude).mul_(terms.free).mul_(-2 * beta * terms.penalty_w)
     if with_flip:  # -flip_w flip_b / (flip_a + flip_b h)
         denominator = _bce_argument(h, terms, scratch)
         if grad is None:
