@@ -8,7 +8,8 @@ stronger or longer than today's would lower the asr without losing accuracy; wit
 budget mode with its ladder topped above the default 0.5 (``EFRAPConfig.max_strength``); with ``--study
 uniform``, one strength for every layer (budget mode under a budget it cannot spend), to measure a global
 choice of strength against budget mode's per-layer one, and what the best choice a cell allows is when the
-test labels and the trigger pick it (the oracle: a bound no rule without them can beat on this run).
+test labels and the trigger pick it among the run's settings (the oracle: no rule choosing among those
+settings without labels or trigger can do better on this run).
 
     python benchmarks/budget.py --out benchmarks/results [--budgets 0.5,1,2] [--attack-seeds 3] [--procs 2]
     python benchmarks/budget.py --study early-stop --out benchmarks/results
@@ -291,8 +292,8 @@ def _seed_spread(cells: dict[tuple, list[dict]], key: str) -> float:
     return statistics.mean(max(r[key] for r in c) - min(r[key] for r in c) for c in cells.values())
 
 
-def plot(rows: list[dict], budgets: list[float], path: Path) -> None:
-    """asr against the budget for each firing cell; the fixed default dashed, the float model dotted."""
+def _grid(rows: list[dict]):
+    """One small panel per firing cell, five to a row, sharing the y axis: (cells, figure, axes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -304,6 +305,21 @@ def plot(rows: list[dict], budgets: list[float], path: Path) -> None:
     fig, axes = plt.subplots(rows_n, cols, figsize=(2.6 * cols, 2.4 * rows_n), sharey=True, squeeze=False)
     for ax in axes.flat[len(cells) :]:
         ax.axis("off")
+    return cells, fig, axes
+
+
+def _save(fig, axes, path: Path) -> None:
+    """The legend on the first panel; written to a temporary name and renamed."""
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
+def plot(rows: list[dict], budgets: list[float], path: Path) -> None:
+    """asr against the budget for each firing cell; the fixed default dashed, the float model dotted."""
+    cells, fig, axes = _grid(rows)
     for ax, cell in zip(axes.flat, cells):
         mine = {r["setting"]: r for r in rows if (r["attack"], r["bits"], r["attack_seed"]) == cell}
         xs = [b for b in budgets if f"budget-{b:g}" in mine]
@@ -315,27 +331,13 @@ def plot(rows: list[dict], budgets: list[float], path: Path) -> None:
         ax.set_xlabel("budget (%)", fontsize=8)
     for row in axes:
         row[0].set_ylabel("asr (%)")
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    _save(fig, axes, path)
 
 
 def plot_uniform(rows: list[dict], path: Path) -> None:
     """--study uniform: asr and clean-accuracy drop against the strength every layer gets, per firing cell;
     the float model's asr dotted, a 1-point drop dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cells = list(dict.fromkeys((r["attack"], r["bits"], r["attack_seed"]) for r in rows))
-    cols = min(len(cells), 5)
-    rows_n = -(-len(cells) // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(2.6 * cols, 2.4 * rows_n), sharey=True, squeeze=False)
-    for ax in axes.flat[len(cells) :]:
-        ax.axis("off")
+    cells, fig, axes = _grid(rows)
     for ax, cell in zip(axes.flat, cells):
         mine = [
             r
@@ -351,11 +353,7 @@ def plot_uniform(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("strength (every layer)", fontsize=8)
     for row in axes:
         row[0].set_ylabel("percent / points")
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    _save(fig, axes, path)
 
 
 def main() -> int:
