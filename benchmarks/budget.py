@@ -117,6 +117,11 @@ def settings(budgets: list[float], study: str = "budget") -> dict[str, EFRAPConf
     return rows
 
 
+def _cell_of(r: dict) -> tuple[str, int, int]:
+    """A row's cell: attack, bits, attack seed."""
+    return r["attack"], r["bits"], r["attack_seed"]
+
+
 def _logits(sess, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
@@ -194,10 +199,10 @@ def summary(rows: list[dict], study: str = "budget") -> list[dict]:
     steps over the study's baseline's on the same cell (same process), and the mean (signed) and largest
     asr / accuracy change against it."""
     base = BASELINES[study] if any(r["setting"] == BASELINES[study] for r in rows) else "default"
-    ref = {(r["attack"], r["bits"], r["attack_seed"]): r for r in rows if r["setting"] == base}
+    ref = {_cell_of(r): r for r in rows if r["setting"] == base}
 
     def of(r: dict) -> dict:
-        return ref[(r["attack"], r["bits"], r["attack_seed"])]
+        return ref[_cell_of(r)]
 
     def moved(r: dict, key: str) -> float:
         return abs(r[key] - of(r)[key])
@@ -238,8 +243,8 @@ def chosen(rows: list[dict], budgets: list[float]) -> list[dict]:
     ``oracle-test-labels``, the lowest asr of any row of the cell whose clean accuracy is within 1 point of
     float, picked with the test labels and the trigger (ties: the higher accuracy)."""
     out = []
-    for cell in dict.fromkeys((r["attack"], r["bits"], r["attack_seed"]) for r in rows):
-        mine = [r for r in rows if (r["attack"], r["bits"], r["attack_seed"]) == cell]
+    for cell in dict.fromkeys(_cell_of(r) for r in rows):
+        mine = [r for r in rows if _cell_of(r) == cell]
         ladder = [r for r in mine if r["setting"].startswith("uniform-")]
         for b in budgets:
             pick = ladder[0]
@@ -268,7 +273,7 @@ def pooled(rows: list[dict], study: str) -> list[dict]:
         mine = [r for r in rows if group(r) == name]
         cells: dict[tuple, list[dict]] = {}
         for r in mine:
-            cells.setdefault((r["attack"], r["bits"], r["attack_seed"]), []).append(r)
+            cells.setdefault(_cell_of(r), []).append(r)
         drops = [r["float_acc"] - r["efrap_acc"] for r in mine]
         out.append(
             {
@@ -299,7 +304,7 @@ def _grid(rows: list[dict]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = list(dict.fromkeys((r["attack"], r["bits"], r["attack_seed"]) for r in rows))
+    cells = list(dict.fromkeys(_cell_of(r) for r in rows))
     cols = min(len(cells), 5)
     rows_n = -(-len(cells) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(2.6 * cols, 2.4 * rows_n), sharey=True, squeeze=False)
@@ -321,7 +326,7 @@ def plot(rows: list[dict], budgets: list[float], path: Path) -> None:
     """asr against the budget for each firing cell; the fixed default dashed, the float model dotted."""
     cells, fig, axes = _grid(rows)
     for ax, cell in zip(axes.flat, cells):
-        mine = {r["setting"]: r for r in rows if (r["attack"], r["bits"], r["attack_seed"]) == cell}
+        mine = {r["setting"]: r for r in rows if _cell_of(r) == cell}
         xs = [b for b in budgets if f"budget-{b:g}" in mine]
         ax.plot(xs, [mine[f"budget-{b:g}"]["efrap_asr"] for b in xs], "o-", label="budget mode")
         fixed = mine.get("fixed-flip-weight-1", mine["default"])
@@ -339,11 +344,7 @@ def plot_uniform(rows: list[dict], path: Path) -> None:
     the float model's asr dotted, a 1-point drop dashed."""
     cells, fig, axes = _grid(rows)
     for ax, cell in zip(axes.flat, cells):
-        mine = [
-            r
-            for r in rows
-            if (r["attack"], r["bits"], r["attack_seed"]) == cell and r["setting"].startswith("uniform-")
-        ]
+        mine = [r for r in rows if _cell_of(r) == cell and r["setting"].startswith("uniform-")]
         xs = [float(r["setting"].removeprefix("uniform-")) for r in mine]
         ax.plot(xs, [r["efrap_asr"] for r in mine], "o-", ms=3, label="asr")
         ax.plot(xs, [r["float_acc"] - r["efrap_acc"] for r in mine], "s-", ms=3, label="accuracy drop")
@@ -390,9 +391,9 @@ def main() -> int:
     (out / f"{name}-partial.csv").unlink(missing_ok=True)
     (out / f"{name}-partial.md").unlink(missing_ok=True)
     order = {job[:3]: i for i, job in enumerate(jobs)}
-    rows.sort(
-        key=lambda r: order[(r["attack"], r["bits"], r["attack_seed"])]
-    )  # stable: settings keep their order
+    if args.study == "uniform":
+        rows += chosen(rows, budgets)
+    rows.sort(key=lambda r: order[_cell_of(r)])  # stable: settings keep their order
     note = (
         f"{args.dataset}; every attack x bits x attack seed whose attack fires (float asr <= 10%, float acc >= 95%, stock "
         "asr >= 90%); onnxruntime int sessions; percentages. meets_bar: asr <= max(3, float asr + 1) and accuracy "
@@ -406,8 +407,6 @@ def main() -> int:
         )
     )
     if args.study == "uniform":
-        rows += chosen(rows, budgets)
-        rows.sort(key=lambda r: order[(r["attack"], r["bits"], r["attack_seed"])])
         note += (
             " global-B: the strongest uniform strength within B points of the weakest one's held-out "
             "disagreement (chosen among the uniform rows: its seconds are that run's alone); "
