@@ -84,19 +84,25 @@ class LayerResult:
     """Budget mode: the share of learnable weights flipped by force (``budget_strengths``); None otherwise."""
 
 
-BUDGET_STRENGTHS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
-"""Budget mode's default ladder, weak to strong: the share of a layer's learnable weights whose rounding
-is flipped, largest truncation error first (benchmarks/results/budget.md)."""
 STAGE_SHARE = 4
 """Budget mode: each strength runs ``iters // STAGE_SHARE`` steps from the previous one's logits, so the
 default ladder costs 1.5x one fixed-strength run, and each rung above it a quarter more."""
 
 
+def _ladder(top: float) -> tuple[float, ...]:
+    """0, 0.1, 0.2, ... below ``top``, then ``top`` (i / 10: the literals 0.1, 0.2, ... exactly)."""
+    return (*(i / 10 for i in range(10) if i / 10 < top), float(top))
+
+
+BUDGET_STRENGTHS = _ladder(EFRAPConfig.max_strength)
+"""Budget mode's default ladder, weak to strong: the share of a layer's learnable weights whose rounding
+is flipped, largest truncation error first (benchmarks/results/budget.md)."""
+
+
 def budget_strengths(config: EFRAPConfig) -> tuple[float, ...]:
     """Budget mode's ladder up to ``config.max_strength``: 0, 0.1, 0.2, ..., and the top itself where it
     falls between two rungs. BUDGET_STRENGTHS at the default top."""
-    top = float(config.max_strength)
-    return (*(i / 10 for i in range(10) if i / 10 < top), top)  # i / 10: the literals 0.1, 0.2, ... exactly
+    return _ladder(config.max_strength)
 
 
 def path_steps(config: EFRAPConfig) -> int:
