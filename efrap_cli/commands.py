@@ -227,18 +227,18 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
     if plan_path is not None:
         check_writable(plan_path, "--plan")
     config = _config(args)
-    names = onnx_adapter.input_names(onnx_adapter.load_onnx(src, check_finite=False))
-    calib = calibration_inputs(args.calib, inputs_needed(config), names)
+    model = onnx_adapter.load_onnx(src)  # parsed once: the scan and the defense take it loaded
+    calib = calibration_inputs(args.calib, inputs_needed(config), onnx_adapter.input_names(model))
     # the float model's scan, read before anything is written
     crowded = crowded_layers(
         scan_weights(
-            onnx_adapter.folded_weights(src), QuantScheme.onnxruntime(args.bits, not args.per_tensor)
+            onnx_adapter.folded_weights(model), QuantScheme.onnxruntime(args.bits, not args.per_tensor)
         )
     )
     start = time.perf_counter()
     with staged(out) as out_tmp, staged(plan_path) as plan_tmp:
         plan = onnx_adapter.quantize_images(
-            src,
+            model,
             out_tmp,
             calib,
             args.bits,

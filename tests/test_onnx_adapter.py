@@ -269,6 +269,33 @@ def test_unnamed_nodes_are_matched_by_structure_and_defended(calib, tmp_path):
     assert verify(tmp_path / "d.onnx", plan).integers_ok
 
 
+def test_quantize_images_and_folded_weights_take_a_loaded_model(calib, tmp_path):
+    """`efrap defend` parses the file once and hands the model on: same plan, same bytes, same folded
+    weights as from the path, the caller's proto untouched; a model with two inputs is named as such."""
+    from efrap_onnx import folded_weights, quantize_images
+
+    model = conv_model()
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    before = model.SerializeToString()
+    fast = EFRAPConfig(iters=20)
+    by_path = quantize_images(
+        tmp_path / "m.onnx", tmp_path / "a.onnx", calib[:64], config=fast, progress=False
+    )
+    by_proto = quantize_images(model, tmp_path / "b.onnx", calib[:64], config=fast, progress=False)
+    assert model.SerializeToString() == before
+    assert torch.equal(by_proto["w"].integers, by_path["w"].integers)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    from_path, from_proto = folded_weights(tmp_path / "m.onnx"), folded_weights(model)
+    assert list(from_proto) == list(from_path) == ["w"]
+    assert torch.equal(from_proto["w"], from_path["w"])
+    assert model.SerializeToString() == before
+    two = onnx.ModelProto.FromString(before)
+    two.graph.input.append(onnx.helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, [1]))
+    with pytest.raises(EFRAPError, match=r"model: model_input has inputs \['input', 'extra'\]; pass one"):
+        quantize_images(two, tmp_path / "c.onnx", calib[:64], progress=False)
+    assert not (tmp_path / "c.onnx").exists()
+
+
 def test_model_proto_input_and_quantize_with_a_static_quant_config(calib, tmp_path):
     """Both of onnxruntime's documented entry points: a ModelProto as model_input, and
     quantize(model, out, StaticQuantConfig(...)); same plan as the path call, the caller's proto untouched."""

@@ -288,7 +288,7 @@ def quantize(
 
 
 def quantize_images(
-    model_input: str | Path,
+    model_input: str | Path | onnx.ModelProto,
     model_output: str | Path,
     images: np.ndarray | Mapping[str, np.ndarray],
     bits: int = 8,
@@ -301,11 +301,14 @@ def quantize_images(
     """The common image-model case in one call: quant_pre_process (BatchNorm folded), then QDQ, MinMax,
     uint8 activations, QInt8 or QInt4 weights, calibration images fed to the graph's single input (or,
     for a model with several inputs, a dict of arrays named as its inputs).
-    ``efrap=False`` is onnxruntime's stock flow."""
+    ``efrap=False`` is onnxruntime's stock flow. A loaded ``onnx.ModelProto`` is checked, not parsed again,
+    and left as it was."""
     weight_types = {8: QuantType.QInt8, 4: QuantType.QInt4}
     if bits not in weight_types:
         raise EFRAPError(f"bits: onnxruntime quantizes weights to 8 (QInt8) or 4 (QInt4) bits, got {bits}")
-    model = load_onnx(model_input)
+    loaded = isinstance(model_input, onnx.ModelProto)
+    where = "model_input" if loaded else model_input
+    model = check_onnx(model_input, where) if loaded else load_onnx(model_input)
     names = input_names(model)
     if isinstance(images, Mapping):
         if sorted(images) != sorted(names):
@@ -316,7 +319,7 @@ def quantize_images(
         reader = ListDataReader.from_arrays(images)
     elif len(names) != 1:
         raise EFRAPError(
-            f"model: {model_input} has inputs {names}; pass one calibration array per input, "
+            f"model: {where} has inputs {names}; pass one calibration array per input, "
             "as a dict named by input"
         )
     else:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from efrap_plugin import ModelError, on_device_of
 
-from .model_io import initializer_array, load_onnx, preprocess
+from .model_io import check_onnx, initializer_array, load_onnx, preprocess
 
 __all__ = ["QuantizedLayer", "find_quantized_layers", "folded_weights", "attribute"]
 
@@ -45,10 +45,10 @@ class QuantizedLayer:
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def folded_weights(path: str | Path) -> dict[str, torch.Tensor]:
+def folded_weights(model: str | Path | onnx.ModelProto) -> dict[str, torch.Tensor]:
     """Conv / Gemm / MatMul weights (output channels on axis 0) as quantize_static sees them: after
-    quant_pre_process has folded BatchNorm."""
-    pre = preprocess(load_onnx(path))
+    quant_pre_process has folded BatchNorm. A loaded model is checked, not parsed again."""
+    pre = preprocess(check_onnx(model, "model") if isinstance(model, onnx.ModelProto) else load_onnx(model))
     inits = _initializers(pre)
     weights = {}
     for node in pre.graph.node:
