@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import torch
 from conftest import FIXTURES
 from onnx import TensorProto, helper, numpy_helper
 from onnx_models import conv_model
-from onnxruntime.quantization import QuantFormat, QuantType
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
 from onnxruntime.quantization import quantize_static as ort_quantize_static
 
 import efrap_onnx
@@ -277,6 +278,46 @@ def test_options_are_honoured_as_onnxruntime_honours_them(digits, tmp_path):
         ort, ours, plan = _run_both(model, tmp_path, digits, per_channel=True, **options)
         assert assert_same_but_defended_weights(ort, ours, plan) > 0
         assert list(plan.layers) == defended
+
+
+@pytest.mark.parametrize(
+    ("options", "symmetric_zero_point"),
+    [
+        ({"per_channel": True, "calibrate_method": CalibrationMethod.Entropy}, 0),
+        ({"per_channel": True, "calibrate_method": CalibrationMethod.Percentile}, 0),
+        ({"per_channel": False, "extra_options": {"WeightSymmetric": False}}, None),
+        (
+            {
+                "per_channel": False,
+                "weight_type": QuantType.QUInt8,
+                "extra_options": {
+                    "WeightSymmetric": True,
+                    "ActivationSymmetric": True,
+                    "CalibMovingAverage": True,
+                },
+            },
+            128,
+        ),
+    ],
+    ids=["entropy", "percentile", "asymmetric-int8-weights", "symmetric-uint8-moving-average"],
+)
+def test_calibration_methods_and_symmetry_options_are_onnxruntimes(
+    digits, tmp_path, options, symmetric_zero_point
+):
+    """What a user tunes besides the types: the calibrator and the symmetry of each grid. The output is
+    onnxruntime's graph for those options (its activation scales, its weight zero points: onnxruntime
+    honours WeightSymmetric per tensor), with EFRAP's integers on each weight's own grid."""
+    model = unnamed_conv()
+    for init in model.graph.initializer:  # all positive: an asymmetric grid moves its zero point
+        init.CopyFrom(numpy_helper.from_array(np.abs(numpy_helper.to_array(init)) + 0.1, init.name))
+    ort, ours, plan = _run_both(model, tmp_path, digits, **options)
+    assert assert_same_but_defended_weights(ort, ours, plan) > 0
+    assert list(plan.layers) == ["w1", "w2"]
+    zero_points = torch.cat([lp.zero_point.flatten() for lp in plan.layers.values()])
+    if symmetric_zero_point is None:
+        assert bool((zero_points == -128).all()), zero_points  # min(w, 0) is 0: the grid starts at qmin
+    else:
+        assert bool((zero_points == symmetric_zero_point).all()), zero_points
 
 
 def test_external_data_is_written_as_onnxruntime_writes_it(digits, tmp_path):
