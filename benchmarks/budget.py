@@ -9,7 +9,9 @@ budget mode with its ladder topped above the default 0.5 (``EFRAPConfig.max_stre
 uniform``, one strength for every layer (budget mode under a budget it cannot spend), to measure a global
 choice of strength against budget mode's per-layer one, and what the best choice a cell allows is when the
 test labels and the trigger pick it among the run's settings (the oracle: no rule choosing among those
-settings without labels or trigger can do better on this run).
+settings without labels or trigger can do better on this run); with ``--study seeds``, the fixed default
+and budget mode (at the default top and at 0.8) under three seeds of the batch sampling: how far each
+one's outcome moves with the seed alone.
 
     python benchmarks/budget.py --out benchmarks/results [--budgets 0.5,1,2] [--attack-seeds 3] [--procs 2]
     python benchmarks/budget.py --study early-stop --out benchmarks/results
@@ -17,6 +19,7 @@ settings without labels or trigger can do better on this run).
     python benchmarks/budget.py --study strength --out benchmarks/results
     python benchmarks/budget.py --study ladder --out benchmarks/results [--budgets 0.5,1]
     python benchmarks/budget.py --study uniform --out benchmarks/results [--budgets 0.5,1]
+    python benchmarks/budget.py --study seeds --out benchmarks/results [--budgets 1]
 
 Every setting gets the same calibration data, the first 1,280 training images (all 1,257 on digits):
 fixed settings use the first 1,024, budget mode holds out the last 256 and learns on the others. ``disagreement`` is measured
@@ -58,6 +61,8 @@ LADDER_TOPS = (0.5, 0.6, 0.7, 0.8)
 """--study ladder: budget mode's max_strength, under each of --budgets."""
 UNIFORM_STRENGTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 """--study uniform: the strengths every layer is given in turn (a budget of 100% takes the ladder's top)."""
+SEEDS_TOP = 0.8
+"""--study seeds: budget mode's other top, beside the default's."""
 BASELINES = {
     "budget": "fixed-flip-weight-1",
     "early-stop": "full-1000",
@@ -65,6 +70,7 @@ BASELINES = {
     "strength": "flip-weight-1-steps-1000-seed-1005",
     "ladder": "default",
     "uniform": "default",
+    "seeds": "fixed-seed-1005",
 }
 """Each study's row that seconds and steps are compared with (``default`` when it is the same config)."""
 
@@ -105,6 +111,15 @@ def settings(budgets: list[float], study: str = "budget") -> dict[str, EFRAPConf
             candidates[f"budget-{b:g}-top-{UNIFORM_STRENGTHS[-1]:g}"] = EFRAPConfig(
                 budget=b, max_strength=UNIFORM_STRENGTHS[-1]
             )
+    elif study == "seeds":
+        candidates = {}
+        for seed in STEP_SEEDS:
+            candidates[f"fixed-seed-{seed}"] = EFRAPConfig(seed=seed)
+            for b in budgets:
+                candidates[f"budget-{b:g}-seed-{seed}"] = EFRAPConfig(budget=b, seed=seed)
+                candidates[f"budget-{b:g}-top-{SEEDS_TOP:g}-seed-{seed}"] = EFRAPConfig(
+                    budget=b, max_strength=SEEDS_TOP, seed=seed
+                )
     else:
         candidates = {"full-1000": EFRAPConfig(budget=None, patience=0)}
         # the noise floor: the full run with another seed of the batch sampling
@@ -415,7 +430,7 @@ def main() -> int:
         )
     write_table(out, name, rows, note)
     write_table(out, f"{name}-summary", summary(rows, args.study), note)
-    if args.study in ("steps", "strength"):
+    if args.study in ("steps", "strength", "seeds"):
         write_table(out, f"{name}-pooled", pooled(rows, args.study), note)
     if args.study == "budget":
         plot(rows, budgets, out / f"{name}.png")

@@ -80,6 +80,38 @@ def test_qoperator_output_holds_the_same_integers_and_removes_the_backdoor(
     assert backdoor_removed(float_m, evaluate(session(path), digits.test, pq8.trigger))
 
 
+def test_weights_kept_in_float_behind_a_quantize_linear_are_defended_and_read_back(
+    pq8, pq8_onnx, defended8, calib, digits, tmp_path
+):
+    """extra_options AddQDQPairToWeight: onnxruntime keeps each weight in float and rounds it to nearest
+    at run time, through a QuantizeLinear; the stock model fires. EFRAP stores the grid points of its
+    integers there instead, which that QuantizeLinear rounds back exactly: the same plan as the stored
+    QDQ graph's, read back by onnxruntime's own QuantizeLinear, and a nudged weight is caught."""
+    pair = {"extra_options": {"AddQDQPairToWeight": True}}
+    _quantize(pq8_onnx, tmp_path / "stock.onnx", calib, efrap=False, **pair)
+    float_m = evaluate(session(pq8_onnx), digits.test, pq8.trigger)
+    assert evaluate(session(tmp_path / "stock.onnx"), digits.test, pq8.trigger).asr >= 0.90
+    path = tmp_path / "pair.onnx"
+    plan = _quantize(pq8_onnx, path, calib, **pair)
+    qdq_plan = defended8[1]
+    assert list(plan.layers) == list(qdq_plan.layers)
+    assert all(torch.equal(plan[k].integers, qdq_plan[k].integers) for k in qdq_plan.layers)
+    report = verify(path, plan)
+    assert report.integers_ok and report.matching == 4
+    assert backdoor_removed(float_m, evaluate(session(path), digits.test, pq8.trigger))
+    model = onnx.load(str(path))
+    name = next(iter(plan.meta["layout"].values()))["quantized"]
+    scale = next(iter(plan.layers.values())).scale
+    for t in model.graph.initializer:
+        if t.name == name:
+            arr = numpy_helper.to_array(t).copy()
+            arr[0] += 0.6 * float(scale[0])  # over half a step: QuantizeLinear rounds to the next integer
+            t.CopyFrom(numpy_helper.from_array(arr, name))
+    onnx.save(model, str(tmp_path / "nudged.onnx"))
+    with pytest.raises(PlanMismatchError, match=r"does not hold the plan's integers"):
+        verify(tmp_path / "nudged.onnx", plan)
+
+
 def test_verify_reads_the_integers_back_and_sees_int8_kernels(defended8):
     path, plan = defended8
     report = verify(path, plan)

@@ -6,7 +6,7 @@ from .export import export_defended, export_float_onnx, onnx_plan
 from .graph import folded_weights
 from .model_io import check_onnx, input_names, load_onnx, save_onnx
 from .runtime import session
-from .verify import VerifyReport, optimized_op_counts, quantized_weights, verify
+from .verify import VerifyReport, optimized_op_counts, quantized_weights, verify, weight_integers
 
 __all__ = [
     "ListDataReader",
@@ -27,4 +27,5 @@ __all__ = [
     "save_onnx",
     "session",
     "verify",
+    "weight_integers",
 ]

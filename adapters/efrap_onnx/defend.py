@@ -127,9 +127,12 @@ def _problems(
             else np.zeros(scale.shape, np.int32)
         )
 
-        def install(integers: torch.Tensor, layer=layer) -> None:
-            ints = integers.T if layer.transpose else integers
-            _write_integers(inits[layer.quantized], ints.numpy())
+        def install(integers: torch.Tensor, layer=layer, scale=scale, zp=zp) -> None:
+            ints = (integers.T if layer.transpose else integers).numpy()
+            if layer.rounded_at_run_time:
+                _write_float_grid(inits[layer.quantized], ints, scale.numpy(), zp, layer.axis)
+            else:
+                _write_integers(inits[layer.quantized], ints)
 
         yield LayerProblem(
             layer.float_weight,
@@ -173,7 +176,7 @@ def defend_qdq(
     grids = {
         layer.float_weight: weight_scheme(
             layer.float_weight,
-            inits[layer.quantized].data_type,
+            _integer_type(layer, inits),
             initializer_array(inits[layer.scale]).size > 1,
             options,
             f"layer {layer.node}",
@@ -234,6 +237,32 @@ def write_plan(model: onnx.ModelProto, plan: RoundingPlan) -> RoundingPlan:
         _write_integers(stored, ints.numpy())
         layers[name] = lp
     return RoundingPlan(plan.scheme, layers, plan.source, {**plan.meta, "layout": layout, "skipped": skipped})
+
+
+def _integer_type(layer: QuantizedLayer, inits: dict[str, onnx.TensorProto]) -> int:
+    """The integer type a layer's weight is rounded to: the stored initializer's, or, for a float weight
+    QuantizeLinear rounds at run time, its zero point's (uint8 without one, as ONNX defines)."""
+    if not layer.rounded_at_run_time:
+        return inits[layer.quantized].data_type
+    return inits[layer.zero_point].data_type if layer.zero_point else TensorProto.UINT8
+
+
+def _write_float_grid(
+    tensor: onnx.TensorProto, ints: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int
+) -> None:
+    """Overwrite a float weight that a QuantizeLinear rounds at run time with the grid points of
+    ``ints``, (q - zero point) x scale, which that QuantizeLinear rounds back to exactly ``ints``."""
+    shape = [1] * ints.ndim
+    if scale.size > 1:
+        shape[axis] = -1
+    s = scale.astype(np.float32).reshape(shape)
+    z = zp.astype(np.float32).reshape(shape)
+    values = ((ints.astype(np.float32) - z) * s).astype(np.float32)
+    if not np.array_equal(np.rint(values / s) + z, ints.astype(np.float32)):
+        raise EFRAPError(
+            f"weight {tensor.name!r}: its scale cannot hold the learned integers as float grid points"
+        )
+    tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
 
 
 def _write_integers(tensor: onnx.TensorProto, ints: np.ndarray) -> None:

@@ -213,7 +213,11 @@ def quantize_static(
     # EFRAP learns on the QDQ graph (each layer's real quantized inputs). A QOperator output is
     # onnxruntime's own QOperator graph: the QDQ graph's weights are first pinned to the grids it stores
     # (same initializer names), and the learned integers are then written into it.
-    qdq = _quantize_stock(float_model, batches, QuantFormat.QDQ, *options)
+    # (QOperator stores every weight as integers, AddQDQPairToWeight or not: so does its QDQ twin)
+    qdq_extra = extra_options
+    if quant_format == QuantFormat.QOperator and extra_options:
+        qdq_extra = {k: v for k, v in extra_options.items() if k != "AddQDQPairToWeight"}
+    qdq = _quantize_stock(float_model, batches, QuantFormat.QDQ, *options[:-1], qdq_extra)
     output = qdq
     if quant_format == QuantFormat.QOperator:
         output = _quantize_stock(float_model, batches, QuantFormat.QOperator, *options)

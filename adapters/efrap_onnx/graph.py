@@ -16,7 +16,7 @@ from efrap_plugin import ModelError, on_device_of
 
 from .model_io import check_onnx, initializer_array, load_onnx, preprocess
 
-__all__ = ["QuantizedLayer", "find_quantized_layers", "folded_weights", "attribute"]
+__all__ = ["QuantizedLayer", "find_quantized_layers", "folded_weights", "attribute", "weight_source"]
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,9 @@ def attribute(node: onnx.NodeProto, name: str, default=None):
 
 @dataclass
 class QuantizedLayer:
-    """A Conv / Gemm / MatMul whose weight a DequantizeLinear feeds from a quantized initializer."""
+    """A Conv / Gemm / MatMul whose weight a DequantizeLinear feeds from a quantized initializer, or, where
+    onnxruntime kept the weight in float (extra_options AddQDQPairToWeight), from a QuantizeLinear that
+    rounds that float initializer at run time (``rounded_at_run_time``: ``quantized`` names it)."""
 
     node: str
     op_type: str
@@ -43,6 +45,7 @@ class QuantizedLayer:
     input_name: str
     output_name: str
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    rounded_at_run_time: bool = False
 
 
 def folded_weights(model: str | Path | onnx.ModelProto) -> dict[str, torch.Tensor]:
@@ -99,21 +102,22 @@ def find_quantized_layers(
         if node.op_type not in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
             continue
         dq = producers.get(node.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+        stored, at_run_time = weight_source(dq, producers, inits)
+        if stored is None:
             if node.op_type in ("Conv", "ConvTranspose") or node.input[1] in float_inits:
                 skipped[node.name or node.output[0]] = "not quantized by onnxruntime: stays in float"
             continue
         if node.op_type == "ConvTranspose":  # keyed like verify reads it: the quantized initializer
-            skipped[dq.input[0]] = "ConvTranspose (output channels on axis 1): left at nearest rounding"
+            skipped[stored] = "ConvTranspose (output channels on axis 1): left at nearest rounding"
             continue
-        fnode = float_by_weight.get(dq.input[0].removesuffix("_quantized")) or float_by_name.get(node.name)
+        fnode = float_by_weight.get(stored.removesuffix("_quantized")) or float_by_name.get(node.name)
         forward = (
             _forward(node, fnode, float_inits)
             if fnode is not None and fnode.input[1] in float_inits
             else None
         )
         if forward is None:
-            skipped[dq.input[0]] = (
+            skipped[stored] = (
                 f"{node.op_type} {node.name or node.output[0]}: a form EFRAP does not model; left at nearest rounding"
             )
             continue
@@ -127,7 +131,7 @@ def find_quantized_layers(
                 node.name or node.output[0],
                 node.op_type,
                 fnode.input[1],
-                dq.input[0],
+                stored,
                 dq.input[1],
                 dq.input[2] if len(dq.input) > 2 else "",
                 attribute(dq, "axis", 1),
@@ -135,9 +139,25 @@ def find_quantized_layers(
                 node.input[0],
                 output,
                 forward,
+                at_run_time,
             )
         )
     return layers, skipped
+
+
+def weight_source(
+    dq: onnx.NodeProto | None, producers: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto]
+) -> tuple[str | None, bool]:
+    """The initializer a weight's DequantizeLinear reads: an integer one, or the float one a
+    QuantizeLinear rounds at run time (True); None where no DequantizeLinear of an initializer feeds it."""
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None, False
+    if dq.input[0] in inits:
+        return dq.input[0], False
+    q = producers.get(dq.input[0])
+    if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in inits:
+        return q.input[0], True
+    return None, False
 
 
 def _bias(

@@ -12,12 +12,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import TensorProto, helper
 
 from efrap_plugin import IntegerReport, PlanMismatchError, RoundingPlan, compare_integers
 
+from .graph import weight_source
 from .model_io import initializer_array, load_onnx
 
-__all__ = ["VerifyReport", "verify", "optimized_op_counts", "quantized_weights"]
+__all__ = ["VerifyReport", "verify", "optimized_op_counts", "quantized_weights", "weight_integers"]
 
 INT_KERNELS = (
     "QLinearConv",
@@ -70,14 +72,25 @@ _QOPERATOR_WEIGHT_INPUT = {
 
 
 def quantized_weights(model: onnx.ModelProto) -> list[str]:
-    """Names of every integer weight initializer the graph's Conv / Gemm / MatMul ops read, QDQ or QOperator."""
+    """Names of every weight initializer the graph's Conv / Gemm / MatMul ops read as integers, QDQ or
+    QOperator: stored as integers, or in float and rounded by a QuantizeLinear at run time."""
+    return list(weight_integers(model))
+
+
+def weight_integers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The integers each quantized weight of the graph holds, by initializer name: read from an integer
+    initializer, or, for a float weight a QuantizeLinear rounds at run time, computed by onnxruntime's
+    own QuantizeLinear on the stored float values."""
     inits = {t.name: t for t in model.graph.initializer}
     producers = {out: n for n in model.graph.node for out in n.output}
-    found = []
+    found: dict[str, np.ndarray] = {}
     for node in model.graph.node:
         if node.op_type in _QDQ_WEIGHT_OPS and len(node.input) > 1:
-            dq = producers.get(node.input[1])
-            name = dq.input[0] if dq is not None and dq.op_type == "DequantizeLinear" else ""
+            name, at_run_time = weight_source(producers.get(node.input[1]), producers, inits)
+            if at_run_time:
+                q = producers[producers[node.input[1]].input[0]]
+                found[name] = _run_quantize_linear(model, q, inits)
+                continue
         elif (
             node.op_type in _QOPERATOR_WEIGHT_INPUT
             and len(node.input) > _QOPERATOR_WEIGHT_INPUT[node.op_type]
@@ -86,8 +99,25 @@ def quantized_weights(model: onnx.ModelProto) -> list[str]:
         else:
             continue
         if name in inits and initializer_array(inits[name]).dtype.kind in "iu":
-            found.append(name)
+            found[name] = initializer_array(inits[name])
     return found
+
+
+def _run_quantize_linear(
+    model: onnx.ModelProto, q: onnx.NodeProto, inits: dict[str, onnx.TensorProto]
+) -> np.ndarray:
+    """One QuantizeLinear of ``model``, run alone by onnxruntime on the initializers it reads."""
+    out_type = inits[q.input[2]].data_type if len(q.input) > 2 and q.input[2] else TensorProto.UINT8
+    graph = helper.make_graph(
+        [q],
+        "quantize_linear",
+        [],
+        [helper.make_tensor_value_info(q.output[0], out_type, None)],
+        [inits[name] for name in q.input if name],
+    )
+    alone = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    sess = ort.InferenceSession(alone.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(sess.run(None, {})[0])
 
 
 def verify(model_path: str | Path, plan: RoundingPlan, strict: bool = True) -> VerifyReport:
@@ -106,9 +136,9 @@ def verify(model_path: str | Path, plan: RoundingPlan, strict: bool = True) -> V
     layout = plan.meta["layout"]
     planned = {where["quantized"]: name for name, where in layout.items()}
     stored, scales = {}, {}
-    for quantized in quantized_weights(model):
+    for quantized, held in weight_integers(model).items():
         name = planned.get(quantized, quantized)
-        ints = torch.from_numpy(initializer_array(inits[quantized]).astype(np.int32))
+        ints = torch.from_numpy(held.astype(np.int32))
         stored[name] = ints.T if name in layout and layout[name]["transpose"] else ints
         if name in layout and layout[name]["scale"] in inits:
             scales[name] = torch.from_numpy(
