@@ -358,6 +358,35 @@ def test_model_proto_input_and_quantize_with_a_static_quant_config(calib, tmp_pa
         quantize(model, tmp_path / "d.onnx", DynamicQuantConfig())
 
 
+def test_a_weight_two_layers_read_is_defended_once_and_said_so(tmp_path, caplog):
+    """Tied weights: one initializer, two MatMuls. The file holds one set of integers, the plan's, and
+    the user is told that it was learned for the last reader."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="first"),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w"], ["y"], name="second"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+        [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w")],
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "tied.onnx")
+    )
+    x = rng.standard_normal((128, 16)).astype(np.float32)
+    with caplog.at_level("WARNING"):
+        plan = quantize_static(
+            tmp_path / "tied.onnx", tmp_path / "d.onnx", _reader(x, "x"), config=EFRAPConfig(iters=20)
+        )
+    assert "w: one weight read by 2 layers (first, second)" in caplog.text
+    assert list(plan.layers) == ["w"]
+    report = verify(tmp_path / "d.onnx", plan)
+    assert report.integers_ok and report.matching == 1 and report.int_kernels == {"QLinearMatMul": 2}
+
+
 def test_a_model_with_no_weights_comes_out_as_onnxruntime_writes_it(calib, tmp_path, caplog):
     """Only activations to quantize: no error, a notice, and onnxruntime's own file."""
     from onnxruntime.quantization import quantize_static as ort_quantize_static

@@ -160,6 +160,16 @@ def defend_qdq(
     layers, skipped = find_quantized_layers(qdq, float_model, include_relu=config.unit == "activation")
     for name, reason in skipped.items():
         log.warning("%s: %s", name, reason)
+    for weight in {layer.float_weight for layer in layers}:
+        readers = [layer.node for layer in layers if layer.float_weight == weight]
+        if len(readers) > 1:  # tied weights: one set of integers, and no joint objective for them yet
+            log.warning(
+                "%s: one weight read by %d layers (%s); its rounding is learned at each in turn and the "
+                "last one's is kept",
+                weight,
+                len(readers),
+                ", ".join(readers),
+            )
     meta: dict = {"config": config.to_dict(), "layout": {}, "skipped": skipped}
     if not layers:  # only activations (or nothing) quantized: onnxruntime's own output, unchanged
         log.warning(
