@@ -270,6 +270,54 @@ def test_every_weight_is_defended_or_reported_with_a_reason(tmp_path, calib, cap
     assert report.integers_ok and report.skipped == [k for k in skipped if k.endswith("_quantized")]
 
 
+@pytest.mark.parametrize("quant_format", ["QDQ", "QOperator"])
+def test_a_weight_on_the_left_of_a_matmul_is_seen_and_reported(tmp_path, caplog, quant_format):
+    """W @ x: onnxruntime quantizes a MatMul's first input when it is an initializer. EFRAP does not learn
+    it, says so, and verify reads it from the file (QDQ or QLinearMatMul) and accounts for it; the
+    ordinary x @ W before it is defended."""
+    from onnxruntime.quantization import QuantFormat
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="right"),
+            helper.make_node("Transpose", ["h"], ["ht"]),
+            helper.make_node("MatMul", ["w2", "ht"], ["y"], name="left"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, "N"])],
+        [
+            numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w1"),
+            numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), "w2"),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    x = rng.standard_normal((128, 16)).astype(np.float32)
+    with caplog.at_level("WARNING"):
+        plan = quantize_static(
+            tmp_path / "m.onnx",
+            tmp_path / "d.onnx",
+            _reader(x, "x"),
+            quant_format=getattr(QuantFormat, quant_format),
+            config=EFRAPConfig(iters=20),
+        )
+    reason = "MatMul left: weight as its first input (W @ x), a form EFRAP does not model; left at nearest rounding"
+    assert list(plan.layers) == ["w1"] and plan.meta["skipped"] == {"w2_quantized": reason}
+    assert reason in caplog.text
+    report = verify(tmp_path / "d.onnx", plan)
+    assert report.integers_ok and report.matching == 1 and report.skipped == ["w2_quantized"]
+    model = onnx.load(str(tmp_path / "d.onnx"))
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros((4, 8), np.int8), "stray"))
+    for node in model.graph.node:  # the left weight read from another initializer: verify sees it
+        for i, name in enumerate(node.input):
+            if name == "w2_quantized":
+                node.input[i] = "stray"
+    onnx.save(model, str(tmp_path / "moved.onnx"))
+    with pytest.raises(PlanMismatchError, match=r"stray"):
+        verify(tmp_path / "moved.onnx", plan)
+
+
 def test_an_unknown_format_and_float8_weights_are_explained(pq8_onnx, calib, tmp_path):
     with pytest.raises(EFRAPError, match=r"quant_format: expected QuantFormat.QDQ or QuantFormat.QOperator"):
         quantize_static(pq8_onnx, tmp_path / "o.onnx", _reader(calib), quant_format="QLinear")

@@ -173,7 +173,9 @@ def defend_qdq(
     meta: dict = {"config": config.to_dict(), "layout": {}, "skipped": skipped}
     if not layers:  # only activations (or nothing) quantized: onnxruntime's own output, unchanged
         log.warning(
-            "no quantized Conv / Gemm / MatMul weight in the model: nothing to defend, output as onnxruntime wrote it"
+            "no quantized Conv / Gemm / MatMul weight EFRAP can learn in the model%s: nothing to defend, output "
+            "as onnxruntime wrote it",
+            f" ({len(skipped)} left as named above)" if skipped else "",
         )
         return RoundingPlan(QuantScheme.onnxruntime(), {}, "onnx", meta)
     available = sum(len(next(iter(b.values()))) for b in batches)

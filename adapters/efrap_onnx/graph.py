@@ -101,6 +101,13 @@ def find_quantized_layers(
     for node in qdq.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
             continue
+        if node.op_type in ("Gemm", "MatMul"):  # a weight on the left, W @ x: quantized all the same
+            left, _ = weight_source(producers.get(node.input[0]), producers, inits)
+            if left is not None:
+                skipped[left] = (
+                    f"{node.op_type} {node.name or node.output[0]}: weight as its first input (W @ x), a form "
+                    "EFRAP does not model; left at nearest rounding"
+                )
         dq = producers.get(node.input[1])
         stored, at_run_time = weight_source(dq, producers, inits)
         if stored is None:

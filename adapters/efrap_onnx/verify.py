@@ -59,15 +59,15 @@ def optimized_op_counts(model_path: str | Path) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in optimized.graph.node))
 
 
-# Where each op reads its quantized weight: QDQ ops read it through a DequantizeLinear at input 1;
-# QOperator ops take the integer initializer directly.
-_QDQ_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-_QOPERATOR_WEIGHT_INPUT = {
-    "QLinearConv": 3,
-    "QLinearMatMul": 3,
-    "QGemm": 3,
-    "ConvInteger": 1,
-    "MatMulInteger": 1,
+# Where each op may read a quantized weight: QDQ ops through a DequantizeLinear (a Gemm / MatMul on either
+# side, W @ x included); QOperator ops take the integer initializer directly.
+_QDQ_WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1)}
+_QOPERATOR_WEIGHT_INPUTS = {
+    "QLinearConv": (3,),
+    "QLinearMatMul": (0, 3),
+    "QGemm": (0, 3),
+    "ConvInteger": (1,),
+    "MatMulInteger": (0, 1),
 }
 
 
@@ -85,21 +85,18 @@ def weight_integers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     producers = {out: n for n in model.graph.node for out in n.output}
     found: dict[str, np.ndarray] = {}
     for node in model.graph.node:
-        if node.op_type in _QDQ_WEIGHT_OPS and len(node.input) > 1:
-            name, at_run_time = weight_source(producers.get(node.input[1]), producers, inits)
-            if at_run_time:
-                q = producers[producers[node.input[1]].input[0]]
-                found[name] = _run_quantize_linear(model, q, inits)
+        for i in _QDQ_WEIGHT_INPUTS.get(node.op_type, ()):
+            if i >= len(node.input):
                 continue
-        elif (
-            node.op_type in _QOPERATOR_WEIGHT_INPUT
-            and len(node.input) > _QOPERATOR_WEIGHT_INPUT[node.op_type]
-        ):
-            name = node.input[_QOPERATOR_WEIGHT_INPUT[node.op_type]]
-        else:
-            continue
-        if name in inits and initializer_array(inits[name]).dtype.kind in "iu":
-            found[name] = initializer_array(inits[name])
+            name, at_run_time = weight_source(producers.get(node.input[i]), producers, inits)
+            if at_run_time:
+                found[name] = _run_quantize_linear(model, producers[producers[node.input[i]].input[0]], inits)
+            elif name is not None and initializer_array(inits[name]).dtype.kind in "iu":
+                found[name] = initializer_array(inits[name])
+        for i in _QOPERATOR_WEIGHT_INPUTS.get(node.op_type, ()):
+            name = node.input[i] if i < len(node.input) else ""
+            if name in inits and initializer_array(inits[name]).dtype.kind in "iu":
+                found[name] = initializer_array(inits[name])
     return found
 
 
