@@ -262,6 +262,7 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
         "disagreement": None if plan.disagreement is None else round(plan.disagreement, 2),
         "strength": {k: v.stats["strength"] for k, v in plan.layers.items() if "strength" in v.stats},
         "skipped": plan.meta.get("skipped", {}),
+        "constants": plan.meta.get("constants", {}),
         "verify": report.to_dict(),
         "crowded_layers": crowded,
     }
@@ -281,6 +282,13 @@ def _say_defended(summary: dict[str, Any], kernels: dict[str, int]) -> None:
             f"budget: {summary['disagreement']:.2f}% of held-out images disagree with the float model's top-1, "
             f"flipping adding at most {summary['budget']:g}% to quantization's own; flipped shares per layer: "
             f"{strengths}"
+        )
+    for name, reason in summary["skipped"].items():
+        print(f"not defended: {name}: {reason}")
+    if summary["constants"]:
+        print(
+            f"{len(summary['constants'])} quantized constants that are no layer's weight (biases added, norm "
+            "scales, tables) keep onnxruntime's rounding (--json lists them)"
         )
     ran = ", ".join(f"{k} x{v}" for k, v in kernels.items()) or "none"
     ok = summary["verify"]["integers_ok"]

@@ -20,6 +20,8 @@ class IntegerReport:
     ``unplanned`` lists quantized layers the artifact holds and the plan does not: a verification that
     cannot account for every quantized layer fails, as does one with no layer at all. ``skipped``: layers
     the plan lists as left at nearest rounding, with a reason (``plan.meta["skipped"]``): accounted for.
+    ``constants``: quantized tensors that are no layer's weight (an Add's bias, a norm's scale, a lookup
+    table), which the plan lists with their readers (``plan.meta["constants"]``): accounted for.
     """
 
     layers: int
@@ -28,6 +30,7 @@ class IntegerReport:
     scale_mismatches: list[str] = field(default_factory=list)
     unplanned: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    constants: list[str] = field(default_factory=list)
     grid_mismatches: dict[str, str] = field(default_factory=dict)
     """Layers whose artifact stores another integer range than the plan's grid (a changed bit width
     or a substituted quantizer), with what each holds."""
@@ -72,10 +75,11 @@ def compare_integers(
     With ``strict`` any difference raises PlanMismatchError naming the layers.
     """
     report = IntegerReport(layers=len(plan.layers), matching=0)
-    listed = plan.meta.get("skipped", {})
+    listed, constants = plan.meta.get("skipped", {}), plan.meta.get("constants", {})
     extra = set(stored) - set(plan.layers)
     report.skipped = sorted(extra & set(listed))
-    report.unplanned = sorted(extra - set(listed))
+    report.constants = sorted(extra & set(constants) - set(listed))
+    report.unplanned = sorted(extra - set(listed) - set(constants))
     for name, lp in plan.layers.items():
         got = stored.get(name)
         if got is None or tuple(got.shape) != tuple(lp.integers.shape):

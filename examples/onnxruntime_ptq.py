@@ -105,6 +105,7 @@ def main() -> int:
         "integers_ok": report.integers_ok,
         "layers": report.layers,
         "skipped": sorted(plan.meta["skipped"]),
+        "constants": len(report.constants),  # biases added, norm scales: read back, no layer's weight
     }
     print(json.dumps(row) if args.json else "\n".join(f"{k:>16}: {v}" for k, v in row.items()))
     return 0 if report.integers_ok else 1

@@ -318,6 +318,46 @@ def test_a_weight_on_the_left_of_a_matmul_is_seen_and_reported(tmp_path, caplog,
         verify(tmp_path / "moved.onnx", plan)
 
 
+@pytest.mark.parametrize("quant_format", ["QDQ", "QOperator"])
+def test_a_quantized_embedding_table_is_accounted_for(tmp_path, quant_format):
+    """onnxruntime quantizes a Gather's table to int8 too. It is no layer's weight that EFRAP learns: the
+    plan lists it with its reader, verify reads it from the file, and a plan that does not list it fails."""
+    import dataclasses
+
+    from onnxruntime.quantization import QuantFormat
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["emb", "ids"], ["e"], name="embed"),
+            helper.make_node("MatMul", ["e", "w"], ["y"], name="proj"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 8])],
+        [
+            numpy_helper.from_array(rng.standard_normal((50, 16)).astype(np.float32), "emb"),
+            numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w"),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    ids = rng.integers(0, 50, (128, 5)).astype(np.int64)
+    plan = quantize_static(
+        tmp_path / "m.onnx",
+        tmp_path / "d.onnx",
+        _reader(ids, "ids"),  # token ids stay int64, as the graph takes them
+        quant_format=getattr(QuantFormat, quant_format),
+        config=EFRAPConfig(iters=20),
+    )
+    assert list(plan.layers) == ["w"] and plan.meta["skipped"] == {}
+    assert plan.meta["constants"] == {"emb_quantized": "read by Gather embed"}
+    report = verify(tmp_path / "d.onnx", plan)
+    assert report.integers_ok and report.constants == ["emb_quantized"]
+    unlisted = dataclasses.replace(plan, meta={**plan.meta, "constants": {}})
+    with pytest.raises(PlanMismatchError, match=r"quantized layers the plan lacks \['emb_quantized'\]"):
+        verify(tmp_path / "d.onnx", unlisted)
+
+
 def test_an_unknown_format_and_float8_weights_are_explained(pq8_onnx, calib, tmp_path):
     with pytest.raises(EFRAPError, match=r"quant_format: expected QuantFormat.QDQ or QuantFormat.QOperator"):
         quantize_static(pq8_onnx, tmp_path / "o.onnx", _reader(calib), quant_format="QLinear")
@@ -476,6 +516,7 @@ def test_onnxruntime_ptq_example_on_a_transformer_encoder():
 
     row = run_example("onnxruntime_ptq.py")
     assert row["integers_ok"] and row["layers"] == 14 and row["skipped"] == []
+    assert row["constants"] > 0  # the Linear biases onnxruntime adds as quantized constants, accounted for
     assert row["efrap_agreement"] >= 97 and row["efrap_acc"] >= row["float_acc"] - 1
 
 

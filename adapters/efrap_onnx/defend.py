@@ -157,9 +157,17 @@ def defend_qdq(
 ) -> RoundingPlan:
     """Replace the weight integers of ``qdq`` (in place) by EFRAP's; return the plan. Each weight's grid
     is the one onnxruntime used (``weight_scheme``); ``plan.meta["grids"]`` holds each layer's range."""
-    layers, skipped = find_quantized_layers(qdq, float_model, include_relu=config.unit == "activation")
+    layers, skipped, constants = find_quantized_layers(
+        qdq, float_model, include_relu=config.unit == "activation"
+    )
     for name, reason in skipped.items():
         log.warning("%s: %s", name, reason)
+    if constants:
+        log.info(
+            "%d quantized constants that are no layer's weight (%s) keep onnxruntime's rounding: plan.meta['constants']",
+            len(constants),
+            ", ".join(constants),
+        )
     for weight in {layer.float_weight for layer in layers}:
         readers = [layer.node for layer in layers if layer.float_weight == weight]
         if len(readers) > 1:  # tied weights: one set of integers, and no joint objective for them yet
@@ -170,7 +178,7 @@ def defend_qdq(
                 len(readers),
                 ", ".join(readers),
             )
-    meta: dict = {"config": config.to_dict(), "layout": {}, "skipped": skipped}
+    meta: dict = {"config": config.to_dict(), "layout": {}, "skipped": skipped, "constants": constants}
     if not layers:  # only activations (or nothing) quantized: onnxruntime's own output, unchanged
         log.warning(
             "no quantized Conv / Gemm / MatMul weight EFRAP can learn in the model%s: nothing to defend, output "

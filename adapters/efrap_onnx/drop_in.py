@@ -55,7 +55,10 @@ class ListDataReader(CalibrationDataReader):
 
     @classmethod
     def from_array(cls, name: str, x: np.ndarray, batch_size: int = 64) -> ListDataReader:
-        return cls.from_arrays({name: np.asarray(x, dtype=np.float32)}, batch_size)
+        """Batches of one input's rows: floating arrays as float32 (numpy's float64 included), integer
+        ones (token ids) as they are."""
+        x = np.asarray(x)
+        return cls.from_arrays({name: x.astype(np.float32) if x.dtype.kind == "f" else x}, batch_size)
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], batch_size: int = 64) -> ListDataReader:

@@ -16,7 +16,15 @@ from efrap_plugin import ModelError, on_device_of
 
 from .model_io import check_onnx, initializer_array, load_onnx, preprocess
 
-__all__ = ["QuantizedLayer", "find_quantized_layers", "folded_weights", "attribute", "weight_source"]
+__all__ = [
+    "NARROW_INTEGERS",
+    "QuantizedLayer",
+    "attribute",
+    "find_quantized_layers",
+    "folded_weights",
+    "quantized_constant",
+    "weight_source",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +87,11 @@ def _relu_after(float_model: onnx.ModelProto, tensor: str) -> str | None:
 
 def find_quantized_layers(
     qdq: onnx.ModelProto, float_model: onnx.ModelProto, include_relu: bool = True
-) -> tuple[list[QuantizedLayer], dict[str, str]]:
-    """Quantized layers in graph order, and the weights left alone with the reason (quantized ones keyed
-    by their quantized initializer, as verify reads them; float ones by node).
+) -> tuple[list[QuantizedLayer], dict[str, str], dict[str, str]]:
+    """Quantized layers in graph order; the weights left alone with the reason (quantized ones keyed
+    by their quantized initializer, as verify reads them; float ones by node); and every other quantized
+    constant (an Add's bias, a norm's scale, a lookup table) with its readers: nothing quantized goes
+    unaccounted for.
 
     With ``include_relu`` a layer followed only by a Relu is preserved at the Relu's output (the
     reference's unit: Conv/Linear + its activation), so errors on negative outputs cost nothing.
@@ -149,7 +159,62 @@ def find_quantized_layers(
                 at_run_time,
             )
         )
-    return layers, skipped
+    constants = _other_quantized_constants(
+        qdq, producers, inits, {layer.quantized for layer in layers} | set(skipped)
+    )
+    return layers, skipped, constants
+
+
+NARROW_INTEGERS = (
+    onnx.TensorProto.INT4,
+    onnx.TensorProto.UINT4,
+    onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8,
+    onnx.TensorProto.INT16,
+    onnx.TensorProto.UINT16,
+)
+"""The types a quantized weight or constant is stored in (int32 is a bias's)."""
+
+
+def quantized_constant(
+    dq: onnx.NodeProto, producers: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto]
+) -> str | None:
+    """The initializer a DequantizeLinear reads if it is a quantized weight or constant (stored in a
+    narrow integer type, or in float and rounded by a QuantizeLinear at run time); None otherwise."""
+    stored, at_run_time = weight_source(dq, producers, inits)
+    if stored is None:
+        return None
+    rounding = producers[dq.input[0]] if at_run_time else None
+    if rounding is not None:
+        zero_point = rounding.input[2] if len(rounding.input) > 2 and rounding.input[2] else ""
+        integer_type = inits[zero_point].data_type if zero_point in inits else onnx.TensorProto.UINT8
+    else:
+        integer_type = inits[stored].data_type
+    return stored if integer_type in NARROW_INTEGERS else None
+
+
+def _other_quantized_constants(
+    qdq: onnx.ModelProto,
+    producers: dict[str, onnx.NodeProto],
+    inits: dict[str, onnx.TensorProto],
+    accounted: set[str],
+) -> dict[str, str]:
+    """Every quantized initializer of the graph not in ``accounted`` (weights learned or skipped), with the
+    nodes that read it."""
+    constants: dict[str, str] = {}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in qdq.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    for node in qdq.graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        stored = quantized_constant(node, producers, inits)
+        if stored is None or stored in accounted:
+            continue
+        users = ", ".join(f"{n.op_type} {n.name or n.output[0]}" for n in readers.get(node.output[0], []))
+        constants[stored] = f"read by {users or 'no node'}"
+    return constants
 
 
 def weight_source(

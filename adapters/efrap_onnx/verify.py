@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 from efrap_plugin import IntegerReport, PlanMismatchError, RoundingPlan, compare_integers
 
-from .graph import weight_source
+from .graph import quantized_constant
 from .model_io import initializer_array, load_onnx
 
 __all__ = ["VerifyReport", "verify", "optimized_op_counts", "quantized_weights", "weight_integers"]
@@ -59,15 +59,15 @@ def optimized_op_counts(model_path: str | Path) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in optimized.graph.node))
 
 
-# Where each op may read a quantized weight: QDQ ops through a DequantizeLinear (a Gemm / MatMul on either
-# side, W @ x included); QOperator ops take the integer initializer directly.
-_QDQ_WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1)}
+# Where a QOperator op may read a quantized weight or table directly (a Gemm / MatMul on either side,
+# W @ x included); in QDQ every DequantizeLinear of a quantized initializer counts.
 _QOPERATOR_WEIGHT_INPUTS = {
     "QLinearConv": (3,),
     "QLinearMatMul": (0, 3),
     "QGemm": (0, 3),
     "ConvInteger": (1,),
     "MatMulInteger": (0, 1),
+    "Gather": (0,),
 }
 
 
@@ -85,14 +85,14 @@ def weight_integers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     producers = {out: n for n in model.graph.node for out in n.output}
     found: dict[str, np.ndarray] = {}
     for node in model.graph.node:
-        for i in _QDQ_WEIGHT_INPUTS.get(node.op_type, ()):
-            if i >= len(node.input):
-                continue
-            name, at_run_time = weight_source(producers.get(node.input[i]), producers, inits)
-            if at_run_time:
-                found[name] = _run_quantize_linear(model, producers[producers[node.input[i]].input[0]], inits)
-            elif name is not None and initializer_array(inits[name]).dtype.kind in "iu":
-                found[name] = initializer_array(inits[name])
+        name = quantized_constant(node, producers, inits) if node.op_type == "DequantizeLinear" else None
+        if name is not None and name not in found:
+            rounding = producers.get(node.input[0])  # a QuantizeLinear of a float initializer, or none
+            found[name] = (
+                initializer_array(inits[name])
+                if rounding is None
+                else _run_quantize_linear(model, rounding, inits)
+            )
         for i in _QOPERATOR_WEIGHT_INPUTS.get(node.op_type, ()):
             name = node.input[i] if i < len(node.input) else ""
             if name in inits and initializer_array(inits[name]).dtype.kind in "iu":
