@@ -569,3 +569,51 @@ def test_a_tensor_with_rows_out_of_the_batchs_proportion_is_gathered_whole():
     summed = run_output(sess, batches, "summed")  # 64 rows per batch: "2 per row" until the 4-row batch
     want = np.concatenate([x[i : i + 32].sum(0) for i in range(0, 100, 32)])
     assert summed.shape == (4 * t, d) and np.allclose(summed.numpy(), want, atol=1e-5)
+
+
+CONV_FORMS = {
+    "same-upper-stride-2": ([1, 2, 7, 7], [4, 2, 3, 3], {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+    "same-lower-even-kernel": ([1, 2, 7, 7], [4, 2, 4, 4], {"auto_pad": "SAME_LOWER", "strides": [2, 2]}),
+    "asymmetric-pads": ([1, 2, 7, 7], [4, 2, 3, 3], {"pads": [0, 1, 2, 0]}),
+    "dilated": ([1, 2, 9, 9], [4, 2, 3, 3], {"pads": [2, 2, 2, 2], "dilations": [2, 2]}),
+    "grouped": ([1, 4, 7, 7], [4, 2, 3, 3], {"pads": [1, 1, 1, 1], "group": 2}),
+    "valid-stride-3": ([1, 2, 8, 8], [4, 2, 2, 2], {"auto_pad": "VALID", "strides": [3, 3]}),
+    "conv1d-same-upper-no-kernel-shape": ([1, 2, 9], [4, 2, 4], {"auto_pad": "SAME_UPPER", "strides": [2]}),
+}
+
+
+@pytest.mark.parametrize("form", list(CONV_FORMS))
+def test_a_conv_layer_is_modelled_as_onnxruntime_computes_it(form, tmp_path):
+    """What EFRAP preserves is the layer's output as onnxruntime computes it: the torch function each Conv
+    form becomes (auto_pad SAME_UPPER / SAME_LOWER / VALID, asymmetric pads, dilations, groups, Conv1d with
+    no kernel_shape) gives onnxruntime's float output on the same input and weights."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    from efrap_onnx.graph import find_quantized_layers
+
+    x_shape, w_shape, attrs = CONV_FORMS[form]
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", **attrs)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape[1:]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    float_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(float_model, str(tmp_path / "f.onnx"))
+    x = rng.standard_normal((16, *x_shape[1:])).astype(np.float32)
+    ort_quantize_static(
+        str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), _reader(x, "x"), weight_type=QuantType.QInt8
+    )
+    layers, skipped, _ = find_quantized_layers(
+        onnx.load(str(tmp_path / "q.onnx")), float_model, include_relu=False
+    )
+    assert [layer.node for layer in layers] == ["conv"] and skipped == {}
+    want = session(tmp_path / "f.onnx").run(None, {"x": x})[0]
+    got = layers[0].forward(torch.from_numpy(x), torch.from_numpy(w)).numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -242,34 +242,43 @@ def _bias(
     return torch.from_numpy(np.array(initializer_array(inits[fnode.input[index]]), dtype=np.float32))
 
 
+def _same_pads(spatial, kernel, strides, dilations, auto_pad: str) -> list[int]:
+    """F.pad's list (last axis first) for ONNX's SAME_UPPER / SAME_LOWER: the output is ceil(input /
+    stride) long, the odd padding element at the end (UPPER) or the start (LOWER)."""
+    out = []
+    for n, k, s, d in reversed(list(zip(spatial, kernel, strides, dilations, strict=True))):
+        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        small, big = total // 2, total - total // 2
+        out += [small, big] if auto_pad == "SAME_UPPER" else [big, small]
+    return out
+
+
 def _forward(node: onnx.NodeProto, fnode: onnx.NodeProto, inits) -> Callable | None:
     """(x, w in [out, ...] layout) -> the node's output; None where the node is outside what we model."""
     if node.op_type == "Conv":
         bias = _bias(fnode, 2, inits)
-        if bias is False or attribute(node, "auto_pad", b"NOTSET") not in (
-            b"NOTSET",
-            "NOTSET",
-            b"VALID",
-            "VALID",
-        ):
+        auto_pad = attribute(node, "auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if bias is False or auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
             return None
-        rank = len(attribute(node, "kernel_shape", [0, 0]) or [0, 0])
+        rank = len(inits[fnode.input[1]].dims) - 2  # kernel_shape is optional: the weight says it
         if rank not in (1, 2):
             return None
         strides = attribute(node, "strides", [1] * rank)
         dilations = attribute(node, "dilations", [1] * rank)
-        pads = attribute(node, "pads", [0] * (2 * rank))
+        pads = attribute(node, "pads", [0] * (2 * rank)) if auto_pad == "NOTSET" else [0] * (2 * rank)
         group = attribute(node, "group", 1)
         conv = F.conv1d if rank == 1 else F.conv2d
         symmetric = list(pads[:rank]) == list(pads[rank:])
         torch_pad = [p for i in reversed(range(rank)) for p in (pads[i], pads[i + rank])]
 
         def run_conv(x, w):
-            if not symmetric:
+            padding: list[int] | int = list(pads[:rank]) if symmetric else 0
+            if auto_pad.startswith("SAME"):
+                x, padding = F.pad(x, _same_pads(x.shape[2:], w.shape[2:], strides, dilations, auto_pad)), 0
+            elif not symmetric:
                 x = F.pad(x, torch_pad)
-            return conv(
-                x, w, on_device_of(bias, x), strides, list(pads[:rank]) if symmetric else 0, dilations, group
-            )
+            return conv(x, w, on_device_of(bias, x), strides, padding, dilations, group)
 
         return run_conv
     if node.op_type == "Gemm":
