@@ -617,3 +617,52 @@ def test_a_conv_layer_is_modelled_as_onnxruntime_computes_it(form, tmp_path):
     got = layers[0].forward(torch.from_numpy(x), torch.from_numpy(w)).numpy()
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "node, x_shape, y_shape, w_shape",
+    [
+        (
+            helper.make_node("MatMul", ["x", "w"], ["y"], name="f"),
+            ["N", 2, 5, 16],
+            ["N", 2, 5, 8],
+            (2, 16, 8),
+        ),
+        (helper.make_node("Gemm", ["x", "w"], ["y"], name="f", transA=1), [16, "N"], ["N", 8], (16, 8)),
+        (
+            helper.make_node("Conv", ["x", "w"], ["y"], name="f", pads=[1] * 6),
+            ["N", 2, 4, 4, 4],
+            ["N", 4, 4, 4, 4],
+            (4, 2, 3, 3, 3),
+        ),
+    ],
+    ids=["matmul-batched-weight", "gemm-trans-a", "conv3d"],
+)
+def test_a_weight_in_a_form_efrap_does_not_model_is_named_not_a_crash(
+    tmp_path, node, x_shape, y_shape, w_shape
+):
+    """Weights onnxruntime quantizes in forms EFRAP has no torch function for (a batched MatMul constant,
+    Gemm with transA, Conv3d): named with the reason and left at nearest rounding, no error from inside
+    torch; with nothing learned, verify refuses to call the file defended."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        [numpy_helper.from_array(rng.standard_normal(w_shape).astype(np.float32), "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    rows = rng.standard_normal((64, *[d for d in x_shape if d != "N"])).astype(np.float32)
+    if x_shape[-1] == "N":  # samples along the last axis
+        rows = rng.standard_normal((x_shape[0], 64)).astype(np.float32)
+        batches = [{"x": rows[:, i : i + 16]} for i in range(0, 64, 16)]
+    else:
+        batches = [{"x": rows[i : i + 16]} for i in range(0, 64, 16)]
+    plan = quantize_static(
+        tmp_path / "m.onnx", tmp_path / "d.onnx", ListDataReader(batches), config=EFRAPConfig(iters=20)
+    )
+    reason = f"{node.op_type} f: a form EFRAP does not model; left at nearest rounding"
+    assert plan.layers == {} and plan.meta["skipped"] == {"w_quantized": reason}
+    with pytest.raises(PlanMismatchError, match=r"the plan holds no layer"):
+        verify(tmp_path / "d.onnx", plan)

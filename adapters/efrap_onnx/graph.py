@@ -295,5 +295,7 @@ def _forward(node: onnx.NodeProto, fnode: onnx.NodeProto, inits) -> Callable | N
 
         return run_gemm
     if node.op_type == "MatMul":
+        if len(inits[fnode.input[1]].dims) != 2:  # a batched (3-D or more) constant: not a Linear
+            return None
         return lambda x, w: x @ w.T
     raise ModelError(f"node {node.name!r}: unexpected op {node.op_type}")
