@@ -5,6 +5,7 @@ flow and hand-built layers. Integers are read back from the QCDQ file Brevitas' 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import brevitas.nn as qnn
@@ -378,3 +379,39 @@ def test_the_core_refuses_a_brevitas_model_instead_of_guessing_its_grid(digits):
         ModelError, match=r"layer 'conv1' is a Brevitas QuantConv2d .* efrap_brevitas.defend_quant_model"
     ):
         defend(model, digits.train.x[:64], "brevitas-int8", FAST, progress=False)
+
+
+class _TokenBlock(nn.Module):
+    """A transformer-style block the way a Brevitas user writes it: QuantMultiheadAttention and a
+    QuantLinear on N x T x D tokens (both exported as weight -> DequantizeLinear -> Transpose -> MatMul)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = qnn.QuantIdentity()
+        self.attn = qnn.QuantMultiheadAttention(16, 2, batch_first=True)
+        self.mlp = qnn.QuantLinear(16, 16, bias=True)
+        self.head = qnn.QuantLinear(16, 4, bias=True)
+
+    def forward(self, x):
+        x = self.inp(x)
+        a, _ = self.attn(x, x, x)
+        return self.head(torch.relu(self.mlp(a)).mean(1))
+
+
+def test_attention_and_token_linears_are_read_back_from_the_qcdq_export(tmp_path):
+    """Every weight of a token model (attention in / out projections, a Linear on 3-D inputs) is defended
+    and read back from the user's QCDQ export; a changed integer in the attention's weights is caught."""
+    torch.manual_seed(0)
+    calib = torch.randn(256, 5, 16)
+    model = calibrated(_TokenBlock().eval(), calib)
+    plan = defend_quant_model(model, calib, FAST, progress=False)
+    assert sorted(plan.layers) == ["attn.in_proj", "attn.out_proj", "head", "mlp"]
+    path = export_qcdq(model, calib[:1], tmp_path / "tokens.onnx")
+    report = verify_qcdq(path, plan, model)
+    assert report.integers_ok and report.matching == 4
+    tampered = {name: lp for name, lp in plan.layers.items()}
+    changed = tampered["attn.in_proj"].integers.clone()
+    changed.view(-1)[0] += 1 if int(changed.view(-1)[0]) < 127 else -1
+    tampered["attn.in_proj"] = dataclasses.replace(tampered["attn.in_proj"], integers=changed)
+    with pytest.raises(PlanMismatchError, match=r"'attn.in_proj': 1\b"):
+        verify_qcdq(path, dataclasses.replace(plan, layers=tampered), model)

@@ -239,6 +239,10 @@ def read_qcdq_weights(path: str | Path, names: list[str] | None = None) -> dict[
         if node.op_type not in _WEIGHT_OPS or len(node.input) < 2:
             continue
         dq = producers.get(node.input[1])
+        if dq is not None and dq.op_type == "Transpose" and node.op_type == "MatMul":
+            dq = producers.get(
+                dq.input[0]
+            )  # a Linear on 3-D inputs (tokens): weight -> DQ -> Transpose -> MatMul
         if dq is None or dq.op_type != "DequantizeLinear":
             continue
         clip = producers.get(dq.input[0])
