@@ -415,3 +415,33 @@ def test_attention_and_token_linears_are_read_back_from_the_qcdq_export(tmp_path
     tampered["attn.in_proj"] = dataclasses.replace(tampered["attn.in_proj"], integers=changed)
     with pytest.raises(PlanMismatchError, match=r"'attn.in_proj': 1\b"):
         verify_qcdq(path, dataclasses.replace(plan, layers=tampered), model)
+
+
+class _Tokens(nn.Module):
+    """Token ids in, an int8 QuantEmbedding table, a QuantLinear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = qnn.QuantEmbedding(50, 16, weight_quant=Int8WeightPerTensorFloat)
+        self.head = qnn.QuantLinear(16, 4, bias=True)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids).mean(1))
+
+
+def test_token_ids_calibrate_and_a_quantized_embedding_is_named_and_read_back(tmp_path):
+    """Integer token ids are calibration data as they are; the QuantEmbedding's int8 table, which EFRAP
+    does not learn, is named with the reason and read back from the export, so verify accounts for it."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (256, 5))
+    model = calibrated(_Tokens().eval(), ids)
+    plan = defend_quant_model(model, ids, FAST, progress=False)
+    assert list(plan.layers) == ["head"]
+    assert plan.meta["skipped"] == {"embed": "QuantEmbedding: not a Conv / Linear layer EFRAP learns"}
+    path = export_qcdq(model, ids[:1], tmp_path / "tokens.onnx")
+    assert sorted(read_qcdq_weights(path, ["head", "embed"])) == ["embed", "head"]
+    report = verify_qcdq(path, plan, model)
+    assert report.integers_ok and report.skipped == ["embed"]
+    unlisted = dataclasses.replace(plan, meta={**plan.meta, "skipped": {}})
+    with pytest.raises(PlanMismatchError, match=r"quantized layers the plan lacks \['embed'\]"):
+        verify_qcdq(path, unlisted)

@@ -138,3 +138,14 @@ def test_labels_outside_the_classes_are_rejected():
         as_labeled((torch.rand(3, 1, 8, 8), np.array([0, 5, 12])), num_classes=10)
     with pytest.raises(DataError, match=r"expected 3 labels \(one per image\)"):
         LabeledData(torch.rand(3, 1, 8, 8), torch.zeros(2, dtype=torch.long), 10)
+
+
+def test_token_ids_are_calibration_inputs_as_they_are():
+    """A model with an embedding takes integer ids: N x T int64 (or int32) pass unchanged, while a 4-D
+    integer batch is still taken for raw images and refused with the fix."""
+    ids = torch.randint(0, 50, (8, 5))
+    out = as_calibration(ids)
+    assert out.dtype == torch.int64 and torch.equal(out, ids)
+    assert as_calibration(ids.numpy().astype(np.int32)).dtype == torch.int32
+    with pytest.raises(DataError, match=r"expected float images scaled to \[0, 1\], got dtype torch.int64"):
+        as_calibration(torch.randint(0, 255, (2, 1, 8, 8)))

@@ -55,7 +55,11 @@ def quant_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]
     wbiol = _quant_wbiol()
     layers, skipped = {}, {}
     for name, module in model.named_modules():
-        if not isinstance(module, wbiol) or not module.weight_quant.is_quant_enabled:
+        quant = getattr(module, "weight_quant", None)
+        if not getattr(quant, "is_quant_enabled", False):
+            continue
+        if not isinstance(module, wbiol):  # QuantEmbedding: a table looked up, no layer output to preserve
+            skipped[name] = f"{type(module).__name__}: not a Conv / Linear layer EFRAP learns"
             continue
         try:
             layer_grid(module, name)

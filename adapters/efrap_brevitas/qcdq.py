@@ -155,7 +155,8 @@ class QCDQWeight:
     qmax: int
 
 
-_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
+"""The ops that read a quantized weight, and the input they read it at (Gather: a QuantEmbedding's table)."""
 
 
 def _scopes(node_name: str) -> list[str]:
@@ -238,7 +239,7 @@ def read_qcdq_weights(path: str | Path, names: list[str] | None = None) -> dict[
     for node in model.graph.node:
         if node.op_type not in _WEIGHT_OPS or len(node.input) < 2:
             continue
-        dq = producers.get(node.input[1])
+        dq = producers.get(node.input[_WEIGHT_OPS[node.op_type]])
         if dq is not None and dq.op_type == "Transpose" and node.op_type == "MatMul":
             dq = producers.get(
                 dq.input[0]
