@@ -64,7 +64,8 @@ def calibration_images(spec: str, n: int) -> np.ndarray:
         x = load_dataset(spec, seed=0).train.x
     else:
         x = as_calibration(Path(spec), n)
-    return np.ascontiguousarray(x[:n].numpy(), dtype=np.float32)
+    x = x[:n].numpy()
+    return np.ascontiguousarray(x if x.dtype.kind in "iu" else x.astype(np.float32))  # token ids stay ints
 
 
 def load_attack_info(path: str | Path) -> dict[str, Any]:

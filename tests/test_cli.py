@@ -306,3 +306,43 @@ def test_defend_takes_a_model_with_two_inputs_from_an_npz_named_by_input(tmp_pat
     error = json.loads(capsys.readouterr().out)["error"]
     assert "lacks ['extra']" in error and "one array per input" in error
     assert (tmp_path / "d.onnx").read_bytes() == before  # refused before anything was written
+
+
+def test_defend_takes_token_ids_and_names_the_quantized_embedding(tmp_path, capsys):
+    """An embedding model fed int64 token ids: `efrap defend` passes the ids as they are (not as float
+    images), defends the Linear, and counts the embedding table onnxruntime quantizes among the constants
+    that keep its rounding."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, ids):
+            return self.head(self.embed(ids).mean(1))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (300, 5))
+    program = torch.onnx.export(
+        Tokens().eval(),
+        (ids[:2],),
+        dynamo=True,
+        input_names=["ids"],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+        verbose=False,
+    )
+    program.save(str(tmp_path / "tokens.onnx"))
+    capsys.readouterr()
+    np.savez(tmp_path / "ids.npz", x=ids.numpy())
+    args = ["defend", str(tmp_path / "tokens.onnx"), "--out", str(tmp_path / "d.onnx"), "--iters", "30"]
+    assert main([*args, "--calib", str(tmp_path / "ids.npz"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["verify"]["integers_ok"] and summary["layers"] == 1 and not summary["skipped"]
+    assert list(summary["constants"]) == ["embed.weight_quantized"]
+    assert summary["verify"]["constants"] == ["embed.weight_quantized"]
+    assert main([*args, "--calib", str(tmp_path / "ids.npz")]) == 0
+    assert "1 quantized constants that are no layer's weight" in capsys.readouterr().out
