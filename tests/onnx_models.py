@@ -49,3 +49,23 @@ def conv_model(
     )
     opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in domains]
     return helper.make_model(graph, opset_imports=opsets, ir_version=10)
+
+
+def graph_model(
+    nodes: list,
+    inputs: dict[str, tuple[int, list]],
+    outputs: dict[str, list],
+    weights: dict[str, tuple[int, ...]],
+    seed: int = 0,
+):
+    """A one-graph opset-17 model: ``inputs`` name -> (element type, shape), ``outputs`` name -> float
+    shape, ``weights`` name -> shape of a standard-normal float32 initializer (seeded)."""
+    rng = np.random.default_rng(seed)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(name, kind, shape) for name, (kind, shape) in inputs.items()],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in outputs.items()],
+        [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import FIXTURES
 from onnx import TensorProto, helper, numpy_helper
-from onnx_models import conv_model
+from onnx_models import conv_model, graph_model
 from onnxruntime.quantization import QuantType
 
 from efrap_onnx import ListDataReader, load_onnx, quantize_static, session, verify
@@ -277,22 +277,18 @@ def test_a_weight_on_the_left_of_a_matmul_is_seen_and_reported(tmp_path, caplog,
     ordinary x @ W before it is defended."""
     from onnxruntime.quantization import QuantFormat
 
-    rng = np.random.default_rng(0)
-    graph = helper.make_graph(
+    model = graph_model(
         [
             helper.make_node("MatMul", ["x", "w1"], ["h"], name="right"),
             helper.make_node("Transpose", ["h"], ["ht"]),
             helper.make_node("MatMul", ["w2", "ht"], ["y"], name="left"),
         ],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, "N"])],
-        [
-            numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w1"),
-            numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), "w2"),
-        ],
+        {"x": (TensorProto.FLOAT, ["N", 16])},
+        {"y": [4, "N"]},
+        {"w1": (16, 8), "w2": (4, 8)},
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(1)
     x = rng.standard_normal((128, 16)).astype(np.float32)
     with caplog.at_level("WARNING"):
         plan = quantize_static(
@@ -326,22 +322,17 @@ def test_a_quantized_embedding_table_is_accounted_for(tmp_path, quant_format):
 
     from onnxruntime.quantization import QuantFormat
 
-    rng = np.random.default_rng(0)
-    graph = helper.make_graph(
+    model = graph_model(
         [
             helper.make_node("Gather", ["emb", "ids"], ["e"], name="embed"),
             helper.make_node("MatMul", ["e", "w"], ["y"], name="proj"),
         ],
-        "g",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 8])],
-        [
-            numpy_helper.from_array(rng.standard_normal((50, 16)).astype(np.float32), "emb"),
-            numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w"),
-        ],
+        {"ids": (TensorProto.INT64, ["N", 5])},
+        {"y": ["N", 5, 8]},
+        {"emb": (50, 16), "w": (16, 8)},
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
-    ids = rng.integers(0, 50, (128, 5)).astype(np.int64)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    ids = np.random.default_rng(1).integers(0, 50, (128, 5)).astype(np.int64)
     plan = quantize_static(
         tmp_path / "m.onnx",
         tmp_path / "d.onnx",
@@ -449,21 +440,18 @@ def test_model_proto_input_and_quantize_with_a_static_quant_config(calib, tmp_pa
 def test_a_weight_two_layers_read_is_defended_once_and_said_so(tmp_path, caplog):
     """Tied weights: one initializer, two MatMuls. The file holds one set of integers, the plan's, and
     the user is told that it was learned for the last reader."""
-    rng = np.random.default_rng(0)
-    graph = helper.make_graph(
+    model = graph_model(
         [
             helper.make_node("MatMul", ["x", "w"], ["h"], name="first"),
             helper.make_node("Relu", ["h"], ["r"]),
             helper.make_node("MatMul", ["r", "w"], ["y"], name="second"),
         ],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
-        [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w")],
+        {"x": (TensorProto.FLOAT, ["N", 16])},
+        {"y": ["N", 16]},
+        {"w": (16, 16)},
     )
-    onnx.save(
-        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "tied.onnx")
-    )
+    onnx.save(model, str(tmp_path / "tied.onnx"))
+    rng = np.random.default_rng(1)
     x = rng.standard_normal((128, 16)).astype(np.float32)
     with caplog.at_level("WARNING"):
         plan = quantize_static(
@@ -644,15 +632,9 @@ def test_a_weight_in_a_form_efrap_does_not_model_is_named_not_a_crash(
     """Weights onnxruntime quantizes in forms EFRAP has no torch function for (a batched MatMul constant,
     Gemm with transA, Conv3d): named with the reason and left at nearest rounding, no error from inside
     torch; with nothing learned, verify refuses to call the file defended."""
-    rng = np.random.default_rng(0)
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
-        [numpy_helper.from_array(rng.standard_normal(w_shape).astype(np.float32), "w")],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    model = graph_model([node], {"x": (TensorProto.FLOAT, x_shape)}, {"y": y_shape}, {"w": w_shape})
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(1)
     rows = rng.standard_normal((64, *[d for d in x_shape if d != "N"])).astype(np.float32)
     if x_shape[-1] == "N":  # samples along the last axis
         rows = rng.standard_normal((x_shape[0], 64)).astype(np.float32)
