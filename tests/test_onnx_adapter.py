@@ -648,3 +648,36 @@ def test_a_weight_in_a_form_efrap_does_not_model_is_named_not_a_crash(
     assert plan.layers == {} and plan.meta["skipped"] == {"w_quantized": reason}
     with pytest.raises(PlanMismatchError, match=r"the plan holds no layer"):
         verify(tmp_path / "d.onnx", plan)
+
+
+def test_per_channel_scales_along_a_matmuls_input_channels_are_named_not_a_crash(tmp_path):
+    """extra_options QDQOpTypePerChannelSupportToAxis {"MatMul": 0}: onnxruntime gives a MatMul weight one
+    scale per input channel. EFRAP's grids are per output channel: the weight is named with the reason and
+    left at nearest rounding (it stopped with a shape error from inside torch); the Gemm beside it is
+    defended and verified."""
+    model = graph_model(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+            helper.make_node("Gemm", ["h", "w2"], ["y"], name="gm", transB=1),
+        ],
+        {"x": (TensorProto.FLOAT, ["N", 16])},
+        {"y": ["N", 4]},
+        {"w": (16, 8), "w2": (4, 8)},
+    )
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(1).standard_normal((128, 16)).astype(np.float32)
+    plan = quantize_static(
+        tmp_path / "m.onnx",
+        tmp_path / "d.onnx",
+        _reader(x, "x"),
+        per_channel=True,
+        extra_options={"QDQOpTypePerChannelSupportToAxis": {"MatMul": 0}},
+        config=EFRAPConfig(iters=20),
+    )
+    assert list(plan.layers) == ["w2"]
+    assert plan.meta["skipped"] == {
+        "w_quantized": "MatMul mm: per-channel scales along axis 0, its input channels; EFRAP learns grids "
+        "per output channel; left at nearest rounding"
+    }
+    report = verify(tmp_path / "d.onnx", plan)
+    assert report.integers_ok and report.skipped == ["w_quantized"]

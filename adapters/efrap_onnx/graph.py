@@ -139,6 +139,13 @@ def find_quantized_layers(
             )
             continue
         transpose = node.op_type == "MatMul" or (node.op_type == "Gemm" and not attribute(node, "transB", 0))
+        axis = _channel_axis(dq, inits, len(inits[stored].dims))
+        if axis is not None and axis != (1 if transpose else 0):
+            skipped[stored] = (
+                f"{node.op_type} {node.name or node.output[0]}: per-channel scales along axis {axis}, its input "
+                "channels; EFRAP learns grids per output channel; left at nearest rounding"
+            )
+            continue
         output = fnode.output[0]
         relu = _relu_after(float_model, output) if include_relu else None
         if relu is not None:
@@ -215,6 +222,14 @@ def _other_quantized_constants(
         users = ", ".join(f"{n.op_type} {n.name or n.output[0]}" for n in readers.get(node.output[0], []))
         constants[stored] = f"read by {users or 'no node'}"
     return constants
+
+
+def _channel_axis(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto], rank: int) -> int | None:
+    """The weight axis a per-channel DequantizeLinear's scales run along (None: one scale)."""
+    scale = inits.get(dq.input[1])
+    if scale is None or int(np.prod(scale.dims)) <= 1:
+        return None
+    return attribute(dq, "axis", 1) % rank
 
 
 def weight_source(
