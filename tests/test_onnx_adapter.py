@@ -681,3 +681,22 @@ def test_per_channel_scales_along_a_matmuls_input_channels_are_named_not_a_crash
     }
     report = verify(tmp_path / "d.onnx", plan)
     assert report.integers_ok and report.skipped == ["w_quantized"]
+
+
+def test_per_channel_8_bit_below_opset_13_is_refused_with_the_fix(calib, tmp_path):
+    """onnxruntime writes per-channel int8 weights below opset 13 as a model that neither the ONNX checker
+    nor onnxruntime loads: refused before any output, with the fix; per tensor the same model is defended."""
+    onnx.save(conv_model(opset=11), str(tmp_path / "old.onnx"))
+    with pytest.raises(
+        ModelError, match=r"needs opset 13 or newer .* the model has opset 11; convert it first"
+    ):
+        _quantize(tmp_path / "old.onnx", tmp_path / "d.onnx", calib[:64], config=EFRAPConfig(iters=20))
+    assert not (tmp_path / "d.onnx").exists()
+    plan = quantize_static(
+        tmp_path / "old.onnx",
+        tmp_path / "d.onnx",
+        _reader(calib[:64]),
+        per_channel=False,
+        config=EFRAPConfig(iters=20),
+    )
+    assert verify(tmp_path / "d.onnx", plan).integers_ok

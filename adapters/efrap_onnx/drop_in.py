@@ -213,6 +213,7 @@ def quantize_static(
         save_onnx(output, model_output, external_data=use_external_data_format)
         return None
     _refuse_float16(float_model)
+    _refuse_per_channel_below_opset_13(float_model, per_channel, weight_type)
     # EFRAP learns on the QDQ graph (each layer's real quantized inputs). A QOperator output is
     # onnxruntime's own QOperator graph: the QDQ graph's weights are first pinned to the grids it stores
     # (same initializer names), and the learned integers are then written into it.
@@ -235,6 +236,21 @@ def quantize_static(
         plan = write_plan(output, plan)
     save_onnx(output, model_output, external_data=use_external_data_format)
     return plan
+
+
+def _refuse_per_channel_below_opset_13(
+    model: onnx.ModelProto, per_channel: bool, weight_type: QuantType
+) -> None:
+    """Per-channel 8-bit weights are a DequantizeLinear with an axis, which ONNX has from opset 13: below
+    it onnxruntime writes a model that neither the checker nor onnxruntime loads (and EFRAP learns on
+    that QDQ graph, whatever the output format)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if per_channel and weight_type in (QuantType.QInt8, QuantType.QUInt8) and opset < 13:
+        raise ModelError(
+            f"model: per_channel=True with 8-bit weights needs opset 13 or newer (a DequantizeLinear with an "
+            f"axis) and the model has opset {opset}; convert it first "
+            "(onnx.version_converter.convert_version(model, 13)) or pass per_channel=False"
+        )
 
 
 def _quantize_stock(
