@@ -215,3 +215,47 @@ def test_an_exported_model_is_pointed_to_the_pt2e_flow(pq_x86, digits):
             ModelError, match=r"an exported graph \(torch.export\).*defend_prepared\(prepare_pt2e"
         ):
             defend(held, digits.train.x[:64], "torchao-x86", FAST, progress=False)
+
+
+class _EagerTokens(nn.Module):
+    """The eager-mode recipe for embeddings: float_qparams_weight_only_qconfig on the table, a quantized
+    Linear behind a QuantStub."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.quant, self.dequant = torch.ao.quantization.QuantStub(), torch.ao.quantization.DeQuantStub()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.dequant(self.fc(self.quant(self.emb(ids).mean(1))))
+
+
+def test_eager_quantized_embedding_is_named_and_read_back_from_the_converted_model():
+    """Token ids calibrate as they are; the Embedding's quantized table (per-channel float qparams) is
+    named with the reason, read back by verify_eager instead of crashing it, and a plan that does not list
+    it fails."""
+    import dataclasses
+
+    from torch.ao.quantization import convert, float_qparams_weight_only_qconfig, get_default_qconfig, prepare
+
+    from efrap_plugin import PlanMismatchError
+    from efrap_torchao import verify_eager
+
+    torch.manual_seed(0)
+    model = _EagerTokens().eval()
+    model.qconfig = get_default_qconfig("x86")
+    model.emb.qconfig = float_qparams_weight_only_qconfig
+    prepared = prepare(model)
+    ids = torch.randint(0, 50, (128, 5))
+    prepared(ids)
+    plan = defend_prepared(prepared, ids, config=EFRAPConfig(iters=20), progress=False)
+    assert list(plan.layers) == ["fc"]
+    assert plan.meta["skipped"] == {
+        "emb": "Embedding: not a Conv / Linear layer EFRAP learns; left at nearest rounding"
+    }
+    converted = convert(prepared)
+    report = verify_eager(converted, plan)
+    assert report.integers_ok and report.skipped == ["emb"]
+    with pytest.raises(PlanMismatchError, match=r"quantized layers the plan lacks \['emb'\]"):
+        verify_eager(converted, dataclasses.replace(plan, meta={**plan.meta, "skipped": {}}))

@@ -41,7 +41,11 @@ def quantized_module_weights(
         if isinstance(w, torch.Tensor) and w.is_quantized:
             key = name.removeprefix(strip_prefix)
             ints[key] = w.int_repr().to(torch.int32)
-            per_channel = w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+            per_channel = w.qscheme() in (
+                torch.per_channel_affine,
+                torch.per_channel_symmetric,
+                torch.per_channel_affine_float_qparams,  # quantized Embedding tables
+            )
             scale = w.q_per_channel_scales() if per_channel else torch.tensor([w.q_scale()])
             scales[key] = scale.to(torch.float32)
     return ints, scales

@@ -265,6 +265,11 @@ def _module_layers(model: nn.Module, relu_units: bool) -> tuple[list[_Layer], di
         if isinstance(inner, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
             skipped[name] = "ConvTranspose (channels on axis 1): left at nearest rounding"
             continue
+        if isinstance(inner, (nn.Embedding, nn.EmbeddingBag)):  # float_qparams_weight_only_qconfig's tables
+            skipped[name] = (
+                f"{type(inner).__name__}: not a Conv / Linear layer EFRAP learns; left at nearest rounding"
+            )
+            continue
         if not isinstance(inner, (nn.Conv1d, nn.Conv2d, nn.Linear)) or type(inner).__module__.startswith(
             "torch.ao.nn.quantized"
         ):
