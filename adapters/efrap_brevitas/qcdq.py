@@ -241,9 +241,8 @@ def read_qcdq_weights(path: str | Path, names: list[str] | None = None) -> dict[
             continue
         dq = producers.get(node.input[_WEIGHT_OPS[node.op_type]])
         if dq is not None and dq.op_type == "Transpose" and node.op_type == "MatMul":
-            dq = producers.get(
-                dq.input[0]
-            )  # a Linear on 3-D inputs (tokens): weight -> DQ -> Transpose -> MatMul
+            # a Linear on 3-D inputs (tokens): weight -> DequantizeLinear -> Transpose -> MatMul
+            dq = producers.get(dq.input[0])
         if dq is None or dq.op_type != "DequantizeLinear":
             continue
         clip = producers.get(dq.input[0])

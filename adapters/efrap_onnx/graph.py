@@ -17,7 +17,6 @@ from efrap_plugin import ModelError, on_device_of
 from .model_io import check_onnx, initializer_array, load_onnx, preprocess
 
 __all__ = [
-    "NARROW_INTEGERS",
     "QuantizedLayer",
     "attribute",
     "find_quantized_layers",

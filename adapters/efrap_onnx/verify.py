@@ -72,15 +72,16 @@ _QOPERATOR_WEIGHT_INPUTS = {
 
 
 def quantized_weights(model: onnx.ModelProto) -> list[str]:
-    """Names of every weight initializer the graph's Conv / Gemm / MatMul ops read as integers, QDQ or
-    QOperator: stored as integers, or in float and rounded by a QuantizeLinear at run time."""
+    """Names of every quantized initializer of the graph, QDQ or QOperator: the weights its Conv / Gemm /
+    MatMul ops read as integers (stored as integers, or in float and rounded by a QuantizeLinear at run
+    time), and in QDQ the other quantized constants (an embedding table, a bias an Add adds)."""
     return list(weight_integers(model))
 
 
 def weight_integers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """The integers each quantized weight of the graph holds, by initializer name: read from an integer
-    initializer, or, for a float weight a QuantizeLinear rounds at run time, computed by onnxruntime's
-    own QuantizeLinear on the stored float values."""
+    """The integers each quantized initializer of the graph holds (``quantized_weights``), by name: read
+    from an integer initializer, or, for a float one a QuantizeLinear rounds at run time, computed by
+    onnxruntime's own QuantizeLinear on the stored float values."""
     inits = {t.name: t for t in model.graph.initializer}
     producers = {out: n for n in model.graph.node for out in n.output}
     found: dict[str, np.ndarray] = {}
