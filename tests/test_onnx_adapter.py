@@ -700,3 +700,32 @@ def test_per_channel_8_bit_below_opset_13_is_refused_with_the_fix(calib, tmp_pat
         config=EFRAPConfig(iters=20),
     )
     assert verify(tmp_path / "d.onnx", plan).integers_ok
+
+
+def test_a_weight_from_a_constant_node_is_named_read_back_and_defended_after_pre_processing(calib, tmp_path):
+    """Some exporters write a weight as a Constant node: onnxruntime's quantize_static then rounds it like
+    an activation, per tensor at run time. The drop-in names it with the fix instead of calling it float,
+    verify reads its run-time integers, and after quant_pre_process (quantize_images) it is a weight that
+    EFRAP defends."""
+    from efrap_onnx import quantize_images
+
+    w = np.random.default_rng(0).standard_normal((4, 4, 3, 3)).astype(np.float32)
+    model = graph_model(
+        [
+            helper.make_node("Conv", ["input", "w1"], ["c"], name="first", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("Constant", [], ["w2"], value=numpy_helper.from_array(w, "w2_value")),
+            helper.make_node("Conv", ["r", "w2"], ["y"], name="second", pads=[1, 1, 1, 1]),
+        ],
+        {"input": (TensorProto.FLOAT, ["N", 1, 8, 8])},
+        {"y": ["N", 4, 8, 8]},
+        {"w1": (4, 1, 3, 3)},
+    )
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    plan = _quantize(tmp_path / "m.onnx", tmp_path / "d.onnx", calib[:64], config=EFRAPConfig(iters=20))
+    assert list(plan.layers) == ["w1"] and list(plan.meta["skipped"]) == ["w2"]
+    assert "comes from a Constant node" in plan.meta["skipped"]["w2"]
+    report = verify(tmp_path / "d.onnx", plan)
+    assert report.integers_ok and report.skipped == ["w2"]
+    pre = quantize_images(tmp_path / "m.onnx", tmp_path / "p.onnx", calib[:64], config=EFRAPConfig(iters=20))
+    assert sorted(pre.layers) == ["w1", "w2"] and verify(tmp_path / "p.onnx", pre).integers_ok

@@ -19,6 +19,7 @@ from .model_io import check_onnx, initializer_array, load_onnx, preprocess
 __all__ = [
     "QuantizedLayer",
     "attribute",
+    "constant_node_weight",
     "find_quantized_layers",
     "folded_weights",
     "quantized_constant",
@@ -119,6 +120,14 @@ def find_quantized_layers(
                 )
         dq = producers.get(node.input[1])
         stored, at_run_time = weight_source(dq, producers, inits)
+        from_node = constant_node_weight(dq, producers)
+        if from_node is not None:  # keyed like verify reads it: the Constant's output
+            skipped[from_node] = (
+                f"{node.op_type} {node.name or node.output[0]}: its weight comes from a Constant node, which "
+                "onnxruntime quantizes like an activation (per tensor, at run time); make it an initializer "
+                "(quant_pre_process does) to have it quantized as a weight and defended"
+            )
+            continue
         if stored is None:
             if node.op_type in ("Conv", "ConvTranspose") or node.input[1] in float_inits:
                 skipped[node.name or node.output[0]] = "not quantized by onnxruntime: stays in float"
@@ -229,6 +238,18 @@ def _channel_axis(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto], rank: 
     if scale is None or int(np.prod(scale.dims)) <= 1:
         return None
     return attribute(dq, "axis", 1) % rank
+
+
+def constant_node_weight(dq: onnx.NodeProto | None, producers: dict[str, onnx.NodeProto]) -> str | None:
+    """The output of a Constant node that a QuantizeLinear rounds at run time into this DequantizeLinear
+    (a weight some exporters write as a node, not an initializer); None otherwise."""
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    q = producers.get(dq.input[0])
+    if q is None or q.op_type != "QuantizeLinear":
+        return None
+    source = producers.get(q.input[0])
+    return q.input[0] if source is not None and source.op_type == "Constant" else None
 
 
 def weight_source(

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 from efrap_plugin import IntegerReport, PlanMismatchError, RoundingPlan, compare_integers
 
-from .graph import quantized_constant
+from .graph import constant_node_weight, quantized_constant
 from .model_io import initializer_array, load_onnx
 
 __all__ = ["VerifyReport", "verify", "optimized_op_counts", "quantized_weights", "weight_integers"]
@@ -86,6 +86,10 @@ def weight_integers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     producers = {out: n for n in model.graph.node for out in n.output}
     found: dict[str, np.ndarray] = {}
     for node in model.graph.node:
+        from_node = constant_node_weight(node, producers) if node.op_type == "DequantizeLinear" else None
+        if from_node is not None:  # a Constant node's tensor, rounded at run time
+            found[from_node] = _run_quantize_linear(model, producers[node.input[0]], inits, producers)
+            continue
         name = quantized_constant(node, producers, inits) if node.op_type == "DequantizeLinear" else None
         if name is not None and name not in found:
             rounding = producers.get(node.input[0])  # a QuantizeLinear of a float initializer, or none
@@ -102,16 +106,21 @@ def weight_integers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def _run_quantize_linear(
-    model: onnx.ModelProto, q: onnx.NodeProto, inits: dict[str, onnx.TensorProto]
+    model: onnx.ModelProto,
+    q: onnx.NodeProto,
+    inits: dict[str, onnx.TensorProto],
+    producers: dict[str, onnx.NodeProto] | None = None,
 ) -> np.ndarray:
-    """One QuantizeLinear of ``model``, run alone by onnxruntime on the initializers it reads."""
+    """One QuantizeLinear of ``model``, run alone by onnxruntime on the initializers (or Constant nodes)
+    it reads."""
     out_type = inits[q.input[2]].data_type if len(q.input) > 2 and q.input[2] else TensorProto.UINT8
+    constants = [producers[n] for n in q.input if n and n not in inits and producers and n in producers]
     graph = helper.make_graph(
-        [q],
+        [*constants, q],
         "quantize_linear",
         [],
         [helper.make_tensor_value_info(q.output[0], out_type, None)],
-        [inits[name] for name in q.input if name],
+        [inits[name] for name in q.input if name in inits],
     )
     alone = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     sess = ort.InferenceSession(alone.SerializeToString(), providers=["CPUExecutionProvider"])
