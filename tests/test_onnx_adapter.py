@@ -729,3 +729,32 @@ def test_a_weight_from_a_constant_node_is_named_read_back_and_defended_after_pre
     assert report.integers_ok and report.skipped == ["w2"]
     pre = quantize_images(tmp_path / "m.onnx", tmp_path / "p.onnx", calib[:64], config=EFRAPConfig(iters=20))
     assert sorted(pre.layers) == ["w1", "w2"] and verify(tmp_path / "p.onnx", pre).integers_ok
+
+
+def test_the_torch_recipe_defends_a_token_model_and_exports_it_proven(tmp_path):
+    """defend(model, token_ids, scheme="onnxruntime") then export_defended: ids calibrate as they are, the
+    Linear is defended, and the exported file is proven with its embedding table counted as a constant
+    that keeps onnxruntime's rounding."""
+    from torch import nn
+
+    from efrap_onnx import export_defended
+    from efrap_plugin import defend
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, ids):
+            return self.head(self.embed(ids).mean(1))
+
+    torch.manual_seed(0)
+    model, ids = Tokens().eval(), torch.randint(0, 50, (128, 5))
+    plan = defend(model, ids, scheme="onnxruntime", config=EFRAPConfig(iters=20), progress=False)
+    assert list(plan.layers) == ["head"]
+    keyed, report = export_defended(model, plan, ids, tmp_path / "d.onnx")
+    assert report.integers_ok and report.matching == 1
+    assert (
+        report.constants == ["embed.weight_quantized"] and list(keyed.meta["constants"]) == report.constants
+    )

@@ -16,6 +16,7 @@ import torch
 from efrap_plugin import EFRAPError, PlanMismatchError, RoundingPlan, as_calibration, fingerprint
 
 from .drop_in import quantize_images
+from .graph import find_quantized_layers
 from .model_io import initializer_array, save_onnx
 from .verify import VerifyReport, verify
 
@@ -82,7 +83,9 @@ def onnx_plan(
             "transpose": transpose,
             "node": name,
         }
-    return RoundingPlan(plan.scheme, layers, "onnx", {**plan.meta, "layout": layout})
+    # quantized tensors that are no layer's weight (an embedding table, say) keep onnxruntime's rounding
+    constants = find_quantized_layers(qdq, float_onnx)[2]
+    return RoundingPlan(plan.scheme, layers, "onnx", {**plan.meta, "layout": layout, "constants": constants})
 
 
 def export_defended(
