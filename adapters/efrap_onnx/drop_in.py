@@ -205,11 +205,11 @@ def quantize_static(
     session(float_model)  # onnxruntime can run the user's model, or a clear error before any work
     batches = _collect(calibration_data_reader, float_model)
     start = time.perf_counter()
-    options = (op_types_to_quantize, per_channel, reduce_range, activation_type, weight_type)
-    options += (nodes_to_quantize, nodes_to_exclude, use_external_data_format, calibrate_method)
-    options += (calibration_providers, extra_options)
+    common = (op_types_to_quantize, per_channel, reduce_range, activation_type, weight_type)
+    common += (nodes_to_quantize, nodes_to_exclude, use_external_data_format, calibrate_method)
+    common += (calibration_providers,)  # quantize_static's positional arguments, all but extra_options
     if not efrap:  # onnxruntime's stock flow, as it is
-        output = _quantize_stock(float_model, batches, quant_format, *options)
+        output = _quantize_stock(float_model, batches, quant_format, *common, extra_options)
         save_onnx(output, model_output, external_data=use_external_data_format)
         return None
     _refuse_float16(float_model)
@@ -221,10 +221,10 @@ def quantize_static(
     qdq_extra = extra_options
     if quant_format == QuantFormat.QOperator and extra_options:
         qdq_extra = {k: v for k, v in extra_options.items() if k != "AddQDQPairToWeight"}
-    qdq = _quantize_stock(float_model, batches, QuantFormat.QDQ, *options[:-1], qdq_extra)
+    qdq = _quantize_stock(float_model, batches, QuantFormat.QDQ, *common, qdq_extra)
     output = qdq
     if quant_format == QuantFormat.QOperator:
-        output = _quantize_stock(float_model, batches, QuantFormat.QOperator, *options)
+        output = _quantize_stock(float_model, batches, QuantFormat.QOperator, *common, extra_options)
         pin_weight_grids(qdq, output)
     extra = extra_options or {}
     weights = WeightOptions(
