@@ -259,3 +259,36 @@ def test_eager_quantized_embedding_is_named_and_read_back_from_the_converted_mod
     assert report.integers_ok and report.skipped == ["emb"]
     with pytest.raises(PlanMismatchError, match=r"quantized layers the plan lacks \['emb'\]"):
         verify_eager(converted, dataclasses.replace(plan, meta={**plan.meta, "skipped": {}}))
+
+
+def test_a_module_called_twice_is_defended_once_and_said_so(caplog):
+    """PT2E of a model that calls one Linear twice (tied weights): the converted model holds one set of
+    integers, the plan's, and the user is told it was learned for the last call."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.out(self.fc(torch.relu(self.fc(x))))
+
+    torch.manual_seed(0)
+    x = torch.randn(128, 16)
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    exported = torch.export.export(
+        Twice().eval(), (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
+    ).module()
+    prepared = prepare_pt2e(exported, quantizer)
+    prepared(x)
+    with caplog.at_level("WARNING"):
+        plan = defend_prepared(prepared, x, config=EFRAPConfig(iters=20), progress=False)
+    assert "fc: one weight read by 2 layers" in caplog.text
+    assert sorted(plan.layers) == ["fc", "out"]
+    report = verify_pt2e(convert_pt2e(prepared), plan)
+    assert report.integers_ok and report.matching == 2
