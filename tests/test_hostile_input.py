@@ -588,3 +588,19 @@ def test_fuzz_plan_loader_raises_only_model_errors(tmp_path, plan_bytes, edits, 
         RoundingPlan.load(path)
     except EFRAPError:
         pass
+
+
+def test_an_initializer_whose_bytes_do_not_match_its_shape_is_a_model_error(tmp_path):
+    """The ONNX checker lets a tensor through whose bytes overfill its declared shape (the fuzz test found
+    one): the loader names it instead of raising numpy's reshape error."""
+    from efrap_onnx import load_onnx
+
+    model = conv_model()
+    weight = model.graph.initializer[0]
+    del weight.dims[:]
+    weight.dims.extend([1, 3, 3])  # 9 values declared, 36 stored
+    onnx.save(model, str(tmp_path / "short.onnx"))
+    with pytest.raises(
+        ModelError, match=r"initializer 'w' does not hold the data its type and shape declare"
+    ):
+        load_onnx(tmp_path / "short.onnx")

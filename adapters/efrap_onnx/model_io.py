@@ -219,7 +219,15 @@ def preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def initializer_array(tensor: onnx.TensorProto) -> np.ndarray:
-    arr = numpy_helper.to_array(tensor)
+    """An initializer's values (int4 widened to int8); a tensor whose bytes do not fill its declared
+    shape, which the ONNX checker lets through, is a ModelError naming it."""
+    try:
+        arr = numpy_helper.to_array(tensor)
+    except (ValueError, TypeError) as exc:
+        raise ModelError(
+            f"model: initializer {tensor.name!r} does not hold the data its type and shape declare ({exc}); "
+            "the file is damaged"
+        ) from None
     if arr.dtype.name in ("int4", "uint4"):
         arr = arr.astype(np.int8 if arr.dtype.name == "int4" else np.uint8)
     return arr
