@@ -79,3 +79,15 @@ def pq8_onnx(pq8_dir):
 @pytest.fixture(scope="session")
 def calib(digits):
     return np.ascontiguousarray(digits.train.x[:1024].numpy())
+
+
+class TokenClassifier(torch.nn.Module):
+    """Token ids in (N x T int64): an Embedding, mean over tokens, a Linear head."""
+
+    def __init__(self, vocab: int = 50, width: int = 16, classes: int = 4) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.head = torch.nn.Linear(width, classes)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids).mean(1))

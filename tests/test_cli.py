@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TokenClassifier
 
 from efrap_cli import main
 from efrap_plugin import EFRAPConfig
@@ -314,21 +315,11 @@ def test_defend_takes_token_ids_and_names_the_quantized_embedding(tmp_path, caps
     that keep its rounding."""
     import numpy as np
     import torch
-    from torch import nn
-
-    class Tokens(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Embedding(50, 16)
-            self.head = nn.Linear(16, 4)
-
-        def forward(self, ids):
-            return self.head(self.embed(ids).mean(1))
 
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (300, 5))
     program = torch.onnx.export(
-        Tokens().eval(),
+        TokenClassifier().eval(),
         (ids[:2],),
         dynamo=True,
         input_names=["ids"],

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import FIXTURES
+from conftest import FIXTURES, TokenClassifier
 from onnx import TensorProto, helper, numpy_helper
 from onnx_models import conv_model, graph_model
 from onnxruntime.quantization import QuantType
@@ -735,22 +735,12 @@ def test_the_torch_recipe_defends_a_token_model_and_exports_it_proven(tmp_path):
     """defend(model, token_ids, scheme="onnxruntime") then export_defended: ids calibrate as they are, the
     Linear is defended, and the exported file is proven with its embedding table counted as a constant
     that keeps onnxruntime's rounding."""
-    from torch import nn
 
     from efrap_onnx import export_defended
     from efrap_plugin import defend
 
-    class Tokens(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Embedding(50, 16)
-            self.head = nn.Linear(16, 4)
-
-        def forward(self, ids):
-            return self.head(self.embed(ids).mean(1))
-
     torch.manual_seed(0)
-    model, ids = Tokens().eval(), torch.randint(0, 50, (128, 5))
+    model, ids = TokenClassifier().eval(), torch.randint(0, 50, (128, 5))
     plan = defend(model, ids, scheme="onnxruntime", config=EFRAPConfig(iters=20), progress=False)
     assert list(plan.layers) == ["head"]
     keyed, report = export_defended(model, plan, ids, tmp_path / "d.onnx")
