@@ -64,8 +64,7 @@ def calibration_images(spec: str, n: int) -> np.ndarray:
         x = load_dataset(spec, seed=0).train.x
     else:
         x = as_calibration(Path(spec), n)
-    x = x[:n].numpy()
-    return np.ascontiguousarray(x if x.dtype.kind in "iu" else x.astype(np.float32))  # token ids stay ints
+    return np.ascontiguousarray(x[:n].numpy())  # float32, or token ids as they are (as_calibration)
 
 
 def load_attack_info(path: str | Path) -> dict[str, Any]:

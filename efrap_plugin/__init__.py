@@ -42,7 +42,7 @@ from .files import atomic_write, check_writable, read_safetensors, safetensors_s
 from .held_out import MIN_HOLDOUT, HeldOut, inputs_needed, split_calibration, split_sizes
 from .layer_inputs import LAYER_INPUTS, LayerInputs, check_layer_inputs, mix_layer_inputs, pick_layer_inputs
 from .layers import execution_order, fingerprint, on_device_of, prepare_model, quantizable_layers, relu_after
-from .loop import defend_layers
+from .loop import defend_layers, warn_tied_weights
 from .models import DigitsCNN, ResNet, TokenEncoder, build_model, resnet8, resnet20
 from .objective import learnable_bounds, truncation_error
 from .plan import LayerPlan, RoundingPlan, grid_record, snap_integers, snap_weight
@@ -150,5 +150,6 @@ __all__ = [
     "resolve_device",
     "train",
     "truncation_error",
+    "warn_tied_weights",
     "__version__",
 ]

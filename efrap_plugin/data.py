@@ -293,16 +293,14 @@ def _to_images(x: Any, what: str, images: bool = True) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, torch.Tensor):
         raise DataError(f"{what}: expected a tensor or numpy array, got {type(x).__name__}")
-    if not images and x.dtype in (torch.int32, torch.int64) and x.dim() <= 3:  # token ids, as they are
-        # (N x T, N x K x T; a 4-D integer batch is raw images and gets the error below)
-        _check_images(x, what, images)
-        return x
-    if not torch.is_floating_point(x):
+    # token ids (N x T, N x K x T) stay as they are; a 4-D integer batch is raw images, refused below
+    token_ids = not images and x.dtype in (torch.int32, torch.int64) and x.dim() <= 3
+    if not token_ids and not torch.is_floating_point(x):
         raise DataError(
             f"{what}: expected float images scaled to [0, 1], got dtype {x.dtype}; divide by 255 and cast to float32"
         )
     _check_images(x, what, images)
-    return x.to(torch.float32)
+    return x if token_ids else x.to(torch.float32)
 
 
 def _check_images(x: torch.Tensor, what: str, images: bool = True) -> None:

@@ -22,7 +22,7 @@ from .rounding import LayerProblem, LayerResult, learn_rounding, path_steps, rou
 from .threads import threads_for
 from .training import resolve_device
 
-__all__ = ["defend_layers"]
+__all__ = ["defend_layers", "warn_tied_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +137,21 @@ def _strongest_within(
         chosen = (result, disagreement)
     path.close()
     return chosen[0], chosen[1], chosen[1] - weakest
+
+
+def warn_tied_weights(uses: Iterable[tuple[str, str]]) -> None:
+    """Warn of every weight that several layers read (tied weights), from (weight, reader) pairs in the
+    order the loop meets them: its problem comes up once per reader, and the last one's integers stay
+    (there is no joint objective over its readers)."""
+    readers: dict[str, list[str]] = {}
+    for weight, reader in uses:
+        readers.setdefault(weight, []).append(reader)
+    for weight, names in readers.items():
+        if len(names) > 1:
+            log.warning(
+                "%s: one weight read by %d layers (%s); its rounding is learned at each in turn and the "
+                "last one's is kept",
+                weight,
+                len(names),
+                ", ".join(names),
+            )

@@ -24,9 +24,10 @@ from efrap_plugin import (
     defend_layers,
     grid_record,
     split_sizes,
+    warn_tied_weights,
 )
 
-from .graph import QuantizedLayer, find_quantized_layers
+from .graph import INTEGER_BITS, QuantizedLayer, find_quantized_layers, zero_point_type
 from .model_io import initializer_array
 from .runtime import run_output, session
 
@@ -66,16 +67,6 @@ def _held_out(
     )
 
 
-_BITS = {
-    TensorProto.INT4: 4,
-    TensorProto.UINT4: 4,
-    TensorProto.INT8: 8,
-    TensorProto.UINT8: 8,
-    TensorProto.INT16: 16,
-    TensorProto.UINT16: 16,
-}
-
-
 @dataclass(frozen=True)
 class WeightOptions:
     """The quantize_static arguments that decide a weight's integer range, as onnxruntime reads them."""
@@ -92,7 +83,7 @@ def weight_scheme(
     symmetry rules of onnxruntime's own get_qmin_qmax_for_qType, per-tensor overrides included."""
     from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
-    if data_type not in _BITS:
+    if data_type not in INTEGER_BITS:
         raise EFRAPError(
             f"{where}: weights stored as {TensorProto.DataType.Name(data_type)}; EFRAP learns integer grids "
             "(QInt4 / QUInt4 / QInt8 / QUInt8 / QInt16 / QUInt16 weight_type)"
@@ -104,7 +95,7 @@ def weight_scheme(
         symmetric = data_type in (TensorProto.INT4, TensorProto.INT8, TensorProto.INT16)
     qmin, qmax = (int(v) for v in get_qmin_qmax_for_qType(data_type, reduce_range, bool(symmetric)))
     rule = "absmax" if symmetric and qmin < 0 else "minmax"
-    return QuantScheme("onnxruntime", _BITS[data_type], qmin, qmax, per_channel, rule, "float64")
+    return QuantScheme("onnxruntime", INTEGER_BITS[data_type], qmin, qmax, per_channel, rule, "float64")
 
 
 def _problems(
@@ -168,16 +159,7 @@ def defend_qdq(
             len(constants),
             ", ".join(constants),
         )
-    for weight in {layer.float_weight for layer in layers}:
-        readers = [layer.node for layer in layers if layer.float_weight == weight]
-        if len(readers) > 1:  # tied weights: one set of integers, and no joint objective for them yet
-            log.warning(
-                "%s: one weight read by %d layers (%s); its rounding is learned at each in turn and the "
-                "last one's is kept",
-                weight,
-                len(readers),
-                ", ".join(readers),
-            )
+    warn_tied_weights((layer.float_weight, layer.node) for layer in layers)
     meta: dict = {"config": config.to_dict(), "layout": {}, "skipped": skipped, "constants": constants}
     if not layers:  # only activations (or nothing) quantized: onnxruntime's own output, unchanged
         log.warning(
@@ -264,7 +246,7 @@ def _integer_type(layer: QuantizedLayer, inits: dict[str, onnx.TensorProto]) -> 
     QuantizeLinear rounds at run time, its zero point's (uint8 without one, as ONNX defines)."""
     if not layer.rounded_at_run_time:
         return inits[layer.quantized].data_type
-    return inits[layer.zero_point].data_type if layer.zero_point else TensorProto.UINT8
+    return zero_point_type(layer.zero_point, inits)
 
 
 def _write_float_grid(

@@ -17,6 +17,7 @@ from efrap_plugin import ModelError, on_device_of
 from .model_io import check_onnx, initializer_array, load_onnx, preprocess
 
 __all__ = [
+    "INTEGER_BITS",
     "QuantizedLayer",
     "attribute",
     "constant_node_weight",
@@ -24,6 +25,7 @@ __all__ = [
     "folded_weights",
     "quantized_constant",
     "weight_source",
+    "zero_point_type",
 ]
 
 log = logging.getLogger(__name__)
@@ -180,15 +182,21 @@ def find_quantized_layers(
     return layers, skipped, constants
 
 
-NARROW_INTEGERS = (
-    onnx.TensorProto.INT4,
-    onnx.TensorProto.UINT4,
-    onnx.TensorProto.INT8,
-    onnx.TensorProto.UINT8,
-    onnx.TensorProto.INT16,
-    onnx.TensorProto.UINT16,
-)
-"""The types a quantized weight or constant is stored in (int32 is a bias's)."""
+INTEGER_BITS = {
+    onnx.TensorProto.INT4: 4,
+    onnx.TensorProto.UINT4: 4,
+    onnx.TensorProto.INT8: 8,
+    onnx.TensorProto.UINT8: 8,
+    onnx.TensorProto.INT16: 16,
+    onnx.TensorProto.UINT16: 16,
+}
+"""The integer types a quantized weight or constant is stored in (int32 is a bias's), and their bits."""
+
+
+def zero_point_type(zero_point: str, inits: dict[str, onnx.TensorProto]) -> int:
+    """The integer type a QuantizeLinear / DequantizeLinear with this zero point writes / reads (uint8
+    without one, as ONNX defines)."""
+    return inits[zero_point].data_type if zero_point in inits else onnx.TensorProto.UINT8
 
 
 def quantized_constant(
@@ -199,13 +207,12 @@ def quantized_constant(
     stored, at_run_time = weight_source(dq, producers, inits)
     if stored is None:
         return None
-    rounding = producers[dq.input[0]] if at_run_time else None
-    if rounding is not None:
-        zero_point = rounding.input[2] if len(rounding.input) > 2 and rounding.input[2] else ""
-        integer_type = inits[zero_point].data_type if zero_point in inits else onnx.TensorProto.UINT8
+    if at_run_time:
+        rounding = producers[dq.input[0]]
+        integer_type = zero_point_type(rounding.input[2] if len(rounding.input) > 2 else "", inits)
     else:
         integer_type = inits[stored].data_type
-    return stored if integer_type in NARROW_INTEGERS else None
+    return stored if integer_type in INTEGER_BITS else None
 
 
 def _other_quantized_constants(

@@ -12,11 +12,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnx import TensorProto, helper
+from onnx import helper
 
 from efrap_plugin import IntegerReport, PlanMismatchError, RoundingPlan, compare_integers
 
-from .graph import constant_node_weight, quantized_constant
+from .graph import constant_node_weight, quantized_constant, zero_point_type
 from .model_io import initializer_array, load_onnx
 
 __all__ = ["VerifyReport", "verify", "optimized_op_counts", "quantized_weights", "weight_integers"]
@@ -96,12 +96,13 @@ def weight_integers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             found[name] = (
                 initializer_array(inits[name])
                 if rounding is None
-                else _run_quantize_linear(model, rounding, inits)
+                else _run_quantize_linear(model, rounding, inits, producers)
             )
         for i in _QOPERATOR_WEIGHT_INPUTS.get(node.op_type, ()):
             name = node.input[i] if i < len(node.input) else ""
-            if name in inits and initializer_array(inits[name]).dtype.kind in "iu":
-                found[name] = initializer_array(inits[name])
+            held = initializer_array(inits[name]) if name in inits else None
+            if held is not None and held.dtype.kind in "iu":
+                found[name] = held
     return found
 
 
@@ -109,14 +110,13 @@ def _run_quantize_linear(
     model: onnx.ModelProto,
     q: onnx.NodeProto,
     inits: dict[str, onnx.TensorProto],
-    producers: dict[str, onnx.NodeProto] | None = None,
+    producers: dict[str, onnx.NodeProto],
 ) -> np.ndarray:
     """One QuantizeLinear of ``model``, run alone by onnxruntime on the initializers (or Constant nodes)
     it reads."""
-    out_type = inits[q.input[2]].data_type if len(q.input) > 2 and q.input[2] else TensorProto.UINT8
-    constants = [producers[n] for n in q.input if n and n not in inits and producers and n in producers]
+    out_type = zero_point_type(q.input[2] if len(q.input) > 2 else "", inits)
     graph = helper.make_graph(
-        [*constants, q],
+        [*(producers[n] for n in q.input if n and n not in inits), q],
         "quantize_linear",
         [],
         [helper.make_tensor_value_info(q.output[0], out_type, None)],

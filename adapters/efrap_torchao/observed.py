@@ -45,6 +45,7 @@ from efrap_plugin import (
     pick_layer_inputs,
     snap_integers,
     split_calibration,
+    warn_tied_weights,
 )
 
 from .graph_run import GraphRun
@@ -429,15 +430,8 @@ def defend_prepared(
         )
     for name, reason in skipped.items():
         log.warning("%s: %s", name, reason)
-    for name in {layer.name for layer in layers}:
-        uses = sum(layer.name == name for layer in layers)
-        if uses > 1:  # a module called more than once (tied weights): one set of integers
-            log.warning(
-                "%s: one weight read by %d layers; its rounding is learned at each in turn and the last one's "
-                "is kept",
-                name,
-                uses,
-            )
+    # a module called more than once (tied weights): PT2E names each call by its graph node
+    warn_tied_weights((layer.name, layer.nodes[1] if layer.nodes else layer.name) for layer in layers)
     calib, held = split_calibration(calib, config)
     # the float model: the prepared model's structure, its tensors shared (install puts new Parameters
     # into ``prepared`` and nothing writes to a tensor in place), not a second copy of every weight
