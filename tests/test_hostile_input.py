@@ -591,8 +591,9 @@ def test_fuzz_plan_loader_raises_only_model_errors(tmp_path, plan_bytes, edits, 
 
 
 def test_an_initializer_whose_bytes_do_not_match_its_shape_is_a_model_error(tmp_path):
-    """The ONNX checker lets a tensor through whose bytes overfill its declared shape (the fuzz test found
-    one): the loader names it instead of raising numpy's reshape error."""
+    """The ONNX checker lets a tensor through whose bytes overfill its declared shape, or whose element
+    type onnx does not know (the fuzz test found both): the loader names it instead of raising numpy's
+    reshape error or onnx's KeyError."""
     from efrap_onnx import load_onnx
 
     model = conv_model()
@@ -604,3 +605,10 @@ def test_an_initializer_whose_bytes_do_not_match_its_shape_is_a_model_error(tmp_
         ModelError, match=r"initializer 'w' does not hold the data its type and shape declare"
     ):
         load_onnx(tmp_path / "short.onnx")
+    model = conv_model()
+    model.graph.initializer[0].data_type = 29  # an element type onnx has no numpy type for (fuzz-found)
+    onnx.save(model, str(tmp_path / "unknown.onnx"))
+    with pytest.raises(
+        ModelError, match=r"initializer 'w' does not hold the data its type and shape declare"
+    ):
+        load_onnx(tmp_path / "unknown.onnx")

@@ -220,10 +220,11 @@ def preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def initializer_array(tensor: onnx.TensorProto) -> np.ndarray:
     """An initializer's values (int4 widened to int8); a tensor whose bytes do not fill its declared
-    shape, which the ONNX checker lets through, is a ModelError naming it."""
+    shape, or whose element type onnx does not know, which the ONNX checker lets through, is a ModelError
+    naming it."""
     try:
         arr = numpy_helper.to_array(tensor)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, KeyError) as exc:
         raise ModelError(
             f"model: initializer {tensor.name!r} does not hold the data its type and shape declare ({exc}); "
             "the file is damaged"
