@@ -1,20 +1,22 @@
-"""Budget mode against the fixed default, the reference objective at 1,000 steps and preserve-only, on
-every digits attack x bits x attack-seed cell whose attack fires, in onnxruntime; with ``--study
-early-stop``, the early stop's settings (``patience``, ``settle``) against every layer's full 1,000 steps;
-with ``--study steps``, fixed step counts per layer under three seeds of the batch sampling: how far the
-outcome moves with the steps taken, against how far it moves with the seed alone; with ``--study
-strength``, a stronger flip weight and longer runs under the same seeds: whether a fixed default
-stronger or longer than today's would lower the asr without losing accuracy; with ``--study ladder``,
-budget mode with its ladder topped above the default 0.5 (``EFRAPConfig.max_strength``); with ``--study
-uniform``, one strength for every layer (budget mode under a budget it cannot spend), to measure a global
-choice of strength against budget mode's per-layer one, and what the best choice a cell allows is when the
-test labels and the trigger pick it among the run's settings (the oracle: no rule choosing among those
-settings without labels or trigger can do better on this run); with ``--study seeds``, the fixed default
-and budget mode (at the default top and at 0.8) under three seeds of the batch sampling: how far each
-one's outcome moves with the seed alone.
+"""Budget mode against the fixed default, the reference objective at 1,000 steps and preserve-only, on every
+digits attack x bits x attack-seed cell whose attack fires, in onnxruntime; with ``--study early-stop``,
+the early stop's settings (``patience``, ``settle``) against every layer's full 1,000 steps (``--study
+early-stop-seeds``: two of them under three seeds of the batch sampling, each stopped run paired with the
+full run of its seed); with ``--study steps``, fixed step counts per layer under three seeds of the batch
+sampling: how far the outcome moves with the steps taken, against how far it moves with the seed alone;
+with ``--study strength``, a stronger flip weight and longer runs under the same seeds: whether a fixed
+default stronger or longer than today's would lower the asr without losing accuracy; with ``--study
+ladder``, budget mode with its ladder topped above the default 0.5 (``EFRAPConfig.max_strength``); with
+``--study uniform``, one strength for every layer (budget mode under a budget it cannot spend), to
+measure a global choice of strength against budget mode's per-layer one, and what the best choice a cell
+allows is when the test labels and the trigger pick it among the run's settings (the oracle: no rule
+choosing among those settings without labels or trigger can do better on this run); with ``--study
+seeds``, the fixed default and budget mode (at the default top and at 0.8) under three seeds of the batch
+sampling: how far each one's outcome moves with the seed alone.
 
     python benchmarks/budget.py --out benchmarks/results [--budgets 0.5,1,2] [--attack-seeds 3] [--procs 2]
     python benchmarks/budget.py --study early-stop --out benchmarks/results
+    python benchmarks/budget.py --study early-stop-seeds --out benchmarks/results
     python benchmarks/budget.py --study steps --out benchmarks/results
     python benchmarks/budget.py --study strength --out benchmarks/results
     python benchmarks/budget.py --study ladder --out benchmarks/results [--budgets 0.5,1]
@@ -51,6 +53,8 @@ HELD_OUT = 256
 
 EARLY_STOPS = ((100, 0.005), (100, 0.01), (100, 0.02), (100, 0.03), (50, 0.01))
 """--study early-stop: (patience, settle) pairs measured against the full 1,000 steps."""
+EARLY_STOPS_SEEDED = ((100, 0.02), (100, 0.03))
+"""--study early-stop-seeds: the early stops that cut the steps 2x on one seed, each under STEP_SEEDS."""
 STEPS = (250, 500, 1000, 2000)
 """--study steps: steps per layer, each under STEP_SEEDS."""
 STEP_SEEDS = (1005, 1006, 1007)
@@ -66,6 +70,7 @@ SEEDS_TOP = 0.8
 BASELINES = {
     "budget": "fixed-flip-weight-1",
     "early-stop": "full-1000",
+    "early-stop-seeds": "full-1000-seed-1005",
     "steps": "steps-1000-seed-1005",
     "strength": "flip-weight-1-steps-1000-seed-1005",
     "ladder": "default",
@@ -111,6 +116,14 @@ def settings(budgets: list[float], study: str = "budget") -> dict[str, EFRAPConf
             candidates[f"budget-{b:g}-top-{UNIFORM_STRENGTHS[-1]:g}"] = EFRAPConfig(
                 budget=b, max_strength=UNIFORM_STRENGTHS[-1]
             )
+    elif study == "early-stop-seeds":
+        candidates = {}
+        for seed in STEP_SEEDS:
+            candidates[f"full-1000-seed-{seed}"] = EFRAPConfig(budget=None, patience=0, seed=seed)
+            for patience, settle in EARLY_STOPS_SEEDED:
+                candidates[f"patience-{patience}-settle-{100 * settle:g}%-seed-{seed}"] = EFRAPConfig(
+                    budget=None, patience=patience, settle=settle, seed=seed
+                )
     elif study == "seeds":
         candidates = {}
         for seed in STEP_SEEDS:
@@ -280,9 +293,18 @@ def pooled(rows: list[dict], study: str) -> list[dict]:
     smallest over the seeds of one cell), averaged over the cells: the noise a setting must beat."""
     seedless = re.compile(r"-seed-\d+$")
 
-    def group(r: dict) -> str:
-        return seedless.sub("", BASELINES[study] if r["setting"] == "default" else r["setting"])
+    def named(r: dict) -> str:
+        return BASELINES[study] if r["setting"] == "default" else r["setting"]
 
+    def group(r: dict) -> str:
+        return seedless.sub("", named(r))
+
+    def seed(r: dict) -> str:
+        found = seedless.search(named(r))
+        return found.group() if found else ""
+
+    base = group({"setting": "default"})
+    ref = {(_cell_of(r), seed(r)): r for r in rows if group(r) == base}
     out = []
     for name in dict.fromkeys(group(r) for r in rows):
         mine = [r for r in rows if group(r) == name]
@@ -301,10 +323,28 @@ def pooled(rows: list[dict], study: str) -> list[dict]:
                 "max_acc_drop": round(max(drops), 2),
                 "mean_seed_spread_asr": round(_seed_spread(cells, "efrap_asr"), 2),
                 "mean_seed_spread_acc": round(_seed_spread(cells, "efrap_acc"), 2),
+                **_paired(mine, lambda r: ref.get((_cell_of(r), seed(r))), base),
                 "seconds": round(sum(r["seconds"] for r in mine), 1),
             }
         )
     return out
+
+
+def _paired(rows: list[dict], partner, base: str) -> dict:
+    """Steps, and the mean and largest asr / accuracy change, against the baseline's run on the same cell
+    under the same sampling seed (the pairs the seed spread is the noise of); empty without partners."""
+    pairs = [(r, partner(r)) for r in rows if partner(r) is not None]
+    if not pairs:
+        return {}
+    asr = [r["efrap_asr"] - b["efrap_asr"] for r, b in pairs]
+    acc = [r["efrap_acc"] - b["efrap_acc"] for r, b in pairs]
+    return {
+        f"steps_vs_{base}": round(sum(r["steps"] for r, _ in pairs) / sum(b["steps"] for _, b in pairs), 3),
+        f"mean_asr_change_vs_{base}": round(statistics.mean(asr), 2),
+        f"mean_acc_change_vs_{base}": round(statistics.mean(acc), 2),
+        f"max_asr_change_vs_{base}": round(max(map(abs, asr)), 2),
+        f"max_acc_change_vs_{base}": round(max(map(abs, acc)), 2),
+    }
 
 
 def _seed_spread(cells: dict[tuple, list[dict]], key: str) -> float:
@@ -430,7 +470,7 @@ def main() -> int:
         )
     write_table(out, name, rows, note)
     write_table(out, f"{name}-summary", summary(rows, args.study), note)
-    if args.study in ("steps", "strength", "seeds"):
+    if args.study in ("steps", "strength", "seeds", "early-stop-seeds"):
         write_table(out, f"{name}-pooled", pooled(rows, args.study), note)
     if args.study == "budget":
         plot(rows, budgets, out / f"{name}.png")
