@@ -227,8 +227,8 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
     if plan_path is not None:
         check_writable(plan_path, "--plan")
     config = _config(args)
-    model = onnx_adapter.load_onnx(src)  # parsed once: the scan and the defense take it loaded
-    calib = calibration_inputs(args.calib, inputs_needed(config), onnx_adapter.input_names(model))
+    model = onnx_adapter.prepare(src)  # read, checked, pre-processed once: the scan and the defense take it
+    calib = calibration_inputs(args.calib, inputs_needed(config), onnx_adapter.input_names(model.model))
     # the float model's scan, read before anything is written
     crowded = crowded_layers(
         scan_weights(

@@ -173,9 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("torch", "onnxscript", "onnx_ir", "torch.onnx", "onnxruntime", "matplotlib", "root"):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_below_error_from_root)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=[handler])
+    for noisy in ("torch", "onnxscript", "onnx_ir", "torch.onnx", "onnxruntime", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _below_error_from_root(record: logging.LogRecord) -> bool:
+    """Drops what libraries log through the root logger itself below ERROR (onnxruntime's quantizer calls
+    logging.warning): the root logger's level must stay the user's, or no library warning shows."""
+    return record.name != "root" or record.levelno >= logging.ERROR
 
 
 class _Terminated(BaseException):

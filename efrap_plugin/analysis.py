@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .errors import ModelError
 from .objective import truncation_error
 from .schemes import QuantScheme
 
@@ -60,6 +61,11 @@ def scan_weights(weights: Mapping[str, torch.Tensor], scheme: QuantScheme) -> li
     """Truncation-error statistics of each weight tensor (output channels on axis 0) on ``scheme``."""
     rows = []
     for name, w in weights.items():
+        if w.numel() == 0:
+            raise ModelError(
+                f"weight {name!r}: shape {tuple(w.shape)} has no elements, so there is nothing to quantize; "
+                "fix the layer's shape or remove it"
+            )
         w = w.detach().to(torch.float32)
         scale, zp = scheme.qparams(w)
         s = scale.reshape([-1] + [1] * (w.dim() - 1)) if scale.numel() > 1 else scale.reshape([1] * w.dim())

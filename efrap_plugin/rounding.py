@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import EFRAPConfig
-from .errors import EFRAPError
+from .errors import EFRAPError, ModelError
 from .objective import PROBE_ROWS, Objective, beta_schedule, init_logits
 from .schemes import QuantScheme
 from .training import resolve_device
@@ -64,6 +64,12 @@ class LayerProblem:
             raise EFRAPError(
                 f"layer {self.name!r}: expected as many cached inputs as targets (> 0), "
                 f"got {self.inputs.shape[0]} and {self.targets.shape[0]}"
+            )
+        if self.weight.numel() == 0 or self.targets[0].numel() == 0:
+            raise ModelError(
+                f"layer {self.name!r}: its weight {tuple(self.weight.shape)} or its output per input "
+                f"{tuple(self.targets.shape[1:])} has no elements, so there is nothing to round; fix the "
+                "layer's shape or remove it"
             )
         if self.scale is None or self.zero_point is None:
             self.scale, self.zero_point = self.scheme.qparams(self.weight)

@@ -316,12 +316,10 @@ def test_an_opset_too_old_to_quantize(work, capsys):
     _refused(work, capsys, "uses ai.onnx opset 9; quantization needs opset >= 10")
 
 
-def test_custom_domain_ops_are_refused_and_leave_nothing_in_the_working_folder(work, calib):
-    custom = (helper.make_node("Mystery", ["r"], ["r2"], domain="my.ops"),)
-    onnx.save(conv_model(extra_nodes=custom, domains=("my.ops",)), str(work / "conv.onnx"))
-    cwd = work / "cwd"
-    cwd.mkdir()
-    out = subprocess.run(
+def _defend_process(work: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """`efrap defend` on work's model in a process of its own, run from ``cwd``: what a user's terminal
+    shows, with no test harness catching log records on the way."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -339,6 +337,14 @@ def test_custom_domain_ops_are_refused_and_leave_nothing_in_the_working_folder(w
         cwd=cwd,
         timeout=300,
     )
+
+
+def test_custom_domain_ops_are_refused_and_leave_nothing_in_the_working_folder(work, calib):
+    custom = (helper.make_node("Mystery", ["r"], ["r2"], domain="my.ops"),)
+    onnx.save(conv_model(extra_nodes=custom, domains=("my.ops",)), str(work / "conv.onnx"))
+    cwd = work / "cwd"
+    cwd.mkdir()
+    out = _defend_process(work, cwd)
     assert out.returncode == 1 and "uses ops of custom domains ['my.ops']" in out.stderr
     assert "Traceback" not in out.stderr and list(cwd.iterdir()) == [] and not (work / "d.onnx").exists()
 
@@ -348,6 +354,55 @@ def test_a_model_with_a_fixed_batch_of_one_is_defended(work, capsys):
     assert _defend(work, "--out", str(work / "d.onnx"), "--json") == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["layers"] == 1 and summary["verify"]["integers_ok"]
+
+
+def test_an_input_declaring_a_zero_dimension_is_refused(work, capsys):
+    onnx.save(conv_model(batch=0), str(work / "conv.onnx"))
+    _refused(work, capsys, "model: input 'input' declares a dimension of size 0 ([0, 1, 8, 8])")
+
+
+def test_a_weight_with_no_elements_is_refused(work, capsys):
+    """Found by fuzzing `efrap defend`: a 0 x 1 x 3 x 3 conv weight (padded, so onnxruntime quantizes
+    it) reached the scan's reshape."""
+    model = conv_model(weight=np.zeros((0, 1, 3, 3), np.float32))
+    model.graph.node[0].attribute.append(helper.make_attribute("pads", [5, 5, 5, 5]))
+    onnx.save(model, str(work / "conv.onnx"))
+    _refused(work, capsys, "weight 'w': shape (0, 1, 3, 3) has no elements, so there is nothing to quantize")
+
+
+def test_an_input_whose_rank_does_not_fit_its_conv_names_the_node(work, capsys):
+    """onnxruntime's pre-processing fails with an AssertionError and no message; ONNX's strict shape
+    inference says which node and why."""
+    model = conv_model()
+    del model.graph.input[0].type.tensor_type.shape.dim[-1]  # N x 1 x 8 for a 2-D conv
+    onnx.save(model, str(work / "conv.onnx"))
+    _refused(
+        work,
+        capsys,
+        "cannot prepare it (AssertionError, no message); ONNX shape inference finds (op_type:Conv, node "
+        "name: conv): [ShapeInferenceError] Number of spatial dimensions in the weight tensor (2) does not "
+        "match the number of spatial dimensions in the input tensor (1)",
+    )
+
+
+def test_a_failed_pre_processing_optimisation_is_one_line_not_a_traceback(work):
+    """quant_pre_process logs the whole traceback of its failed graph optimisation at ERROR and goes on (an
+    int64 input to a Conv): that becomes one warning line, shown once (the model is pre-processed once
+    for the scan and the defense; the CLI's logging let no library warning through before), and
+    onnxruntime's refusal of the model is the error."""
+    model = conv_model()
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.INT64
+    onnx.save(model, str(work / "conv.onnx"))
+    before = _snapshot(work)
+    out = _defend_process(work, work)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and "Model Optimization Failed" not in out.stderr
+    assert (
+        out.stderr.count("WARNING efrap_onnx.model_io: onnxruntime's quant_pre_process could not optimise")
+        == 1
+    )
+    assert "Type 'tensor(int64)' of input parameter (input) of operator (Conv)" in out.stderr
+    assert _snapshot(work) == before
 
 
 def test_a_plan_with_bad_json_or_a_missing_tensor(defended_conv, tmp_path):

@@ -4,12 +4,13 @@ from .defend import defend_qdq
 from .drop_in import ListDataReader, quantize, quantize_images, quantize_static
 from .export import export_defended, export_float_onnx, onnx_plan
 from .graph import folded_weights
-from .model_io import check_onnx, input_names, load_onnx, save_onnx
+from .model_io import Prepared, check_onnx, input_names, load_onnx, prepare, save_onnx
 from .runtime import session
 from .verify import VerifyReport, optimized_op_counts, quantized_weights, verify, weight_integers
 
 __all__ = [
     "ListDataReader",
+    "Prepared",
     "VerifyReport",
     "check_onnx",
     "defend_qdq",
@@ -20,6 +21,7 @@ __all__ = [
     "load_onnx",
     "onnx_plan",
     "optimized_op_counts",
+    "prepare",
     "quantize",
     "quantize_images",
     "quantize_static",

@@ -14,7 +14,6 @@ import logging
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from efrap_plugin import (
 )
 
 from .defend import WeightOptions, defend_qdq, pin_weight_grids, write_plan
-from .model_io import check_onnx, input_names, load_onnx, preprocess, save_onnx
+from .model_io import Prepared, check_onnx, input_names, load_onnx, prepare, save_onnx
 from .runtime import session
 
 __all__ = ["quantize", "quantize_static", "quantize_images", "ListDataReader"]
@@ -83,13 +82,6 @@ class ListDataReader(CalibrationDataReader):
         self._it = iter(self.batches[start_index:end_index])
 
 
-@dataclass(frozen=True)
-class _Checked:
-    """A model load_onnx has already read and checked: quantize_static takes it without a second pass."""
-
-    model: onnx.ModelProto
-
-
 def _collect(reader: Any, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
     if reader is None:
         raise DataError(
@@ -107,6 +99,12 @@ def _collect(reader: Any, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]
     inputs = [i for i in model.graph.input if i.name not in inits]
     for inp in inputs:
         dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
+        if 0 in dims:
+            raise ModelError(
+                f"model: input {inp.name!r} declares a dimension of size 0 "
+                f"({['N' if d is None else d for d in dims]}), which no input fits; re-export it with that "
+                "dimension dynamic or of the size the model takes"
+            )
         for batch in batches:
             if inp.name not in batch:
                 raise DataError(
@@ -165,7 +163,7 @@ def _check_weight_type(weight_type: Any) -> None:
 
 
 def quantize_static(
-    model_input: str | Path | onnx.ModelProto,
+    model_input: str | Path | onnx.ModelProto | Prepared,
     model_output: str | Path,
     calibration_data_reader: CalibrationDataReader | None = None,
     quant_format: QuantFormat = QuantFormat.QDQ,
@@ -188,7 +186,8 @@ def quantize_static(
     """onnxruntime's quantize_static, same arguments, with EFRAP rounding of the quantized weights.
 
     Returns the RoundingPlan (None with ``efrap=False``, the stock flow). The output is written
-    atomically: a failure leaves no partial file.
+    atomically: a failure leaves no partial file. ``model_input`` may also be ``prepare``'s result: read,
+    checked and pre-processed already.
     """
     if quant_format not in (QuantFormat.QDQ, QuantFormat.QOperator):
         raise EFRAPError(
@@ -196,7 +195,7 @@ def quantize_static(
         )
     _check_weight_type(weight_type)
     config = config or EFRAPConfig()
-    if isinstance(model_input, _Checked):  # quantize_images loaded and checked it already
+    if isinstance(model_input, Prepared):  # read, checked and pre-processed already
         float_model = model_input.model
     elif isinstance(model_input, onnx.ModelProto):  # as onnxruntime takes it; the caller's copy stays as is
         float_model = check_onnx(onnx.ModelProto.FromString(model_input.SerializeToString()), "model_input")
@@ -311,7 +310,7 @@ def quantize(
 
 
 def quantize_images(
-    model_input: str | Path | onnx.ModelProto,
+    model_input: str | Path | onnx.ModelProto | Prepared,
     model_output: str | Path,
     images: np.ndarray | Mapping[str, np.ndarray],
     bits: int = 8,
@@ -325,14 +324,14 @@ def quantize_images(
     uint8 activations, QInt8 or QInt4 weights, calibration images fed to the graph's single input (or,
     for a model with several inputs, a dict of arrays named as its inputs).
     ``efrap=False`` is onnxruntime's stock flow. A loaded ``onnx.ModelProto`` is checked, not parsed again,
-    and left as it was."""
+    and left as it was; a prepared one (``prepare``, which a caller that also scans the model's
+    ``folded_weights`` does once for both) goes straight to quantization."""
     weight_types = {8: QuantType.QInt8, 4: QuantType.QInt4}
     if bits not in weight_types:
         raise EFRAPError(f"bits: onnxruntime quantizes weights to 8 (QInt8) or 4 (QInt4) bits, got {bits}")
-    loaded = isinstance(model_input, onnx.ModelProto)
-    where = "model_input" if loaded else model_input
-    model = check_onnx(model_input, where) if loaded else load_onnx(model_input)
-    names = input_names(model)
+    where = "model_input" if isinstance(model_input, (onnx.ModelProto, Prepared)) else model_input
+    prepared = model_input if isinstance(model_input, Prepared) else prepare(model_input, where)
+    names = input_names(prepared.model)
     if isinstance(images, Mapping):
         if sorted(images) != sorted(names):
             raise DataError(
@@ -348,7 +347,7 @@ def quantize_images(
     else:
         reader = ListDataReader.from_array(names[0], images)
     return quantize_static(
-        _Checked(preprocess(model)),
+        prepared,
         model_output,
         reader,
         per_channel=per_channel,

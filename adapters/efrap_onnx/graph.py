@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from efrap_plugin import ModelError, on_device_of
 
-from .model_io import check_onnx, initializer_array, load_onnx, preprocess
+from .model_io import Prepared, initializer_array, prepare
 
 __all__ = [
     "INTEGER_BITS",
@@ -58,10 +58,11 @@ class QuantizedLayer:
     rounded_at_run_time: bool = False
 
 
-def folded_weights(model: str | Path | onnx.ModelProto) -> dict[str, torch.Tensor]:
+def folded_weights(model: str | Path | onnx.ModelProto | Prepared) -> dict[str, torch.Tensor]:
     """Conv / Gemm / MatMul weights (output channels on axis 0) as quantize_static sees them: after
-    quant_pre_process has folded BatchNorm. A loaded model is checked, not parsed again."""
-    pre = preprocess(check_onnx(model, "model") if isinstance(model, onnx.ModelProto) else load_onnx(model))
+    quant_pre_process has folded BatchNorm. A loaded model is checked, not parsed again; a prepared one
+    (``prepare``) is read as it is."""
+    pre = (model if isinstance(model, Prepared) else prepare(model)).model
     inits = _initializers(pre)
     weights = {}
     for node in pre.graph.node:

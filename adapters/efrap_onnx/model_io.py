@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,8 @@ __all__ = [
     "save_onnx",
     "initializer_array",
     "preprocess",
+    "prepare",
+    "Prepared",
     "MAX_TENSOR_BYTES",
     "MIN_OPSET",
 ]
@@ -197,25 +200,85 @@ def preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
     and its litter removed; ``model`` itself is left as it was.
 
     When symbolic shape inference fails it saves ``sym_shape_infer_temp.onnx`` and a data file into the
-    working folder; those are removed here, as they are not the user's.
+    working folder; those are removed here, as they are not the user's. When its graph optimisation
+    fails it logs the whole traceback and goes on: that becomes one warning line here.
     """
     litter = Path("sym_shape_infer_temp.onnx")
     before = set(Path.cwd().iterdir()) if not litter.exists() else None
     try:
-        with tempfile.TemporaryDirectory(prefix="efrap-onnx-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="efrap-onnx-") as tmp, _PreProcessLog() as messages:
             src, out = Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx"
             onnx.save(model, str(src))
             quant_pre_process(str(src), str(out))
-            return onnx.load(str(out))
+            pre = onnx.load(str(out))
+        if messages:
+            log.warning(
+                "onnxruntime's quant_pre_process could not optimise the model (%s); it went on without "
+                "folding BatchNorm",
+                messages[-1],
+            )
+        return pre
     except Exception as exc:
+        cause = f"{type(exc).__name__}: {exc}" if str(exc).strip() else f"{type(exc).__name__}, no message"
+        found = shape_error(model)
         raise ModelError(
-            f"model: onnxruntime's quant_pre_process cannot prepare it ({type(exc).__name__}: {exc})"
+            f"model: onnxruntime's quant_pre_process cannot prepare it ({cause})"
+            + (f"; ONNX shape inference finds {found}" if found else "")
         ) from None
     finally:
         if before is not None:
             for leftover in set(Path.cwd().iterdir()) - before:
                 if leftover.name.startswith("sym_shape_infer_temp") or leftover.suffix == ".data":
                     leftover.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A float model read, checked and through quant_pre_process once (``prepare``): folded_weights,
+    quantize_images and quantize_static take it as it is, without a second check or pre-processing."""
+
+    model: onnx.ModelProto
+
+
+def prepare(model: str | Path | onnx.ModelProto, where: str | Path | None = None) -> Prepared:
+    """``model`` (a path, or a loaded model, which is left as it was) read and checked, then
+    pre-processed; ``where`` names an in-memory model in errors."""
+    if isinstance(model, onnx.ModelProto):
+        return Prepared(preprocess(check_onnx(model, where or "model")))
+    return Prepared(preprocess(load_onnx(model)))
+
+
+def shape_error(model: onnx.ModelProto) -> str:
+    """ONNX's strict shape inference on ``model``: its first complaint (it names the node), or ''."""
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return first.removeprefix("[ShapeInferenceError] Inference error(s): ")
+    return ""
+
+
+class _PreProcessLog(logging.Filter):
+    """Holds back what quant_pre_process logs at ERROR (a failed optimisation's traceback, which it
+    recovers from), keeping each record's last line."""
+
+    _logger = logging.getLogger("onnxruntime.quantization.shape_inference")
+
+    def __enter__(self) -> list[str]:
+        self.messages: list[str] = []
+        self._logger.addFilter(self)
+        return self.messages
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        lines = record.getMessage().strip().splitlines()
+        if len(lines) > 1:  # the traceback; its one-line summary (no traceback) passes silently too
+            self.messages.append(lines[-1])
+        return False
 
 
 def initializer_array(tensor: onnx.TensorProto) -> np.ndarray:
