@@ -156,6 +156,13 @@ def test_learn_rounding_rejects_nan_weights():
         )
 
 
+def test_a_layer_with_no_weights_or_no_outputs_is_refused():
+    scheme = QuantScheme.onnxruntime(8)
+    for weight, targets in ((torch.rand(0, 2), torch.rand(3, 0)), (torch.rand(1, 2), torch.rand(3, 0))):
+        with pytest.raises(ModelError, match=r"layer 'fc': its weight \(\d, 2\) or its output per input"):
+            LayerProblem("fc", weight, scheme, lambda x, w: x @ w.T, torch.rand(3, 2), targets)
+
+
 def test_learn_rounding_flips_toward_the_targets_when_only_flipping():
     torch.manual_seed(0)
     w = torch.randn(4, 16)
