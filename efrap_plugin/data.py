@@ -288,9 +288,9 @@ def _to_inputs(x: Any, what: str) -> torch.Tensor:
 
 def _to_images(x: Any, what: str, images: bool = True) -> torch.Tensor:
     if isinstance(x, np.ndarray):
-        if x.dtype == object:
-            raise DataError(f"{what}: expected a numeric array, got dtype object")
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        if x.dtype.kind not in "biufc":  # strings, bytes, records, dates, Python objects
+            raise DataError(f"{what}: expected a numeric array, got dtype {x.dtype}")
+        x = torch.from_numpy(np.ascontiguousarray(x)).reshape(x.shape)  # a 0-d array stays 0-d
     if not isinstance(x, torch.Tensor):
         raise DataError(f"{what}: expected a tensor or numpy array, got {type(x).__name__}")
     # token ids (N x T, N x K x T) stay as they are; a 4-D integer batch is raw images, refused below

@@ -38,8 +38,7 @@ def _read_rows(zf: zipfile.ZipFile, member: str, rows: int | None, where: str) -
             raise DataError(f"{where}: holds Python objects (dtype {dtype}); save plain numeric arrays")
         if fortran and len(shape) > 1:
             raise DataError(f"{where}: stored in Fortran order; save it with np.ascontiguousarray(x)")
-        take = shape[0] if not shape or rows is None else min(shape[0], rows)
-        full = (take, *shape[1:]) if shape else ()
+        full = (shape[0] if rows is None else min(shape[0], rows), *shape[1:]) if shape else ()
         nbytes = math.prod(full) * dtype.itemsize
         if nbytes > MAX_ARRAY_BYTES:
             raise DataError(

@@ -502,6 +502,12 @@ def test_evaluate_with_a_bad_attack_info(pq8_onnx, tmp_path, capsys, info, messa
             {"x": np.zeros((4, 1, 8, 8), np.float32), "y": np.zeros(3, np.int64)},
             "expected one integer label per image",
         ),
+        # found by fuzzing efrap defend: numpy's IndexError and torch's TypeError before
+        (
+            {"x": np.float32(1.0)},
+            "expected a batch of inputs, N x ... (N x D, N x T x D, N x C x L or N x C x H x W), got shape ()",
+        ),
+        ({"x": np.array(["a"] * 4)}, "calib.npz:x: expected a numeric array, got dtype <U1"),
     ],
 )
 def test_bad_calibration_files(work, capsys, arrays, message):
