@@ -26,7 +26,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from onnx_models import conv_model, external
+from onnx_models import conv_model, external, graph_model
 
 from efrap_cli import main
 from efrap_onnx import ListDataReader, load_onnx, quantize_static, verify
@@ -403,6 +403,33 @@ def test_a_failed_pre_processing_optimisation_is_one_line_not_a_traceback(work):
     )
     assert "Type 'tensor(int64)' of input parameter (input) of operator (Conv)" in out.stderr
     assert _snapshot(work) == before
+
+
+def test_a_stock_qdq_model_onnxruntime_cannot_run_is_named(tmp_path, capsys):
+    """Found by fuzzing: a Gemm bias of shape 1 x 8 (valid, broadcast) makes onnxruntime's 4-bit
+    quantize_static write a DequantizeLinear its own runtime refuses; that is onnxruntime's output, not
+    EFRAP's, and the error says so instead of an internal error."""
+    model = graph_model(
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc", transB=1),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+        ],
+        {"x": (TensorProto.FLOAT, ["N", 16])},
+        {"y": ["N", 4]},
+        {"w": (8, 16), "b": (1, 8), "w2": (8, 4)},
+    )
+    onnx.save(model, str(tmp_path / "fc.onnx"))
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).random((64, 16), dtype=np.float32))
+    args = ["defend", str(tmp_path / "fc.onnx"), "--calib", str(tmp_path / "calib.npz"), *FAST]
+    assert main([*args, "--out", str(tmp_path / "d.onnx"), "--bits", "4"]) == 1
+    err = _error(capsys)
+    assert (
+        "model: the QDQ model onnxruntime's quantize_static wrote (its stock output, before any EFRAP "
+        "rounding) does not run in onnxruntime"
+    ) in err
+    assert "running DequantizeLinear node. Name:'b_DequantizeLinear'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "fc.onnx"]
 
 
 def test_a_plan_with_bad_json_or_a_missing_tensor(defended_conv, tmp_path):

@@ -35,6 +35,8 @@ __all__ = ["WeightOptions", "defend_qdq", "pin_weight_grids", "weight_scheme", "
 
 log = logging.getLogger(__name__)
 
+_QDQ = "the QDQ model onnxruntime's quantize_static wrote (its stock output, before any EFRAP rounding)"
+
 
 def _to_core(arr: np.ndarray, layer: QuantizedLayer) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(arr))
@@ -62,8 +64,8 @@ def _held_out(
     stands (the learned integers written so far, the rest onnxruntime's)."""
     name = float_model.graph.output[0].name
     return HeldOut(
-        run_output(session(float_model), held, name),
-        lambda: run_output(session(qdq), held, qdq.graph.output[0].name),
+        run_output(session(float_model), held, name, "the float model"),
+        lambda: run_output(session(qdq), held, qdq.graph.output[0].name, _QDQ),
     )
 
 
@@ -130,8 +132,10 @@ def _problems(
             weight,
             grids[layer.float_weight],
             layer.forward,
-            run_output(session(qdq, [layer.input_name]), calib, layer.input_name),
-            run_output(session(float_model, [layer.output_name]), calib, layer.output_name),
+            run_output(session(qdq, [layer.input_name]), calib, layer.input_name, _QDQ),
+            run_output(
+                session(float_model, [layer.output_name]), calib, layer.output_name, "the float model"
+            ),
             scale,
             torch.from_numpy(zp),
             install=install,

@@ -76,27 +76,38 @@ def session(model: onnx.ModelProto | str | Path, outputs: list[str] | None = Non
     try:
         return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's pybind errors share no public base class
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if len(first) > _MAX_QUOTED:
-            first = first[:_MAX_QUOTED] + " ..."
         raise ModelError(
-            f"model: onnxruntime {ort.__version__} cannot run it ({first}); export it with an opset and ops "
-            "this onnxruntime supports"
+            f"model: onnxruntime {ort.__version__} cannot run it ({_first_line(exc)}); export it with an "
+            "opset and ops this onnxruntime supports"
         ) from None
 
 
-def run_output(sess: ort.InferenceSession, batches: list[dict[str, np.ndarray]], name: str) -> torch.Tensor:
+def _first_line(exc: Exception) -> str:
+    """An onnxruntime error's first line, cut to a readable length."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return first[:_MAX_QUOTED] + " ..." if len(first) > _MAX_QUOTED else first
+
+
+def run_output(
+    sess: ort.InferenceSession, batches: list[dict[str, np.ndarray]], name: str, what: str = "the model"
+) -> torch.Tensor:
     """Tensor ``name`` for every batch, in one tensor filled batch by batch (no second copy for a
     concatenation: a layer's cached activations are the largest allocation of a defense); inputs the
     session does not take are dropped. Rows in proportion to the batch's (N x ..., or a reshaped N*T x D)
-    fill the one tensor; any other shape is concatenated."""
+    fill the one tensor; any other shape is concatenated. A run onnxruntime fails is a ModelError that
+    names ``what`` was run."""
     feeds = {i.name for i in sess.get_inputs()}
     sizes = [len(next(iter(b.values()))) for b in batches]
     out: torch.Tensor | None = None
     parts: list[torch.Tensor] = []
     at = per = 0
     for batch, rows in zip(batches, sizes):
-        part = torch.from_numpy(sess.run([name], {k: v for k, v in batch.items() if k in feeds})[0])
+        try:
+            part = torch.from_numpy(sess.run([name], {k: v for k, v in batch.items() if k in feeds})[0])
+        except Exception as exc:  # onnxruntime's pybind errors share no public base class
+            raise ModelError(
+                f"model: {what} does not run in onnxruntime {ort.__version__} ({_first_line(exc)})"
+            ) from None
         if out is None and not parts and part.ndim > 0 and part.shape[0] % rows == 0:
             per = part.shape[0] // rows  # 1, or T where a graph reshaped N x T x D to N*T x D
             out = torch.empty((per * sum(sizes), *part.shape[1:]), dtype=part.dtype)
