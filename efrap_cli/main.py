@@ -10,6 +10,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from efrap_plugin import EFRAPConfig, EFRAPError
 from efrap_plugin.attacks import ATTACKS
 from efrap_plugin.schemes import SCHEME_PRESETS
@@ -173,9 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_below_error_from_root)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=[handler])
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().addFilter(_below_error_from_root)  # a logger's filter sees its own records only
     for noisy in ("torch", "onnxscript", "onnx_ir", "torch.onnx", "onnxruntime", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -210,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
-        result = commands.COMMANDS[args.command](args)
+        with logging_redirect_tqdm():  # log lines above the progress bars, not through them
+            result = commands.COMMANDS[args.command](args)
     except commands.UsageError as exc:
         return _fail(args, str(exc), 2)
     except EFRAPError as exc:
