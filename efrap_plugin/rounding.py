@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import EFRAPConfig
-from .errors import EFRAPError, ModelError
+from .errors import DataError, EFRAPError, ModelError
 from .objective import PROBE_ROWS, Objective, beta_schedule, init_logits
 from .schemes import QuantScheme
 from .training import resolve_device
@@ -65,6 +65,15 @@ class LayerProblem:
                 f"layer {self.name!r}: expected as many cached inputs as targets (> 0), "
                 f"got {self.inputs.shape[0]} and {self.targets.shape[0]}"
             )
+        for what, tensor in (
+            ("inputs (from the partially quantized model)", self.inputs),
+            ("float outputs", self.targets),
+        ):
+            if tensor.is_floating_point() and not _all_finite(tensor):
+                raise DataError(
+                    f"layer {self.name!r}: its {what} on the calibration data hold NaN or Inf (values past "
+                    "float32's range); pass calibration inputs scaled as the model expects"
+                )
         if self.weight.numel() == 0 or self.targets[0].numel() == 0:
             raise ModelError(
                 f"layer {self.name!r}: its weight {tuple(self.weight.shape)} or its output per input "
@@ -73,6 +82,12 @@ class LayerProblem:
             )
         if self.scale is None or self.zero_point is None:
             self.scale, self.zero_point = self.scheme.qparams(self.weight)
+
+
+def _all_finite(tensor: torch.Tensor, rows: int = 256) -> bool:
+    """No NaN or Inf in ``tensor``, looked at ``rows`` leading rows at a time (a layer's cached activations
+    are the largest allocation of a defense: no full-size mask of them)."""
+    return all(bool(torch.isfinite(tensor[i : i + rows]).all()) for i in range(0, tensor.shape[0], rows))
 
 
 @dataclass(frozen=True)

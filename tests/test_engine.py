@@ -156,6 +156,20 @@ def test_learn_rounding_rejects_nan_weights():
         )
 
 
+def test_a_layer_whose_inputs_or_float_outputs_overflow_is_refused():
+    """Calibration data past float32's range made the loss NaN and a plan of arbitrary flips that
+    verified (found by fuzzing efrap defend)."""
+    scheme = QuantScheme.onnxruntime(8)
+    overflow = torch.full((300, 2), float("inf"))  # past the first 256-row chunk checked
+    overflow[:299] = 1.0
+    for inputs, targets, what in (
+        (overflow, torch.rand(300, 1), "inputs"),
+        (torch.rand(300, 2), overflow[:, :1], "float outputs"),
+    ):
+        with pytest.raises(DataError, match=rf"layer 'fc': its {what} .*hold NaN or Inf"):
+            LayerProblem("fc", torch.rand(1, 2), scheme, lambda x, w: x @ w.T, inputs, targets)
+
+
 def test_a_layer_with_no_weights_or_no_outputs_is_refused():
     scheme = QuantScheme.onnxruntime(8)
     for weight, targets in ((torch.rand(0, 2), torch.rand(3, 0)), (torch.rand(1, 2), torch.rand(3, 0))):

@@ -529,7 +529,11 @@ def test_evaluate_with_a_bad_attack_info(pq8_onnx, tmp_path, capsys, info, messa
             {"x": np.zeros((4, 1, 8, 8), np.float32), "y": np.zeros(3, np.int64)},
             "expected one integer label per image",
         ),
-        # found by fuzzing efrap defend: numpy's IndexError and torch's TypeError before
+        # found by fuzzing efrap defend: a NaN loss and a plan that verified; numpy's IndexError; torch's TypeError
+        (
+            {"x": np.full((64, 1, 8, 8), 3e38, np.float32)},
+            "layer 'w': its float outputs on the calibration data hold NaN or Inf",
+        ),
         (
             {"x": np.float32(1.0)},
             "expected a batch of inputs, N x ... (N x D, N x T x D, N x C x L or N x C x H x W), got shape ()",
