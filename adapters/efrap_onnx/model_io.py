@@ -259,8 +259,8 @@ def shape_error(model: onnx.ModelProto) -> str:
 
 
 class _PreProcessLog(logging.Filter):
-    """Holds back what quant_pre_process logs at ERROR (a failed optimisation's traceback, which it
-    recovers from), keeping each record's last line."""
+    """Holds back what quant_pre_process logs at ERROR when its graph optimisation fails (which it
+    recovers from): a one-line notice, dropped, and the traceback, whose last line (the cause) is kept."""
 
     _logger = logging.getLogger("onnxruntime.quantization.shape_inference")
 
@@ -276,7 +276,7 @@ class _PreProcessLog(logging.Filter):
         if record.levelno < logging.ERROR:
             return True
         lines = record.getMessage().strip().splitlines()
-        if len(lines) > 1:  # the traceback; its one-line summary (no traceback) passes silently too
+        if len(lines) > 1:
             self.messages.append(lines[-1])
         return False
 
