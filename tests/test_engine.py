@@ -172,7 +172,7 @@ def test_a_layer_whose_inputs_or_float_outputs_overflow_is_refused():
 
 def test_a_layer_with_no_weights_or_no_outputs_is_refused():
     scheme = QuantScheme.onnxruntime(8)
-    for weight, targets in ((torch.rand(0, 2), torch.rand(3, 0)), (torch.rand(1, 2), torch.rand(3, 0))):
+    for weight, targets in ((torch.rand(0, 2), torch.rand(3, 1)), (torch.rand(1, 2), torch.rand(3, 0))):
         with pytest.raises(ModelError, match=r"layer 'fc': its weight \(\d, 2\) or its output per input"):
             LayerProblem("fc", weight, scheme, lambda x, w: x @ w.T, torch.rand(3, 2), targets)
 

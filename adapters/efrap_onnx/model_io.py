@@ -22,6 +22,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from efrap_plugin import ModelError, atomic_write, check_writable
 
+from .runtime import first_line
+
 __all__ = [
     "load_onnx",
     "check_onnx",
@@ -253,8 +255,7 @@ def shape_error(model: onnx.ModelProto) -> str:
     try:
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return first.removeprefix("[ShapeInferenceError] Inference error(s): ")
+        return first_line(exc).removeprefix("[ShapeInferenceError] Inference error(s): ")
     return ""
 
 

@@ -13,7 +13,7 @@ from onnx import TensorProto
 
 from efrap_plugin import ModelError
 
-__all__ = ["run_output", "session", "upstream"]
+__all__ = ["first_line", "run_output", "session", "upstream"]
 
 _MAX_QUOTED = 600  # characters of a backend's error message quoted in ours
 
@@ -77,13 +77,13 @@ def session(model: onnx.ModelProto | str | Path, outputs: list[str] | None = Non
         return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's pybind errors share no public base class
         raise ModelError(
-            f"model: onnxruntime {ort.__version__} cannot run it ({_first_line(exc)}); export it with an "
+            f"model: onnxruntime {ort.__version__} cannot run it ({first_line(exc)}); export it with an "
             "opset and ops this onnxruntime supports"
         ) from None
 
 
-def _first_line(exc: Exception) -> str:
-    """An onnxruntime error's first line, cut to a readable length."""
+def first_line(exc: Exception) -> str:
+    """A backend error's first line (its type where it says nothing), cut to a readable length."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return first[:_MAX_QUOTED] + " ..." if len(first) > _MAX_QUOTED else first
 
@@ -106,7 +106,7 @@ def run_output(
             part = torch.from_numpy(sess.run([name], {k: v for k, v in batch.items() if k in feeds})[0])
         except Exception as exc:  # onnxruntime's pybind errors share no public base class
             raise ModelError(
-                f"model: {what} does not run in onnxruntime {ort.__version__} ({_first_line(exc)})"
+                f"model: {what} does not run in onnxruntime {ort.__version__} ({first_line(exc)})"
             ) from None
         if out is None and not parts and part.ndim > 0 and part.shape[0] % rows == 0:
             per = part.shape[0] // rows  # 1, or T where a graph reshaped N x T x D to N*T x D
