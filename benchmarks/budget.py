@@ -12,7 +12,8 @@ measure a global choice of strength against budget mode's per-layer one, and wha
 allows is when the test labels and the trigger pick it among the run's settings (the oracle: no rule
 choosing among those settings without labels or trigger can do better on this run); with ``--study
 seeds``, the fixed default and budget mode (at the default top and at 0.8) under three seeds of the batch
-sampling: how far each one's outcome moves with the seed alone.
+sampling: how far each one's outcome moves with the seed alone; with ``--study margin``, budget mode with
+its ladder topped at 0.8 or 1 and capped by held-out margin risk (``EFRAPConfig.margin_cap``).
 
     python benchmarks/budget.py --out benchmarks/results [--budgets 0.5,1,2] [--attack-seeds 3] [--procs 2]
     python benchmarks/budget.py --study early-stop --out benchmarks/results
@@ -22,6 +23,7 @@ sampling: how far each one's outcome moves with the seed alone.
     python benchmarks/budget.py --study ladder --out benchmarks/results [--budgets 0.5,1]
     python benchmarks/budget.py --study uniform --out benchmarks/results [--budgets 0.5,1]
     python benchmarks/budget.py --study seeds --out benchmarks/results [--budgets 1]
+    python benchmarks/budget.py --study margin --out benchmarks/results
 
 Every setting gets the same calibration data, the first 1,280 training images (all 1,257 on digits):
 fixed settings use the first 1,024, budget mode holds out the last 256 and learns on the others. ``disagreement`` is measured
@@ -67,6 +69,8 @@ UNIFORM_STRENGTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 """--study uniform: the strengths every layer is given in turn (a budget of 100% takes the ladder's top)."""
 SEEDS_TOP = 0.8
 """--study seeds: budget mode's other top, beside the default's."""
+MARGIN_SETTINGS = ((0.5, 0.8, 2.0), (0.5, 0.8, 4.0), (0.5, 0.8, 8.0), (1.0, 1.0, 4.0))
+"""--study margin: (budget, max_strength, margin_cap) of budget mode with its margin cap."""
 BASELINES = {
     "budget": "fixed-flip-weight-1",
     "early-stop": "full-1000",
@@ -76,6 +80,7 @@ BASELINES = {
     "ladder": "default",
     "uniform": "default",
     "seeds": "fixed-seed-1005",
+    "margin": "fixed-flip-weight-1",
 }
 """Each study's row that seconds and steps are compared with (``default`` when it is the same config)."""
 
@@ -124,6 +129,12 @@ def settings(budgets: list[float], study: str = "budget") -> dict[str, EFRAPConf
                 candidates[f"patience-{patience}-settle-{100 * settle:g}%-seed-{seed}"] = EFRAPConfig(
                     budget=None, patience=patience, settle=settle, seed=seed
                 )
+    elif study == "margin":
+        candidates = {
+            f"budget-{b:g}-top-{top:g}-cap-{cap:g}": EFRAPConfig(budget=b, max_strength=top, margin_cap=cap)
+            for b, top, cap in MARGIN_SETTINGS
+        }
+        candidates["fixed-flip-weight-1"] = EFRAPConfig(budget=None)
     elif study == "seeds":
         candidates = {}
         for seed in STEP_SEEDS:

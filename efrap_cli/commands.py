@@ -199,8 +199,9 @@ def _config(args: argparse.Namespace) -> EFRAPConfig:
         for field in ("iters", "lr", "batch_size", "flip_weight", "patience", "settle", "max_strength")
         if getattr(args, field) is not None
     }
-    if hasattr(args, "budget"):
-        given["budget"] = args.budget
+    for field in ("budget", "margin_cap"):
+        if hasattr(args, field):
+            given[field] = getattr(args, field)
     if given.get("budget") is not None and "flip_weight" in given:
         raise UsageError(
             "--flip-weight sets the one fixed flipping strength; --budget searches the strength per layer "
@@ -208,6 +209,8 @@ def _config(args: argparse.Namespace) -> EFRAPConfig:
         )
     if "max_strength" in given and given.get("budget", base.budget) is None:
         raise UsageError("--max-strength tops budget mode's ladder; give --budget PCT with it")
+    if given.get("margin_cap") is not None and given.get("budget", base.budget) is None:
+        raise UsageError("--margin-cap caps budget mode's ladder; give --budget PCT with it")
     device = getattr(args, "device", None) or "cpu"
     resolve_device(device)  # a clear error before any work, not after the stock quantization
     return base.replace(
@@ -260,6 +263,8 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
         "per_layer": {k: round(v.stats["flipped_share"], 4) for k, v in plan.layers.items()},
         "budget": config.budget,
         "disagreement": None if plan.disagreement is None else round(plan.disagreement, 2),
+        "margin_cap": config.margin_cap,
+        "margin_risk": None if plan.margin_risk is None else round(plan.margin_risk, 2),
         "strength": {k: v.stats["strength"] for k, v in plan.layers.items() if "strength" in v.stats},
         "skipped": plan.meta.get("skipped", {}),
         "constants": plan.meta.get("constants", {}),
@@ -282,6 +287,10 @@ def _say_defended(summary: dict[str, Any], kernels: dict[str, int]) -> None:
             f"budget: {summary['disagreement']:.2f}% of held-out images disagree with the float model's top-1, "
             f"flipping adding at most {summary['budget']:g}% to quantization's own; flipped shares per layer: "
             f"{strengths}"
+        )
+        cap = "no cap" if summary["margin_cap"] is None else f"cap {summary['margin_cap']:g}%"
+        print(
+            f"margin risk: {summary['margin_risk']:.2f}% of held-out images lose half their float margin ({cap})"
         )
     for name, reason in summary["skipped"].items():
         print(f"not defended: {name}: {reason}")

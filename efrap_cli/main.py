@@ -67,12 +67,20 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, type=kind, default=None, help=f"{text} (default: {default}{note})")
     p.add_argument(
         "--budget",
-        type=_budget,
+        type=_percent_or_off,
         default=argparse.SUPPRESS,
         help="budget mode: the top-1 disagreement with the float model, in percent of held-out calibration "
         "images, that flipping may add to quantization's own; each layer takes the strongest flipping "
         "within it. 'off': "
         f"one fixed --flip-weight (default: {'off' if d.budget is None else d.budget}; off with --reference)",
+    )
+    p.add_argument(
+        "--margin-cap",
+        type=_percent_or_off,
+        default=argparse.SUPPRESS,
+        help="budget mode: the largest share, in percent of held-out calibration images, whose float class's "
+        "margin over the next class flipping may halve; each layer's search also stops there. 'off': no cap "
+        f"(default: {'off' if d.margin_cap is None else d.margin_cap})",
     )
     p.add_argument(
         "--calib-size",
@@ -94,7 +102,7 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _budget(text: str) -> float | None:
+def _percent_or_off(text: str) -> float | None:
     if text.lower() == "off":
         return None
     try:

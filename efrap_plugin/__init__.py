@@ -39,7 +39,7 @@ from .evaluate import (
 )
 from .fake_quant import fake_quant_forward
 from .files import atomic_write, check_writable, read_safetensors, safetensors_shapes, staged
-from .held_out import MIN_HOLDOUT, HeldOut, inputs_needed, split_calibration, split_sizes
+from .held_out import MIN_HOLDOUT, HeldOut, Measurement, inputs_needed, split_calibration, split_sizes
 from .layer_inputs import LAYER_INPUTS, LayerInputs, check_layer_inputs, mix_layer_inputs, pick_layer_inputs
 from .layers import execution_order, fingerprint, on_device_of, prepare_model, quantizable_layers, relu_after
 from .loop import defend_layers, warn_tied_weights
@@ -65,6 +65,7 @@ __all__ = [
     "ATTACK_BARS",
     "BUDGET_STRENGTHS",
     "HeldOut",
+    "Measurement",
     "MIN_HOLDOUT",
     "ActivationQuantizer",
     "DataError",

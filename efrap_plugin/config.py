@@ -73,6 +73,12 @@ class EFRAPConfig:
     weights flipped by force (the ladder climbs 0, 0.1, 0.2, ... to it). Above 0.5 the asr falls further
     and so can clean accuracy, which the held-out training images see only in part
     (benchmarks/results/ladder.md)."""
+    margin_cap: float | None = None
+    """Budget mode (--margin-cap PCT): the largest share of held-out calibration images, in percent, whose
+    float class's margin (its output over the best other class) flipping may halve or lose; a layer's
+    ladder also stops at the first strength over it. Disagreement counts decisions that flipped; this
+    sees confidence falling first, so strong ladders can climb without clean accuracy sliding
+    (benchmarks/results/margin.md). None: no cap."""
     holdout: int = 256
     """Budget mode: calibration images held out of the optimisation to measure the disagreement on
     (at most a quarter of the calibration data)."""
@@ -101,6 +107,18 @@ class EFRAPConfig:
             raise EFRAPError(
                 f"EFRAPConfig.budget (--budget): searches the flipping strength of the full objective; "
                 f"objective={self.objective!r} has none to search. Set budget=None (--budget off)"
+            )
+        if self.margin_cap is not None and not (
+            isinstance(self.margin_cap, (int, float)) and 0 <= self.margin_cap <= 100
+        ):
+            raise EFRAPError(
+                f"EFRAPConfig.margin_cap (--margin-cap): expected a percentage in [0, 100] or None, "
+                f"got {self.margin_cap!r}"
+            )
+        if self.margin_cap is not None and self.budget is None:
+            raise EFRAPError(
+                "EFRAPConfig.margin_cap (--margin-cap): caps budget mode's ladder, and budget is None "
+                "(--budget off); set a budget (--budget PCT) or margin_cap=None (--margin-cap off)"
             )
         if isinstance(self.max_strength, bool) or not (
             isinstance(self.max_strength, (int, float)) and 0 < self.max_strength <= 1

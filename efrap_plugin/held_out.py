@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .config import EFRAPConfig
 from .errors import DataError
 
-__all__ = ["MIN_HOLDOUT", "HeldOut", "inputs_needed", "split_calibration", "split_sizes"]
+__all__ = ["MIN_HOLDOUT", "HeldOut", "Measurement", "inputs_needed", "split_calibration", "split_sizes"]
 
 _CHUNK = 256
 
@@ -51,6 +51,16 @@ def split_calibration(inputs: torch.Tensor, config: EFRAPConfig) -> tuple[torch.
     return inputs[:fit], inputs[inputs.shape[0] - held :]
 
 
+class Measurement(NamedTuple):
+    """One look at the held-out inputs, in percent of them."""
+
+    disagreement: float
+    """Top-1 decisions that differ from the float model's."""
+    margin_risk: float
+    """Inputs whose float class's margin (its output over the best other class) the quantized model
+    halves or loses: confidence falling before decisions flip, a finer accuracy signal than disagreement."""
+
+
 @dataclass
 class HeldOut:
     """The float model's outputs on the held-out inputs, and ``predict`` giving the partially quantized
@@ -64,6 +74,7 @@ class HeldOut:
 
     def __post_init__(self) -> None:
         self._labels = self.reference.argmax(-1)
+        self._margins = _margins(self.reference, self._labels)
 
     @classmethod
     def of_models(
@@ -87,15 +98,24 @@ class HeldOut:
         """What one held-out decision weighs, in percent: changes this small are measurement noise."""
         return 100.0 / max(self._labels.numel(), 1)
 
-    def disagreement(self) -> float:
-        """Percent of held-out top-1 decisions that differ from the float model's."""
-        labels = self.predict().argmax(-1)
-        if labels.shape != self._labels.shape:
+    def measure(self) -> Measurement:
+        """Disagreement and margin risk of the model as it stands, from one run of ``predict``."""
+        outputs = self.predict()
+        if outputs.shape != self.reference.shape:
             raise DataError(
-                f"budget mode: the quantized model's outputs {tuple(labels.shape)} do not match the float "
-                f"model's {tuple(self._labels.shape)}"
+                f"budget mode: the quantized model's outputs {tuple(outputs.shape)} do not match the float "
+                f"model's {tuple(self.reference.shape)}"
             )
-        return 100.0 * float((labels != self._labels).float().mean())
+        changed = outputs.argmax(-1) != self._labels
+        risky = _margins(outputs, self._labels) < 0.5 * self._margins
+        return Measurement(100.0 * float(changed.float().mean()), 100.0 * float(risky.float().mean()))
+
+
+def _margins(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's output for ``labels`` over its largest other output (negative: another class wins)."""
+    picked = outputs.gather(-1, labels.unsqueeze(-1))
+    others = outputs.scatter(-1, labels.unsqueeze(-1), float("-inf")).amax(-1)
+    return picked.squeeze(-1) - others
 
 
 def _output(value: Any) -> torch.Tensor:

@@ -8,6 +8,7 @@ learned integers were installed (``LayerProblem.install``) in the partially quan
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import EFRAPConfig
 from .errors import EFRAPError
-from .held_out import HeldOut
+from .held_out import HeldOut, Measurement
 from .layers import fingerprint
 from .plan import LayerPlan
 from .rounding import LayerProblem, LayerResult, learn_rounding, path_steps, rounding_path
@@ -65,11 +66,11 @@ def defend_layers(
                         problem.install(result.integers)
                 else:
                     allowance = (config.budget - spent) / (layers - done)
-                    result, disagreement, cost = _strongest_within(
+                    result, seen, cost = _strongest_within(
                         problem, config, generator, bar.update, held_out, allowance
                     )
                     spent += cost
-                    stats = {"strength": result.strength, "disagreement": disagreement}
+                    stats = {"strength": result.strength, **seen._asdict()}
             bar.update(per_layer - (bar.n - start))  # steps an early stop or the budget skipped
             plans[problem.name] = LayerPlan(
                 problem.name,
@@ -97,7 +98,8 @@ def defend_layers(
                 result.loss_after,
                 result.act_error_learned,
                 result.act_error_nearest,
-                f", strength {stats['strength']}, held-out disagreement {stats['disagreement']:.2f}%"
+                f", strength {stats['strength']}, held-out disagreement {stats['disagreement']:.2f}%, "
+                f"margin risk {stats['margin_risk']:.2f}%"
                 if stats
                 else "",
             )
@@ -113,30 +115,33 @@ def _strongest_within(
     progress: Callable[[int], None],
     held_out: HeldOut,
     allowance: float,
-) -> tuple[LayerResult, float, float]:
+) -> tuple[LayerResult, Measurement, float]:
     """The strongest rounding on the layer's path whose held-out disagreement exceeds the weakest one's
-    by at most ``allowance`` points (one held-out decision more is within the measurement's resolution);
-    its disagreement, and that excess (what it spent of the budget).
+    by at most ``allowance`` points, and whose margin risk stays within ``config.margin_cap`` (one
+    held-out input more is within the measurement's resolution); its measurement, and its disagreement's
+    excess (what it spent of the budget).
 
     Each strength is measured with the layer installed in the producer's model; the path stops at the
-    first strength over the allowance, so a tight budget costs fewer steps than a loose one.
+    first strength over either, so a tight budget costs fewer steps than a loose one.
     """
     if problem.install is None:
         raise EFRAPError(f"layer {problem.name!r}: budget mode needs a producer that installs each layer")
-    chosen: tuple[LayerResult, float] | None = None
+    chosen: tuple[LayerResult, Measurement] | None = None
     weakest = 0.0
+    slack = held_out.resolution
+    cap = math.inf if config.margin_cap is None else config.margin_cap + slack
     path = rounding_path(problem, config, generator, progress)
     for result in path:
         problem.install(result.integers)
-        disagreement = held_out.disagreement()
+        seen = held_out.measure()
         if chosen is None:
-            weakest = disagreement
-        elif disagreement - weakest > allowance + held_out.resolution:
+            weakest = seen.disagreement
+        elif seen.disagreement - weakest > allowance + slack or seen.margin_risk > cap:
             problem.install(chosen[0].integers)
             break
-        chosen = (result, disagreement)
+        chosen = (result, seen)
     path.close()
-    return chosen[0], chosen[1], chosen[1] - weakest
+    return chosen[0], chosen[1], chosen[1].disagreement - weakest
 
 
 def warn_tied_weights(uses: Iterable[tuple[str, str]]) -> None:

@@ -63,8 +63,18 @@ class RoundingPlan:
     def disagreement(self) -> float | None:
         """Budget mode: percent of held-out calibration inputs whose top-1 differs from the float model's,
         measured on the finished model (the last layer's measurement); None without a budget."""
+        return self._finished("disagreement")
+
+    @property
+    def margin_risk(self) -> float | None:
+        """Budget mode: percent of held-out calibration inputs whose float class's margin the finished
+        model halves or loses (``EFRAPConfig.margin_cap``); None without a budget."""
+        return self._finished("margin_risk")
+
+    def _finished(self, stat: str) -> float | None:
+        """A held-out measurement of the finished model: the last layer's."""
         last = list(self.layers.values())[-1] if self.layers else None
-        return None if last is None or "disagreement" not in last.stats else float(last.stats["disagreement"])
+        return None if last is None or stat not in last.stats else float(last.stats[stat])
 
     @property
     def flipped_share(self) -> float:

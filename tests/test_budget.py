@@ -17,6 +17,7 @@ from efrap_plugin import (
     DataError,
     EFRAPConfig,
     EFRAPError,
+    HeldOut,
     budget_strengths,
     defend,
     evaluate,
@@ -26,8 +27,8 @@ from efrap_plugin import (
 BUDGET = EFRAPConfig(budget=1.0)
 
 
-def _top1(sess, x: np.ndarray) -> np.ndarray:
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(-1)
+def _logits(sess, x: np.ndarray) -> np.ndarray:
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
 def test_the_budget_is_a_percentage_of_the_full_objective():
@@ -36,6 +37,27 @@ def test_the_budget_is_a_percentage_of_the_full_objective():
     with pytest.raises(EFRAPError, match=r"objective='preserve_only' has none to search"):
         EFRAPConfig(budget=2.0, objective="preserve_only")
     assert EFRAPConfig.reference().budget is None
+
+
+def test_the_margin_cap_is_a_percentage_of_budget_mode():
+    for bad in (-1, 101, "4"):
+        with pytest.raises(
+            EFRAPError, match=r"margin_cap \(--margin-cap\): expected a percentage in \[0, 100\]"
+        ):
+            EFRAPConfig(budget=1.0, margin_cap=bad)
+    with pytest.raises(EFRAPError, match=r"caps budget mode's ladder, and budget is None"):
+        EFRAPConfig(budget=None, margin_cap=4.0)
+
+
+def test_margin_risk_counts_inputs_whose_float_class_lost_half_its_margin():
+    reference = torch.tensor([[4.0, 0.0, 1.0], [0.0, 2.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    # margins 3, 1, 1, 3 -> 1.4 (halved), 0.9 (kept), -1 (lost: another class wins), 3 (kept)
+    outputs = torch.tensor([[2.4, 0.0, 1.0], [0.0, 1.9, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    seen = HeldOut(reference, lambda: outputs).measure()
+    assert seen.disagreement == 25.0 and seen.margin_risk == 50.0
+    assert HeldOut(reference, lambda: reference).measure() == (0.0, 0.0)
+    with pytest.raises(DataError, match=r"outputs \(4, 2\) do not match the float model's \(4, 3\)"):
+        HeldOut(reference, lambda: outputs[:, :2]).measure()
 
 
 def test_the_ladder_climbs_by_tenths_to_its_top():
@@ -72,8 +94,10 @@ def test_onnx_budget_mode_removes_the_backdoor_and_reports_the_artifacts_disagre
     assert all(lp.stats["strength"] in BUDGET_STRENGTHS for lp in plan.layers.values())
     # the held-out images are the calibration data's last 256; the finished artifact shows what the plan says
     held = calib[len(calib) - 256 :]
-    measured = 100 * float((_top1(session(out), held) != _top1(session(pq8_onnx), held)).mean())
-    assert abs(measured - plan.disagreement) <= 100 / 256 + 1e-6  # BatchNorm folding may move one tie
+    logits = [torch.from_numpy(_logits(session(m), held)) for m in (pq8_onnx, out)]
+    measured = HeldOut(logits[0], lambda: logits[1]).measure()
+    assert abs(measured.disagreement - plan.disagreement) <= 100 / 256 + 1e-6  # folding may move one tie
+    assert abs(measured.margin_risk - plan.margin_risk) <= 100 / 256 + 1e-6
     float_m = evaluate(session(pq8_onnx), digits.test, pq8.trigger)
     efrap_m = evaluate(session(out), digits.test, pq8.trigger)
     assert efrap_m.asr <= max(0.03, float_m.asr + 0.01)
@@ -100,6 +124,23 @@ def test_a_loose_budget_takes_the_strongest_flipping_and_a_tight_one_never_more(
     assert tight.meta["calib_size"] == 256
 
 
+def test_a_margin_cap_stops_each_ladder_where_held_out_margins_start_to_fall(clean_cnn, digits):
+    # 4 bits, every learnable weight flipped at the ladder's top: uncapped, a quarter of the held-out
+    # margins halve; a cap holds each layer to the rung before the first one over it
+    fast = EFRAPConfig(iters=40, calib_size=256, holdout=128, budget=100.0, max_strength=1.0)
+    calib = digits.train.x[:384]
+    uncapped = defend(clean_cnn, calib, config=fast, bits=4, progress=False)
+    assert [lp.stats["strength"] for lp in uncapped.layers.values()] == [1.0] * 4
+    assert uncapped.margin_risk > 10
+    resolution = 100 / 96  # a quarter of 384 held out
+    for cap in (0.0, 3.0):
+        capped = defend(clean_cnn, calib, config=fast.replace(margin_cap=cap), bits=4, progress=False)
+        for lp in capped.layers.values():  # the weakest rung is kept whatever it measures
+            assert lp.stats["margin_risk"] <= cap + resolution + 1e-9 or lp.stats["strength"] == 0.0
+        assert sum(lp.stats["strength"] for lp in capped.layers.values()) <= 2.0
+        assert capped.margin_risk == capped[list(capped.layers)[-1]].stats["margin_risk"]
+
+
 def test_brevitas_budget_mode_measures_the_users_model(digits):
     from test_brevitas_user_models import build
 
@@ -120,10 +161,11 @@ def test_brevitas_budget_mode_measures_the_users_model(digits):
 
 def test_cli_budget_flag_reports_the_measured_disagreement(pq8_onnx, tmp_path, capsys):
     defend = ["defend", str(pq8_onnx), "--calib", "digits", "--out", str(tmp_path / "d.onnx")]
-    code = main([*defend, "--budget", "1", "--json", "--quiet"])
+    code = main([*defend, "--budget", "1", "--margin-cap", "4", "--json", "--quiet"])
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and summary["verify"]["integers_ok"]
     assert summary["budget"] == 1.0 and 0 <= summary["disagreement"] <= 100
+    assert summary["margin_cap"] == 4.0 and 0 <= summary["margin_risk"] <= 100
     assert sorted(summary["strength"]) == sorted(summary["per_layer"])
     with pytest.raises(SystemExit) as exc:
         main([*defend, "--budget", "150"])
@@ -133,3 +175,5 @@ def test_cli_budget_flag_reports_the_measured_disagreement(pq8_onnx, tmp_path, c
     assert "Give one of them (--budget off to use --flip-weight)" in capsys.readouterr().err
     assert main([*defend, "--max-strength", "0.8"]) == 2
     assert "--max-strength tops budget mode's ladder; give --budget PCT with it" in capsys.readouterr().err
+    assert main([*defend, "--margin-cap", "4"]) == 2
+    assert "--margin-cap caps budget mode's ladder; give --budget PCT with it" in capsys.readouterr().err
