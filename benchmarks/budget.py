@@ -85,11 +85,14 @@ BASELINES = {
 """Each study's row that seconds and steps are compared with (``default`` when it is the same config)."""
 
 
-def settings(budgets: list[float], study: str = "budget") -> dict[str, EFRAPConfig]:
-    """The rows of each cell: ``default`` is whatever EFRAPConfig() is; the others where they differ."""
+def settings(
+    budgets: list[float], study: str = "budget", only: tuple[str, ...] = ()
+) -> dict[str, EFRAPConfig]:
+    """The rows of each cell: ``default`` is whatever EFRAPConfig() is; the others where they differ
+    (of those, the ones named in ``only`` when it names any)."""
     rows = {"default": EFRAPConfig()}
     if study == "budget":
-        candidates = {f"budget-{b:g}": EFRAPConfig(budget=b) for b in budgets}
+        candidates = {f"budget-{b:g}": _uncapped(b) for b in budgets}
         candidates["fixed-flip-weight-1"] = EFRAPConfig(budget=None)
         candidates["reference-1000"] = EFRAPConfig(budget=None, balance="reference", lr=1e-3)
         candidates["preserve-only"] = EFRAPConfig(budget=None, objective="preserve_only")
@@ -109,18 +112,12 @@ def settings(budgets: list[float], study: str = "budget") -> dict[str, EFRAPConf
             for seed in STEP_SEEDS
         }
     elif study == "ladder":
-        candidates = {
-            f"budget-{b:g}-top-{top:g}": EFRAPConfig(budget=b, max_strength=top)
-            for b in budgets
-            for top in LADDER_TOPS
-        }
+        candidates = {f"budget-{b:g}-top-{top:g}": _uncapped(b, top) for b in budgets for top in LADDER_TOPS}
     elif study == "uniform":
-        candidates = {f"uniform-{s:g}": EFRAPConfig(budget=100, max_strength=s) for s in UNIFORM_STRENGTHS}
+        candidates = {f"uniform-{s:g}": _uncapped(100, s) for s in UNIFORM_STRENGTHS}
         for b in budgets:  # budget mode's per-layer choice, at the default top and at the uniform top
-            candidates[f"budget-{b:g}"] = EFRAPConfig(budget=b)
-            candidates[f"budget-{b:g}-top-{UNIFORM_STRENGTHS[-1]:g}"] = EFRAPConfig(
-                budget=b, max_strength=UNIFORM_STRENGTHS[-1]
-            )
+            candidates[f"budget-{b:g}"] = _uncapped(b)
+            candidates[f"budget-{b:g}-top-{UNIFORM_STRENGTHS[-1]:g}"] = _uncapped(b, UNIFORM_STRENGTHS[-1])
     elif study == "early-stop-seeds":
         candidates = {}
         for seed in STEP_SEEDS:
@@ -138,12 +135,11 @@ def settings(budgets: list[float], study: str = "budget") -> dict[str, EFRAPConf
     elif study == "seeds":
         candidates = {}
         for seed in STEP_SEEDS:
-            candidates[f"fixed-seed-{seed}"] = EFRAPConfig(seed=seed)
+            candidates[f"fixed-seed-{seed}"] = EFRAPConfig(budget=None, seed=seed)
+            candidates[f"default-seed-{seed}"] = EFRAPConfig(seed=seed)
             for b in budgets:
-                candidates[f"budget-{b:g}-seed-{seed}"] = EFRAPConfig(budget=b, seed=seed)
-                candidates[f"budget-{b:g}-top-{SEEDS_TOP:g}-seed-{seed}"] = EFRAPConfig(
-                    budget=b, max_strength=SEEDS_TOP, seed=seed
-                )
+                candidates[f"budget-{b:g}-seed-{seed}"] = _uncapped(b, seed=seed)
+                candidates[f"budget-{b:g}-top-{SEEDS_TOP:g}-seed-{seed}"] = _uncapped(b, SEEDS_TOP, seed=seed)
     else:
         candidates = {"full-1000": EFRAPConfig(budget=None, patience=0)}
         # the noise floor: the full run with another seed of the batch sampling
@@ -152,8 +148,25 @@ def settings(budgets: list[float], study: str = "budget") -> dict[str, EFRAPConf
             candidates[f"patience-{patience}-settle-{100 * settle:g}%"] = EFRAPConfig(
                 budget=None, patience=patience, settle=settle
             )
-    rows.update({name: cfg for name, cfg in candidates.items() if cfg != rows["default"]})
+    unknown = set(only) - set(candidates)
+    if unknown:
+        raise SystemExit(
+            f"--only: {sorted(unknown)} are not among --study {study}'s settings {sorted(candidates)}"
+        )
+    rows.update(
+        {
+            name: cfg
+            for name, cfg in candidates.items()
+            if cfg != rows["default"] and (not only or name in only)
+        }
+    )
     return rows
+
+
+def _uncapped(budget: float, top: float = 0.5, **changes) -> EFRAPConfig:
+    """Budget mode as the budget, ladder, uniform and seeds studies measured it: before the margin cap,
+    its ladder topped at 0.5 unless said otherwise."""
+    return EFRAPConfig(budget=budget, max_strength=top, margin_cap=None, **changes)
 
 
 def _cell_of(r: dict) -> tuple[str, int, int]:
@@ -178,8 +191,8 @@ def margin_risk(reference: np.ndarray, logits: np.ndarray) -> float:
     return 100.0 * float((margin(logits) < 0.5 * margin(reference)).mean())
 
 
-def _cell(job: tuple[str, int, int, list[float], str, bool, str]) -> list[dict]:
-    attack, bits, seed, budgets, dataset, measure_all, study = job
+def _cell(job: tuple[str, int, int, list[float], str, bool, str, tuple[str, ...]]) -> list[dict]:
+    attack, bits, seed, budgets, dataset, measure_all, study, only = job
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,7 +208,7 @@ def _cell(job: tuple[str, int, int, list[float], str, bool, str]) -> list[dict]:
         if not fires and not measure_all:
             logging.info("%s %d-bit seed %d: attack did not fire", attack, bits, seed)
             return []
-        for name, cfg in settings(budgets, study).items():
+        for name, cfg in settings(budgets, study, only).items():
             t0 = time.perf_counter()
             plan = quantize_images(src, Path(tmp) / "d.onnx", calib, bits, config=cfg, progress=False)
             seconds = time.perf_counter() - t0
@@ -303,9 +316,12 @@ def pooled(rows: list[dict], study: str) -> list[dict]:
     is the study's baseline): bar counts, mean asr and accuracy drop, and the seed spread (largest minus
     smallest over the seeds of one cell), averaged over the cells: the noise a setting must beat."""
     seedless = re.compile(r"-seed-\d+$")
+    # ``default`` is the baseline's run unless the baseline has rows of its own
+    own = any(r["setting"] == BASELINES[study] for r in rows)
+    default = f"default-seed-{EFRAPConfig().seed}" if own else BASELINES[study]
 
     def named(r: dict) -> str:
-        return BASELINES[study] if r["setting"] == "default" else r["setting"]
+        return default if r["setting"] == "default" else r["setting"]
 
     def group(r: dict) -> str:
         return seedless.sub("", named(r))
@@ -314,7 +330,7 @@ def pooled(rows: list[dict], study: str) -> list[dict]:
         found = seedless.search(named(r))
         return found.group() if found else ""
 
-    base = group({"setting": "default"})
+    base = seedless.sub("", BASELINES[study])
     ref = {(_cell_of(r), seed(r)): r for r in rows if group(r) == base}
     out = []
     for name in dict.fromkeys(group(r) for r in rows):
@@ -433,6 +449,7 @@ def main() -> int:
     parser.add_argument("--cells", default=",".join(f"{a}:{b}" for a, b in CELLS), help="attack:bits,...")
     parser.add_argument("--measure-all", action="store_true", help="also cells whose attack misses the bars")
     parser.add_argument("--study", default="budget", choices=sorted(BASELINES))
+    parser.add_argument("--only", default="", help="setting,...: measure only these of the study's rows")
     parser.add_argument(
         "--name", help="file names: NAME.csv / .md (/ .png), NAME-summary (default: the study)"
     )
@@ -441,8 +458,10 @@ def main() -> int:
     budgets = [float(b) for b in args.budgets.split(",")]
     cells = [(a, int(b)) for a, b in (c.split(":") for c in args.cells.split(","))]
     name = args.name or args.study
+    only = tuple(filter(None, args.only.split(",")))
+    settings(budgets, args.study, only)  # an unknown --only name stops here, before any cell runs
     jobs = [
-        (a, b, s, budgets, args.dataset, args.measure_all, args.study)
+        (a, b, s, budgets, args.dataset, args.measure_all, args.study, only)
         for a, b in cells
         for s in range(args.attack_seeds)
     ]

@@ -214,7 +214,7 @@ def layer_costs(name: str) -> list[dict]:
     scheme = scheme_preset("onnxruntime", 8)
     model = prepare_model(_model(name), scheme)
     calib = torch.rand(CALIB, *MODELS[name][1])
-    config = EFRAPConfig(patience=0)
+    config = EFRAPConfig(budget=None, patience=0)
     rows = []
     for layer_name, layer in quantizable_layers(model, calib[:1]):
         x, y = capture(model, layer, calib, "input"), capture(model, layer, calib, "output")
@@ -266,7 +266,7 @@ def measure(name: str, path: str) -> list[dict]:
     timings = []
     for steps in (STEPS[0], *STEPS):  # the first is a warm-up: first-call costs stay out of the fit
         with tempfile.TemporaryDirectory() as tmp:
-            config = EFRAPConfig(iters=steps, calib_size=CALIB, patience=0)
+            config = EFRAPConfig(budget=None, iters=steps, calib_size=CALIB, patience=0)
             seconds, layers, ok, _ = run(model, calib, config, Path(tmp))
         timings.append(seconds)
     per_step = (timings[2] - timings[1]) / (STEPS[1] - STEPS[0])  # summed over the layers

@@ -169,7 +169,7 @@ def cmd_tradeoff(args: argparse.Namespace) -> None:
             float_m = evaluate(session(src), data.test, trigger)
             for variant in variants:
                 t0 = time.perf_counter()
-                cfg = EFRAPConfig(**variant)
+                cfg = EFRAPConfig(**{"budget": None, **variant})
                 calib = np.ascontiguousarray(data.train.x[: cfg.calib_size].numpy())
                 plan = quantize_images(
                     src, Path(tmp) / "d.onnx", calib, spec["bits"], config=cfg, progress=False

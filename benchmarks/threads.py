@@ -25,7 +25,9 @@ BUSY = "while True: pass"
 
 def _defend() -> None:
     model = load_model(ROOT / "tests" / "fixtures" / "pqbackdoor-ort8" / "model.safetensors")[0]
-    defend(model, load_digits(seed=0).train.x, "onnxruntime", EFRAPConfig(iters=300), progress=False)
+    defend(
+        model, load_digits(seed=0).train.x, "onnxruntime", EFRAPConfig(budget=None, iters=300), progress=False
+    )
 
 
 def _train() -> None:

@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from efrap_plugin import EFRAPConfig, EFRAPError, Splits, load_model
+from efrap_plugin import EFRAPConfig, EFRAPError, Splits, inputs_needed, load_model
 
 __all__ = ["CALIB_IMAGES", "adapter", "stock_onnx_int8", "stock_runner"]
 
-CALIB_IMAGES = EFRAPConfig().calib_size
-"""Calibration images every stock flow here uses: the defense's own default, so the rows compare."""
+CALIB_IMAGES = inputs_needed(EFRAPConfig())
+"""Calibration images every stock flow here uses: what the default defense reads (budget mode's held-out
+images included), so the rows compare."""
 
 _PACKAGES = {"onnx": "efrap_onnx", "torchao": "efrap_torchao", "brevitas": "efrap_brevitas"}
 

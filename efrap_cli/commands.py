@@ -202,15 +202,19 @@ def _config(args: argparse.Namespace) -> EFRAPConfig:
     for field in ("budget", "margin_cap"):
         if hasattr(args, field):
             given[field] = getattr(args, field)
-    if given.get("budget") is not None and "flip_weight" in given:
-        raise UsageError(
-            "--flip-weight sets the one fixed flipping strength; --budget searches the strength per layer "
-            "instead. Give one of them (--budget off to use --flip-weight)"
-        )
-    if "max_strength" in given and given.get("budget", base.budget) is None:
-        raise UsageError("--max-strength tops budget mode's ladder; give --budget PCT with it")
-    if given.get("margin_cap") is not None and given.get("budget", base.budget) is None:
-        raise UsageError("--margin-cap caps budget mode's ladder; give --budget PCT with it")
+    if "budget" not in given and ("flip_weight" in given or args.objective != "efrap"):
+        given["budget"] = None  # a fixed strength, or an ablation: nothing for budget mode to search
+    if given.get("budget", base.budget) is not None:
+        if "flip_weight" in given:
+            raise UsageError(
+                "--flip-weight sets the one fixed flipping strength; --budget searches the strength per layer "
+                "instead. Give one of them (--budget off to use --flip-weight)"
+            )
+    else:
+        if "max_strength" in given:
+            raise UsageError("--max-strength tops budget mode's ladder; give --budget PCT with it")
+        if given.get("margin_cap") is not None:
+            raise UsageError("--margin-cap caps budget mode's ladder; give --budget PCT with it")
     device = getattr(args, "device", None) or "cpu"
     resolve_device(device)  # a clear error before any work, not after the stock quantization
     return base.replace(
@@ -263,7 +267,7 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
         "per_layer": {k: round(v.stats["flipped_share"], 4) for k, v in plan.layers.items()},
         "budget": config.budget,
         "disagreement": None if plan.disagreement is None else round(plan.disagreement, 2),
-        "margin_cap": config.margin_cap,
+        "margin_cap": None if config.budget is None else config.margin_cap,
         "margin_risk": None if plan.margin_risk is None else round(plan.margin_risk, 2),
         "strength": {k: v.stats["strength"] for k, v in plan.layers.items() if "strength" in v.stats},
         "skipped": plan.meta.get("skipped", {}),

@@ -47,7 +47,13 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
         ("--iters", int, "iters", "optimizer steps per layer"),
         ("--lr", float, "lr", "learning rate of the rounding logits"),
         ("--batch-size", int, "batch_size", "cached calibration inputs per step"),
-        ("--flip-weight", float, "flip_weight", "weight of the error-guided flipping term"),
+        (
+            "--flip-weight",
+            float,
+            "flip_weight",
+            "one fixed strength for every layer, the weight of the error-guided flipping term; implies "
+            "--budget off",
+        ),
         ("--patience", int, "patience", "end a layer once its integers are stable this many steps; 0: off"),
         (
             "--settle",
@@ -86,13 +92,14 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
         "--calib-size",
         type=int,
         default=d.calib_size,
-        help=f"calibration images used (default: {d.calib_size})",
+        help=f"calibration images the optimisation uses; budget mode holds out up to {d.holdout} more "
+        f"(default: {d.calib_size})",
     )
     p.add_argument(
         "--objective",
         choices=["efrap", "flip_only", "preserve_only"],
         default=d.objective,
-        help="full EFRAP or an ablation (default: efrap)",
+        help="full EFRAP or an ablation (an ablation implies --budget off; default: efrap)",
     )
     p.add_argument(
         "--reference",

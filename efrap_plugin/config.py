@@ -11,7 +11,9 @@ from .errors import EFRAPError
 __all__ = ["EFRAPConfig"]
 
 _OBJECTIVES = ("efrap", "flip_only", "preserve_only")
-_DEFAULT_MAX_STRENGTH = 0.5
+_DEFAULT_MAX_STRENGTH = 0.8
+_DEFAULT_MARGIN_CAP = 4.0
+_DEFAULT_FLIP_WEIGHT = 1.0
 
 
 @dataclass(frozen=True)
@@ -26,9 +28,10 @@ class EFRAPConfig:
     """Adam learning rate on the rounding logits V (--lr). The reference uses 1e-3."""
     calib_size: int = 1024
     """Calibration images used (--calib-size)."""
-    flip_weight: float = 1.0
-    """Weight of L_F, the error-guided flipping term (--flip-weight). Budget mode has no L_F term: it
-    flips by force, searching the share per layer (``budget``)."""
+    flip_weight: float = _DEFAULT_FLIP_WEIGHT
+    """Weight of L_F, the error-guided flipping term (--flip-weight), the one fixed strength of every
+    layer when ``budget`` is None. Budget mode has no L_F term: it flips by force, searching the share
+    per layer."""
     round_weight: float = 0.01
     """Weight of L_P, the binarisation penalty."""
     beta: float = 2.0
@@ -62,22 +65,23 @@ class EFRAPConfig:
     settle: float = 0.0
     """Early stop (--settle): the share of a layer's learnable integers that may still change per 50
     steps while it counts as holding still; 0 asks for no change at all."""
-    budget: float | None = None
-    """Budget mode (--budget PCT): the top-1 disagreement with the float model, in percent of held-out
-    calibration images, that flipping may add to what quantization itself costs. Each layer searches its
-    flipping strength from weak to strong and keeps the strongest whose disagreement exceeds that of its
-    weakest by at most its share of the budget (benchmarks/results/budget.md).
-    None (the default, --budget off): one fixed strength, ``flip_weight``, for every layer (the paper's)."""
+    budget: float | None = 0.5
+    """Budget mode (--budget PCT, the default): the top-1 disagreement with the float model, in percent of
+    held-out calibration images, that flipping may add to what quantization itself costs. Each layer
+    searches its flipping strength from weak to strong and keeps the strongest whose disagreement exceeds
+    that of its weakest by at most its share of the budget, and whose margin risk stays within
+    ``margin_cap`` (benchmarks/results/margin.md). None (--budget off): one fixed strength,
+    ``flip_weight``, for every layer (the paper's)."""
     max_strength: float = _DEFAULT_MAX_STRENGTH
     """Budget mode (--max-strength): the top of each layer's ladder, the largest share of its learnable
-    weights flipped by force (the ladder climbs 0, 0.1, 0.2, ... to it). Above 0.5 the asr falls further
-    and so can clean accuracy, which the held-out training images see only in part
-    (benchmarks/results/ladder.md)."""
-    margin_cap: float | None = None
+    weights flipped by force (the ladder climbs 0, 0.1, 0.2, ... to it). Without a margin cap, tops above
+    0.5 lower the asr and can cost clean accuracy the held-out disagreement does not see
+    (benchmarks/results/ladder.md); the cap is what makes 0.8 safe (margin.md)."""
+    margin_cap: float | None = _DEFAULT_MARGIN_CAP
     """Budget mode (--margin-cap PCT): the largest share of held-out calibration images, in percent, whose
-    float class's margin (its output over the best other class) flipping may halve or lose; a layer's
-    ladder also stops at the first strength over it. Disagreement counts decisions that flipped; this
-    sees confidence falling first, so strong ladders can climb without clean accuracy sliding
+    float class's margin (its output over the best other class) may be halved or lost; a layer's ladder
+    also stops at the first strength over it. Disagreement counts decisions that flipped; this sees
+    confidence falling first, so a strong ladder can climb without clean accuracy sliding
     (benchmarks/results/margin.md). None: no cap."""
     holdout: int = 256
     """Budget mode: calibration images held out of the optimisation to measure the disagreement on
@@ -97,6 +101,8 @@ class EFRAPConfig:
             raise EFRAPError(
                 f"EFRAPConfig.settle (--settle): expected a share in [0, 1), got {self.settle!r}"
             )
+        if self.objective not in _OBJECTIVES:
+            raise EFRAPError(f"EFRAPConfig.objective: expected one of {_OBJECTIVES}, got {self.objective!r}")
         if self.budget is not None and not (
             isinstance(self.budget, (int, float)) and 0 <= self.budget <= 100
         ):
@@ -105,20 +111,15 @@ class EFRAPConfig:
             )
         if self.budget is not None and self.objective != "efrap":
             raise EFRAPError(
-                f"EFRAPConfig.budget (--budget): searches the flipping strength of the full objective; "
-                f"objective={self.objective!r} has none to search. Set budget=None (--budget off)"
+                f"EFRAPConfig.budget (--budget): budget mode (the default) searches the flipping strength of "
+                f"the full objective; objective={self.objective!r} has none to search. Set budget=None "
+                "(--budget off)"
             )
-        if self.margin_cap is not None and not (
-            isinstance(self.margin_cap, (int, float)) and 0 <= self.margin_cap <= 100
-        ):
+        if self.budget is not None and self.flip_weight != _DEFAULT_FLIP_WEIGHT:
             raise EFRAPError(
-                f"EFRAPConfig.margin_cap (--margin-cap): expected a percentage in [0, 100] or None, "
-                f"got {self.margin_cap!r}"
-            )
-        if self.margin_cap is not None and self.budget is None:
-            raise EFRAPError(
-                "EFRAPConfig.margin_cap (--margin-cap): caps budget mode's ladder, and budget is None "
-                "(--budget off); set a budget (--budget PCT) or margin_cap=None (--margin-cap off)"
+                f"EFRAPConfig.flip_weight (--flip-weight): the one fixed flipping strength, and budget mode (the "
+                f"default, budget={self.budget!r}) searches the strength per layer instead; set budget=None "
+                "(--budget off) to use it"
             )
         if isinstance(self.max_strength, bool) or not (
             isinstance(self.max_strength, (int, float)) and 0 < self.max_strength <= 1
@@ -126,10 +127,23 @@ class EFRAPConfig:
             raise EFRAPError(
                 f"EFRAPConfig.max_strength (--max-strength): expected a share in (0, 1], got {self.max_strength!r}"
             )
+        if self.margin_cap is not None and (
+            isinstance(self.margin_cap, bool)
+            or not (isinstance(self.margin_cap, (int, float)) and 0 <= self.margin_cap <= 100)
+        ):
+            raise EFRAPError(
+                f"EFRAPConfig.margin_cap (--margin-cap): expected a percentage in [0, 100] or None, "
+                f"got {self.margin_cap!r}"
+            )
         if self.budget is None and self.max_strength != _DEFAULT_MAX_STRENGTH:
             raise EFRAPError(
                 f"EFRAPConfig.max_strength (--max-strength): tops budget mode's ladder, and budget is None "
                 f"(--budget off); set a budget (--budget PCT) or leave max_strength at {_DEFAULT_MAX_STRENGTH}"
+            )
+        if self.budget is None and self.margin_cap not in (None, _DEFAULT_MARGIN_CAP):
+            raise EFRAPError(
+                "EFRAPConfig.margin_cap (--margin-cap): caps budget mode's ladder, and budget is None "
+                f"(--budget off); set a budget (--budget PCT) or leave margin_cap at {_DEFAULT_MARGIN_CAP}"
             )
         _positive(self, "holdout", "holdout")
         if not self.lr > 0:
@@ -137,8 +151,6 @@ class EFRAPConfig:
         for name in ("flip_weight", "round_weight", "beta"):
             if getattr(self, name) < 0:
                 raise EFRAPError(f"EFRAPConfig.{name}: expected a value >= 0, got {getattr(self, name)!r}")
-        if self.objective not in _OBJECTIVES:
-            raise EFRAPError(f"EFRAPConfig.objective: expected one of {_OBJECTIVES}, got {self.objective!r}")
         if self.rectifier not in ("sigmoid", "stretched"):
             raise EFRAPError(
                 f"EFRAPConfig.rectifier: expected 'sigmoid' or 'stretched', got {self.rectifier!r}"

@@ -82,8 +82,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--budget",
-        type=float,
-        help="EFRAP's budget mode (percent of held-out top-1 disagreement); default off",
+        type=lambda text: None if text == "off" else float(text),
+        default=EFRAPConfig().budget,
+        help="EFRAP's budget mode (percent of held-out top-1 disagreement); 'off': the paper's fixed "
+        f"flip weight (default: {EFRAPConfig().budget})",
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

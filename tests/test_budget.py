@@ -31,12 +31,16 @@ def _logits(sess, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
-def test_the_budget_is_a_percentage_of_the_full_objective():
+def test_the_budget_is_a_percentage_of_the_full_objective_and_the_default():
     with pytest.raises(EFRAPError, match=r"budget \(--budget\): expected a percentage in \[0, 100\]"):
         EFRAPConfig(budget=150)
-    with pytest.raises(EFRAPError, match=r"objective='preserve_only' has none to search"):
-        EFRAPConfig(budget=2.0, objective="preserve_only")
+    with pytest.raises(EFRAPError, match=r"objective='preserve_only' has none to search. Set budget=None"):
+        EFRAPConfig(objective="preserve_only")
+    with pytest.raises(EFRAPError, match=r"flip_weight \(--flip-weight\): the one fixed flipping strength"):
+        EFRAPConfig(flip_weight=2.0)
+    assert (EFRAPConfig().budget, EFRAPConfig().max_strength, EFRAPConfig().margin_cap) == (0.5, 0.8, 4.0)
     assert EFRAPConfig.reference().budget is None
+    assert EFRAPConfig(budget=None, flip_weight=2.0, objective="flip_only").flip_weight == 2.0
 
 
 def test_the_margin_cap_is_a_percentage_of_budget_mode():
@@ -46,7 +50,8 @@ def test_the_margin_cap_is_a_percentage_of_budget_mode():
         ):
             EFRAPConfig(budget=1.0, margin_cap=bad)
     with pytest.raises(EFRAPError, match=r"caps budget mode's ladder, and budget is None"):
-        EFRAPConfig(budget=None, margin_cap=4.0)
+        EFRAPConfig(budget=None, margin_cap=2.0)
+    assert EFRAPConfig(budget=None).margin_cap == EFRAPConfig().margin_cap == 4.0  # the default is no choice
 
 
 def test_margin_risk_counts_inputs_whose_float_class_lost_half_its_margin():
@@ -61,8 +66,10 @@ def test_margin_risk_counts_inputs_whose_float_class_lost_half_its_margin():
 
 
 def test_the_ladder_climbs_by_tenths_to_its_top():
-    assert budget_strengths(EFRAPConfig(budget=1.0)) == BUDGET_STRENGTHS == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
-    assert budget_strengths(EFRAPConfig(budget=1.0, max_strength=0.8))[-3:] == (0.6, 0.7, 0.8)
+    assert budget_strengths(EFRAPConfig(budget=1.0, max_strength=0.5)) == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+    assert (
+        budget_strengths(EFRAPConfig()) == BUDGET_STRENGTHS == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    )
     assert budget_strengths(EFRAPConfig(budget=1.0, max_strength=0.35)) == (0.0, 0.1, 0.2, 0.3, 0.35)
     assert budget_strengths(EFRAPConfig(budget=1.0, max_strength=0.05)) == (0.0, 0.05)
     for bad in (0, 1.5, True, "0.8"):
@@ -71,7 +78,7 @@ def test_the_ladder_climbs_by_tenths_to_its_top():
         ):
             EFRAPConfig(budget=1.0, max_strength=bad)
     with pytest.raises(EFRAPError, match=r"tops budget mode's ladder, and budget is None"):
-        EFRAPConfig(max_strength=0.8)
+        EFRAPConfig(budget=None, max_strength=0.5)
 
 
 def test_a_quarter_of_the_calibration_data_at_most_is_held_out():
@@ -105,10 +112,10 @@ def test_onnx_budget_mode_removes_the_backdoor_and_reports_the_artifacts_disagre
 
 
 def test_a_loose_budget_takes_the_strongest_flipping_and_a_tight_one_never_more(clean_cnn, digits):
-    fast = EFRAPConfig(iters=40, calib_size=256, holdout=128)
+    fast = EFRAPConfig(iters=40, calib_size=256, holdout=128, max_strength=0.5, margin_cap=None)
     loose = defend(clean_cnn, digits.train.x[:384], config=fast.replace(budget=100.0), progress=False)
     tight = defend(clean_cnn, digits.train.x[:384], config=fast.replace(budget=0.0), progress=False)
-    assert [lp.stats["strength"] for lp in loose.layers.values()] == [max(BUDGET_STRENGTHS)] * 4
+    assert [lp.stats["strength"] for lp in loose.layers.values()] == [0.5] * 4
     for name, lp in tight.layers.items():
         assert lp.stats["strength"] <= loose[name].stats["strength"]
         assert lp.stats["steps"] <= loose[name].stats["steps"]
@@ -127,7 +134,7 @@ def test_a_loose_budget_takes_the_strongest_flipping_and_a_tight_one_never_more(
 def test_a_margin_cap_stops_each_ladder_where_held_out_margins_start_to_fall(clean_cnn, digits):
     # 4 bits, every learnable weight flipped at the ladder's top: uncapped, a quarter of the held-out
     # margins halve; a cap holds each layer to the rung before the first one over it
-    fast = EFRAPConfig(iters=40, calib_size=256, holdout=128, budget=100.0, max_strength=1.0)
+    fast = EFRAPConfig(iters=40, calib_size=256, holdout=128, budget=100.0, max_strength=1.0, margin_cap=None)
     calib = digits.train.x[:384]
     uncapped = defend(clean_cnn, calib, config=fast, bits=4, progress=False)
     assert [lp.stats["strength"] for lp in uncapped.layers.values()] == [1.0] * 4
@@ -173,7 +180,7 @@ def test_cli_budget_flag_reports_the_measured_disagreement(pq8_onnx, tmp_path, c
     assert "expected a percentage in [0, 100], got '150'" in capsys.readouterr().err
     assert main([*defend, "--budget", "1", "--flip-weight", "2"]) == 2
     assert "Give one of them (--budget off to use --flip-weight)" in capsys.readouterr().err
-    assert main([*defend, "--max-strength", "0.8"]) == 2
+    assert main([*defend, "--budget", "off", "--max-strength", "0.5"]) == 2
     assert "--max-strength tops budget mode's ladder; give --budget PCT with it" in capsys.readouterr().err
-    assert main([*defend, "--margin-cap", "4"]) == 2
+    assert main([*defend, "--objective", "preserve_only", "--margin-cap", "4"]) == 2
     assert "--margin-cap caps budget mode's ladder; give --budget PCT with it" in capsys.readouterr().err

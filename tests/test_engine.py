@@ -26,7 +26,7 @@ from efrap_plugin import (
     scan_weights,
 )
 
-FAST = EFRAPConfig(iters=200, calib_size=256)
+FAST = EFRAPConfig(iters=200, calib_size=256, budget=None)  # the fixed-strength objective
 
 
 def test_efrap_removes_pqbackdoor_in_fake_quantization(pq8, digits):
@@ -183,7 +183,9 @@ def test_learn_rounding_flips_toward_the_targets_when_only_flipping():
     scheme = QuantScheme.onnxruntime(4)
     x = torch.randn(64, 16)
     problem = LayerProblem("fc", w, scheme, lambda a, b: a @ b.T, x, x @ w.T)
-    cfg = EFRAPConfig(iters=2000, objective="flip_only")  # logits start up to 9.2 from 0 at lr 1e-2
+    cfg = EFRAPConfig(
+        iters=2000, objective="flip_only", budget=None
+    )  # logits start up to 9.2 from 0 at lr 1e-2
     result = learn_rounding(problem, cfg, torch.Generator().manual_seed(0))
     nearest = scheme.quantize(w, result.scale, result.zero_point)
     _, _, frozen = learnable_bounds(w, scheme, result.scale, result.zero_point)
@@ -306,7 +308,7 @@ def test_the_loop_lets_go_of_a_layers_activations_before_the_next_is_captured():
             yield problem
             del problem, x
 
-    plans = defend_layers(problems(), EFRAPConfig(iters=20, calib_size=64), 3, progress=False)
+    plans = defend_layers(problems(), EFRAPConfig(iters=20, calib_size=64, budget=None), 3, progress=False)
     assert list(plans) == ["fc0", "fc1", "fc2"] and alive_at_capture == [False, False, False]
 
 
@@ -431,7 +433,9 @@ def test_objective_terms_and_gradients_match_the_reference_formulas(beta, share,
         x,
         conv(x).detach(),
     )
-    objective = Objective.build(problem, EFRAPConfig(rectifier=rectifier), torch.Generator().manual_seed(0))
+    objective = Objective.build(
+        problem, EFRAPConfig(rectifier=rectifier, budget=None), torch.Generator().manual_seed(0)
+    )
     if share is not None:
         objective.force_flips(share)
         assert 0 < int(objective.free.sum()) < int(objective.learnable.sum())

@@ -432,6 +432,11 @@ def defend_prepared(
         log.warning("%s: %s", name, reason)
     # a module called more than once (tied weights): PT2E names each call by its graph node
     warn_tied_weights((layer.name, layer.nodes[1] if layer.nodes else layer.name) for layer in layers)
+    scheme = observer_grid(layers[0].observer, f"layer {layers[0].name!r}")[0]
+    for layer in layers[
+        1:
+    ]:  # every grid read before any work: an observer EFRAP cannot follow is named first
+        observer_grid(layer.observer, f"layer {layer.name!r}")
     calib, held = split_calibration(calib, config)
     # the float model: the prepared model's structure, its tensors shared (install puts new Parameters
     # into ``prepared`` and nothing writes to a tensor in place), not a second copy of every weight
@@ -440,7 +445,6 @@ def defend_prepared(
     problems = _problems(prepared, float_copy, layers, calib, layer_inputs, config.seed)
     held_out = _held_out(prepared, float_copy, layers, held) if config.budget is not None else None
     plans = defend_layers(problems, config, len(layers), progress, held_out)
-    scheme = observer_grid(layers[0].observer, f"layer {layers[0].name!r}")[0]
     meta = {
         "config": config.to_dict(),
         "flow": "pt2e" if graph else "torch.ao",
