@@ -433,9 +433,8 @@ def defend_prepared(
     # a module called more than once (tied weights): PT2E names each call by its graph node
     warn_tied_weights((layer.name, layer.nodes[1] if layer.nodes else layer.name) for layer in layers)
     scheme = observer_grid(layers[0].observer, f"layer {layers[0].name!r}")[0]
-    for layer in layers[
-        1:
-    ]:  # every grid read before any work: an observer EFRAP cannot follow is named first
+    # every grid read before any work: an observer EFRAP cannot follow is named first
+    for layer in layers[1:]:
         observer_grid(layer.observer, f"layer {layer.name!r}")
     calib, held = split_calibration(calib, config)
     # the float model: the prepared model's structure, its tensors shared (install puts new Parameters
