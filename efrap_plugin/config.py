@@ -11,8 +11,7 @@ from .errors import EFRAPError
 __all__ = ["EFRAPConfig"]
 
 _OBJECTIVES = ("efrap", "flip_only", "preserve_only")
-_DEFAULT_MAX_STRENGTH = 0.8
-_DEFAULT_MARGIN_CAP = 4.0
+_DEFAULT_MAX_STRENGTH = 0.5
 _DEFAULT_FLIP_WEIGHT = 1.0
 
 
@@ -65,24 +64,26 @@ class EFRAPConfig:
     settle: float = 0.0
     """Early stop (--settle): the share of a layer's learnable integers that may still change per 50
     steps while it counts as holding still; 0 asks for no change at all."""
-    budget: float | None = 0.5
-    """Budget mode (--budget PCT, the default): the top-1 disagreement with the float model, in percent of
+    budget: float | None = None
+    """Budget mode (--budget PCT): the top-1 disagreement with the float model, in percent of
     held-out calibration images, that flipping may add to what quantization itself costs. Each layer
     searches its flipping strength from weak to strong and keeps the strongest whose disagreement exceeds
     that of its weakest by at most its share of the budget, and whose margin risk stays within
-    ``margin_cap`` (benchmarks/results/margin.md). None (--budget off): one fixed strength,
-    ``flip_weight``, for every layer (the paper's)."""
+    ``margin_cap`` (benchmarks/results/margin.md). None (the default, --budget off): one fixed strength,
+    ``flip_weight``, for every layer (the paper's). Not the default: with budget 0.5, top 0.8 and cap 4
+    three user-flow examples missed the removal bar (make test-slow)."""
     max_strength: float = _DEFAULT_MAX_STRENGTH
     """Budget mode (--max-strength): the top of each layer's ladder, the largest share of its learnable
     weights flipped by force (the ladder climbs 0, 0.1, 0.2, ... to it). Without a margin cap, tops above
     0.5 lower the asr and can cost clean accuracy the held-out disagreement does not see
-    (benchmarks/results/ladder.md); the cap is what makes 0.8 safe (margin.md)."""
-    margin_cap: float | None = _DEFAULT_MARGIN_CAP
+    (benchmarks/results/ladder.md); with a margin cap of 4, 0.8 met the strict bar on every firing digits
+    cell (margin.md)."""
+    margin_cap: float | None = None
     """Budget mode (--margin-cap PCT): the largest share of held-out calibration images, in percent, whose
     float class's margin (its output over the best other class) may be halved or lost; a layer's ladder
     also stops at the first strength over it. Disagreement counts decisions that flipped; this sees
     confidence falling first, so a strong ladder can climb without clean accuracy sliding
-    (benchmarks/results/margin.md). None: no cap."""
+    (benchmarks/results/margin.md). None (the default): no cap."""
     holdout: int = 256
     """Budget mode: calibration images held out of the optimisation to measure the disagreement on
     (at most a quarter of the calibration data)."""
@@ -111,14 +112,14 @@ class EFRAPConfig:
             )
         if self.budget is not None and self.objective != "efrap":
             raise EFRAPError(
-                f"EFRAPConfig.budget (--budget): budget mode (the default) searches the flipping strength of "
+                f"EFRAPConfig.budget (--budget): budget mode searches the flipping strength of "
                 f"the full objective; objective={self.objective!r} has none to search. Set budget=None "
                 "(--budget off)"
             )
         if self.budget is not None and self.flip_weight != _DEFAULT_FLIP_WEIGHT:
             raise EFRAPError(
-                f"EFRAPConfig.flip_weight (--flip-weight): the one fixed flipping strength, and budget mode (the "
-                f"default, budget={self.budget!r}) searches the strength per layer instead; set budget=None "
+                f"EFRAPConfig.flip_weight (--flip-weight): the one fixed flipping strength, and budget mode "
+                f"(budget={self.budget!r}) searches the strength per layer instead; set budget=None "
                 "(--budget off) to use it"
             )
         if isinstance(self.max_strength, bool) or not (
@@ -140,10 +141,10 @@ class EFRAPConfig:
                 f"EFRAPConfig.max_strength (--max-strength): tops budget mode's ladder, and budget is None "
                 f"(--budget off); set a budget (--budget PCT) or leave max_strength at {_DEFAULT_MAX_STRENGTH}"
             )
-        if self.budget is None and self.margin_cap not in (None, _DEFAULT_MARGIN_CAP):
+        if self.budget is None and self.margin_cap is not None:
             raise EFRAPError(
                 "EFRAPConfig.margin_cap (--margin-cap): caps budget mode's ladder, and budget is None "
-                f"(--budget off); set a budget (--budget PCT) or leave margin_cap at {_DEFAULT_MARGIN_CAP}"
+                "(--budget off); set a budget (--budget PCT) or margin_cap=None"
             )
         _positive(self, "holdout", "holdout")
         if not self.lr > 0:
