@@ -48,7 +48,7 @@ from run import CELLS, attacked_onnx, configure_logging
 
 from efrap_cli.report import write_table
 from efrap_onnx import quantize_images, session
-from efrap_plugin import EFRAPConfig, attack_fires, backdoor_removed, evaluate
+from efrap_plugin import EFRAPConfig, HeldOut, attack_fires, backdoor_removed, evaluate
 
 HELD_OUT = 256
 
@@ -178,19 +178,6 @@ def _logits(sess, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
-def margin_risk(reference: np.ndarray, logits: np.ndarray) -> float:
-    """Percent of inputs whose float class's margin (its logit over the best other) the defended model
-    halves or loses: a finer accuracy signal than top-1 disagreement on inputs the float model is sure of."""
-    labels, rows = reference.argmax(-1), np.arange(len(reference))
-
-    def margin(z: np.ndarray) -> np.ndarray:
-        others = z.copy()
-        others[rows, labels] = -np.inf
-        return z[rows, labels] - others.max(-1)
-
-    return 100.0 * float((margin(logits) < 0.5 * margin(reference)).mean())
-
-
 def _cell(job: tuple[str, int, int, list[float], str, bool, str, tuple[str, ...]]) -> list[dict]:
     attack, bits, seed, budgets, dataset, measure_all, study, only = job
     torch.set_num_threads(1)
@@ -200,7 +187,7 @@ def _cell(job: tuple[str, int, int, list[float], str, bool, str, tuple[str, ...]
         calib = np.ascontiguousarray(data.train.x[: 1024 + HELD_OUT].numpy())
         held = calib[len(calib) - HELD_OUT :]
         float_s = session(src)
-        float_held = _logits(float_s, held)
+        float_held = torch.from_numpy(_logits(float_s, held))
         float_m = evaluate(float_s, data.test, result.trigger)
         quantize_images(src, Path(tmp) / "stock.onnx", calib[:1024], bits, efrap=False, progress=False)
         stock = evaluate(session(Path(tmp) / "stock.onnx"), data.test, result.trigger)
@@ -213,7 +200,8 @@ def _cell(job: tuple[str, int, int, list[float], str, bool, str, tuple[str, ...]
             plan = quantize_images(src, Path(tmp) / "d.onnx", calib, bits, config=cfg, progress=False)
             seconds = time.perf_counter() - t0
             defended = session(Path(tmp) / "d.onnx")
-            defended_held = _logits(defended, held)
+            defended_held = torch.from_numpy(_logits(defended, held))
+            seen = HeldOut(float_held, lambda logits=defended_held: logits).measure()  # the core's measure
             m = evaluate(defended, data.test, result.trigger)
             strengths = [lp.stats["strength"] for lp in plan.layers.values() if "strength" in lp.stats]
             rows.append(
@@ -230,10 +218,8 @@ def _cell(job: tuple[str, int, int, list[float], str, bool, str, tuple[str, ...]
                     "stock_asr": round(100 * stock.asr, 2),
                     "efrap_acc": round(100 * m.clean_acc, 2),
                     "efrap_asr": round(100 * m.asr, 2),
-                    "disagreement": round(
-                        100 * float((defended_held.argmax(-1) != float_held.argmax(-1)).mean()), 2
-                    ),
-                    "margin_risk": round(margin_risk(float_held, defended_held), 2),
+                    "disagreement": round(seen.disagreement, 2),
+                    "margin_risk": round(seen.margin_risk, 2),
                     "strength": round(statistics.mean(strengths), 3) if strengths else "",
                     "seconds": round(seconds, 1),
                     "steps": sum(lp.stats["steps"] for lp in plan.layers.values()),
