@@ -73,6 +73,13 @@ class HeldOut:
     predict: Callable[[], torch.Tensor]
 
     def __post_init__(self) -> None:
+        if self.reference.dim() < 2 or self.reference.shape[-1] < 2:
+            raise DataError(
+                f"budget mode measures the top-1 decisions of a classifier, over the class scores on the last "
+                f"axis of the model's first output, and the float model's first output has shape "
+                f"{tuple(self.reference.shape)}: no classes to decide between. Set budget=None (--budget off) "
+                "for a model that does not output class scores"
+            )
         self._labels = self.reference.argmax(-1)
         self._margins = _margins(self.reference, self._labels)
 

@@ -105,7 +105,34 @@ def defend_layers(
             )
             done += 1
             del problem, result  # the next layer's capture runs before the loop rebinds them
+    if config.budget is not None and config.margin_cap is not None:
+        _warn_over_cap(plans, config.margin_cap, held_out.resolution)
     return plans
+
+
+def _warn_over_cap(plans: dict[str, LayerPlan], cap: float, resolution: float) -> None:
+    """Warn of the layers whose weakest rounding was already over the margin cap: the cap is absolute, so
+    where the model as it stands (quantization, the earlier layers' rounding) halves more held-out margins
+    than it allows, those layers flip nothing by force and rest on activation preservation alone."""
+    over = {
+        name: lp.stats["margin_risk"]
+        for name, lp in plans.items()
+        if lp.stats["margin_risk"] > cap + resolution
+    }
+    if over:
+        listed = ", ".join(f"{name} ({risk:.1f}%)" for name, risk in over.items())
+        log.warning(
+            "budget mode: the margin cap of %g%% was exceeded at the weakest strength of %d of %d layers "
+            "(margin risk %s), so they kept their weakest rounding: the model as it stood before they "
+            "flipped anything (quantization, the earlier layers' rounding) halved more held-out margins "
+            "than the cap allows. Raise --margin-cap above %.1f%%, or leave it off "
+            "(--margin-cap off) to let the budget alone decide",
+            cap,
+            len(over),
+            len(plans),
+            listed,
+            max(over.values()),
+        )
 
 
 def _strongest_within(

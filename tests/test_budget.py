@@ -60,7 +60,7 @@ def test_margin_risk_counts_inputs_whose_float_class_lost_half_its_margin():
     outputs = torch.tensor([[2.4, 0.0, 1.0], [0.0, 1.9, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
     seen = HeldOut(reference, lambda: outputs).measure()
     assert seen.disagreement == 25.0 and seen.margin_risk == 50.0
-    assert HeldOut(reference, lambda: reference).measure() == (0.0, 0.0)
+    assert HeldOut(reference, lambda r=reference: r).measure() == (0.0, 0.0)
     with pytest.raises(DataError, match=r"outputs \(4, 2\) do not match the float model's \(4, 3\)"):
         HeldOut(reference, lambda: outputs[:, :2]).measure()
 
@@ -130,7 +130,7 @@ def test_a_loose_budget_takes_the_strongest_flipping_and_a_tight_one_never_more(
     assert tight.meta["calib_size"] == 256
 
 
-def test_a_margin_cap_stops_each_ladder_where_held_out_margins_start_to_fall(clean_cnn, digits):
+def test_a_margin_cap_stops_each_ladder_where_held_out_margins_start_to_fall(clean_cnn, digits, caplog):
     # 4 bits, every learnable weight flipped at the ladder's top: uncapped, a quarter of the held-out
     # margins halve; a cap holds each layer to the rung before the first one over it
     fast = EFRAPConfig(iters=40, calib_size=256, holdout=128, budget=100.0, max_strength=1.0, margin_cap=None)
@@ -140,11 +140,33 @@ def test_a_margin_cap_stops_each_ladder_where_held_out_margins_start_to_fall(cle
     assert uncapped.margin_risk > 10
     resolution = 100 / 96  # a quarter of 384 held out
     for cap in (0.0, 3.0):
+        caplog.clear()
         capped = defend(clean_cnn, calib, config=fast.replace(margin_cap=cap), bits=4, progress=False)
         for lp in capped.layers.values():  # the weakest rung is kept whatever it measures
             assert lp.stats["margin_risk"] <= cap + resolution + 1e-9 or lp.stats["strength"] == 0.0
         assert sum(lp.stats["strength"] for lp in capped.layers.values()) <= 2.0
         assert capped.margin_risk == capped[list(capped.layers)[-1]].stats["margin_risk"]
+        # the layers over the cap at their weakest rung are named, and no other
+        over = [name for name, lp in capped.layers.items() if lp.stats["margin_risk"] > cap + resolution]
+        warned = [r.getMessage() for r in caplog.records if "margin cap" in r.getMessage()]
+        assert bool(warned) == bool(over)
+        for name in over:
+            assert f"{name} (" in warned[0] and f"of {len(over)} of 4 layers" in warned[0]
+    # 2 bits: quantization alone halves many held-out margins; a 3% cap is over from the first layer on
+    caplog.clear()
+    two = defend(clean_cnn, calib, config=fast.replace(margin_cap=3.0), bits=2, progress=False)
+    first = next(iter(two.layers.values()))
+    assert first.stats["strength"] == 0.0 and first.stats["margin_risk"] > 3.0 + resolution
+    (warned,) = [r.getMessage() for r in caplog.records if "margin cap" in r.getMessage()]
+    assert f"{next(iter(two.layers))} (" in warned and "Raise --margin-cap above" in warned
+
+
+def test_budget_mode_needs_class_scores_to_decide_between():
+    for reference in (torch.zeros(8), torch.zeros(8, 1)):
+        with pytest.raises(
+            DataError, match=r"no classes to decide between. Set budget=None \(--budget off\)"
+        ):
+            HeldOut(reference, lambda r=reference: r)
 
 
 def test_brevitas_budget_mode_measures_the_users_model(digits):
