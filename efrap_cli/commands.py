@@ -196,7 +196,16 @@ def _config(args: argparse.Namespace) -> EFRAPConfig:
     base = EFRAPConfig.reference() if args.reference else EFRAPConfig()
     given = {
         field: getattr(args, field)
-        for field in ("iters", "lr", "batch_size", "flip_weight", "patience", "settle", "max_strength")
+        for field in (
+            "iters",
+            "lr",
+            "batch_size",
+            "flip_weight",
+            "patience",
+            "settle",
+            "max_strength",
+            "holdout",
+        )
         if getattr(args, field) is not None
     }
     for field in ("budget", "margin_cap"):
@@ -213,6 +222,8 @@ def _config(args: argparse.Namespace) -> EFRAPConfig:
     else:
         if "max_strength" in given:
             raise UsageError("--max-strength tops budget mode's ladder; give --budget PCT with it")
+        if "holdout" in given:
+            raise UsageError("--holdout sets the images budget mode measures on; give --budget PCT with it")
         if given.get("margin_cap") is not None:
             raise UsageError("--margin-cap caps budget mode's ladder; give --budget PCT with it")
     device = getattr(args, "device", None) or "cpu"
@@ -269,6 +280,7 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
         "disagreement": None if plan.disagreement is None else round(plan.disagreement, 2),
         "margin_cap": None if config.budget is None else config.margin_cap,
         "margin_risk": None if plan.margin_risk is None else round(plan.margin_risk, 2),
+        "held_out_resolution": None if plan.resolution is None else round(plan.resolution, 4),
         "strength": {k: v.stats["strength"] for k, v in plan.layers.items() if "strength" in v.stats},
         "skipped": plan.meta.get("skipped", {}),
         "constants": plan.meta.get("constants", {}),
@@ -288,9 +300,9 @@ def _say_defended(summary: dict[str, Any], kernels: dict[str, int]) -> None:
     if summary["budget"] is not None:
         strengths = ", ".join(f"{s:g}" for s in summary["strength"].values())
         print(
-            f"budget: {summary['disagreement']:.2f}% of held-out images disagree with the float model's top-1, "
-            f"flipping adding at most {summary['budget']:g}% to quantization's own; flipped shares per layer: "
-            f"{strengths}"
+            f"budget: {summary['disagreement']:.2f}% of held-out images disagree with the float model's top-1 "
+            f"(one image: {summary['held_out_resolution']:.2f}%), flipping adding at most {summary['budget']:g}% "
+            f"to quantization's own; flipped shares per layer: {strengths}"
         )
         cap = "no cap" if summary["margin_cap"] is None else f"cap {summary['margin_cap']:g}%"
         print(

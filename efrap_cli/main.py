@@ -62,6 +62,13 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
             "share of a layer's integers that may change per 50 steps while stable",
         ),
         (
+            "--holdout",
+            int,
+            "holdout",
+            "budget mode: calibration images held out of the optimisation to measure on, at most a quarter "
+            "of those read; each weighs 100/N percent",
+        ),
+        (
             "--max-strength",
             float,
             "max_strength",

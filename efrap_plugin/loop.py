@@ -70,7 +70,7 @@ def defend_layers(
                         problem, config, generator, bar.update, held_out, allowance
                     )
                     spent += cost
-                    stats = {"strength": result.strength, **seen._asdict()}
+                    stats = {"strength": result.strength, **seen._asdict(), "resolution": held_out.resolution}
             bar.update(per_layer - (bar.n - start))  # steps an early stop or the budget skipped
             plans[problem.name] = LayerPlan(
                 problem.name,

@@ -71,6 +71,12 @@ class RoundingPlan:
         model halves or loses (``EFRAPConfig.margin_cap``); None without a budget."""
         return self._finished("margin_risk")
 
+    @property
+    def resolution(self) -> float | None:
+        """Budget mode: what one held-out decision weighs, in percent (100 / the held-out inputs): the
+        finest disagreement or margin risk the plan's figures can tell apart; None without a budget."""
+        return self._finished("resolution")
+
     def _finished(self, stat: str) -> float | None:
         """A held-out measurement of the finished model: the last layer's."""
         last = list(self.layers.values())[-1] if self.layers else None

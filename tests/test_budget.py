@@ -128,6 +128,7 @@ def test_a_loose_budget_takes_the_strongest_flipping_and_a_tight_one_never_more(
     # the torch path measures on the partially quantized model itself: the last layer's figure is the model's
     assert tight.disagreement == tight[list(tight.layers)[-1]].stats["disagreement"]
     assert tight.meta["calib_size"] == 256
+    assert tight.resolution == pytest.approx(100 / 96) and loose.resolution == tight.resolution  # 384 // 4
 
 
 def test_a_margin_cap_stops_each_ladder_where_held_out_margins_start_to_fall(clean_cnn, digits, caplog):
@@ -189,9 +190,10 @@ def test_brevitas_budget_mode_measures_the_users_model(digits):
 
 def test_cli_budget_flag_reports_the_measured_disagreement(pq8_onnx, tmp_path, capsys):
     defend = ["defend", str(pq8_onnx), "--calib", "digits", "--out", str(tmp_path / "d.onnx")]
-    code = main([*defend, "--budget", "1", "--margin-cap", "4", "--json", "--quiet"])
+    code = main([*defend, "--budget", "1", "--margin-cap", "4", "--holdout", "200", "--json", "--quiet"])
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and summary["verify"]["integers_ok"]
+    assert summary["held_out_resolution"] == 0.5  # one of the 200 held-out images
     assert summary["budget"] == 1.0 and 0 <= summary["disagreement"] <= 100
     assert summary["margin_cap"] == 4.0 and 0 <= summary["margin_risk"] <= 100
     assert sorted(summary["strength"]) == sorted(summary["per_layer"])
@@ -205,3 +207,5 @@ def test_cli_budget_flag_reports_the_measured_disagreement(pq8_onnx, tmp_path, c
     assert "--max-strength tops budget mode's ladder; give --budget PCT with it" in capsys.readouterr().err
     assert main([*defend, "--objective", "preserve_only", "--margin-cap", "4"]) == 2
     assert "--margin-cap caps budget mode's ladder; give --budget PCT with it" in capsys.readouterr().err
+    assert main([*defend, "--budget", "off", "--holdout", "512"]) == 2
+    assert "--holdout sets the images budget mode measures on; give --budget PCT" in capsys.readouterr().err
