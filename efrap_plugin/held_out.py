@@ -24,12 +24,15 @@ MIN_HOLDOUT = 16
 def split_sizes(available: int, config: EFRAPConfig) -> tuple[int, int]:
     """(inputs the optimisation uses, inputs held out) of ``available`` calibration inputs, in that order.
 
-    Under a budget the held-out inputs are the last ``min(config.holdout, available // 4)``; the
-    optimisation takes up to ``calib_size`` of the others. Without one nothing is held out.
+    Under a budget the held-out inputs are the last ``config.holdout`` when there are enough for both
+    (``inputs_needed``), else the last ``min(config.holdout, available // 4)``, so a short supply leaves
+    the optimisation three quarters; the optimisation takes up to ``calib_size`` of the others. Without
+    one nothing is held out.
     """
     if config.budget is None:
         return min(config.calib_size, available), 0
-    held = min(config.holdout, available // 4)
+    enough = available >= inputs_needed(config)
+    held = config.holdout if enough else min(config.holdout, available // 4)
     if held < MIN_HOLDOUT:
         raise DataError(
             f"calibration data: budget mode holds out a quarter of the calibration inputs (at most "

@@ -85,6 +85,8 @@ def test_a_quarter_of_the_calibration_data_at_most_is_held_out():
     assert split_sizes(1024, BUDGET) == (768, 256)
     assert split_sizes(200, BUDGET) == (150, 50)
     assert split_sizes(5000, BUDGET) == (1024, 256)
+    more = BUDGET.replace(holdout=1024)  # asked for, and supplied: held out whole
+    assert split_sizes(2048, more) == (1024, 1024) and split_sizes(1500, more) == (1024, 375)
     assert split_sizes(1257, EFRAPConfig(budget=None)) == (1024, 0)
     with pytest.raises(DataError, match=r"40 inputs leave 10; give at least 64 inputs, or set budget=None"):
         split_sizes(40, BUDGET)
@@ -128,7 +130,7 @@ def test_a_loose_budget_takes_the_strongest_flipping_and_a_tight_one_never_more(
     # the torch path measures on the partially quantized model itself: the last layer's figure is the model's
     assert tight.disagreement == tight[list(tight.layers)[-1]].stats["disagreement"]
     assert tight.meta["calib_size"] == 256
-    assert tight.resolution == pytest.approx(100 / 96) and loose.resolution == tight.resolution  # 384 // 4
+    assert tight.resolution == pytest.approx(100 / 128) and loose.resolution == tight.resolution  # 256 + 128
 
 
 def test_a_margin_cap_stops_each_ladder_where_held_out_margins_start_to_fall(clean_cnn, digits, caplog):
@@ -139,7 +141,7 @@ def test_a_margin_cap_stops_each_ladder_where_held_out_margins_start_to_fall(cle
     uncapped = defend(clean_cnn, calib, config=fast, bits=4, progress=False)
     assert [lp.stats["strength"] for lp in uncapped.layers.values()] == [1.0] * 4
     assert uncapped.margin_risk > 10
-    resolution = 100 / 96  # a quarter of 384 held out
+    resolution = 100 / 128  # 384 = calib_size 256 + holdout 128
     for cap in (0.0, 3.0):
         caplog.clear()
         capped = defend(clean_cnn, calib, config=fast.replace(margin_cap=cap), bits=4, progress=False)
