@@ -30,8 +30,9 @@ def adapter(extra: str) -> ModuleType:
         ) from None
 
 
-def stock_onnx_int8(float_onnx: Path, calib: np.ndarray, out: Path, bits: int = 8, per_channel: bool = True):
-    """onnxruntime's stock quantize_static: QDQ, per-channel, MinMax, uint8 activations."""
+def stock_onnx_int8(float_onnx: Any, calib: np.ndarray, out: Path, bits: int = 8, per_channel: bool = True):
+    """onnxruntime's stock quantize_static: QDQ, per-channel, MinMax, uint8 activations; ``float_onnx``
+    a path or the onnx adapter's ``prepare`` of one."""
     adapter("onnx").quantize_images(
         float_onnx, out, calib, bits, per_channel=per_channel, efrap=False, progress=False
     )
