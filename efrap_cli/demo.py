@@ -38,9 +38,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     float_onnx = onnx_adapter.export_float_onnx(result.model, splits.train.x[:2], out / "model.onnx")
     trigger, test = result.trigger, splits.test
     calib = np.ascontiguousarray(splits.train.x[:CALIB_IMAGES].numpy())
-    prepared = onnx_adapter.prepare(
-        float_onnx
-    )  # pre-processed once: the stock flow, EFRAP and the scan read it
+    # pre-processed once: the stock flow, EFRAP and the scan all read it
+    prepared = onnx_adapter.prepare(float_onnx)
 
     say("[2/4] stock onnxruntime quantize_static (QDQ, per-channel, MinMax) ...")
     t0 = time.perf_counter()

@@ -65,8 +65,8 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
             "--holdout",
             int,
             "holdout",
-            "budget mode: calibration images held out of the optimisation to measure on, at most a quarter "
-            "of those read; each weighs 100/N percent",
+            "budget mode: calibration images held out of the optimisation to measure on (--calib-size + N "
+            "are read; at most a quarter when fewer are given); each weighs 100/N percent",
         ),
         (
             "--max-strength",

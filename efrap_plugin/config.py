@@ -87,9 +87,8 @@ class EFRAPConfig:
     holdout: int = 256
     """Budget mode (--holdout): calibration images held out of the optimisation to measure the
     disagreement on (at most a quarter of the calibration data when less than ``calib_size`` + this is
-    supplied). Each weighs 100 / holdout percent: on 256,
-    a one-point accuracy change is 2.6 images expected with a standard deviation of 1.6, too few to see,
-    so hold out more where there is data to spare."""
+    supplied). Each weighs 100 / holdout percent: on 256, a one-point accuracy change is 2.6 images
+    expected with a standard deviation of 1.6, too few to see, so hold out more where data is to spare."""
 
     def __post_init__(self) -> None:
         _positive(self, "iters", "--iters")

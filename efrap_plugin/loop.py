@@ -125,7 +125,7 @@ def _warn_over_cap(plans: dict[str, LayerPlan], cap: float, resolution: float) -
             "budget mode: the margin cap of %g%% was exceeded at the weakest strength of %d of %d layers "
             "(margin risk %s), so they kept their weakest rounding: the model as it stood before they "
             "flipped anything (quantization, the earlier layers' rounding) halved more held-out margins "
-            "than the cap allows. Raise --margin-cap above %.1f%%, or leave it off "
+            "than the cap allows. Raise margin_cap (--margin-cap) above %.1f%%, or set it to None "
             "(--margin-cap off) to let the budget alone decide",
             cap,
             len(over),

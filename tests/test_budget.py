@@ -161,7 +161,7 @@ def test_a_margin_cap_stops_each_ladder_where_held_out_margins_start_to_fall(cle
     first = next(iter(two.layers.values()))
     assert first.stats["strength"] == 0.0 and first.stats["margin_risk"] > 3.0 + resolution
     (warned,) = [r.getMessage() for r in caplog.records if "margin cap" in r.getMessage()]
-    assert f"{next(iter(two.layers))} (" in warned and "Raise --margin-cap above" in warned
+    assert f"{next(iter(two.layers))} (" in warned and "Raise margin_cap (--margin-cap) above" in warned
 
 
 def test_budget_mode_needs_class_scores_to_decide_between():
