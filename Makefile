@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export OMP_NUM_THREADS ?= 2
+# Test workers (pytest-xdist), one per core of the project's 2-core machines; each test runs torch on one
+# thread, and a file's tests share one worker (its session fixtures are built once).
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: demo test test-slow bench check style venv fashion-mnist fixtures clean
 
@@ -24,10 +28,10 @@ demo: $(STAMP)
 	$(VENV)/bin/efrap demo --out demo-out
 
 test: $(STAMP) fashion-mnist
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-slow: $(STAMP) fashion-mnist
-	$(PY) -m pytest -q -m slow
+	$(PYTEST) -m slow
 
 # The committed test models (tests/fixtures): rebuild only on purpose, then commit the new files.
 fixtures: $(STAMP)
