@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -185,6 +186,17 @@ class EFRAPConfig:
         if set(data) - known:
             raise EFRAPError(f"EFRAPConfig: unknown fields {sorted(set(data) - known)}")
         return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> EFRAPConfig:
+        """Some fields as a JSON object (the rest default), as a script's flag takes them: '{"budget": 1}'."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise EFRAPError(f"EFRAPConfig: expected a JSON object of fields, got {text!r} ({exc})") from None
+        if not isinstance(data, dict):
+            raise EFRAPError(f"EFRAPConfig: expected a JSON object of fields, got {text!r}")
+        return cls.from_dict(data)
 
 
 def _positive(cfg: EFRAPConfig, name: str, flag: str) -> None:

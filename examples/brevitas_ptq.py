@@ -29,7 +29,7 @@ from torch import nn
 
 from efrap_brevitas import defend_quant_model, quantizer_scheme, verify_qcdq  # EFRAP
 from efrap_onnx import session
-from efrap_plugin import compare, load_digits
+from efrap_plugin import EFRAPConfig, compare, load_digits
 from efrap_plugin.attacks import red_team_model
 
 WEIGHT_QUANT = {
@@ -72,6 +72,12 @@ def main() -> int:
     parser.add_argument("--weight-quant", choices=tuple(WEIGHT_QUANT), default="int8-per-channel-float")
     parser.add_argument("--model", help="an `efrap attack` folder to use instead of training one")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--efrap",
+        type=EFRAPConfig.from_json,
+        default=EFRAPConfig(),
+        help="EFRAPConfig fields as JSON, e.g. '{\"budget\": 1}' (default: the defaults)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -87,7 +93,7 @@ def main() -> int:
     calibrate(calib, stock)
     defended = quantize_model(model, weight_quant, options)
     calibrate(calib, defended)
-    plan = defend_quant_model(defended, calib, progress=False)  # EFRAP
+    plan = defend_quant_model(defended, calib, args.efrap, progress=False)  # EFRAP
     with tempfile.TemporaryDirectory() as tmp:
         stock_file = export(stock.eval(), calib[:1], Path(tmp) / "stock.onnx")
         efrap_file = export(defended.eval(), calib[:1], Path(tmp) / "efrap.onnx")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.ao.quantization import DeQuantStub, QuantStub, convert, fuse_modules, get_default_qconfig, prepare
 
-from efrap_plugin import compare, load_digits, train
+from efrap_plugin import EFRAPConfig, compare, load_digits, train
 from efrap_plugin.attacks import PQBackdoor, default_trigger
 from efrap_torchao import defend_prepared, observer_scheme, verify_eager  # EFRAP
 
@@ -61,14 +61,14 @@ class TutorialNet(nn.Module):
         return fuse_modules(self, [[f"conv{i}", f"bn{i}", f"relu{i}"] for i in (1, 2, 3)])
 
 
-def ptq(model: TutorialNet, calib: torch.Tensor, efrap: bool):
+def ptq(model: TutorialNet, calib: torch.Tensor, efrap: EFRAPConfig | None):
     model = copy.deepcopy(model).eval().fuse()
     model.qconfig = get_default_qconfig("x86")
     prepared = prepare(model)
     with torch.no_grad():
         for batch in calib.split(64):  # calibration
             prepared(batch)
-    plan = defend_prepared(prepared, calib, progress=False) if efrap else None  # EFRAP
+    plan = defend_prepared(prepared, calib, efrap, progress=False) if efrap is not None else None  # EFRAP
     return convert(prepared), plan
 
 
@@ -84,6 +84,12 @@ def red_team(digits, seed: int):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--efrap",
+        type=EFRAPConfig.from_json,
+        default=EFRAPConfig(),
+        help="EFRAPConfig fields as JSON, e.g. '{\"budget\": 1}' (default: the defaults)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -93,8 +99,8 @@ def main() -> int:
     digits = load_digits(seed=0)
     model, trigger = red_team(digits, args.seed)
     calib, test = digits.train.x[:1024], digits.test
-    stock, _ = ptq(model, calib, efrap=False)
-    defended, plan = ptq(model, calib, efrap=True)
+    stock, _ = ptq(model, calib, efrap=None)
+    defended, plan = ptq(model, calib, efrap=args.efrap)
     report = verify_eager(defended, plan, strict=False)  # EFRAP: integers read back from the int8 model
     row = {"flow": "eager", **compare(test, trigger, float=model, stock=stock, efrap=defended)}
     row.update(integers_ok=report.integers_ok, layers=report.layers)

@@ -19,17 +19,17 @@ import torch
 from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-from efrap_plugin import compare, load_digits
+from efrap_plugin import EFRAPConfig, compare, load_digits
 from efrap_plugin.attacks import red_team_model
 from efrap_torchao import defend_prepared, observer_scheme, verify_fx  # EFRAP
 
 
-def ptq(model, qconfig_mapping, calib, efrap: bool):
+def ptq(model, qconfig_mapping, calib, efrap: EFRAPConfig | None):
     prepared = prepare_fx(copy.deepcopy(model).eval(), qconfig_mapping, (calib[:2],))
     with torch.no_grad():
         for batch in calib.split(64):  # calibration
             prepared(batch)
-    plan = defend_prepared(prepared, calib, progress=False) if efrap else None  # EFRAP
+    plan = defend_prepared(prepared, calib, efrap, progress=False) if efrap is not None else None  # EFRAP
     return convert_fx(prepared), plan
 
 
@@ -38,6 +38,12 @@ def main() -> int:
     parser.add_argument("--qconfig", choices=("x86", "fbgemm", "qnnpack"), default="x86")
     parser.add_argument("--model", help="an `efrap attack` folder to use instead of training one")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--efrap",
+        type=EFRAPConfig.from_json,
+        default=EFRAPConfig(),
+        help="EFRAPConfig fields as JSON, e.g. '{\"budget\": 1}' (default: the defaults)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -50,8 +56,8 @@ def main() -> int:
     digits = load_digits(seed=0)
     calib, test = digits.train.x[:1024], digits.test
 
-    stock, _ = ptq(model, qconfig_mapping, calib, efrap=False)
-    defended, plan = ptq(model, qconfig_mapping, calib, efrap=True)
+    stock, _ = ptq(model, qconfig_mapping, calib, efrap=None)
+    defended, plan = ptq(model, qconfig_mapping, calib, efrap=args.efrap)
     report = verify_fx(defended, plan, strict=False)  # EFRAP: integers read back from the int8 model
     row = {"qconfig": args.qconfig, **compare(test, trigger, float=model, stock=stock, efrap=defended)}
     row.update(integers_ok=report.integers_ok, layers=report.layers)

@@ -83,9 +83,15 @@ def main() -> int:
     parser.add_argument(
         "--budget",
         type=lambda text: None if text == "off" else float(text),
-        default=EFRAPConfig().budget,
+        default=argparse.SUPPRESS,
         help="EFRAP's budget mode (percent of held-out top-1 disagreement); 'off': the paper's fixed "
-        f"flip weight (default: {EFRAPConfig().budget})",
+        f"flip weight (default: {EFRAPConfig().budget}, or --efrap's)",
+    )
+    parser.add_argument(
+        "--efrap",
+        type=EFRAPConfig.from_json,
+        default=EFRAPConfig(),
+        help="EFRAPConfig fields as JSON, e.g. '{\"budget\": 1}' (default: the defaults)",
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -99,7 +105,8 @@ def main() -> int:
     calib, test = digits.train.x[:1024], digits.test
 
     stock, _ = ptq(model, quantizer, calib, efrap=None)
-    defended, plan = ptq(model, quantizer, calib, efrap=EFRAPConfig(budget=args.budget))
+    efrap = args.efrap.replace(budget=args.budget) if "budget" in args else args.efrap
+    defended, plan = ptq(model, quantizer, calib, efrap=efrap)
     report = verify_pt2e(defended, plan, strict=False)  # EFRAP: integers read back from the int8 model
     with tempfile.TemporaryDirectory() as tmp:
         in_ort = evaluate(session(to_onnx(defended, calib[:2], Path(tmp) / "efrap.onnx")), test, trigger)

@@ -141,6 +141,16 @@ def test_bits_and_config_validation_name_the_flag(clean_cnn, digits):
         EFRAPConfig(objective="both")
     assert EFRAPConfig.from_dict(EFRAPConfig.reference().to_dict()) == EFRAPConfig.reference()
     assert EFRAPConfig.reference().iters == 10_000 and EFRAPConfig.reference().lr == 1e-3
+    # a script's --efrap flag: some fields as JSON, the rest the defaults, validated as any config
+    assert EFRAPConfig.from_json('{"budget": 0.5, "margin_cap": 4}') == EFRAPConfig(budget=0.5, margin_cap=4)
+    for text, error in (
+        ("[1]", r"expected a JSON object of fields, got '\[1\]'"),
+        ("{bad", r"expected a JSON object of fields, got '\{bad' \(Expecting property name"),
+        ('{"budgt": 1}', r"unknown fields \['budgt'\]"),
+        ('{"budget": 150}', r"budget \(--budget\): expected a percentage in \[0, 100\]"),
+    ):
+        with pytest.raises(EFRAPError, match=error):
+            EFRAPConfig.from_json(text)
 
 
 def test_learn_rounding_rejects_nan_weights():
