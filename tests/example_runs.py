@@ -13,12 +13,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_example(script: str, *args: str) -> dict:
-    out = subprocess.run(
+    out = _run(script, *args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def assert_example_takes_the_config(script: str, *args: str) -> None:
+    """The example's --efrap JSON reaches its defense: a device nobody has stops it there, named."""
+    out = _run(script, *args, "--efrap", '{"device": "no-such-device"}')
+    assert out.returncode != 0 and "device: 'no-such-device' is not usable here" in out.stderr
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, str(ROOT / "examples" / script), *args, "--json"],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def assert_defended(row: dict) -> None:

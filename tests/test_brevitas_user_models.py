@@ -26,7 +26,7 @@ from brevitas.quant import (
     Int8WeightPerTensorFloat,
     ShiftedUint8WeightPerTensorFloat,
 )
-from example_runs import assert_defended, run_example
+from example_runs import assert_defended, assert_example_takes_the_config, run_example
 from torch import nn
 
 from efrap_brevitas import (
@@ -369,6 +369,10 @@ def test_ptq_example_removes_a_qcb_aimed_at_its_weight_quantizer(weight_quant, f
     )
     assert_defended(row)
     assert row["layers"] == 4
+
+
+def test_ptq_example_defends_with_the_config_given_as_json():
+    assert_example_takes_the_config("brevitas_ptq.py", "--model", "tests/fixtures/pqbackdoor-ort8")
 
 
 def test_the_core_refuses_a_brevitas_model_instead_of_guessing_its_grid(digits):

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from example_runs import ROOT, assert_defended, run_example
+from example_runs import ROOT, assert_defended, assert_example_takes_the_config, run_example
 from torch import nn
 
 from efrap_plugin import EFRAPConfig, EFRAPError, ModelError
@@ -196,6 +196,18 @@ def test_fx_example_removes_a_qcb_aimed_at_its_qconfig(qconfig, fixture):
     assert_defended(
         run_example("torch_ao_fx.py", "--qconfig", qconfig, "--model", f"tests/fixtures/{fixture}")
     )
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("torchao_pt2e.py", ("--quantizer", "x86", "--model", "tests/fixtures/pqbackdoor-x86")),
+        ("torch_ao_fx.py", ("--qconfig", "x86", "--model", "tests/fixtures/pqbackdoor-x86")),
+    ],
+)
+def test_flow_examples_defend_with_the_config_given_as_json(script, args):
+    """benchmarks/flows.py tries settings through --efrap: it must reach defend_prepared."""
+    assert_example_takes_the_config(script, *args)
 
 
 @pytest.mark.slow
