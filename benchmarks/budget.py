@@ -69,7 +69,7 @@ UNIFORM_STRENGTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 """--study uniform: the strengths every layer is given in turn (a budget of 100% takes the ladder's top)."""
 SEEDS_TOP = 0.8
 """--study seeds: budget mode's other top, beside the default's."""
-MARGIN_SETTINGS = ((0.5, 0.8, 2.0), (0.5, 0.8, 4.0), (0.5, 0.8, 8.0), (1.0, 1.0, 4.0))
+MARGIN_SETTINGS = ((0.5, 0.8, 2.0), (0.5, 0.8, 4.0), (0.5, 0.8, 8.0), (1.0, 1.0, 4.0), (0.5, 0.7, 4.0))
 """--study margin: (budget, max_strength, margin_cap) of budget mode with its margin cap."""
 BASELINES = {
     "budget": "fixed-flip-weight-1",
@@ -246,15 +246,12 @@ def summary(rows: list[dict], study: str = "budget") -> list[dict]:
         return abs(r[key] - of(r)[key])
 
     out = []
-    for name in dict.fromkeys(r["setting"] for r in rows):
-        mine = [r for r in rows if r["setting"] == name]
+    for name, mine in by_setting(rows).items():
         out.append(
             {
                 "setting": name,
                 "cells": len(mine),
-                "meets_bar": f"{sum(r['meets_bar'] for r in mine)}/{len(mine)}",
-                "meets_strict": f"{sum(r['meets_strict'] for r in mine)}/{len(mine)}",
-                "mean_efrap_asr": round(statistics.mean(r["efrap_asr"] for r in mine), 2),
+                **bar_counts(mine),
                 "max_acc_drop": round(max(r["float_acc"] - r["efrap_acc"] for r in mine), 2),
                 "mean_disagreement": round(statistics.mean(r["disagreement"] for r in mine), 2),
                 f"time_vs_{base}": round(statistics.mean(r["seconds"] / of(r)["seconds"] for r in mine), 2),
@@ -272,6 +269,24 @@ def summary(rows: list[dict], study: str = "budget") -> list[dict]:
             }
         )
     return out
+
+
+def by_setting(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows of each setting, settings in their first row's order."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["setting"], []).append(r)
+    return groups
+
+
+def bar_counts(mine: list[dict]) -> dict:
+    """Rows meeting the bar and the strict bar (as 'k/n'), and their mean asr: every summary's first
+    columns."""
+    return {
+        "meets_bar": f"{sum(r['meets_bar'] for r in mine)}/{len(mine)}",
+        "meets_strict": f"{sum(r['meets_strict'] for r in mine)}/{len(mine)}",
+        "mean_efrap_asr": round(statistics.mean(r["efrap_asr"] for r in mine), 2),
+    }
 
 
 def chosen(rows: list[dict], budgets: list[float]) -> list[dict]:

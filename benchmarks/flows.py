@@ -21,6 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from budget import bar_counts, by_setting
+
 from efrap_cli.report import write_table
 from efrap_plugin import Metrics, backdoor_removed
 
@@ -86,6 +88,7 @@ SETTINGS = {
     "fixed": {"budget": None},
     "budget-0.5": {"budget": 0.5},
     "budget-0.5-top-0.8-cap-4": {"budget": 0.5, "max_strength": 0.8, "margin_cap": 4.0},
+    "budget-0.5-top-0.7-cap-4": {"budget": 0.5, "max_strength": 0.7, "margin_cap": 4.0},
 }
 """EFRAPConfig fields per setting (the example's --efrap): the paper's fixed strength, budget mode at its
 ladder's default top, and the margin-capped setting that met the strict bar on every digits cell."""
@@ -122,22 +125,17 @@ def run(flow: str, setting: str) -> dict:
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    out = []
-    for setting in dict.fromkeys(r["setting"] for r in rows):
-        mine = [r for r in rows if r["setting"] == setting]
-        out.append(
-            {
-                "setting": setting,
-                "flows": len(mine),
-                "meets_bar": f"{sum(r['meets_bar'] for r in mine)}/{len(mine)}",
-                "meets_strict": f"{sum(r['meets_strict'] for r in mine)}/{len(mine)}",
-                "mean_efrap_asr": round(statistics.mean(r["efrap_asr"] for r in mine), 2),
-                "mean_acc_drop": round(statistics.mean(r["acc_drop"] for r in mine), 2),
-                "max_acc_drop": round(max(r["acc_drop"] for r in mine), 2),
-                "integers_ok": all(r["integers_ok"] for r in mine),
-            }
-        )
-    return out
+    return [
+        {
+            "setting": setting,
+            "flows": len(mine),
+            **bar_counts(mine),
+            "mean_acc_drop": round(statistics.mean(r["acc_drop"] for r in mine), 2),
+            "max_acc_drop": round(max(r["acc_drop"] for r in mine), 2),
+            "integers_ok": all(r["integers_ok"] for r in mine),
+        }
+        for setting, mine in by_setting(rows).items()
+    ]
 
 
 def main() -> int:
