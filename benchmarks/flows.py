@@ -4,7 +4,7 @@ Brevitas PTQ) run as a user runs it, on the committed attack fixtures its tests 
 The digits onnxruntime cells (budget.py) do not speak for every flow: a setting that met the strict bar on
 all of them failed three of these (CHANGELOG, session 15). A candidate default is measured here too.
 
-    python benchmarks/flows.py --out benchmarks/results [--procs 2] [--only fixed,capped]
+    python benchmarks/flows.py --out benchmarks/results [--procs 2] [--only fixed,budget-0.5]
 
 Every figure is the example's own ``--json`` row: accuracy and asr on the digits test split, measured on
 the flow's real int8 artifact, integers read back from it.

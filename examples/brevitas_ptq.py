@@ -2,7 +2,8 @@
 the lines marked `# EFRAP` are all it adds.
 
     python examples/brevitas_ptq.py --weight-quant \
-        {int8-per-channel-float,int8-per-tensor-fixed-point,int4-per-channel-float} --json
+        {int8-per-channel-float,int8-per-tensor-fixed-point,int4-per-channel-float} --json \
+        [--efrap '{"budget": 0.5}']
 
 First it red-teams the pipeline: a PQBackdoor model aimed at the grid the chosen weight quantizer
 rounds to (read from the quantizer), trained on digits, or the `efrap attack` folder given with

@@ -2,7 +2,7 @@
 DeQuantStub, BatchNorm, a FloatFunctional residual add, fuse_modules, prepare / calibrate / convert),
 plus EFRAP: the lines marked `# EFRAP` are all it adds.
 
-    python examples/torch_ao_eager.py --json
+    python examples/torch_ao_eager.py --json [--efrap '{"budget": 0.5}']
 
 It red-teams the pipeline first: the tutorial model is trained on digits and a PQBackdoor is planted,
 aimed at the grid the x86 qconfig's weight observer rounds to. Every figure is measured on the real

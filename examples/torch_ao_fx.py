@@ -1,7 +1,7 @@
 """Post-training static quantization with torch.ao's FX graph mode, as its tutorial writes it, plus
 EFRAP: the lines marked `# EFRAP` are all it adds.
 
-    python examples/torch_ao_fx.py --qconfig {x86,fbgemm,qnnpack} --json
+    python examples/torch_ao_fx.py --qconfig {x86,fbgemm,qnnpack} --json [--efrap '{"budget": 0.5}']
 
 It red-teams the pipeline first: a PQBackdoor model aimed at the grid the QConfigMapping's weight
 observer rounds to, trained on digits, or the `efrap attack` folder given with --model. Every figure

@@ -2,6 +2,7 @@
 EFRAP: the lines marked `# EFRAP` are all it adds.
 
     python examples/torchao_pt2e.py --quantizer {x86,x86-per-tensor,xnnpack,xnnpack-per-tensor} --json
+        [--efrap '{"budget": 0.5, "margin_cap": 4}']   # EFRAPConfig fields; the rest the defaults
 
 First it red-teams the pipeline: a PQBackdoor model aimed at the grid the chosen quantizer rounds to
 (read from its weight observer), trained on digits, or the `efrap attack` folder given with --model.
