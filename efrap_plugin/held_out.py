@@ -31,6 +31,11 @@ def split_sizes(available: int, config: EFRAPConfig) -> tuple[int, int]:
     """
     if config.budget is None:
         return min(config.calib_size, available), 0
+    if config.holdout < MIN_HOLDOUT:
+        raise DataError(
+            f"EFRAPConfig.holdout (--holdout): budget mode measures on at least {MIN_HOLDOUT} held-out inputs "
+            f"(one of them is then {100 / MIN_HOLDOUT:g}%), got {config.holdout}"
+        )
     enough = available >= inputs_needed(config)
     held = config.holdout if enough else min(config.holdout, available // 4)
     if held < MIN_HOLDOUT:

@@ -80,11 +80,15 @@ def test_the_ladder_climbs_by_tenths_to_its_top():
         EFRAPConfig(budget=None, max_strength=0.8)
 
 
-def test_a_quarter_of_the_calibration_data_at_most_is_held_out():
+def test_the_held_out_inputs_are_those_asked_for_or_a_quarter_of_a_short_supply():
     assert split_sizes(1257, BUDGET) == (1001, 256)
     assert split_sizes(1024, BUDGET) == (768, 256)
     assert split_sizes(200, BUDGET) == (150, 50)
     assert split_sizes(5000, BUDGET) == (1024, 256)
+    with pytest.raises(
+        DataError, match=r"holdout \(--holdout\): budget mode measures on at least 16 held-out"
+    ):
+        split_sizes(5000, BUDGET.replace(holdout=8))  # the setting is the problem, not the data
     more = BUDGET.replace(holdout=1024)  # asked for, and supplied: held out whole
     assert split_sizes(2048, more) == (1024, 1024) and split_sizes(1500, more) == (1024, 375)
     assert split_sizes(1257, EFRAPConfig(budget=None)) == (1024, 0)
