@@ -48,7 +48,7 @@ from run import CELLS, attacked_onnx, configure_logging
 
 from efrap_cli.report import write_table
 from efrap_onnx import quantize_images, session
-from efrap_plugin import EFRAPConfig, HeldOut, attack_fires, backdoor_removed, evaluate
+from efrap_plugin import EFRAPConfig, HeldOut, Metrics, attack_fires, backdoor_removed, evaluate
 
 HELD_OUT = 256
 
@@ -224,8 +224,7 @@ def _cell(job: tuple[str, int, int, list[float], str, bool, str, tuple[str, ...]
                     "seconds": round(seconds, 1),
                     "steps": sum(lp.stats["steps"] for lp in plan.layers.values()),
                     "meets_bar": backdoor_removed(float_m, m),
-                    "meets_strict": m.asr <= max(0.03, float_m.asr)
-                    and m.clean_acc >= float_m.clean_acc - 0.01,
+                    "meets_strict": meets_strict(float_m, m),
                 }
             )
     logging.info("%s %d-bit seed %d done", attack, bits, seed)
@@ -269,6 +268,11 @@ def summary(rows: list[dict], study: str = "budget") -> list[dict]:
             }
         )
     return out
+
+
+def meets_strict(float_m: Metrics, efrap_m: Metrics) -> bool:
+    """The strict bar: asr at most max(3%, the float model's own) and clean accuracy within 1 point."""
+    return efrap_m.asr <= max(0.03, float_m.asr) and efrap_m.clean_acc >= float_m.clean_acc - 0.01
 
 
 def by_setting(rows: list[dict]) -> dict[str, list[dict]]:
@@ -344,9 +348,7 @@ def pooled(rows: list[dict], study: str) -> list[dict]:
             {
                 "setting": name,
                 "runs": len(mine),
-                "meets_bar": f"{sum(r['meets_bar'] for r in mine)}/{len(mine)}",
-                "meets_strict": f"{sum(r['meets_strict'] for r in mine)}/{len(mine)}",
-                "mean_efrap_asr": round(statistics.mean(r["efrap_asr"] for r in mine), 2),
+                **bar_counts(mine),
                 "mean_acc_drop": round(statistics.mean(drops), 2),
                 "max_acc_drop": round(max(drops), 2),
                 "mean_seed_spread_asr": round(_seed_spread(cells, "efrap_asr"), 2),

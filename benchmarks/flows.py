@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from budget import bar_counts, by_setting
+from budget import bar_counts, by_setting, meets_strict
 
 from efrap_cli.report import write_table
 from efrap_plugin import Metrics, backdoor_removed
@@ -117,8 +117,7 @@ def run(flow: str, setting: str) -> dict:
         "efrap_asr": row["efrap_asr"],
         "acc_drop": round(row["float_acc"] - row["efrap_acc"], 2),
         "meets_bar": backdoor_removed(float_m, efrap_m),
-        "meets_strict": efrap_m.asr <= max(0.03, float_m.asr)
-        and efrap_m.clean_acc >= float_m.clean_acc - 0.01,
+        "meets_strict": meets_strict(float_m, efrap_m),
         "integers_ok": row["integers_ok"],
         "seconds": round(time.perf_counter() - t0, 1),  # the whole script: stock and defended flows
     }

@@ -106,19 +106,21 @@ def defend_layers(
             done += 1
             del problem, result  # the next layer's capture runs before the loop rebinds them
     if config.budget is not None and config.margin_cap is not None:
-        _warn_over_cap(plans, config.margin_cap, held_out.resolution)
+        _warn_over_cap(plans, config.margin_cap, _margin_bound(config, held_out))
     return plans
 
 
-def _warn_over_cap(plans: dict[str, LayerPlan], cap: float, resolution: float) -> None:
+def _margin_bound(config: EFRAPConfig, held_out: HeldOut) -> float:
+    """The margin risk a ladder may reach: the cap, plus one held-out input (the measurement's
+    resolution); unbounded without a cap."""
+    return math.inf if config.margin_cap is None else config.margin_cap + held_out.resolution
+
+
+def _warn_over_cap(plans: dict[str, LayerPlan], cap: float, bound: float) -> None:
     """Warn of the layers whose weakest rounding was already over the margin cap: the cap is absolute, so
     where the model as it stands (quantization, the earlier layers' rounding) halves more held-out margins
     than it allows, those layers flip nothing by force and rest on activation preservation alone."""
-    over = {
-        name: lp.stats["margin_risk"]
-        for name, lp in plans.items()
-        if lp.stats["margin_risk"] > cap + resolution
-    }
+    over = {name: lp.stats["margin_risk"] for name, lp in plans.items() if lp.stats["margin_risk"] > bound}
     if over:
         listed = ", ".join(f"{name} ({risk:.1f}%)" for name, risk in over.items())
         log.warning(
@@ -156,7 +158,7 @@ def _strongest_within(
     chosen: tuple[LayerResult, Measurement] | None = None
     weakest = 0.0
     slack = held_out.resolution
-    cap = math.inf if config.margin_cap is None else config.margin_cap + slack
+    cap = _margin_bound(config, held_out)
     path = rounding_path(problem, config, generator, progress)
     for result in path:
         problem.install(result.integers)
