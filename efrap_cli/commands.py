@@ -330,7 +330,12 @@ def cmd_scan(args: argparse.Namespace) -> dict[str, Any]:
     path = Path(args.model)
     scheme = scheme_preset(args.scheme, args.bits)
     if path.suffix == ".onnx":
-        weights = adapter("onnx").folded_weights(path)
+        onnx_adapter = adapter("onnx")
+        model = onnx_adapter.prepare(path)
+        # the scan reads the weights quantize_static would quantize; a model onnxruntime cannot load has
+        # none (and its pre-processing folded no BatchNorm): refused, not scanned
+        onnx_adapter.session(model.model)
+        weights = onnx_adapter.folded_weights(model)
     elif path.suffix == ".safetensors":
         prepared = prepare_model(load_model(path)[0], scheme)
         weights = {n: m.weight for n, m in quantizable_layers(prepared)}

@@ -405,6 +405,19 @@ def test_a_failed_pre_processing_optimisation_is_one_line_not_a_traceback(work):
     assert _snapshot(work) == before
 
 
+def test_scan_refuses_a_model_onnxruntime_cannot_load(tmp_path, capsys):
+    """The scan reads the weights quantize_static would quantize: a model onnxruntime refuses has none,
+    and its pre-processing folded nothing, so a table of its raw weights with exit 0 would be a scan
+    that saw nothing it names."""
+    model = conv_model()
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.INT64
+    onnx.save(model, str(tmp_path / "conv.onnx"))
+    assert main(["scan", str(tmp_path / "conv.onnx")]) == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "layer " not in out
+    assert "cannot run it" in err and "Type 'tensor(int64)' of input parameter (input)" in err
+
+
 def test_a_stock_qdq_model_onnxruntime_cannot_run_is_named(tmp_path, capsys):
     """Found by fuzzing: a Gemm bias of shape 1 x 8 (valid, broadcast) makes onnxruntime's 4-bit
     quantize_static write a DequantizeLinear its own runtime refuses; that is onnxruntime's output, not

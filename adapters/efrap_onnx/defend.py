@@ -40,7 +40,7 @@ _QDQ = "the QDQ model onnxruntime's quantize_static wrote (its stock output, bef
 
 def _to_core(arr: np.ndarray, layer: QuantizedLayer) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(arr))
-    return t.T.contiguous() if layer.transpose else t
+    return t.transpose(0, 1).contiguous() if layer.transpose else t
 
 
 def _inputs_between(
@@ -121,7 +121,7 @@ def _problems(
         )
 
         def install(integers: torch.Tensor, layer=layer, scale=scale, zp=zp) -> None:
-            ints = (integers.T if layer.transpose else integers).numpy()
+            ints = (integers.transpose(0, 1) if layer.transpose else integers).numpy()
             if layer.rounded_at_run_time:
                 _write_float_grid(inits[layer.quantized], ints, scale.numpy(), zp, layer.axis)
             else:
@@ -239,7 +239,7 @@ def write_plan(model: onnx.ModelProto, plan: RoundingPlan) -> RoundingPlan:
                 f"layer {entry['node']}: onnxruntime gave its weight another scale in this format than in QDQ; "
                 "the plan's integers would not hold. Use QuantFormat.QDQ"
             )
-        ints = lp.integers.T if entry["transpose"] else lp.integers
+        ints = lp.integers.transpose(0, 1) if entry["transpose"] else lp.integers
         _write_integers(stored, ints.numpy())
         layers[name] = lp
     return RoundingPlan(plan.scheme, layers, plan.source, {**plan.meta, "layout": layout, "skipped": skipped})

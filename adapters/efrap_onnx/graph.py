@@ -38,6 +38,19 @@ def attribute(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+"""The ops whose second input quantize_static quantizes as a weight, and EFRAP learns."""
+
+
+def channels_on_axis_1(node: onnx.NodeProto) -> bool:
+    """Whether the node's weight holds its output channels on axis 1 (x @ W's K x N, a Gemm without
+    transB, a ConvTranspose's C_in x C_out / group x ...): the axis onnxruntime's per-channel scales run
+    along, moved first for the core."""
+    return node.op_type in ("MatMul", "ConvTranspose") or (
+        node.op_type == "Gemm" and not attribute(node, "transB", 0)
+    )
+
+
 @dataclass
 class QuantizedLayer:
     """A Conv / Gemm / MatMul whose weight a DequantizeLinear feeds from a quantized initializer, or, where
@@ -51,7 +64,8 @@ class QuantizedLayer:
     scale: str
     zero_point: str
     axis: int
-    transpose: bool
+    transpose: bool  # output channels on axis 1 (a MatMul's or Gemm's K x N, a ConvTranspose's C_in x C_out):
+    # the core sees the weight with its first two axes swapped
     input_name: str
     output_name: str
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -59,19 +73,19 @@ class QuantizedLayer:
 
 
 def folded_weights(model: str | Path | onnx.ModelProto | Prepared) -> dict[str, torch.Tensor]:
-    """Conv / Gemm / MatMul weights (output channels on axis 0) as quantize_static sees them: after
+    """Conv / ConvTranspose / Gemm / MatMul weights (output channels on axis 0) as quantize_static sees them: after
     quant_pre_process has folded BatchNorm. A loaded model is checked, not parsed again; a prepared one
     (``prepare``) is read as it is."""
     pre = (model if isinstance(model, Prepared) else prepare(model)).model
     inits = _initializers(pre)
     weights = {}
     for node in pre.graph.node:
-        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
+        if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] in inits:
             arr = initializer_array(inits[node.input[1]]).astype(np.float32)
-            transposed = node.op_type == "MatMul" or (
-                node.op_type == "Gemm" and not attribute(node, "transB", 0)
+            swap = channels_on_axis_1(node)
+            weights[node.input[1]] = torch.from_numpy(
+                np.ascontiguousarray(np.swapaxes(arr, 0, 1) if swap else arr)
             )
-            weights[node.input[1]] = torch.from_numpy(np.ascontiguousarray(arr.T if transposed else arr))
     return weights
 
 
@@ -107,12 +121,12 @@ def find_quantized_layers(
     float_by_weight = {
         n.input[1]: n
         for n in float_model.graph.node
-        if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in float_inits
+        if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in float_inits
     }
     float_by_name = {n.name: n for n in float_model.graph.node if n.name}
     layers, skipped = [], {}
     for node in qdq.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
+        if node.op_type not in WEIGHT_OPS:
             continue
         if node.op_type in ("Gemm", "MatMul"):  # a weight on the left, W @ x: quantized all the same
             left, _ = weight_source(producers.get(node.input[0]), producers, inits)
@@ -135,9 +149,6 @@ def find_quantized_layers(
             if node.op_type in ("Conv", "ConvTranspose") or node.input[1] in float_inits:
                 skipped[node.name or node.output[0]] = "not quantized by onnxruntime: stays in float"
             continue
-        if node.op_type == "ConvTranspose":  # keyed like verify reads it: the quantized initializer
-            skipped[stored] = "ConvTranspose (output channels on axis 1): left at nearest rounding"
-            continue
         fnode = float_by_weight.get(stored.removesuffix("_quantized")) or float_by_name.get(node.name)
         forward = (
             _forward(node, fnode, float_inits)
@@ -149,7 +160,7 @@ def find_quantized_layers(
                 f"{node.op_type} {node.name or node.output[0]}: a form EFRAP does not model; left at nearest rounding"
             )
             continue
-        transpose = node.op_type == "MatMul" or (node.op_type == "Gemm" and not attribute(node, "transB", 0))
+        transpose = channels_on_axis_1(node)
         axis = _channel_axis(dq, inits, len(inits[stored].dims))
         if axis is not None and axis != (1 if transpose else 0):
             skipped[stored] = (
@@ -324,6 +335,8 @@ def _forward(node: onnx.NodeProto, fnode: onnx.NodeProto, inits) -> Callable | N
             return conv(x, w, on_device_of(bias, x), strides, padding, dilations, group)
 
         return run_conv
+    if node.op_type == "ConvTranspose":
+        return _conv_transpose(node, fnode, inits)
     if node.op_type == "Gemm":
         if attribute(node, "transA", 0):
             return None
@@ -342,3 +355,32 @@ def _forward(node: onnx.NodeProto, fnode: onnx.NodeProto, inits) -> Callable | N
             return None
         return lambda x, w: x @ w.T
     raise ModelError(f"node {node.name!r}: unexpected op {node.op_type}")
+
+
+def _conv_transpose(node: onnx.NodeProto, fnode: onnx.NodeProto, inits) -> Callable | None:
+    """A ConvTranspose as torch computes it: the weight back in its C_in x C_out / group layout, ONNX's
+    (possibly uneven) pads cropped from the full output. An output_shape or auto_pad (pads onnxruntime
+    works out at run time) is outside what we model."""
+    bias = _bias(fnode, 2, inits)
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    rank = len(inits[fnode.input[1]].dims) - 2
+    if bias is False or auto_pad != "NOTSET" or attribute(node, "output_shape") or rank not in (1, 2):
+        return None
+    strides = list(attribute(node, "strides", [1] * rank))
+    dilations = list(attribute(node, "dilations", [1] * rank))
+    pads = list(attribute(node, "pads", [0] * (2 * rank)))
+    extra = list(attribute(node, "output_padding", [0] * rank))
+    if any(e >= max(s, d) for e, s, d in zip(extra, strides, dilations, strict=True)):
+        return None  # torch refuses an output padding this large; onnxruntime's output is ill-defined
+    group = attribute(node, "group", 1)
+    deconv = F.conv_transpose1d if rank == 1 else F.conv_transpose2d
+
+    def run_conv_transpose(x, w):
+        y = deconv(x, w.transpose(0, 1), on_device_of(bias, x), strides, 0, extra, group, dilations)
+        crop = [slice(None), slice(None)] + [
+            slice(pads[i], y.shape[2 + i] - pads[i + rank]) for i in range(rank)
+        ]
+        return y[tuple(crop)]
+
+    return run_conv_transpose

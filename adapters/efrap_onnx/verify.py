@@ -146,7 +146,7 @@ def verify(model_path: str | Path, plan: RoundingPlan, strict: bool = True) -> V
     for quantized, held in weight_integers(model).items():
         name = planned.get(quantized, quantized)
         ints = torch.from_numpy(held.astype(np.int32))
-        stored[name] = ints.T if name in layout and layout[name]["transpose"] else ints
+        stored[name] = ints.transpose(0, 1) if name in layout and layout[name]["transpose"] else ints
         if name in layout and layout[name]["scale"] in inits:
             scales[name] = torch.from_numpy(
                 np.atleast_1d(initializer_array(inits[layout[name]["scale"]])).astype(np.float32)
