@@ -5,6 +5,7 @@ Serialised as one safetensors file whose header carries the JSON metadata: no pi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,19 @@ class LayerPlan:
 
     def dequantized(self, scheme: QuantScheme) -> torch.Tensor:
         return scheme.dequantize(self.integers, self.scale, self.zero_point)
+
+    def in_weight_layout(self, weight: torch.Tensor, axis: int) -> LayerPlan:
+        """This plan, learned on ``weight`` with its channel axis ``axis`` moved first (the core's layout:
+        a ConvTranspose keeps its output channels on axis 1), back in the weight's own layout: what the
+        backend stores and its verify reads back."""
+        if axis == 0:
+            return self
+        return dataclasses.replace(
+            self,
+            integers=self.integers.movedim(0, axis).contiguous(),
+            nearest=self.nearest.movedim(0, axis).contiguous(),
+            fingerprint=fingerprint(weight.detach()),
+        )
 
 
 @dataclass(frozen=True)

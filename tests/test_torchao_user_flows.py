@@ -105,8 +105,46 @@ def test_pt2e_conv1d_is_defended_where_the_quantizer_quantizes_it(digits, name):
     assert report.integers_ok and report.unplanned == []
 
 
+class Upsampler(nn.Module):
+    """A strided Conv down, a ConvTranspose (output padding) back up, each followed by a ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1)
+        self.head = nn.Linear(2 * 64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.up(torch.relu(self.down(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("name", ["x86", "xnnpack", "xnnpack-per-tensor"])
+def test_pt2e_conv_transpose_is_defended_where_the_quantizer_quantizes_it(digits, name):
+    """XNNPACK quantizes a ConvTranspose followed by a ReLU (per channel along its axis 0, its input
+    channels, or per tensor); X86Inductor leaves it in float. Where quantized it is learned in the
+    graph's own function (each layer's rounding error with nearest integers is the weight grid's, not a
+    wrong function's) and its integers are read back from the converted model in its own layout."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+    from torchao_pt2e import make_quantizer
+
+    torch.manual_seed(0)
+    calib = digits.train.x[:128]
+    model = Upsampler().eval()
+    prepared = _pt2e(model, make_quantizer(name)[0], calib)
+    plan = defend_prepared(prepared, calib, FAST, progress=False)
+    assert list(plan.layers) == (["down", "head"] if name == "x86" else ["down", "up", "head"])
+    assert all(lp.stats["act_error_nearest"] < 1e-2 for lp in plan.layers.values())
+    if name != "x86":
+        assert plan["up"].integers.shape == model.up.weight.shape and plan["up"].flipped_share > 0
+        assert plan["up"].scale.numel() == (1 if name.endswith("per-tensor") else 4)
+    report = verify_pt2e(convert_pt2e(prepared), plan)
+    assert report.integers_ok and report.matching == len(plan.layers) and report.unplanned == []
+
+
 @pytest.mark.parametrize("qconfig", ["x86", "fbgemm", "qnnpack"])
-def test_fx_every_qconfig_holds_the_plan_and_accounts_for_conv_transpose(zoo, digits, qconfig):
+def test_fx_every_qconfig_holds_the_plan_conv_transpose_included(zoo, digits, qconfig):
+    """Each default QConfigMapping quantizes the ConvTranspose too (per tensor: torch.ao has no per-channel
+    ConvTranspose kernel): it is learned like the other layers and read back from the converted model."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -115,14 +153,15 @@ def test_fx_every_qconfig_holds_the_plan_and_accounts_for_conv_transpose(zoo, di
     for batch in calib.split(64):
         prepared(batch)
     plan = defend_prepared(prepared, calib, FAST, progress=False)
-    assert plan.meta["skipped"] == {"up": "ConvTranspose (channels on axis 1): left at nearest rounding"}
+    assert list(plan.layers) == ["stem.0", "depthwise", "up", "tokens", "head"] and plan.meta["skipped"] == {}
+    assert plan["up"].integers.shape == zoo.up.weight.shape and plan["up"].flipped_share > 0
     engine = torch.backends.quantized.engine
     try:
         torch.backends.quantized.engine = qconfig  # the kernels the user's qconfig targets
         report = verify_fx(convert_fx(prepared), plan)
     finally:
         torch.backends.quantized.engine = engine
-    assert report.integers_ok and report.matching == 4 and report.skipped == ["up"] and report.unplanned == []
+    assert report.integers_ok and report.matching == 5 and report.skipped == [] and report.unplanned == []
 
 
 def test_a_prepared_model_with_nothing_quantized_is_refused(digits):

@@ -12,7 +12,6 @@ quantizers stay the user's.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -25,7 +24,6 @@ from efrap_plugin import (
     EFRAPError,
     HeldOut,
     LayerInputs,
-    LayerPlan,
     LayerProblem,
     ModelError,
     RoundingPlan,
@@ -96,11 +94,6 @@ def _held_out(model: nn.Module, held: torch.Tensor) -> HeldOut:
     return HeldOut.of_models(float_forward, model, held)
 
 
-def _permutation(dim: int, axis: int) -> tuple[list[int], list[int]]:
-    perm = [axis] + [d for d in range(dim) if d != axis]
-    return perm, [perm.index(d) for d in range(dim)]
-
-
 def _problems(
     model: nn.Module,
     layers: dict[str, nn.Module],
@@ -124,33 +117,20 @@ def _problems(
                 return capture(model, layer.input_quant, calib, "output")
 
         inputs = pick_layer_inputs(choice, inputs_of, generator)
-        perm, inverse = _permutation(layer.weight.dim(), grid.axis)
+        axis = grid.axis
         bias = layer.bias.detach().clone() if layer.bias is not None else None
 
-        def forward(x, w, layer=layer, bias=bias, inverse=inverse):
-            return layer.inner_forward_impl(x, w.permute(inverse), on_device_of(bias, x))
+        def forward(x, w, layer=layer, bias=bias, axis=axis):
+            return layer.inner_forward_impl(x, w.movedim(0, axis), on_device_of(bias, x))
 
-        def install(integers, layer=layer, inverse=inverse):
-            install_rounding(layer, integers.permute(inverse))
+        def install(integers, layer=layer, axis=axis):
+            install_rounding(layer, integers.movedim(0, axis))
 
-        weight = layer.weight.detach().permute(perm).contiguous()
+        weight = layer.weight.detach().movedim(axis, 0).contiguous()
         yield LayerProblem(
             name, weight, grid.scheme, forward, inputs, targets, grid.scale, grid.zero_point, install
         )
         del inputs, targets  # before the next layer's capture: one layer's activations held at a time
-
-
-def _in_weight_layout(plan: LayerPlan, weight: torch.Tensor, axis: int) -> LayerPlan:
-    """A layer plan learned with the channel axis moved first, back in the weight's own layout."""
-    if axis == 0:
-        return plan
-    _, inverse = _permutation(weight.dim(), axis)
-    return dataclasses.replace(
-        plan,
-        integers=plan.integers.permute(inverse).contiguous(),
-        nearest=plan.nearest.permute(inverse).contiguous(),
-        fingerprint=fingerprint(weight.detach()),
-    )
 
 
 def defend_quant_model(
@@ -200,7 +180,7 @@ def defend_quant_model(
         learned = defend_layers(problems, config, len(order), progress, held_out)
     finally:
         model.train(was_training)
-    plans = {name: _in_weight_layout(learned[name], layers[name].weight, grids[name].axis) for name in order}
+    plans = {name: learned[name].in_weight_layout(layers[name].weight, grids[name].axis) for name in order}
     meta = {
         "config": config.to_dict(),
         "flow": "brevitas",

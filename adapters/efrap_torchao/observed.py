@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 _SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
 _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine, torch.per_channel_affine_float_qparams)
 _GRAPH_OPS = {"aten.conv1d.default", "aten.conv2d.default", "aten.linear.default"}
+_GRAPH_TRANSPOSED_OPS = {"aten.conv_transpose1d.default", "aten.conv_transpose2d.input"}
+"""ConvTranspose: the weight is C_in x C_out / groups x k, its output channels on axis 1."""
 _RELU_OPS = {"aten.relu.default", "aten.relu_.default"}
 _CHUNK = 64
 """Calibration inputs run through a model at once while capturing: a node's transients are 64 rows', not 256
@@ -72,6 +74,7 @@ class _Layer:
     attr: str
     observer: nn.Module  # its weight observer (PT2E: the graph's; FX / eager: a fresh one from the qconfig)
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    transposed: bool = False  # a ConvTranspose: output channels on axis 1 of its weight
     nodes: tuple[str, str] | None = None  # PT2E: the graph nodes of its input and of its output (GraphRun)
     capture_in: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None  # FX / eager: by module hooks
     capture_out: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
@@ -81,16 +84,31 @@ def _weight(layer: _Layer) -> torch.Tensor:
     return getattr(layer.owner, layer.attr)
 
 
+def _axes(layer: _Layer) -> tuple[int, ...]:
+    """The weight axes a layer's per-channel scales may run along: its output channels' (a ConvTranspose's
+    axis 1), or, for a ConvTranspose, its input channels' (XNNPACK's per-channel spec asks for axis 0)."""
+    return (0, 1) if layer.transposed else (0,)
+
+
+def _core_axis(layer: _Layer, scheme: QuantScheme) -> int:
+    """The weight axis moved first for the core: the per-channel observer's, else the output channels'."""
+    if scheme.per_channel:
+        return int(getattr(layer.observer, "ch_axis", 0))
+    return 1 if layer.transposed else 0
+
+
 def _is_observer(module: nn.Module) -> bool:
     return hasattr(module, "calculate_qparams") and hasattr(module, "quant_min")
 
 
-def observer_scheme(observer: nn.Module, where: str = "weight observer") -> QuantScheme:
+def observer_scheme(
+    observer: nn.Module, where: str = "weight observer", axes: tuple[int, ...] = (0,)
+) -> QuantScheme:
     """The integer grid a weight observer (or its constructor's product) rounds to, as a QuantScheme:
     what ``defend_prepared`` learns on and what an attack aimed at this flow protects.
 
     Raises EFRAPError naming ``where`` for grids EFRAP does not learn on (affine or non-integer weights,
-    channels on an axis other than 0, more than 8 bits).
+    per-channel scales along an axis not in ``axes``: 0, and 1 for a ConvTranspose; more than 8 bits).
     """
     qscheme, dtype = getattr(observer, "qscheme", None), getattr(observer, "dtype", None)
     if dtype not in (torch.qint8, torch.int8, torch.quint8, torch.uint8):
@@ -101,8 +119,11 @@ def observer_scheme(observer: nn.Module, where: str = "weight observer") -> Quan
             "(per_tensor_symmetric or per_channel_symmetric, torch's and torchao's default)"
         )
     per_channel = qscheme in _PER_CHANNEL
-    if per_channel and getattr(observer, "ch_axis", 0) != 0:
-        raise EFRAPError(f"{where}: channels on axis {observer.ch_axis} (ConvTranspose); EFRAP needs axis 0")
+    if per_channel and getattr(observer, "ch_axis", 0) not in axes:
+        raise EFRAPError(
+            f"{where}: per-channel scales along axis {observer.ch_axis}; EFRAP learns grids along axis "
+            + " or ".join(str(a) for a in axes)
+        )
     qmin, qmax = int(observer.quant_min), int(observer.quant_max)
     bits = math.ceil(math.log2(qmax - qmin + 1))
     if not 2 <= bits <= 8:
@@ -126,9 +147,11 @@ def spec_scheme(spec: Any, where: str = "QuantizationSpec.weight") -> QuantSchem
     return observer_scheme(SimpleNamespace(**fields), where)
 
 
-def observer_grid(observer: nn.Module, where: str) -> tuple[QuantScheme, torch.Tensor, torch.Tensor]:
+def observer_grid(
+    observer: nn.Module, where: str, axes: tuple[int, ...] = (0,)
+) -> tuple[QuantScheme, torch.Tensor, torch.Tensor]:
     """A calibrated weight observer's grid: scheme, and the scale and zero point it computed."""
-    scheme = observer_scheme(observer, where)
+    scheme = observer_scheme(observer, where, axes)
     scale, zero_point = observer.calculate_qparams()
     return (
         scheme,
@@ -213,10 +236,17 @@ def _graph_layers(gm: torch.fx.GraphModule, relu_units: bool) -> tuple[list[_Lay
     for node in gm.graph.nodes:
         op = str(node.target) if node.op == "call_function" else ""
         observed = len(node.args) > 1 and getattr(node.args[1], "op", None) == "call_module"
-        if "conv_transpose" in op and observed:
-            skipped[_source_name(node)] = "ConvTranspose (channels on axis 1): left at nearest rounding"
+        transposed = op in _GRAPH_TRANSPOSED_OPS
+        if "conv_transpose" in op and observed and not transposed:
+            skipped[_source_name(node)] = (
+                f"{op}: a ConvTranspose EFRAP does not model; left at nearest rounding"
+            )
             continue
-        if op not in _GRAPH_OPS or not observed or getattr(node.args[1].args[0], "op", None) != "get_attr":
+        if (
+            (op not in _GRAPH_OPS and not transposed)
+            or not observed
+            or getattr(node.args[1].args[0], "op", None) != "get_attr"
+        ):
             continue
         users = list(node.users)
         out = users[0] if relu_units and len(users) == 1 and str(users[0].target) in _RELU_OPS else node
@@ -239,6 +269,7 @@ def _graph_layers(gm: torch.fx.GraphModule, relu_units: bool) -> tuple[list[_Lay
                 attr,
                 gm.get_submodule(node.args[1].target),
                 forward,
+                transposed,
                 (node.args[0].name, out.name),
             )
         )
@@ -263,24 +294,25 @@ def _module_layers(model: nn.Module, relu_units: bool) -> tuple[list[_Layer], di
             inside_fused.add(name)  # its Conv / Linear carries the qconfig too: one layer, not two
         inner = module[0] if fused else module
         inner_name = f"{name}.0" if fused else name
-        if isinstance(inner, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
-            skipped[name] = "ConvTranspose (channels on axis 1): left at nearest rounding"
+        if isinstance(inner, nn.ConvTranspose3d):
+            skipped[name] = "ConvTranspose3d: a form EFRAP does not model; left at nearest rounding"
             continue
         if isinstance(inner, (nn.Embedding, nn.EmbeddingBag)):  # float_qparams_weight_only_qconfig's tables
             skipped[name] = (
                 f"{type(inner).__name__}: not a Conv / Linear layer EFRAP learns; left at nearest rounding"
             )
             continue
-        if not isinstance(inner, (nn.Conv1d, nn.Conv2d, nn.Linear)) or type(inner).__module__.startswith(
-            "torch.ao.nn.quantized"
-        ):
+        if not isinstance(inner, _MODULES) or type(inner).__module__.startswith("torch.ao.nn.quantized"):
             continue
         observer = qconfig.weight()
         observer(inner.weight.detach())
         relu = relu_units and fused and any(isinstance(m, nn.ReLU) for m in module)
         bias = inner.bias.detach().clone() if inner.bias is not None else None
+        transposed = isinstance(inner, (nn.ConvTranspose1d, nn.ConvTranspose2d))
         if isinstance(inner, nn.Linear):
             base = lambda x, w, b=bias: F.linear(x, w, on_device_of(b, x))  # noqa: E731
+        elif transposed:
+            base = _conv_transpose(inner, bias)
         else:
             twin = copy.deepcopy(inner)
             base = lambda x, w, b=bias, c=twin: c._conv_forward(x, w, on_device_of(b, x))  # noqa: E731
@@ -291,6 +323,7 @@ def _module_layers(model: nn.Module, relu_units: bool) -> tuple[list[_Layer], di
                 "weight",
                 observer,
                 (lambda x, w, f=base: torch.relu(f(x, w))) if relu else base,
+                transposed,
                 capture_in=lambda m, x, n=inner_name: capture(m, m.get_submodule(n), x, "input"),
                 capture_out=lambda m, x, n=name if relu else inner_name: capture(
                     m, m.get_submodule(n), x, "output"
@@ -298,6 +331,19 @@ def _module_layers(model: nn.Module, relu_units: bool) -> tuple[list[_Layer], di
             )
         )
     return layers, skipped
+
+
+_MODULES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d)
+
+
+def _conv_transpose(
+    module: nn.Module, bias: torch.Tensor | None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """What a ConvTranspose module computes with weight ``w`` (its own layout); the output size its
+    forward would take from ``output_size`` comes from its output_padding, as convert's module uses."""
+    deconv = F.conv_transpose1d if isinstance(module, nn.ConvTranspose1d) else F.conv_transpose2d
+    args = (module.stride, module.padding, module.output_padding, module.groups, module.dilation)
+    return lambda x, w: deconv(x, w, on_device_of(bias, x), *args)
 
 
 def _execution_order(model: nn.Module, layers: list[_Layer], x: torch.Tensor) -> list[_Layer]:
@@ -312,10 +358,12 @@ def _problems(
     model: nn.Module,
     float_copy: nn.Module,
     layers: list[_Layer],
+    grids: list[tuple[QuantScheme, torch.Tensor, torch.Tensor]],
     calib: torch.Tensor,
     choice: str,
     seed: int,
 ) -> Iterator[LayerProblem]:
+    """One problem per layer, its weight with the grid's channel axis first (``_core_axis``)."""
     ids = {id(layer.observer) for layer in layers}
     generator = torch.Generator().manual_seed(seed)
     runs = (  # PT2E: each model's graph runs once over the calibration data, as far as asked
@@ -326,8 +374,7 @@ def _problems(
         if all(layer.nodes for layer in layers)
         else None
     )
-    for layer in layers:
-        scheme, scale, zero_point = observer_grid(layer.observer, f"layer {layer.name!r}")
+    for layer, (scheme, scale, zero_point) in zip(layers, grids, strict=True):
         if runs is not None:
             inputs, targets = _graph_inputs(runs, layer.nodes, choice, generator)
         else:
@@ -338,15 +385,19 @@ def _problems(
             )
             with _observers(float_copy, False, set()):
                 targets = _chunks(lambda x, layer=layer: layer.capture_out(float_copy, x), calib)
-        w0 = _weight(layer).detach().clone()
+        axis = _core_axis(layer, scheme)
+        w0 = _weight(layer).detach().movedim(axis, 0).contiguous()
+        forward = layer.forward if axis == 0 else lambda x, w, f=layer.forward, a=axis: f(x, w.movedim(0, a))
 
-        def install(integers, layer=layer, w0=w0, scheme=scheme, scale=scale, zero_point=zero_point):
+        def install(
+            integers, layer=layer, w0=w0, scheme=scheme, scale=scale, zero_point=zero_point, axis=axis
+        ):
             # a new Parameter, never an in-place write: the prepared model may share tensors with the
             # user's float model (torch.export does), which must stay as it was
-            snapped = snap_integers(w0, integers, scale, zero_point, scheme)
+            snapped = snap_integers(w0, integers, scale, zero_point, scheme).movedim(0, axis).contiguous()
             setattr(layer.owner, layer.attr, nn.Parameter(snapped, requires_grad=False))
 
-        yield LayerProblem(layer.name, w0, scheme, layer.forward, inputs, targets, scale, zero_point, install)
+        yield LayerProblem(layer.name, w0, scheme, forward, inputs, targets, scale, zero_point, install)
         del inputs, targets  # before the next layer's capture: one layer's activations held at a time
 
 
@@ -432,18 +483,21 @@ def defend_prepared(
         log.warning("%s: %s", name, reason)
     # a module called more than once (tied weights): PT2E names each call by its graph node
     warn_tied_weights((layer.name, layer.nodes[1] if layer.nodes else layer.name) for layer in layers)
-    scheme = observer_grid(layers[0].observer, f"layer {layers[0].name!r}")[0]
     # every grid read before any work: an observer EFRAP cannot follow is named first
-    for layer in layers[1:]:
-        observer_grid(layer.observer, f"layer {layer.name!r}")
+    grids = [observer_grid(layer.observer, f"layer {layer.name!r}", _axes(layer)) for layer in layers]
+    scheme = grids[0][0]
     calib, held = split_calibration(calib, config)
     # the float model: the prepared model's structure, its tensors shared (install puts new Parameters
     # into ``prepared`` and nothing writes to a tensor in place), not a second copy of every weight
     shared = {id(t): t for t in (*prepared.parameters(), *prepared.buffers())}
     float_copy = copy.deepcopy(prepared, shared)
-    problems = _problems(prepared, float_copy, layers, calib, layer_inputs, config.seed)
+    originals = {layer.name: _weight(layer) for layer in layers}  # install puts new Parameters in
+    problems = _problems(prepared, float_copy, layers, grids, calib, layer_inputs, config.seed)
     held_out = _held_out(prepared, float_copy, layers, held) if config.budget is not None else None
-    plans = defend_layers(problems, config, len(layers), progress, held_out)
+    learned = defend_layers(problems, config, len(layers), progress, held_out)
+    # in each weight's own layout, as convert stores it (a ConvTranspose's learned with axis 1 first)
+    axes = {layer.name: _core_axis(layer, grid[0]) for layer, grid in zip(layers, grids, strict=True)}
+    plans = {name: lp.in_weight_layout(originals[name], axes[name]) for name, lp in learned.items()}
     meta = {
         "config": config.to_dict(),
         "flow": "pt2e" if graph else "torch.ao",
