@@ -19,7 +19,7 @@ from .config import EFRAPConfig
 from .data import as_calibration
 from .errors import DataError, ModelError
 from .held_out import HeldOut, inputs_needed, split_calibration
-from .layers import followed_by_relu, layer_forward, prepare_model, quantizable_layers
+from .layers import followed_by_relu, layer_forward, prepare_model, quantizable_layers, unlearned_layers
 from .loop import defend_layers
 from .plan import RoundingPlan
 from .rounding import LayerProblem
@@ -145,6 +145,9 @@ def defend(
         raise DataError(
             f"calibration data: samples of shape {tuple(calib.shape[1:])} do not fit {type(model).__name__} ({exc})"
         ) from None
+    skipped = unlearned_layers(prepared)
+    for name, reason in skipped.items():
+        log.warning("%s: %s", name, reason)
     calib, held = split_calibration(calib, config)
     with_relu = followed_by_relu(prepared) if config.unit == "activation" else set()
     quantized = copy.deepcopy(prepared)
@@ -153,5 +156,5 @@ def defend(
     held_out = HeldOut.of_models(prepared, quantized, held) if config.budget is not None else None
     plans = defend_layers(problems, config, len(layers), progress, held_out)
     log.info("EFRAP: %d layers in %.1f s", len(plans), time.perf_counter() - start)
-    meta = {"config": config.to_dict(), "calib_size": int(calib.shape[0])}  # no timings: same run, same bytes
+    meta = {"config": config.to_dict(), "calib_size": int(calib.shape[0]), "skipped": skipped}  # no timings
     return RoundingPlan(scheme, plans, "torch", meta)

@@ -16,6 +16,7 @@ from .schemes import QuantScheme
 __all__ = [
     "QUANTIZABLE",
     "quantizable_layers",
+    "unlearned_layers",
     "prepare_model",
     "fingerprint",
     "layer_forward",
@@ -47,6 +48,23 @@ def quantizable_layers(model: nn.Module, example: torch.Tensor | None = None) ->
         return found
     modules = dict(found)
     return [(name, modules[name]) for name in execution_order(model, modules, example)]
+
+
+NOT_LEARNED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv3d)
+"""Weighted layers a backend may quantize that the torch path does not learn."""
+
+
+def unlearned_layers(model: nn.Module) -> dict[str, str]:
+    """The model's layers a backend may quantize that the torch path leaves at nearest rounding, with
+    the reason and where they are learned: the user is told, and verify fails on them, never silently."""
+    return {
+        name: (
+            f"{type(m).__name__}: the torch path learns Conv1d / Conv2d / Linear; efrap_onnx.quantize_static "
+            "and efrap_torchao.defend_prepared learn a ConvTranspose 1-D / 2-D; left at nearest rounding"
+        )
+        for name, m in model.named_modules()
+        if isinstance(m, NOT_LEARNED)
+    }
 
 
 def execution_order(model: nn.Module, modules: Mapping[str, nn.Module], example: torch.Tensor) -> list[str]:

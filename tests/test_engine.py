@@ -483,3 +483,26 @@ def test_objective_terms_and_gradients_match_the_reference_formulas(beta, share,
     assert all(bool(torch.isfinite(t).all()) for t in (*fused, step))
     assert torch.allclose(step, ref_grads, rtol=1e-3, atol=1e-7)
     assert bool(((o.fixed < o.lo) & ~o.free).any())  # the case above occurs in this layer
+
+
+def test_a_layer_the_torch_path_does_not_learn_is_named_not_silently_left(digits, caplog):
+    """A ConvTranspose a backend would quantize: the torch path warns, names it in the plan with where it is
+    learned, and learns the layers around it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1),
+        nn.Flatten(),
+        nn.Linear(128, 10),
+    ).eval()
+    with caplog.at_level("WARNING", logger="efrap_plugin"):
+        plan = defend(
+            model, digits.train.x[:128], config=EFRAPConfig(iters=20, calib_size=128), progress=False
+        )
+    assert list(plan.layers) == ["0", "4"]
+    assert list(plan.meta["skipped"]) == ["2"]
+    assert plan.meta["skipped"]["2"].startswith(
+        "ConvTranspose2d: the torch path learns Conv1d / Conv2d / Linear"
+    )
+    assert "efrap_onnx.quantize_static" in caplog.text and "2: ConvTranspose2d" in caplog.text
