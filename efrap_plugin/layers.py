@@ -59,8 +59,9 @@ def unlearned_layers(model: nn.Module) -> dict[str, str]:
     the reason and where they are learned: the user is told, and verify fails on them, never silently."""
     return {
         name: (
-            f"{type(m).__name__}: the torch path learns Conv1d / Conv2d / Linear; efrap_onnx.quantize_static "
-            "and efrap_torchao.defend_prepared learn a ConvTranspose 1-D / 2-D; left at nearest rounding"
+            f"{type(m).__name__}: the torch path learns Conv1d / Conv2d / Linear; the onnxruntime drop-in "
+            "(quantize_static) and the torch.ao flows (defend_prepared) learn a ConvTranspose 1-D / 2-D; "
+            "left at nearest rounding"
         )
         for name, m in model.named_modules()
         if isinstance(m, NOT_LEARNED)

@@ -505,4 +505,4 @@ def test_a_layer_the_torch_path_does_not_learn_is_named_not_silently_left(digits
     assert plan.meta["skipped"]["2"].startswith(
         "ConvTranspose2d: the torch path learns Conv1d / Conv2d / Linear"
     )
-    assert "efrap_onnx.quantize_static" in caplog.text and "2: ConvTranspose2d" in caplog.text
+    assert "(quantize_static)" in caplog.text and "2: ConvTranspose2d" in caplog.text
