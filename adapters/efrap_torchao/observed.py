@@ -339,8 +339,8 @@ _MODULES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspos
 def _conv_transpose(
     module: nn.Module, bias: torch.Tensor | None
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """What a ConvTranspose module computes with weight ``w`` (its own layout); the output size its
-    forward would take from ``output_size`` comes from its output_padding, as convert's module uses."""
+    """What a ConvTranspose module computes with weight ``w`` (its own layout), called without
+    ``output_size``: its output_padding decides the output's size."""
     deconv = F.conv_transpose1d if isinstance(module, nn.ConvTranspose1d) else F.conv_transpose2d
     args = (module.stride, module.padding, module.output_padding, module.groups, module.dilation)
     return lambda x, w: deconv(x, w, on_device_of(bias, x), *args)
@@ -359,11 +359,12 @@ def _problems(
     float_copy: nn.Module,
     layers: list[_Layer],
     grids: list[tuple[QuantScheme, torch.Tensor, torch.Tensor]],
+    axes: list[int],
     calib: torch.Tensor,
     choice: str,
     seed: int,
 ) -> Iterator[LayerProblem]:
-    """One problem per layer, its weight with the grid's channel axis first (``_core_axis``)."""
+    """One problem per layer, its weight with axis ``axes[i]`` (the grid's channels) moved first."""
     ids = {id(layer.observer) for layer in layers}
     generator = torch.Generator().manual_seed(seed)
     runs = (  # PT2E: each model's graph runs once over the calibration data, as far as asked
@@ -374,7 +375,7 @@ def _problems(
         if all(layer.nodes for layer in layers)
         else None
     )
-    for layer, (scheme, scale, zero_point) in zip(layers, grids, strict=True):
+    for layer, (scheme, scale, zero_point), axis in zip(layers, grids, axes, strict=True):
         if runs is not None:
             inputs, targets = _graph_inputs(runs, layer.nodes, choice, generator)
         else:
@@ -385,8 +386,7 @@ def _problems(
             )
             with _observers(float_copy, False, set()):
                 targets = _chunks(lambda x, layer=layer: layer.capture_out(float_copy, x), calib)
-        axis = _core_axis(layer, scheme)
-        w0 = _weight(layer).detach().movedim(axis, 0).contiguous()
+        w0 = _weight(layer).detach().movedim(axis, 0).clone(memory_format=torch.contiguous_format)
         forward = layer.forward if axis == 0 else lambda x, w, f=layer.forward, a=axis: f(x, w.movedim(0, a))
 
         def install(
@@ -485,6 +485,7 @@ def defend_prepared(
     warn_tied_weights((layer.name, layer.nodes[1] if layer.nodes else layer.name) for layer in layers)
     # every grid read before any work: an observer EFRAP cannot follow is named first
     grids = [observer_grid(layer.observer, f"layer {layer.name!r}", _axes(layer)) for layer in layers]
+    axes = [_core_axis(layer, grid[0]) for layer, grid in zip(layers, grids, strict=True)]
     scheme = grids[0][0]
     calib, held = split_calibration(calib, config)
     # the float model: the prepared model's structure, its tensors shared (install puts new Parameters
@@ -492,12 +493,12 @@ def defend_prepared(
     shared = {id(t): t for t in (*prepared.parameters(), *prepared.buffers())}
     float_copy = copy.deepcopy(prepared, shared)
     originals = {layer.name: _weight(layer) for layer in layers}  # install puts new Parameters in
-    problems = _problems(prepared, float_copy, layers, grids, calib, layer_inputs, config.seed)
+    problems = _problems(prepared, float_copy, layers, grids, axes, calib, layer_inputs, config.seed)
     held_out = _held_out(prepared, float_copy, layers, held) if config.budget is not None else None
     learned = defend_layers(problems, config, len(layers), progress, held_out)
     # in each weight's own layout, as convert stores it (a ConvTranspose's learned with axis 1 first)
-    axes = {layer.name: _core_axis(layer, grid[0]) for layer, grid in zip(layers, grids, strict=True)}
-    plans = {name: lp.in_weight_layout(originals[name], axes[name]) for name, lp in learned.items()}
+    axis_of = {layer.name: axis for layer, axis in zip(layers, axes, strict=True)}
+    plans = {name: lp.in_weight_layout(originals[name], axis_of[name]) for name, lp in learned.items()}
     meta = {
         "config": config.to_dict(),
         "flow": "pt2e" if graph else "torch.ao",
