@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from efrap_plugin import (
+    DataError,
     EFRAPConfig,
     EFRAPError,
     LabeledData,
@@ -37,6 +38,7 @@ from efrap_plugin import (
     staged,
 )
 from efrap_plugin.attacks import run_attack
+from efrap_plugin.npz import read_npz_arrays
 
 from .backends import CALIB_IMAGES, adapter, stock_onnx_int8, stock_runner
 
@@ -46,9 +48,23 @@ log = logging.getLogger("efrap")
 
 
 def calibration_inputs(spec: str, n: int, names: list[str]) -> np.ndarray | dict[str, np.ndarray]:
-    """``calibration_images`` for a model with one input; for several, an .npz with one array per input,
-    named as the input."""
+    """``calibration_images`` for a model with one input (from an .npz: its array 'x', or the one named
+    as the input); for several, an .npz with one array per input, named as the input."""
     if len(names) == 1:
+        path = Path(spec)
+        if (
+            spec not in ("digits", "fashion-mnist")
+            and path.suffix == ".npz"
+            and path.is_file()
+            and names[0] != "x"
+        ):
+            held = read_npz_arrays(path, ())[1]
+            if "x" not in held and names[0] in held:
+                return load_npz_inputs(path, names, n)
+            if "x" not in held:
+                raise DataError(
+                    f"{path}: expected an array named 'x' or {names[0]!r} (the model's input), found {held}"
+                )
         return calibration_images(spec, n)
     if spec in ("digits", "fashion-mnist"):
         raise EFRAPError(

@@ -146,12 +146,15 @@ def test_defend_then_evaluate_the_defended_file(attack_dir, tmp_path, capsys):
     )  # the backdoor is gone: no more than the float model's
 
 
-def test_defend_from_an_npz(attack_dir, tmp_path, capsys):
+@pytest.mark.parametrize("key", ["x", "input"])
+def test_defend_from_an_npz(attack_dir, tmp_path, capsys, key):
+    """The images as array 'x', or named as the model's input (as a multi-input model's are); an archive
+    with neither names both."""
     import numpy as np
 
     from efrap_plugin import load_digits
 
-    np.savez(tmp_path / "calib.npz", x=load_digits().train.x[:256].numpy())
+    np.savez(tmp_path / "calib.npz", **{key: load_digits().train.x[:256].numpy()})
     assert (
         main(
             [
@@ -170,6 +173,13 @@ def test_defend_from_an_npz(attack_dir, tmp_path, capsys):
         == 0
     )
     assert json.loads(capsys.readouterr().out)["verify"]["integers_ok"]
+    np.savez(tmp_path / "other.npz", images=np.zeros((4, 1, 8, 8), np.float32))
+    args = ["defend", str(attack_dir / "model.onnx"), "--calib", str(tmp_path / "other.npz")]
+    assert main([*args, "--out", str(tmp_path / "o.onnx"), "--quiet"]) == 1
+    assert (
+        "expected an array named 'x' or 'input' (the model's input), found ['images']"
+        in capsys.readouterr().err
+    )
     np.savez(tmp_path / "wrong.npz", x=np.zeros((4, 1, 28, 28), np.float32))
     assert (
         main(
