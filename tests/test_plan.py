@@ -124,6 +124,30 @@ def test_snap_round_trip_onnxruntime_quantize_static(plans, clean_cnn, digits, t
         assert report.runs_int_kernels and report.int_kernels == {"QLinearConv": 3, "QGemm": 1}
 
 
+def test_an_export_that_fails_its_verification_writes_nothing(digits, tmp_path):
+    """onnxruntime quantizes a ConvTranspose the torch path leaves unlearned: export_defended's proof
+    fails, says why (naming the unlearned layer) and leaves no model at the output path."""
+    from efrap_onnx import export_defended
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(128, 10),
+    ).eval()
+    calib = digits.train.x[:128]
+    plan = defend(model, calib, "onnxruntime", EFRAPConfig(iters=20, calib_size=128), progress=False)
+    with pytest.raises(
+        PlanMismatchError,
+        match=r"nothing was written .*the plan lacks \['2.weight_quantized'\].*"
+        r"the plan left \['2'\] unlearned \(ConvTranspose2d",
+    ):
+        export_defended(model, plan, calib, tmp_path / "d.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_prepare_model_folds_batchnorm_only_when_the_backend_does(clean_cnn):
     folded = prepare_model(clean_cnn, QuantScheme.onnxruntime())
     kept = prepare_model(clean_cnn, QuantScheme.reference())

@@ -13,7 +13,15 @@ import numpy as np
 import onnx
 import torch
 
-from efrap_plugin import EFRAPError, PlanMismatchError, RoundingPlan, as_calibration, fingerprint
+from efrap_plugin import (
+    EFRAPError,
+    PlanMismatchError,
+    RoundingPlan,
+    as_calibration,
+    atomic_write,
+    check_writable,
+    fingerprint,
+)
 
 from .drop_in import quantize_images
 from .graph import find_quantized_layers
@@ -106,12 +114,14 @@ def export_defended(
             "scheme='onnxruntime' (its scale rule and integer range differ)"
         )
     calib = as_calibration(calib_data)
+    path = check_writable(path)
     snapped = plan.snap(model)
     with tempfile.TemporaryDirectory(prefix="efrap-export-") as tmp:
         float_path = export_float_onnx(snapped, calib[:2], Path(tmp) / "snapped.onnx")
+        written = Path(tmp) / "defended.onnx"  # proven before it is put at ``path``
         quantize_images(
             float_path,
-            path,
+            written,
             calib.numpy(),
             plan.scheme.bits,
             per_channel=per_channel,
@@ -120,5 +130,18 @@ def export_defended(
         )
         modules = dict(snapped.named_modules())
         prints = {name: fingerprint(modules[name].weight) for name in plan.layers}
-        keyed = onnx_plan(plan, onnx.load(str(float_path)), onnx.load(str(path)), prints)
-    return keyed, verify(path, keyed)
+        keyed = onnx_plan(plan, onnx.load(str(float_path)), onnx.load(str(written)), prints)
+        report = verify(written, keyed, strict=False)
+        if not report.integers_ok:
+            skipped = plan.meta.get("skipped") or {}
+            raise PlanMismatchError(
+                f"export: the QDQ model onnxruntime wrote does not hold the plan's integers, so nothing was "
+                f"written to {path}: {report.differences()}"
+                + (
+                    f"; the plan left {sorted(skipped)} unlearned ({next(iter(skipped.values()))})"
+                    if skipped
+                    else ""
+                )
+            )
+        atomic_write(path, written.read_bytes())
+    return keyed, report
