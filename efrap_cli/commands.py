@@ -22,6 +22,7 @@ from efrap_plugin import (
     as_calibration,
     atomic_write,
     check_writable,
+    core_weight,
     crowded_layers,
     evaluate,
     format_scan,
@@ -354,7 +355,8 @@ def cmd_scan(args: argparse.Namespace) -> dict[str, Any]:
         weights = onnx_adapter.folded_weights(model)
     elif path.suffix == ".safetensors":
         prepared = prepare_model(load_model(path)[0], scheme)
-        weights = {n: m.weight for n, m in quantizable_layers(prepared)}
+        layers = quantizable_layers(prepared, conv_transpose=scheme.learns_conv_transpose)
+        weights = {n: core_weight(m) for n, m in layers}  # output channels first, as the grid runs
     else:
         raise EFRAPError(f"model: expected a .onnx or .safetensors file, got {path.name!r}")
     rows = scan_weights(weights, scheme)

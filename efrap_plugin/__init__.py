@@ -41,7 +41,15 @@ from .fake_quant import fake_quant_forward
 from .files import atomic_write, check_writable, read_safetensors, safetensors_shapes, staged
 from .held_out import MIN_HOLDOUT, HeldOut, Measurement, inputs_needed, split_calibration, split_sizes
 from .layer_inputs import LAYER_INPUTS, LayerInputs, check_layer_inputs, mix_layer_inputs, pick_layer_inputs
-from .layers import execution_order, fingerprint, on_device_of, prepare_model, quantizable_layers, relu_after
+from .layers import (
+    core_weight,
+    execution_order,
+    fingerprint,
+    on_device_of,
+    prepare_model,
+    quantizable_layers,
+    relu_after,
+)
 from .loop import defend_layers, warn_tied_weights
 from .models import DigitsCNN, ResNet, TokenEncoder, build_model, resnet8, resnet20
 from .objective import learnable_bounds, truncation_error
@@ -106,6 +114,7 @@ __all__ = [
     "clean_acc",
     "compare",
     "compare_integers",
+    "core_weight",
     "defend",
     "defend_layers",
     "der",

@@ -19,7 +19,15 @@ from .config import EFRAPConfig
 from .data import as_calibration
 from .errors import DataError, ModelError
 from .held_out import HeldOut, inputs_needed, split_calibration
-from .layers import followed_by_relu, layer_forward, prepare_model, quantizable_layers, unlearned_layers
+from .layers import (
+    core_weight,
+    followed_by_relu,
+    layer_forward,
+    prepare_model,
+    quantizable_layers,
+    unlearned_layers,
+    weight_axis,
+)
 from .loop import defend_layers
 from .plan import RoundingPlan
 from .rounding import LayerProblem
@@ -98,15 +106,18 @@ def _problems(
         if name in with_relu:
             forward, targets = _then_relu(forward), torch.relu(targets)
 
-        scale, zero_point = layer_scheme.qparams(layer.weight)
+        weight = core_weight(layer).clone()  # output channels first (a ConvTranspose's axis 1)
+        scale, zero_point = layer_scheme.qparams(weight)
 
         def install(integers, q_layer=q_layer, scheme=layer_scheme, scale=scale, zero_point=zero_point):
             with torch.no_grad():
-                q_layer.weight.copy_(scheme.dequantize(integers, scale, zero_point))
+                q_layer.weight.copy_(
+                    scheme.dequantize(integers, scale, zero_point).movedim(0, weight_axis(q_layer))
+                )
 
         yield LayerProblem(
             name,
-            layer.weight.detach().clone(),
+            weight,
             layer_scheme,
             forward,
             capture(quantized, q_layer, calib, "input"),
@@ -137,15 +148,16 @@ def defend(
         scheme = scheme_preset(scheme, bits if bits is not None else 8)
     start = time.perf_counter()
     prepared = prepare_model(model, scheme)
-    layers = quantizable_layers(prepared)
+    transposed = scheme.learns_conv_transpose
+    layers = quantizable_layers(prepared, conv_transpose=transposed)
     calib = as_calibration(calib_data, inputs_needed(config))
     try:
-        layers = quantizable_layers(prepared, calib[:1])
+        layers = quantizable_layers(prepared, calib[:1], conv_transpose=transposed)
     except RuntimeError as exc:
         raise DataError(
             f"calibration data: samples of shape {tuple(calib.shape[1:])} do not fit {type(model).__name__} ({exc})"
         ) from None
-    skipped = unlearned_layers(prepared)
+    skipped = unlearned_layers(prepared, transposed)
     for name, reason in skipped.items():
         log.warning("%s: %s", name, reason)
     calib, held = split_calibration(calib, config)

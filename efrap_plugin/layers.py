@@ -17,6 +17,9 @@ __all__ = [
     "QUANTIZABLE",
     "quantizable_layers",
     "unlearned_layers",
+    "CONV_TRANSPOSE",
+    "core_weight",
+    "weight_axis",
     "prepare_model",
     "fingerprint",
     "layer_forward",
@@ -28,15 +31,22 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d)
+"""Learned where the scheme's backend quantizes them (``QuantScheme.learns_conv_transpose``): their
+weight is C_in x C_out / groups x k, output channels on axis 1, which the core sees first (``core_weight``)."""
 
 
-def quantizable_layers(model: nn.Module, example: torch.Tensor | None = None) -> list[tuple[str, nn.Module]]:
-    """Conv1d / Conv2d / Linear modules, in the order a forward pass calls them (topological order).
+def quantizable_layers(
+    model: nn.Module, example: torch.Tensor | None = None, conv_transpose: bool = False
+) -> list[tuple[str, nn.Module]]:
+    """Conv1d / Conv2d / Linear modules (and ConvTranspose 1-D / 2-D with ``conv_transpose``), in the
+    order a forward pass calls them (topological order).
 
     Without an example input, the order is the module registration order.
     """
     refuse_quantized_layers(model)
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    kinds = QUANTIZABLE + CONV_TRANSPOSE if conv_transpose else QUANTIZABLE
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
     if not found:
         if _is_exported_graph(model):
             raise ModelError(_EXPORTED)
@@ -54,18 +64,29 @@ NOT_LEARNED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Co
 """Weighted layers a backend may quantize that the torch path does not learn."""
 
 
-def unlearned_layers(model: nn.Module) -> dict[str, str]:
+def unlearned_layers(model: nn.Module, conv_transpose: bool = False) -> dict[str, str]:
     """The model's layers a backend may quantize that the torch path leaves at nearest rounding, with
-    the reason and where they are learned: the user is told, and verify fails on them, never silently."""
+    the reason and where they are learned: the user is told, and verify fails on them, never silently.
+    With ``conv_transpose`` (the scheme learns them), ConvTranspose 1-D / 2-D are not among them."""
     return {
         name: (
-            f"{type(m).__name__}: the torch path learns Conv1d / Conv2d / Linear; the onnxruntime drop-in "
-            "(quantize_static) and the torch.ao flows (defend_prepared) learn a ConvTranspose 1-D / 2-D; "
-            "left at nearest rounding"
+            f"{type(m).__name__}: the torch path learns Conv1d / Conv2d / Linear (and ConvTranspose 1-D / 2-D "
+            "on onnxruntime's grid); the onnxruntime drop-in (quantize_static) and the torch.ao flows "
+            "(defend_prepared) learn a ConvTranspose 1-D / 2-D on theirs; left at nearest rounding"
         )
         for name, m in model.named_modules()
-        if isinstance(m, NOT_LEARNED)
+        if isinstance(m, NOT_LEARNED) and not (conv_transpose and isinstance(m, CONV_TRANSPOSE))
     }
+
+
+def weight_axis(layer: nn.Module) -> int:
+    """The axis of ``layer.weight`` that holds its output channels: 1 for a ConvTranspose, else 0."""
+    return 1 if isinstance(layer, CONV_TRANSPOSE) else 0
+
+
+def core_weight(layer: nn.Module) -> torch.Tensor:
+    """``layer.weight`` (detached) with its output channels first, as the core learns and plans it."""
+    return layer.weight.detach().movedim(weight_axis(layer), 0).contiguous()
 
 
 def execution_order(model: nn.Module, modules: Mapping[str, nn.Module], example: torch.Tensor) -> list[str]:
@@ -171,7 +192,15 @@ def layer_forward(layer: nn.Module):
         return lambda x, w: conv(
             x, w, on_device_of(bias, x), layer.stride, layer.padding, layer.dilation, layer.groups
         )
-    raise ModelError(f"layer: expected Conv1d, Conv2d or Linear, got {type(layer).__name__}")
+    if isinstance(layer, CONV_TRANSPOSE):  # w arrives output channels first (core_weight)
+        deconv = (
+            nn.functional.conv_transpose1d
+            if isinstance(layer, nn.ConvTranspose1d)
+            else nn.functional.conv_transpose2d
+        )  # (torch allows a ConvTranspose no padding_mode but zeros)
+        args = (layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
+        return lambda x, w: deconv(x, w.movedim(0, 1), on_device_of(bias, x), *args)
+    raise ModelError(f"layer: expected Conv1d, Conv2d, ConvTranspose or Linear, got {type(layer).__name__}")
 
 
 def relu_after(model: nn.Module) -> dict[str, str | None]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import EFRAPError, ModelError, PlanMismatchError
 from .files import atomic_write, read_safetensors
-from .layers import QUANTIZABLE, fingerprint, prepare_model
+from .layers import CONV_TRANSPOSE, QUANTIZABLE, core_weight, fingerprint, prepare_model, weight_axis
 from .schemes import QuantScheme
 
 __all__ = ["LayerPlan", "RoundingPlan", "snap_integers", "snap_weight"]
@@ -109,14 +109,15 @@ class RoundingPlan:
                 f"plan: made from a {self.source} model; apply it with the {self.source} adapter, not to a torch module"
             )
         prepared = prepare_model(model, self.scheme)
-        modules = {n: m for n, m in prepared.named_modules() if isinstance(m, QUANTIZABLE)}
+        kinds = QUANTIZABLE + CONV_TRANSPOSE if self.scheme.learns_conv_transpose else QUANTIZABLE
+        modules = {n: m for n, m in prepared.named_modules() if isinstance(m, kinds)}
         missing = sorted(set(self.layers) - set(modules))
         if missing:
             raise PlanMismatchError(
                 f"plan: layers {missing} are not in {type(model).__name__}; this plan was made for another model"
             )
         for name, lp in self.layers.items():
-            got = fingerprint(modules[name].weight)
+            got = fingerprint(core_weight(modules[name]))
             if got != lp.fingerprint:
                 raise PlanMismatchError(
                     f"plan: layer {name!r} weights differ from the ones the plan was made from "
@@ -129,7 +130,10 @@ class RoundingPlan:
         prepared, modules = self._matched_layers(model)
         with torch.no_grad():
             for name, lp in self.layers.items():
-                modules[name].weight.copy_(lp.dequantized(self.scheme).reshape(modules[name].weight.shape))
+                module = modules[name]
+                module.weight.copy_(
+                    lp.dequantized(self.scheme).movedim(0, weight_axis(module)).reshape(module.weight.shape)
+                )
         return prepared
 
     def snap(self, model: nn.Module) -> nn.Module:
@@ -141,8 +145,10 @@ class RoundingPlan:
         prepared, modules = self._matched_layers(model)
         with torch.no_grad():
             for name, lp in self.layers.items():
-                weight = modules[name].weight
-                modules[name].weight.copy_(snap_weight(weight, lp, self.scheme))
+                module = modules[name]
+                module.weight.copy_(
+                    snap_weight(core_weight(module), lp, self.scheme).movedim(0, weight_axis(module))
+                )
         return prepared
 
     # ----- files ---------------------------------------------------------------------------------

@@ -122,6 +122,13 @@ class QuantScheme:
         _check_bits(bits)
         return cls("reference", bits, 0, 2**bits - 1, True, "mse", "float32", False, False, 8, "mse", 8)
 
+    @property
+    def learns_conv_transpose(self) -> bool:
+        """Whether the torch path learns a ConvTranspose on this grid: onnxruntime quantizes one per
+        channel along its output channels (axis 1), and the paper's fake quantization rounds every layer;
+        torchao's X86Inductor leaves it in float, and the project's Brevitas route has no such layer."""
+        return self.name in ("onnxruntime", "reference")
+
     # ----- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -485,8 +485,12 @@ def test_objective_terms_and_gradients_match_the_reference_formulas(beta, share,
     assert bool(((o.fixed < o.lo) & ~o.free).any())  # the case above occurs in this layer
 
 
-def test_a_layer_the_torch_path_does_not_learn_is_named_not_silently_left(digits, caplog):
-    """A ConvTranspose a backend would quantize: the torch path warns, names it in the plan with where it is
+@pytest.mark.parametrize("scheme", ["onnxruntime", "torchao-x86"])
+def test_a_conv_transpose_is_learned_where_the_backend_quantizes_it_and_named_where_not(
+    digits, caplog, scheme
+):
+    """onnxruntime quantizes a ConvTranspose (per channel along its output channels): the torch path learns
+    it. X86Inductor leaves it in float: the torch path warns, names it in the plan with where it is
     learned, and learns the layers around it."""
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -496,12 +500,14 @@ def test_a_layer_the_torch_path_does_not_learn_is_named_not_silently_left(digits
         nn.Flatten(),
         nn.Linear(128, 10),
     ).eval()
+    config = EFRAPConfig(iters=20, calib_size=128)
     with caplog.at_level("WARNING", logger="efrap_plugin"):
-        plan = defend(
-            model, digits.train.x[:128], config=EFRAPConfig(iters=20, calib_size=128), progress=False
-        )
-    assert list(plan.layers) == ["0", "4"]
-    assert list(plan.meta["skipped"]) == ["2"]
+        plan = defend(model, digits.train.x[:128], scheme, config=config, progress=False)
+    if scheme == "onnxruntime":
+        assert list(plan.layers) == ["0", "2", "4"] and plan.meta["skipped"] == {}
+        assert plan["2"].integers.shape == (2, 4, 3, 3) and "ConvTranspose2d" not in caplog.text
+        return
+    assert list(plan.layers) == ["0", "4"] and list(plan.meta["skipped"]) == ["2"]
     assert plan.meta["skipped"]["2"].startswith(
         "ConvTranspose2d: the torch path learns Conv1d / Conv2d / Linear"
     )

@@ -124,25 +124,78 @@ def test_snap_round_trip_onnxruntime_quantize_static(plans, clean_cnn, digits, t
         assert report.runs_int_kernels and report.int_kernels == {"QLinearConv": 3, "QGemm": 1}
 
 
-def test_an_export_that_fails_its_verification_writes_nothing(digits, tmp_path):
-    """onnxruntime quantizes a ConvTranspose the torch path leaves unlearned: export_defended's proof
-    fails, says why (naming the unlearned layer) and leaves no model at the output path."""
-    from efrap_onnx import export_defended
-
+def _upsampler() -> torch.nn.Module:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
+    return torch.nn.Sequential(
         torch.nn.Conv2d(1, 4, 3, stride=2, padding=1),
         torch.nn.ReLU(),
         torch.nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1),
         torch.nn.Flatten(),
         torch.nn.Linear(128, 10),
     ).eval()
+
+
+def test_a_conv_transpose_is_learned_on_onnxruntimes_grid_and_exported(digits, tmp_path):
+    """onnxruntime quantizes a ConvTranspose per channel along its axis 1: the torch path learns it there
+    (output channels first), the snapped export holds its integers, and apply / snap agree."""
+    from efrap_onnx import export_defended
+
+    model, calib = _upsampler(), digits.train.x[:128]
+    plan = defend(model, calib, "onnxruntime", EFRAPConfig(iters=100, calib_size=128), progress=False)
+    assert list(plan.layers) == ["0", "2", "4"] and plan.meta["skipped"] == {}
+    assert tuple(plan["2"].integers.shape) == (2, 4, 3, 3) and plan["2"].flipped_share > 0
+    keyed, report = export_defended(model, plan, calib, tmp_path / "d.onnx")
+    assert report.integers_ok and report.matching == 3
+    assert keyed.meta["layout"]["2.weight"]["transpose"] is True
+    x = digits.test.x[:64]
+    with torch.no_grad():
+        assert torch.equal(plan.apply(model)(x), plan.snap(model)(x))
+
+
+def test_an_export_finds_a_weight_with_a_dimension_of_one(digits, tmp_path):
+    """A one-output head (8 -> 1) and a one-channel stem: their bytes read the same in either layout, and
+    each is matched by the layout its reader gives it (the head was missed: indexed as its transpose)."""
+    from efrap_onnx import export_defended
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(144, 8),
+        torch.nn.ReLU(),
+        torch.nn.Linear(8, 1),
+    ).eval()
     calib = digits.train.x[:128]
     plan = defend(model, calib, "onnxruntime", EFRAPConfig(iters=20, calib_size=128), progress=False)
+    keyed, report = export_defended(model, plan, calib, tmp_path / "d.onnx")
+    assert report.integers_ok and report.matching == 3 and "5.weight" in keyed.layers
+
+
+def test_an_export_that_fails_its_verification_writes_nothing(digits, tmp_path, caplog):
+    """onnxruntime quantizes a Conv3d the torch path leaves unlearned (and says so): export_defended's
+    proof fails, says why (naming the unlearned layer) and leaves no model at the output path."""
+    from efrap_onnx import export_defended
+
+    class WithConv3d(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.volume = torch.nn.Conv3d(1, 2, (1, 3, 3), padding=(0, 1, 1))
+            self.head = torch.nn.Linear(2 * 4 * 64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.volume(torch.relu(self.conv(x)).unsqueeze(1))).flatten(1))
+
+    torch.manual_seed(0)
+    model, calib = WithConv3d().eval(), digits.train.x[:128]
+    with caplog.at_level("WARNING", logger="efrap_plugin"):
+        plan = defend(model, calib, "onnxruntime", EFRAPConfig(iters=20, calib_size=128), progress=False)
+    assert list(plan.meta["skipped"]) == ["volume"] and "volume: Conv3d" in caplog.text
     with pytest.raises(
         PlanMismatchError,
-        match=r"nothing was written .*the plan lacks \['2.weight_quantized'\].*"
-        r"the plan left \['2'\] unlearned \(ConvTranspose2d",
+        match=r"nothing was written .*the plan lacks \['volume.weight_quantized'\].*"
+        r"the plan left \['volume'\] unlearned \(Conv3d",
     ):
         export_defended(model, plan, calib, tmp_path / "d.onnx")
     assert list(tmp_path.iterdir()) == []

@@ -20,11 +20,12 @@ from efrap_plugin import (
     as_calibration,
     atomic_write,
     check_writable,
+    core_weight,
     fingerprint,
 )
 
 from .drop_in import quantize_images
-from .graph import find_quantized_layers
+from .graph import WEIGHT_OPS, channels_on_axis_1, find_quantized_layers
 from .model_io import initializer_array, save_onnx
 from .verify import VerifyReport, verify
 
@@ -64,14 +65,21 @@ def onnx_plan(
     ``snapped_prints`` (layer -> fingerprint of the snapped float weight the export saw) finds each
     layer's initializer; without it the fingerprint of the plan's dequantized integers is used.
     """
+    # the layout each weight's reader gives it: output channels on axis 1 (a MatMul's K x N, a
+    # ConvTranspose's C_in x C_out / group x k) are first in the plan, so the print is of the swapped array
+    swapped = {
+        node.input[1]: channels_on_axis_1(node)
+        for node in float_onnx.graph.node
+        if node.op_type in WEIGHT_OPS and len(node.input) > 1
+    }
     by_print: dict[str, tuple[str, bool]] = {}
     for t in float_onnx.graph.initializer:
         arr = np.array(initializer_array(t))
         if arr.dtype != np.float32 or arr.ndim < 2:
             continue
-        by_print[fingerprint(torch.from_numpy(arr))] = (t.name, False)
-        if arr.ndim == 2:
-            by_print[fingerprint(torch.from_numpy(np.ascontiguousarray(arr.T)))] = (t.name, True)
+        swap = swapped.get(t.name, False)
+        core = np.ascontiguousarray(np.swapaxes(arr, 0, 1)) if swap else arr
+        by_print[fingerprint(torch.from_numpy(core))] = (t.name, swap)
     inits = {t.name for t in qdq.graph.initializer}
     layers, layout = {}, {}
     for name, lp in plan.layers.items():
@@ -129,7 +137,7 @@ def export_defended(
             progress=False,
         )
         modules = dict(snapped.named_modules())
-        prints = {name: fingerprint(modules[name].weight) for name in plan.layers}
+        prints = {name: fingerprint(core_weight(modules[name])) for name in plan.layers}
         keyed = onnx_plan(plan, onnx.load(str(float_path)), onnx.load(str(written)), prints)
         report = verify(written, keyed, strict=False)
         if not report.integers_ok:
