@@ -70,9 +70,10 @@ def unlearned_layers(model: nn.Module, conv_transpose: bool = False) -> dict[str
     With ``conv_transpose`` (the scheme learns them), ConvTranspose 1-D / 2-D are not among them."""
     return {
         name: (
-            f"{type(m).__name__}: the torch path learns Conv1d / Conv2d / Linear (and ConvTranspose 1-D / 2-D "
-            "on onnxruntime's grid); the onnxruntime drop-in (quantize_static) and the torch.ao flows "
-            "(defend_prepared) learn a ConvTranspose 1-D / 2-D on theirs; left at nearest rounding"
+            f"{type(m).__name__}: the torch path learns Conv1d / Conv2d / Linear, and ConvTranspose 1-D / 2-D "
+            "on onnxruntime's and the paper's grids; the onnxruntime drop-in (quantize_static) and the "
+            "torch.ao flows (defend_prepared) learn a ConvTranspose 1-D / 2-D on theirs; not learned here "
+            "(the backend's own rounding, where it quantizes it)"
         )
         for name, m in model.named_modules()
         if isinstance(m, NOT_LEARNED) and not (conv_transpose and isinstance(m, CONV_TRANSPOSE))
