@@ -106,16 +106,21 @@ def test_pt2e_conv1d_is_defended_where_the_quantizer_quantizes_it(digits, name):
 
 
 class Upsampler(nn.Module):
-    """A strided Conv down, a ConvTranspose (output padding) back up, each followed by a ReLU."""
+    """A strided Conv down, a ConvTranspose (output padding) back up with a BatchNorm that prepare_pt2e
+    folds into it, each followed by a ReLU."""
 
     def __init__(self) -> None:
         super().__init__()
         self.down = nn.Conv2d(1, 4, 3, stride=2, padding=1)
         self.up = nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1)
+        self.norm = nn.BatchNorm2d(2)
         self.head = nn.Linear(2 * 64, 10)
+        with torch.no_grad():  # statistics that folding really changes
+            self.norm.running_mean.uniform_(-0.5, 0.5)
+            self.norm.running_var.uniform_(0.5, 2.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.up(torch.relu(self.down(x)))).flatten(1))
+        return self.head(torch.relu(self.norm(self.up(torch.relu(self.down(x))))).flatten(1))
 
 
 @pytest.mark.parametrize("name", ["x86", "xnnpack", "xnnpack-per-tensor"])
@@ -137,8 +142,12 @@ def test_pt2e_conv_transpose_is_defended_where_the_quantizer_quantizes_it(digits
     if name != "x86":
         assert plan["up"].integers.shape == model.up.weight.shape and plan["up"].flipped_share > 0
         assert plan["up"].scale.numel() == (1 if name.endswith("per-tensor") else 4)
-    report = verify_pt2e(convert_pt2e(prepared), plan)
+    converted = convert_pt2e(prepared)
+    report = verify_pt2e(converted, plan)
     assert report.integers_ok and report.matching == len(plan.layers) and report.unplanned == []
+    x = digits.test.x[:256]
+    with torch.no_grad():  # the converted model still computes the float model's decisions
+        assert (converted(x).argmax(1) == model(x).argmax(1)).float().mean() >= 0.95
 
 
 @pytest.mark.parametrize("qconfig", ["x86", "fbgemm", "qnnpack"])
