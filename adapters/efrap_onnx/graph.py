@@ -53,7 +53,7 @@ def channels_on_axis_1(node: onnx.NodeProto) -> bool:
 
 @dataclass
 class QuantizedLayer:
-    """A Conv / Gemm / MatMul whose weight a DequantizeLinear feeds from a quantized initializer, or, where
+    """A Conv / ConvTranspose / Gemm / MatMul whose weight a DequantizeLinear feeds from a quantized initializer, or, where
     onnxruntime kept the weight in float (extra_options AddQDQPairToWeight), from a QuantizeLinear that
     rounds that float initializer at run time (``rounded_at_run_time``: ``quantized`` names it)."""
 
