@@ -51,21 +51,16 @@ log = logging.getLogger("efrap")
 def calibration_inputs(spec: str, n: int, names: list[str]) -> np.ndarray | dict[str, np.ndarray]:
     """``calibration_images`` for a model with one input (from an .npz: its array 'x', or the one named
     as the input); for several, an .npz with one array per input, named as the input."""
-    if len(names) == 1:
-        path = Path(spec)
-        if (
-            spec not in ("digits", "fashion-mnist")
-            and path.suffix == ".npz"
-            and path.is_file()
-            and names[0] != "x"
-        ):
-            held = read_npz_arrays(path, ())[1]
-            if "x" not in held and names[0] in held:
-                return load_npz_inputs(path, names, n)
-            if "x" not in held:
+    path = Path(spec)
+    if len(names) == 1 and names[0] != "x" and path.suffix == ".npz" and path.is_file():
+        held = read_npz_arrays(path, ())[1]  # the archive's array names; no array is read
+        if "x" not in held:
+            if names[0] not in held:
                 raise DataError(
                     f"{path}: expected an array named 'x' or {names[0]!r} (the model's input), found {held}"
                 )
+            return load_npz_inputs(path, names, n)
+    if len(names) == 1:
         return calibration_images(spec, n)
     if spec in ("digits", "fashion-mnist"):
         raise EFRAPError(

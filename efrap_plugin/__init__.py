@@ -42,9 +42,11 @@ from .files import atomic_write, check_writable, read_safetensors, safetensors_s
 from .held_out import MIN_HOLDOUT, HeldOut, Measurement, inputs_needed, split_calibration, split_sizes
 from .layer_inputs import LAYER_INPUTS, LayerInputs, check_layer_inputs, mix_layer_inputs, pick_layer_inputs
 from .layers import (
+    CONV_TRANSPOSE,
     core_weight,
     execution_order,
     fingerprint,
+    layer_kinds,
     on_device_of,
     prepare_model,
     quantizable_layers,
@@ -72,6 +74,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ATTACK_BARS",
     "BUDGET_STRENGTHS",
+    "CONV_TRANSPOSE",
     "HeldOut",
     "Measurement",
     "MIN_HOLDOUT",
@@ -128,6 +131,7 @@ __all__ = [
     "on_device_of",
     "mix_layer_inputs",
     "pick_layer_inputs",
+    "layer_kinds",
     "learn_rounding",
     "path_steps",
     "rounding_path",

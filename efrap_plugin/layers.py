@@ -18,6 +18,7 @@ __all__ = [
     "quantizable_layers",
     "unlearned_layers",
     "CONV_TRANSPOSE",
+    "layer_kinds",
     "core_weight",
     "weight_axis",
     "prepare_model",
@@ -36,6 +37,12 @@ CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d)
 weight is C_in x C_out / groups x k, output channels on axis 1, which the core sees first (``core_weight``)."""
 
 
+def layer_kinds(conv_transpose: bool = False) -> tuple[type[nn.Module], ...]:
+    """The module types the core learns: QUANTIZABLE, and CONV_TRANSPOSE where the grid's backend
+    quantizes them (``QuantScheme.learns_conv_transpose``)."""
+    return QUANTIZABLE + CONV_TRANSPOSE if conv_transpose else QUANTIZABLE
+
+
 def quantizable_layers(
     model: nn.Module, example: torch.Tensor | None = None, conv_transpose: bool = False
 ) -> list[tuple[str, nn.Module]]:
@@ -45,8 +52,7 @@ def quantizable_layers(
     Without an example input, the order is the module registration order.
     """
     refuse_quantized_layers(model)
-    kinds = QUANTIZABLE + CONV_TRANSPOSE if conv_transpose else QUANTIZABLE
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, layer_kinds(conv_transpose))]
     if not found:
         if _is_exported_graph(model):
             raise ModelError(_EXPORTED)
@@ -60,7 +66,7 @@ def quantizable_layers(
     return [(name, modules[name]) for name in execution_order(model, modules, example)]
 
 
-NOT_LEARNED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv3d)
+NOT_LEARNED = (*CONV_TRANSPOSE, nn.ConvTranspose3d, nn.Conv3d)
 """Weighted layers a backend may quantize that the torch path does not learn."""
 
 

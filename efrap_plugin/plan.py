@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import EFRAPError, ModelError, PlanMismatchError
 from .files import atomic_write, read_safetensors
-from .layers import CONV_TRANSPOSE, QUANTIZABLE, core_weight, fingerprint, prepare_model, weight_axis
+from .layers import core_weight, fingerprint, layer_kinds, prepare_model, weight_axis
 from .schemes import QuantScheme
 
 __all__ = ["LayerPlan", "RoundingPlan", "snap_integers", "snap_weight"]
@@ -109,7 +109,7 @@ class RoundingPlan:
                 f"plan: made from a {self.source} model; apply it with the {self.source} adapter, not to a torch module"
             )
         prepared = prepare_model(model, self.scheme)
-        kinds = QUANTIZABLE + CONV_TRANSPOSE if self.scheme.learns_conv_transpose else QUANTIZABLE
+        kinds = layer_kinds(self.scheme.learns_conv_transpose)
         modules = {n: m for n, m in prepared.named_modules() if isinstance(m, kinds)}
         missing = sorted(set(self.layers) - set(modules))
         if missing:

@@ -142,14 +142,14 @@ def export_defended(
         report = verify(written, keyed, strict=False)
         if not report.integers_ok:
             skipped = plan.meta.get("skipped") or {}
+            why = (
+                f"; the plan left {sorted(skipped)} unlearned ({next(iter(skipped.values()))})"
+                if skipped
+                else ""
+            )
             raise PlanMismatchError(
                 f"export: the QDQ model onnxruntime wrote does not hold the plan's integers, so nothing was "
-                f"written to {path}: {report.differences()}"
-                + (
-                    f"; the plan left {sorted(skipped)} unlearned ({next(iter(skipped.values()))})"
-                    if skipped
-                    else ""
-                )
+                f"written to {path}: {report.differences()}{why}"
             )
         atomic_write(path, written.read_bytes())
     return keyed, report

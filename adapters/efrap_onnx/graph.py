@@ -296,6 +296,12 @@ def _bias(
     return torch.from_numpy(np.array(initializer_array(inits[fnode.input[index]]), dtype=np.float32))
 
 
+def _auto_pad(node: onnx.NodeProto) -> str:
+    """A Conv's or ConvTranspose's auto_pad, as text (NOTSET when absent)."""
+    value = attribute(node, "auto_pad", b"NOTSET")
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _same_pads(spatial, kernel, strides, dilations, auto_pad: str) -> list[int]:
     """F.pad's list (last axis first) for ONNX's SAME_UPPER / SAME_LOWER: the output is ceil(input /
     stride) long, the odd padding element at the end (UPPER) or the start (LOWER)."""
@@ -310,9 +316,7 @@ def _same_pads(spatial, kernel, strides, dilations, auto_pad: str) -> list[int]:
 def _forward(node: onnx.NodeProto, fnode: onnx.NodeProto, inits) -> Callable | None:
     """(x, w in [out, ...] layout) -> the node's output; None where the node is outside what we model."""
     if node.op_type == "Conv":
-        bias = _bias(fnode, 2, inits)
-        auto_pad = attribute(node, "auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        bias, auto_pad = _bias(fnode, 2, inits), _auto_pad(node)
         if bias is False or auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
             return None
         rank = len(inits[fnode.input[1]].dims) - 2  # kernel_shape is optional: the weight says it
@@ -362,10 +366,8 @@ def _conv_transpose(node: onnx.NodeProto, fnode: onnx.NodeProto, inits) -> Calla
     (possibly uneven) pads cropped from the full output. An output_shape or auto_pad (pads onnxruntime
     works out at run time) is outside what we model."""
     bias = _bias(fnode, 2, inits)
-    auto_pad = attribute(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     rank = len(inits[fnode.input[1]].dims) - 2
-    if bias is False or auto_pad != "NOTSET" or attribute(node, "output_shape") or rank not in (1, 2):
+    if bias is False or _auto_pad(node) != "NOTSET" or attribute(node, "output_shape") or rank not in (1, 2):
         return None
     strides = list(attribute(node, "strides", [1] * rank))
     dilations = list(attribute(node, "dilations", [1] * rank))

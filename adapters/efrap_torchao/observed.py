@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from efrap_plugin import (
+    CONV_TRANSPOSE,
     EFRAPConfig,
     EFRAPError,
     HeldOut,
@@ -40,6 +41,7 @@ from efrap_plugin import (
     defend_layers,
     execution_order,
     inputs_needed,
+    layer_kinds,
     mix_layer_inputs,
     on_device_of,
     pick_layer_inputs,
@@ -302,13 +304,15 @@ def _module_layers(model: nn.Module, relu_units: bool) -> tuple[list[_Layer], di
                 f"{type(inner).__name__}: not a Conv / Linear layer EFRAP learns; left at nearest rounding"
             )
             continue
-        if not isinstance(inner, _MODULES) or type(inner).__module__.startswith("torch.ao.nn.quantized"):
+        if not isinstance(inner, layer_kinds(conv_transpose=True)) or type(inner).__module__.startswith(
+            "torch.ao.nn.quantized"
+        ):
             continue
         observer = qconfig.weight()
         observer(inner.weight.detach())
         relu = relu_units and fused and any(isinstance(m, nn.ReLU) for m in module)
         bias = inner.bias.detach().clone() if inner.bias is not None else None
-        transposed = isinstance(inner, (nn.ConvTranspose1d, nn.ConvTranspose2d))
+        transposed = isinstance(inner, CONV_TRANSPOSE)
         if isinstance(inner, nn.Linear):
             base = lambda x, w, b=bias: F.linear(x, w, on_device_of(b, x))  # noqa: E731
         elif transposed:
@@ -331,9 +335,6 @@ def _module_layers(model: nn.Module, relu_units: bool) -> tuple[list[_Layer], di
             )
         )
     return layers, skipped
-
-
-_MODULES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d)
 
 
 def _conv_transpose(
