@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -23,7 +23,7 @@ from .rounding import LayerProblem, LayerResult, learn_rounding, path_steps, rou
 from .threads import threads_for
 from .training import resolve_device
 
-__all__ = ["defend_layers", "warn_tied_weights"]
+__all__ = ["defend_layers", "layer_generators", "warn_tied_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,16 @@ def defend_layers(
 ) -> dict[str, LayerPlan]:
     """Learn and install the rounding of each problem in turn; the plan of every layer, by problem name.
 
-    ``layers`` (the number of problems) sizes the progress bar. One generator seeded with
-    ``config.seed`` drives every layer's batch sampling, so the same problems give the same plan.
+    ``layers`` (the number of problems) sizes the progress bar. Each layer samples its batches from its
+    own generator, seeded from ``config.seed`` and the layer's place (``layer_generators``), so the same
+    problems give the same plan, and a layer that stops early (``patience``, the budget) leaves every
+    later layer's batch sequence as it was: what changes downstream is the stop's own effect.
     Under a budget (``config.budget``), ``held_out`` measures each strength the layer tries.
     """
     resolve_device(config.device)  # before the first layer's inputs are captured
     if config.budget is not None and held_out is None:
         raise EFRAPError("budget mode: this producer gives no held-out measurement; set budget=None")
-    generator = torch.Generator().manual_seed(config.seed)
+    generators = layer_generators(config.seed)
     plans: dict[str, LayerPlan] = {}
     spent = 0.0
     per_layer = path_steps(config)
@@ -58,6 +60,7 @@ def defend_layers(
         done = 0  # not enumerate(): its reused result tuple would keep the previous problem's
         for problem in problems:  # activations alive while the next layer's are captured
             bar.set_postfix(layer=problem.name)
+            generator = next(generators)
             start = bar.n
             with threads_for(step_flops(problem, config), config.device):
                 if config.budget is None:
@@ -108,6 +111,14 @@ def defend_layers(
     if config.budget is not None and config.margin_cap is not None:
         _warn_over_cap(plans, config.margin_cap, _margin_bound(config, held_out))
     return plans
+
+
+def layer_generators(seed: int) -> Iterator[torch.Generator]:
+    """One batch-sampling generator per layer, in the loop's order, each seeded by a draw from a stream
+    seeded with ``seed``: the draws do not depend on how many steps any layer takes."""
+    seeds = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=seeds)))
 
 
 def _margin_bound(config: EFRAPConfig, held_out: HeldOut) -> float:

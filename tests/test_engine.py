@@ -322,6 +322,30 @@ def test_the_loop_lets_go_of_a_layers_activations_before_the_next_is_captured():
     assert list(plans) == ["fc0", "fc1", "fc2"] and alive_at_capture == [False, False, False]
 
 
+def test_a_layers_batches_do_not_depend_on_how_the_layers_before_it_sampled():
+    """Each layer samples from its own generator: an earlier layer that draws fewer or smaller batches
+    (it stopped early, or has fewer inputs than a batch) leaves a later layer's rounding as it was, so an
+    early stop is measured by its own effect, not by a reshuffle of every later layer's batches."""
+    from efrap_plugin import defend_layers
+
+    torch.manual_seed(0)
+    scheme = QuantScheme.onnxruntime(4)
+    x, w = torch.randn(256, 24), torch.randn(12, 24)
+    later = LayerProblem(
+        "later", w, scheme, lambda x, w: x @ w.t(), x, x @ w.t() + 0.3 * torch.randn(256, 12)
+    )
+    config = EFRAPConfig(iters=200, lr=3e-2, batch_size=32, calib_size=256, budget=None)
+
+    def first(rows: int) -> LayerProblem:
+        xf, wf = torch.randn(rows, 6), torch.randn(4, 6)
+        return LayerProblem("first", wf, scheme, lambda x, w: x @ w.t(), xf, xf @ wf.t())
+
+    runs = [defend_layers([first(rows), later], config, 2, progress=False)["later"] for rows in (256, 8)]
+    assert torch.equal(runs[0].integers, runs[1].integers)
+    other = defend_layers([first(256), later], config.replace(seed=7), 2, progress=False)["later"]
+    assert int((other.integers != runs[0].integers).sum()) > 0  # the sampling does reach the rounding
+
+
 class _RowTokens(nn.Module):
     """A Linear over N x T x D tokens, as transformer blocks apply it."""
 
