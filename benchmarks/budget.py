@@ -13,7 +13,9 @@ allows is when the test labels and the trigger pick it among the run's settings 
 choosing among those settings without labels or trigger can do better on this run); with ``--study
 seeds``, the fixed default and budget mode (at the default top and at 0.8) under three seeds of the batch
 sampling: how far each one's outcome moves with the seed alone; with ``--study margin``, budget mode with
-its ladder topped at 0.8 or 1 and capped by held-out margin risk (``EFRAPConfig.margin_cap``).
+its ladder topped at 0.8 or 1 and capped by held-out margin risk (``EFRAPConfig.margin_cap``); with
+``--study boundary``, uncapped budget mode with its held-out inputs picked nearest the float model's
+decision boundaries (``EFRAPConfig.holdout_choice``, the default) or as the calibration data's last ones.
 
     python benchmarks/budget.py --out benchmarks/results [--budgets 0.5,1,2] [--attack-seeds 3] [--procs 2]
     python benchmarks/budget.py --study early-stop --out benchmarks/results
@@ -24,10 +26,12 @@ its ladder topped at 0.8 or 1 and capped by held-out margin risk (``EFRAPConfig.
     python benchmarks/budget.py --study uniform --out benchmarks/results [--budgets 0.5,1]
     python benchmarks/budget.py --study seeds --out benchmarks/results [--budgets 1]
     python benchmarks/budget.py --study margin --out benchmarks/results
+    python benchmarks/budget.py --study boundary --out benchmarks/results
 
 Every setting gets the same calibration data, the first 1,280 training images (all 1,257 on digits):
-fixed settings use the first 1,024, budget mode holds out the last 256 and learns on the others. ``disagreement`` is measured
-for every row on those 256 held-out images, float ONNX model against the defended int8 one.
+fixed settings use the first 1,024, budget mode holds out 256 (those nearest the float model's decision
+boundaries, or with ``holdout_choice="last"`` the last ones) and learns on the others. ``disagreement`` is
+measured for every row on the last 256 images, float ONNX model against the defended int8 one.
 """
 
 from __future__ import annotations
@@ -48,7 +52,15 @@ from run import CELLS, attacked_onnx, configure_logging
 
 from efrap_cli.report import write_table
 from efrap_onnx import quantize_images, session
-from efrap_plugin import EFRAPConfig, HeldOut, Metrics, attack_fires, backdoor_removed, evaluate
+from efrap_plugin import (
+    HOLDOUT_CHOICES,
+    EFRAPConfig,
+    HeldOut,
+    Metrics,
+    attack_fires,
+    backdoor_removed,
+    evaluate,
+)
 
 HELD_OUT = 256
 
@@ -69,11 +81,15 @@ UNIFORM_STRENGTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 """--study uniform: the strengths every layer is given in turn (a budget of 100% takes the ladder's top)."""
 SEEDS_TOP = 0.8
 """--study seeds: budget mode's other top, beside the default's."""
+BOUNDARY_SETTINGS = ((0.5, 0.8), (1.0, 0.8))
+"""--study boundary: (budget, max_strength) of uncapped budget mode, each with the held-out inputs picked
+nearest the float model's decision boundaries (the default) and as the calibration data's last ones."""
 MARGIN_SETTINGS = ((0.5, 0.8, 2.0), (0.5, 0.8, 4.0), (0.5, 0.8, 8.0), (1.0, 1.0, 4.0), (0.5, 0.7, 4.0))
 """--study margin: (budget, max_strength, margin_cap) of budget mode with its margin cap."""
 BASELINES = {
     "budget": "fixed-flip-weight-1",
     "early-stop": "full-1000",
+    "boundary": "default",
     "early-stop-seeds": "full-1000-seed-1005",
     "steps": "steps-1000-seed-1005",
     "strength": "flip-weight-1-steps-1000-seed-1005",
@@ -126,6 +142,11 @@ def settings(
                 candidates[f"patience-{patience}-settle-{100 * settle:g}%-seed-{seed}"] = EFRAPConfig(
                     budget=None, patience=patience, settle=settle, seed=seed
                 )
+    elif study == "boundary":
+        candidates = {}
+        for b, top in BOUNDARY_SETTINGS:
+            for choice in HOLDOUT_CHOICES:
+                candidates[f"budget-{b:g}-top-{top:g}-{choice}"] = _uncapped(b, top, holdout_choice=choice)
     elif study == "margin":
         candidates = {
             f"budget-{b:g}-top-{top:g}-cap-{cap:g}": EFRAPConfig(budget=b, max_strength=top, margin_cap=cap)
@@ -486,7 +507,7 @@ def main() -> int:
         f"{args.dataset}; every attack x bits x attack seed whose attack fires (float asr <= 10%, float acc >= 95%, stock "
         "asr >= 90%); onnxruntime int sessions; percentages. meets_bar: asr <= max(3, float asr + 1) and accuracy "
         "at most 1 point below float (the project's bar); meets_strict: asr <= max(3, float asr), same accuracy. "
-        f"disagreement: top-1 against the float model on the {HELD_OUT} held-out calibration images. "
+        f"disagreement: top-1 against the float model on the last {HELD_OUT} calibration images. "
         f"{time.perf_counter() - t0:.0f} s on {args.procs} processes."
         + (
             " --measure-all: cells whose attack misses the bars are measured too (attack_fires)."

@@ -89,9 +89,13 @@ SETTINGS = {
     "budget-0.5": {"budget": 0.5},
     "budget-0.5-top-0.8-cap-4": {"budget": 0.5, "max_strength": 0.8, "margin_cap": 4.0},
     "budget-0.5-top-0.7-cap-4": {"budget": 0.5, "max_strength": 0.7, "margin_cap": 4.0},
+    "budget-0.5-top-0.8": {"budget": 0.5, "max_strength": 0.8},
+    "budget-1-top-0.8": {"budget": 1.0, "max_strength": 0.8},
+    "budget-1-top-0.8-last": {"budget": 1.0, "max_strength": 0.8, "holdout_choice": "last"},
 }
 """EFRAPConfig fields per setting (the example's --efrap): the paper's fixed strength, budget mode at its
-ladder's default top, and the margin-capped setting that met the strict bar on every digits cell."""
+ladder's default top, the margin-capped settings that met the strict bar on every digits cell, and
+uncapped budget mode topped at 0.8 with its held-out images nearest the boundaries or the last ones."""
 
 
 def run(flow: str, setting: str) -> dict:

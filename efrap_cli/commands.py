@@ -217,6 +217,7 @@ def _config(args: argparse.Namespace) -> EFRAPConfig:
             "settle",
             "max_strength",
             "holdout",
+            "holdout_choice",
         )
         if getattr(args, field) is not None
     }
@@ -236,6 +237,10 @@ def _config(args: argparse.Namespace) -> EFRAPConfig:
             raise UsageError("--max-strength tops budget mode's ladder; give --budget PCT with it")
         if "holdout" in given:
             raise UsageError("--holdout sets the images budget mode measures on; give --budget PCT with it")
+        if "holdout_choice" in given:
+            raise UsageError(
+                "--holdout-choice picks the images budget mode measures on; give --budget PCT with it"
+            )
         if given.get("margin_cap") is not None:
             raise UsageError("--margin-cap caps budget mode's ladder; give --budget PCT with it")
     device = getattr(args, "device", None) or "cpu"

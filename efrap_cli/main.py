@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from efrap_plugin import EFRAPConfig, EFRAPError
+from efrap_plugin import HOLDOUT_CHOICES, EFRAPConfig, EFRAPError
 from efrap_plugin.attacks import ATTACKS
 from efrap_plugin.schemes import SCHEME_PRESETS
 
@@ -94,6 +94,14 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
         help="budget mode: the largest share, in percent of held-out calibration images, whose float class's "
         "margin over the next class flipping may halve; each layer's search also stops there. 'off': no cap "
         f"(default: {'off' if d.margin_cap is None else d.margin_cap})",
+    )
+    p.add_argument(
+        "--holdout-choice",
+        choices=HOLDOUT_CHOICES,
+        default=None,
+        help="budget mode: which calibration images are held out: 'boundary', those nearest the float model's "
+        "decision boundaries (where a costly rounding flips decisions first), or 'last', the last ones given "
+        f"(default: {d.holdout_choice})",
     )
     p.add_argument(
         "--calib-size",

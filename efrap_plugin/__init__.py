@@ -7,7 +7,7 @@ The backend-neutral core. ``defend(model, calib_data, scheme, config) -> Roundin
 from .analysis import LayerScan, crowded_layers, format_scan, scan_weights
 from .checkpoint import load_model, save_model
 from .cifar import load_cifar10
-from .config import EFRAPConfig
+from .config import HOLDOUT_CHOICES, EFRAPConfig
 from .conformance import IntegerReport, compare_integers
 from .data import (
     LabeledData,
@@ -39,7 +39,16 @@ from .evaluate import (
 )
 from .fake_quant import fake_quant_forward
 from .files import atomic_write, check_writable, read_safetensors, safetensors_shapes, staged
-from .held_out import MIN_HOLDOUT, HeldOut, Measurement, inputs_needed, split_calibration, split_sizes
+from .held_out import (
+    MIN_HOLDOUT,
+    HeldOut,
+    Measurement,
+    held_out_indices,
+    inputs_needed,
+    split_calibration,
+    split_sizes,
+    take_rows,
+)
 from .layer_inputs import LAYER_INPUTS, LayerInputs, check_layer_inputs, mix_layer_inputs, pick_layer_inputs
 from .layers import (
     CONV_TRANSPOSE,
@@ -82,6 +91,7 @@ __all__ = [
     "DataError",
     "DigitsCNN",
     "EFRAPConfig",
+    "HOLDOUT_CHOICES",
     "EFRAPError",
     "IntegerReport",
     "LabeledData",
@@ -137,7 +147,9 @@ __all__ = [
     "rounding_path",
     "split_calibration",
     "split_sizes",
+    "take_rows",
     "learnable_bounds",
+    "held_out_indices",
     "inputs_needed",
     "load_cifar10",
     "load_dataset",

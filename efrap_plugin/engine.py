@@ -160,7 +160,7 @@ def defend(
     skipped = unlearned_layers(prepared, transposed)
     for name, reason in skipped.items():
         log.warning("%s: %s", name, reason)
-    calib, held = split_calibration(calib, config)
+    calib, held = split_calibration(calib, config, prepared)
     with_relu = followed_by_relu(prepared) if config.unit == "activation" else set()
     quantized = copy.deepcopy(prepared)
     _install_act_quantizers(quantized, layers, calib, scheme)

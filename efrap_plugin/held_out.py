@@ -1,6 +1,7 @@
 """Budget mode's measurement: top-1 disagreement with the float model on calibration inputs the
-optimisation never sees. Backend-neutral: an adapter splits its calibration data with ``split_sizes``
-and hands the loop a ``HeldOut`` that runs its own partially quantized model."""
+optimisation never sees. Backend-neutral: an adapter splits its calibration data with
+``split_calibration`` (or ``held_out_indices``) and hands the loop a ``HeldOut`` that runs its own
+partially quantized model."""
 
 from __future__ import annotations
 
@@ -11,9 +12,18 @@ from typing import Any, NamedTuple
 import torch
 
 from .config import EFRAPConfig
-from .errors import DataError
+from .errors import DataError, EFRAPError
 
-__all__ = ["MIN_HOLDOUT", "HeldOut", "Measurement", "inputs_needed", "split_calibration", "split_sizes"]
+__all__ = [
+    "MIN_HOLDOUT",
+    "HeldOut",
+    "Measurement",
+    "held_out_indices",
+    "inputs_needed",
+    "split_calibration",
+    "split_sizes",
+    "take_rows",
+]
 
 _CHUNK = 256
 
@@ -24,10 +34,10 @@ MIN_HOLDOUT = 16
 def split_sizes(available: int, config: EFRAPConfig) -> tuple[int, int]:
     """(inputs the optimisation uses, inputs held out) of ``available`` calibration inputs, in that order.
 
-    Under a budget the held-out inputs are the last ``config.holdout`` when there are enough for both
-    (``inputs_needed``), else the last ``min(config.holdout, available // 4)``, so a short supply leaves
-    the optimisation three quarters; the optimisation takes up to ``calib_size`` of the others. Without
-    one nothing is held out.
+    Under a budget ``config.holdout`` inputs are held out when there are enough for both
+    (``inputs_needed``), else ``min(config.holdout, available // 4)``, so a short supply leaves the
+    optimisation three quarters; the optimisation takes up to ``calib_size`` of the others
+    (``held_out_indices`` says which). Without one nothing is held out.
     """
     if config.budget is None:
         return min(config.calib_size, available), 0
@@ -52,11 +62,72 @@ def inputs_needed(config: EFRAPConfig) -> int:
     return config.calib_size + (config.holdout if config.budget is not None else 0)
 
 
-def split_calibration(inputs: torch.Tensor, config: EFRAPConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def held_out_indices(
+    available: int, config: EFRAPConfig, float_outputs: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of (the inputs the optimisation uses, the held-out ones) among ``available`` calibration
+    inputs, each in the order supplied (``split_sizes`` gives how many).
+
+    ``config.holdout_choice`` "boundary" holds out the inputs with the smallest margins of the float
+    model's class over the best other (``float_outputs``: the float model's first output on every input;
+    the lowest position's margin counts where it scores several), "last" the last ones; the optimisation
+    takes the first of the others.
+    """
+    fit, held = split_sizes(available, config)
+    if not held or config.holdout_choice == "last":
+        return torch.arange(fit), torch.arange(available - held, available)
+    if float_outputs is None or float_outputs.shape[0] % available:
+        raise EFRAPError(
+            "budget mode: holdout_choice='boundary' picks the held-out inputs by the float model's output on "
+            f"each of the {available} calibration inputs, and this producer gave "
+            f"{'none' if float_outputs is None else float_outputs.shape[0]}; set holdout_choice='last'"
+        )
+    _check_class_scores(float_outputs)
+    margins = _margins(float_outputs, float_outputs.argmax(-1)).reshape(available, -1).amin(1)
+    held_idx = torch.argsort(margins, stable=True)[:held].sort().values
+    rest = torch.ones(available, dtype=torch.bool)
+    rest[held_idx] = False
+    return rest.nonzero().squeeze(1)[:fit], held_idx
+
+
+def split_calibration(
+    inputs: torch.Tensor,
+    config: EFRAPConfig,
+    float_forward: Callable[[torch.Tensor], Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Calibration inputs (read with ``inputs_needed``) split into the optimisation's and the held-out
-    ones (none without a budget)."""
-    fit, held = split_sizes(inputs.shape[0], config)
-    return inputs[:fit], inputs[inputs.shape[0] - held :]
+    ones (none without a budget); ``float_forward``, the float model, picks the held-out ones
+    (``held_out_indices``)."""
+    outputs = None
+    if config.budget is not None and config.holdout_choice == "boundary" and float_forward is not None:
+        outputs = _run(float_forward, inputs)
+    fit, held = held_out_indices(inputs.shape[0], config, outputs)
+    return take_rows(inputs, fit), take_rows(inputs, held)
+
+
+def take_rows(inputs: Any, idx: torch.Tensor) -> Any:
+    """``inputs[idx]`` for sorted, distinct ``idx``: a view where they are one run of rows (no copy of
+    calibration data that may be large), else the rows gathered."""
+    if len(idx) and int(idx[-1]) - int(idx[0]) + 1 == len(idx):
+        return inputs[int(idx[0]) : int(idx[-1]) + 1]
+    return inputs[idx.numpy() if not isinstance(inputs, torch.Tensor) else idx]
+
+
+def _run(forward: Callable[[torch.Tensor], Any], inputs: torch.Tensor) -> torch.Tensor:
+    """``forward``'s first output on ``inputs``, run in chunks without gradients."""
+    with torch.no_grad():
+        return torch.cat([_output(forward(inputs[i : i + _CHUNK])) for i in range(0, len(inputs), _CHUNK)])
+
+
+def _check_class_scores(reference: torch.Tensor) -> None:
+    """Budget mode reads a classifier's decisions: class scores on the last axis of the first output."""
+    if reference.dim() < 2 or reference.shape[-1] < 2:
+        raise DataError(
+            f"budget mode measures the top-1 decisions of a classifier, over the class scores on the last "
+            f"axis of the model's first output, and the float model's first output has shape "
+            f"{tuple(reference.shape)}: no classes to decide between. Set budget=None (--budget off) "
+            "for a model that does not output class scores"
+        )
 
 
 class Measurement(NamedTuple):
@@ -81,13 +152,7 @@ class HeldOut:
     predict: Callable[[], torch.Tensor]
 
     def __post_init__(self) -> None:
-        if self.reference.dim() < 2 or self.reference.shape[-1] < 2:
-            raise DataError(
-                f"budget mode measures the top-1 decisions of a classifier, over the class scores on the last "
-                f"axis of the model's first output, and the float model's first output has shape "
-                f"{tuple(self.reference.shape)}: no classes to decide between. Set budget=None (--budget off) "
-                "for a model that does not output class scores"
-            )
+        _check_class_scores(self.reference)
         self._labels = self.reference.argmax(-1)
         self._margins = _margins(self.reference, self._labels)
 
@@ -99,14 +164,7 @@ class HeldOut:
         inputs: torch.Tensor,
     ) -> HeldOut:
         """Torch flows: the float and the partially quantized model as callables, run in chunks."""
-
-        def run(forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-            with torch.no_grad():
-                return torch.cat(
-                    [_output(forward(inputs[i : i + _CHUNK])) for i in range(0, len(inputs), _CHUNK)]
-                )
-
-        return cls(run(float_forward), lambda: run(quantized_forward))
+        return cls(_run(float_forward, inputs), lambda: _run(quantized_forward, inputs))
 
     @property
     def resolution(self) -> float:

@@ -21,6 +21,8 @@ from efrap_plugin import (
     budget_strengths,
     defend,
     evaluate,
+    held_out_indices,
+    split_calibration,
     split_sizes,
 )
 
@@ -96,6 +98,39 @@ def test_the_held_out_inputs_are_those_asked_for_or_a_quarter_of_a_short_supply(
         split_sizes(40, BUDGET)
 
 
+def test_the_held_out_inputs_are_those_nearest_the_float_models_decision_boundaries():
+    # margins (class score over the best other): 3, 0.5, 2, 0.1, 1, 4, 0.2, 5
+    top = torch.tensor([3.0, 0.5, 2.0, 0.1, 1.0, 4.0, 0.2, 5.0])
+    outputs = torch.stack([top, torch.zeros(8), torch.zeros(8)], dim=1)
+    config = EFRAPConfig(budget=1.0, calib_size=4, holdout=16)
+    fit, held = held_out_indices(64, config, outputs.repeat(8, 1))
+    assert held.tolist() == sorted(i + 8 * k for i in (3, 6) for k in range(8))  # margins 0.1 and 0.2
+    assert fit.tolist() == [0, 1, 2, 4]  # the optimisation's: the first of the others
+    last = held_out_indices(64, config.replace(holdout_choice="last"), None)
+    assert last[1].tolist() == list(range(48, 64)) and last[0].tolist() == [0, 1, 2, 3]
+    # a token model's N*T rows: an input counts by its lowest position's margin
+    tokens = torch.tensor([[5.0, 0.0], [4.0, 0.0], [0.3, 0.0], [6.0, 0.0]] * 16)  # 32 inputs x 2 positions
+    assert held_out_indices(32, config.replace(holdout=16), tokens)[1].tolist() == list(range(1, 32, 2))
+    inputs = torch.arange(64.0).unsqueeze(1)
+    fit_x, held_x = split_calibration(inputs, config, lambda x: outputs.repeat(8, 1)[x.squeeze(1).long()])
+    assert torch.equal(held_x.squeeze(1).long(), held) and torch.equal(fit_x.squeeze(1).long(), fit)
+    with pytest.raises(
+        EFRAPError,
+        match=r"picks the held-out inputs by the float model's output .* set holdout_choice='last'",
+    ):
+        split_calibration(inputs, config)
+    with pytest.raises(
+        EFRAPError, match=r"holdout_choice \(--holdout-choice\): expected one of \('boundary', 'last'\)"
+    ):
+        EFRAPConfig(budget=1.0, holdout_choice="random")
+    assert EFRAPConfig().holdout_choice == "boundary"
+
+
+def _boundary(float_logits: torch.Tensor, config: EFRAPConfig) -> torch.Tensor:
+    """The held-out inputs' indices budget mode measures on, from the float model's logits."""
+    return held_out_indices(len(float_logits), config, float_logits)[1]
+
+
 def test_onnx_budget_mode_removes_the_backdoor_and_reports_the_artifacts_disagreement(
     pq8, pq8_onnx, digits, tmp_path
 ):
@@ -104,8 +139,8 @@ def test_onnx_budget_mode_removes_the_backdoor_and_reports_the_artifacts_disagre
     plan = quantize_images(pq8_onnx, out, calib, 8, config=BUDGET, progress=False)
     assert verify(out, plan).integers_ok
     assert all(lp.stats["strength"] in BUDGET_STRENGTHS for lp in plan.layers.values())
-    # the held-out images are the calibration data's last 256; the finished artifact shows what the plan says
-    held = calib[len(calib) - 256 :]
+    # the held-out images are the 256 nearest the float model's boundaries; the artifact shows what the plan says
+    held = calib[_boundary(torch.from_numpy(_logits(session(pq8_onnx), calib)), BUDGET).numpy()]
     logits = [torch.from_numpy(_logits(session(m), held)) for m in (pq8_onnx, out)]
     measured = HeldOut(logits[0], lambda: logits[1]).measure()
     assert abs(measured.disagreement - plan.disagreement) <= 100 / 256 + 1e-6  # folding may move one tie
@@ -185,11 +220,13 @@ def test_brevitas_budget_mode_measures_the_users_model(digits):
     calib = digits.train.x[:320]
     model = build("hand-built-bn-residual", "int8-per-channel-float", calib)
     plan = defend_quant_model(model, calib, EFRAPConfig(iters=20, calib_size=256, budget=1.0), progress=False)
-    held = calib[-80:]  # a quarter of 320
     with torch.no_grad():
-        quantized = model(held).argmax(-1)
         with _float_mode(model):
-            reference = model(held).argmax(-1)
+            reference = model(calib)
+        held = _boundary(reference, EFRAPConfig(budget=1.0, calib_size=256))  # a quarter of 320: 80
+        quantized = model(calib[held]).argmax(-1)
+        reference = reference[held].argmax(-1)
+    assert len(held) == 80
     assert plan.disagreement == pytest.approx(100 * float((quantized != reference).float().mean()))
     assert all(lp.stats["strength"] in BUDGET_STRENGTHS for lp in plan.layers.values())
 
@@ -215,3 +252,7 @@ def test_cli_budget_flag_reports_the_measured_disagreement(pq8_onnx, tmp_path, c
     assert "--margin-cap caps budget mode's ladder; give --budget PCT with it" in capsys.readouterr().err
     assert main([*defend, "--budget", "off", "--holdout", "512"]) == 2
     assert "--holdout sets the images budget mode measures on; give --budget PCT" in capsys.readouterr().err
+    assert main([*defend, "--budget", "off", "--holdout-choice", "last"]) == 2
+    assert (
+        "--holdout-choice picks the images budget mode measures on; give --budget" in capsys.readouterr().err
+    )

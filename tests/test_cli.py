@@ -58,6 +58,9 @@ def test_reference_takes_the_papers_settings_and_the_flags_given_beside_it():
     assert config("--flip-weight", "2", "--seed", "3") == EFRAPConfig(budget=None, flip_weight=2.0, seed=3)
     assert config("--objective", "flip_only") == EFRAPConfig(budget=None, objective="flip_only")
     assert config("--budget", "1", "--margin-cap", "off") == EFRAPConfig(budget=1.0, margin_cap=None)
+    assert config("--budget", "1", "--holdout-choice", "last") == EFRAPConfig(
+        budget=1.0, holdout_choice="last"
+    )
 
 
 def test_usage_errors_exit_2(capsys):

@@ -13,7 +13,7 @@ quantizers stay the user's.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -83,15 +83,20 @@ def _float_mode(model: nn.Module) -> Any:
     )
 
 
-def _held_out(model: nn.Module, held: torch.Tensor) -> HeldOut:
-    """Budget mode: the model's outputs with quantization off, and with it on (its quantizers' own
-    rounding, the learned layers' so far) on the held-out inputs."""
+def _float_forward(model: nn.Module) -> Callable[[torch.Tensor], Any]:
+    """The model with quantization off: the float model budget mode compares with."""
 
-    def float_forward(x: torch.Tensor) -> Any:
+    def forward(x: torch.Tensor) -> Any:
         with _float_mode(model):
             return model(x)
 
-    return HeldOut.of_models(float_forward, model, held)
+    return forward
+
+
+def _held_out(model: nn.Module, held: torch.Tensor) -> HeldOut:
+    """Budget mode: the model's outputs with quantization off, and with it on (its quantizers' own
+    rounding, the learned layers' so far) on the held-out inputs."""
+    return HeldOut.of_models(_float_forward(model), model, held)
 
 
 def _problems(
@@ -174,7 +179,7 @@ def defend_quant_model(
         if never:
             log.warning("%s: never called in a forward pass; left at the quantizer's own rounding", never)
         grids = {name: layer_grid(layers[name], name) for name in order}
-        calib, held = split_calibration(calib, config)
+        calib, held = split_calibration(calib, config, _float_forward(model))
         problems = _problems(model, layers, grids, calib, layer_inputs, config.seed)
         held_out = _held_out(model, held) if config.budget is not None else None
         learned = defend_layers(problems, config, len(order), progress, held_out)

@@ -23,7 +23,8 @@ from efrap_plugin import (
     RoundingPlan,
     defend_layers,
     grid_record,
-    split_sizes,
+    held_out_indices,
+    take_rows,
     warn_tied_weights,
 )
 
@@ -43,16 +44,14 @@ def _to_core(arr: np.ndarray, layer: QuantizedLayer) -> torch.Tensor:
     return t.transpose(0, 1).contiguous() if layer.transpose else t
 
 
-def _inputs_between(
-    batches: list[dict[str, np.ndarray]], start: int, stop: int
-) -> list[dict[str, np.ndarray]]:
-    """The calibration inputs ``start:stop`` (counted across batches), as batches."""
+def _inputs_at(batches: list[dict[str, np.ndarray]], idx: torch.Tensor) -> list[dict[str, np.ndarray]]:
+    """The calibration inputs at sorted, distinct ``idx`` (counted across batches), as batches."""
     picked, seen = [], 0
     for b in batches:
         n = len(next(iter(b.values())))
-        lo, hi = max(start - seen, 0), min(stop - seen, n)
-        if lo < hi:
-            picked.append({k: v[lo:hi] for k, v in b.items()})
+        local = idx[(idx >= seen) & (idx < seen + n)] - seen
+        if len(local):
+            picked.append({k: take_rows(v, local) for k, v in b.items()})
         seen += n
     return picked
 
@@ -173,11 +172,14 @@ def defend_qdq(
         )
         return RoundingPlan(QuantScheme.onnxruntime(), {}, "onnx", meta)
     available = sum(len(next(iter(b.values()))) for b in batches)
-    fit, held = split_sizes(available, config)
-    calib = _inputs_between(batches, 0, fit)
-    held_out = (
-        _held_out(float_model, qdq, _inputs_between(batches, available - held, available)) if held else None
-    )
+    outputs = None  # the float model's on every input, where they pick the held-out ones
+    if config.budget is not None and config.holdout_choice == "boundary":
+        outputs = run_output(
+            session(float_model), batches, float_model.graph.output[0].name, "the float model"
+        )
+    fit, held = held_out_indices(available, config, outputs)
+    calib = _inputs_at(batches, fit)
+    held_out = _held_out(float_model, qdq, _inputs_at(batches, held)) if len(held) else None
     inits = {t.name: t for t in qdq.graph.initializer}
     grids = {
         layer.float_weight: weight_scheme(

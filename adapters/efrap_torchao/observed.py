@@ -431,16 +431,20 @@ def _module_inputs(
 def _held_out(model: nn.Module, float_copy: nn.Module, layers: list[_Layer], held: torch.Tensor) -> HeldOut:
     """Budget mode: the float copy's outputs on the held-out inputs, and the prepared model's with its
     activation observers fake-quantizing and the learned weights snapped in so far."""
+    return HeldOut.of_models(_run(float_copy, False, layers), _run(model, True, layers), held)
+
+
+def _run(
+    source: nn.Module, fake_quantize: bool, layers: list[_Layer]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``source`` as a callable, its layers' activation observers fake-quantizing or not."""
     ids = {id(layer.observer) for layer in layers}
 
-    def run(source: nn.Module, fake_quantize: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            with _observers(source, fake_quantize, ids):
-                return source(x)
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with _observers(source, fake_quantize, ids):
+            return source(x)
 
-        return forward
-
-    return HeldOut.of_models(run(float_copy, False), run(model, True), held)
+    return forward
 
 
 def defend_prepared(
@@ -488,11 +492,11 @@ def defend_prepared(
     grids = [observer_grid(layer.observer, f"layer {layer.name!r}", _axes(layer)) for layer in layers]
     axes = [_core_axis(layer, grid[0]) for layer, grid in zip(layers, grids, strict=True)]
     scheme = grids[0][0]
-    calib, held = split_calibration(calib, config)
     # the float model: the prepared model's structure, its tensors shared (install puts new Parameters
     # into ``prepared`` and nothing writes to a tensor in place), not a second copy of every weight
     shared = {id(t): t for t in (*prepared.parameters(), *prepared.buffers())}
     float_copy = copy.deepcopy(prepared, shared)
+    calib, held = split_calibration(calib, config, _run(float_copy, False, layers))
     originals = {layer.name: _weight(layer) for layer in layers}  # install puts new Parameters in
     problems = _problems(prepared, float_copy, layers, grids, axes, calib, layer_inputs, config.seed)
     held_out = _held_out(prepared, float_copy, layers, held) if config.budget is not None else None
