@@ -298,6 +298,7 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
         "margin_cap": None if config.budget is None else config.margin_cap,
         "margin_risk": None if plan.margin_risk is None else round(plan.margin_risk, 2),
         "held_out_resolution": None if plan.resolution is None else round(plan.resolution, 4),
+        "held_out_choice": None if config.budget is None else config.holdout_choice,
         "strength": {k: v.stats["strength"] for k, v in plan.layers.items() if "strength" in v.stats},
         "skipped": plan.meta.get("skipped", {}),
         "constants": plan.meta.get("constants", {}),
@@ -316,10 +317,12 @@ def _say_defended(summary: dict[str, Any], kernels: dict[str, int]) -> None:
     )
     if summary["budget"] is not None:
         strengths = ", ".join(f"{s:g}" for s in summary["strength"].values())
+        held = {"boundary": "nearest the float model's decision boundaries", "last": "the last given"}
         print(
-            f"budget: {summary['disagreement']:.2f}% of held-out images disagree with the float model's top-1 "
-            f"(one image: {summary['held_out_resolution']:.2f}%), flipping adding at most {summary['budget']:g}% "
-            f"to quantization's own; flipped shares per layer: {strengths}"
+            f"budget: {summary['disagreement']:.2f}% of held-out images ({held[summary['held_out_choice']]}; "
+            f"one image: {summary['held_out_resolution']:.2f}%) disagree with the float model's top-1, "
+            f"flipping adding at most {summary['budget']:g}% to quantization's own; flipped shares per layer: "
+            f"{strengths}"
         )
         cap = "no cap" if summary["margin_cap"] is None else f"cap {summary['margin_cap']:g}%"
         print(

@@ -237,6 +237,10 @@ def test_cli_budget_flag_reports_the_measured_disagreement(pq8_onnx, tmp_path, c
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and summary["verify"]["integers_ok"]
     assert summary["held_out_resolution"] == 0.5  # one of the 200 held-out images
+    assert summary["held_out_choice"] == "boundary"  # the default
+    code = main([*defend, "--budget", "1", "--holdout-choice", "last", "--iters", "50", "--quiet"])
+    said = capsys.readouterr().out
+    assert code == 0 and "of held-out images (the last given; one image: 0.39%) disagree with" in said
     assert summary["budget"] == 1.0 and 0 <= summary["disagreement"] <= 100
     assert summary["margin_cap"] == 4.0 and 0 <= summary["margin_risk"] <= 100
     assert sorted(summary["strength"]) == sorted(summary["per_layer"])
