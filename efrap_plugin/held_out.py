@@ -63,27 +63,28 @@ def inputs_needed(config: EFRAPConfig) -> int:
 
 
 def held_out_indices(
-    available: int, config: EFRAPConfig, float_outputs: torch.Tensor | None = None
+    available: int, config: EFRAPConfig, float_outputs: Callable[[], torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of (the inputs the optimisation uses, the held-out ones) among ``available`` calibration
     inputs, each in the order supplied (``split_sizes`` gives how many).
 
     ``config.holdout_choice`` "boundary" holds out the inputs with the smallest margins of the float
-    model's class over the best other (``float_outputs``: the float model's first output on every input;
-    the lowest position's margin counts where it scores several), "last" the last ones; the optimisation
-    takes the first of the others.
+    model's class over the best other (``float_outputs`` gives the float model's first output on every
+    input, run only then; the lowest position's margin counts where it scores several), "last" the last
+    ones; the optimisation takes the first of the others.
     """
     fit, held = split_sizes(available, config)
     if not held or config.holdout_choice == "last":
         return torch.arange(fit), torch.arange(available - held, available)
-    if float_outputs is None or float_outputs.shape[0] % available:
+    outputs = None if float_outputs is None else float_outputs()
+    if outputs is None or outputs.shape[0] % available:
         raise EFRAPError(
             "budget mode: holdout_choice='boundary' picks the held-out inputs by the float model's output on "
             f"each of the {available} calibration inputs, and this producer gave "
-            f"{'none' if float_outputs is None else float_outputs.shape[0]}; set holdout_choice='last'"
+            f"{'none' if outputs is None else outputs.shape[0]}; set holdout_choice='last'"
         )
-    _check_class_scores(float_outputs)
-    margins = _margins(float_outputs, float_outputs.argmax(-1)).reshape(available, -1).amin(1)
+    _check_class_scores(outputs)
+    margins = _margins(outputs, outputs.argmax(-1)).reshape(available, -1).amin(1)
     held_idx = torch.argsort(margins, stable=True)[:held].sort().values
     rest = torch.ones(available, dtype=torch.bool)
     rest[held_idx] = False
@@ -98,9 +99,7 @@ def split_calibration(
     """Calibration inputs (read with ``inputs_needed``) split into the optimisation's and the held-out
     ones (none without a budget); ``float_forward``, the float model, picks the held-out ones
     (``held_out_indices``)."""
-    outputs = None
-    if config.budget is not None and config.holdout_choice == "boundary" and float_forward is not None:
-        outputs = _run(float_forward, inputs)
+    outputs = None if float_forward is None else lambda: _run(float_forward, inputs)
     fit, held = held_out_indices(inputs.shape[0], config, outputs)
     return take_rows(inputs, fit), take_rows(inputs, held)
 

@@ -103,14 +103,16 @@ def test_the_held_out_inputs_are_those_nearest_the_float_models_decision_boundar
     top = torch.tensor([3.0, 0.5, 2.0, 0.1, 1.0, 4.0, 0.2, 5.0])
     outputs = torch.stack([top, torch.zeros(8), torch.zeros(8)], dim=1)
     config = EFRAPConfig(budget=1.0, calib_size=4, holdout=16)
-    fit, held = held_out_indices(64, config, outputs.repeat(8, 1))
+    fit, held = held_out_indices(64, config, lambda: outputs.repeat(8, 1))
     assert held.tolist() == sorted(i + 8 * k for i in (3, 6) for k in range(8))  # margins 0.1 and 0.2
     assert fit.tolist() == [0, 1, 2, 4]  # the optimisation's: the first of the others
     last = held_out_indices(64, config.replace(holdout_choice="last"), None)
     assert last[1].tolist() == list(range(48, 64)) and last[0].tolist() == [0, 1, 2, 3]
     # a token model's N*T rows: an input counts by its lowest position's margin
     tokens = torch.tensor([[5.0, 0.0], [4.0, 0.0], [0.3, 0.0], [6.0, 0.0]] * 16)  # 32 inputs x 2 positions
-    assert held_out_indices(32, config.replace(holdout=16), tokens)[1].tolist() == list(range(1, 32, 2))
+    assert held_out_indices(32, config.replace(holdout=16), lambda: tokens)[1].tolist() == list(
+        range(1, 32, 2)
+    )
     inputs = torch.arange(64.0).unsqueeze(1)
     fit_x, held_x = split_calibration(inputs, config, lambda x: outputs.repeat(8, 1)[x.squeeze(1).long()])
     assert torch.equal(held_x.squeeze(1).long(), held) and torch.equal(fit_x.squeeze(1).long(), fit)
@@ -128,7 +130,7 @@ def test_the_held_out_inputs_are_those_nearest_the_float_models_decision_boundar
 
 def _boundary(float_logits: torch.Tensor, config: EFRAPConfig) -> torch.Tensor:
     """The held-out inputs' indices budget mode measures on, from the float model's logits."""
-    return held_out_indices(len(float_logits), config, float_logits)[1]
+    return held_out_indices(len(float_logits), config, lambda: float_logits)[1]
 
 
 def test_onnx_budget_mode_removes_the_backdoor_and_reports_the_artifacts_disagreement(

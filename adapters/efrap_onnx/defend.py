@@ -172,12 +172,13 @@ def defend_qdq(
         )
         return RoundingPlan(QuantScheme.onnxruntime(), {}, "onnx", meta)
     available = sum(len(next(iter(b.values()))) for b in batches)
-    outputs = None  # the float model's on every input, where they pick the held-out ones
-    if config.budget is not None and config.holdout_choice == "boundary":
-        outputs = run_output(
+    fit, held = held_out_indices(  # the float model's outputs, where they pick the held-out inputs
+        available,
+        config,
+        lambda: run_output(
             session(float_model), batches, float_model.graph.output[0].name, "the float model"
-        )
-    fit, held = held_out_indices(available, config, outputs)
+        ),
+    )
     calib = _inputs_at(batches, fit)
     held_out = _held_out(float_model, qdq, _inputs_at(batches, held)) if len(held) else None
     inits = {t.name: t for t in qdq.graph.initializer}
