@@ -27,6 +27,7 @@ from efrap_plugin import (
     evaluate,
     format_scan,
     inputs_needed,
+    intervals,
     load_dataset,
     load_model,
     load_npz_inputs,
@@ -192,12 +193,23 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
             runner, label = adapter("onnx").session(adapter("onnx").load_onnx(path)), "onnxruntime session"
         else:
             runner, label = load_model(path)[0], "float torch model"
-        metrics = _metrics(runner, splits.test, trigger)
-    result = {"model": str(path), "evaluated": label, **metrics}
+        measured = evaluate(runner, splits.test, trigger)
+    bounds = intervals(measured, splits.test, trigger)
+    result = {
+        "model": str(path),
+        "evaluated": label,
+        **{k: round(v, 4) for k, v in measured.to_dict().items()},
+        "images": len(splits.test),
+        "triggered_images": int((splits.test.y != trigger.target).sum()),
+        "intervals": {k: [round(lo, 4), round(hi, 4)] for k, (lo, hi) in bounds.items()},
+    }
     if not args.json:
+        shown = "  ".join(
+            f"{k} {100 * result[k]:.2f}% ({100 * lo:.1f}-{100 * hi:.1f})" for k, (lo, hi) in bounds.items()
+        )
         print(
-            f"{path.name} ({label}): clean_acc {100 * metrics['clean_acc']:.2f}%  asr {100 * metrics['asr']:.2f}%"
-            f"  ra {100 * metrics['ra']:.2f}%"
+            f"{path.name} ({label}): {shown}; 95% intervals over {result['images']} test images "
+            f"({result['triggered_images']} triggered)"
         )
     return result
 

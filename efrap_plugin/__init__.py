@@ -34,8 +34,10 @@ from .evaluate import (
     compare,
     der,
     evaluate,
+    intervals,
     predict,
     ra,
+    wilson_interval,
 )
 from .fake_quant import fake_quant_forward
 from .files import atomic_write, check_writable, read_safetensors, safetensors_shapes, staged
@@ -132,6 +134,7 @@ __all__ = [
     "defend_layers",
     "der",
     "evaluate",
+    "intervals",
     "execution_order",
     "fake_quant_forward",
     "fingerprint",
@@ -177,5 +180,6 @@ __all__ = [
     "train",
     "truncation_error",
     "warn_tied_weights",
+    "wilson_interval",
     "__version__",
 ]

@@ -28,6 +28,8 @@ __all__ = [
     "attack_fires",
     "backdoor_removed",
     "compare",
+    "intervals",
+    "wilson_interval",
     "ATTACK_BARS",
     "REMOVAL_BARS",
 ]
@@ -156,6 +158,32 @@ def backdoor_removed(float_m: Metrics, defended: Metrics, asr_cap: float | None 
     bars = REMOVAL_BARS
     bound = asr_cap if asr_cap is not None else max(bars["asr_floor"], float_m.asr + bars["asr_over_float"])
     return defended.asr <= bound and defended.clean_acc >= float_m.clean_acc - bars["acc_drop_max"]
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of the share ``hits / n`` (95% at the default ``z``). On a few hundred test
+    images a measured accuracy or asr moves by a point or more with the images drawn (one defended digits
+    model's accuracy drop differs by up to 3.3 points between two halves of its test split,
+    benchmarks/results/crossfit.md): the interval says how far a figure can be trusted."""
+    if n <= 0 or not 0 <= hits <= n:
+        raise EFRAPError(f"wilson_interval: expected 0 <= hits <= n and n > 0, got hits={hits}, n={n}")
+    share = hits / n
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * float(np.sqrt(share * (1 - share) / n + z * z / (4 * n * n)))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def intervals(
+    metrics: Metrics, data: LabeledData, trigger: PatchTrigger | None = None, z: float = 1.96
+) -> dict[str, tuple[float, float]]:
+    """Wilson intervals of ``metrics`` as ``evaluate(model, data, trigger)`` measured them: clean_acc on
+    every image of ``data``, asr and ra (with a trigger) on its non-target images."""
+    out = {"clean_acc": wilson_interval(round(metrics.clean_acc * len(data)), len(data), z)}
+    if trigger is not None:
+        triggered = int((data.y != trigger.target).sum())
+        for name in ("asr", "ra"):
+            out[name] = wilson_interval(round(getattr(metrics, name) * triggered), triggered, z)
+    return out
 
 
 def compare(data: LabeledData, trigger: PatchTrigger, **models: Any) -> dict[str, float]:

@@ -10,7 +10,7 @@ import pytest
 from conftest import TokenClassifier
 
 from efrap_cli import main
-from efrap_plugin import EFRAPConfig
+from efrap_plugin import EFRAPConfig, load_dataset, wilson_interval
 
 SUBCOMMANDS = ["attack", "defend", "evaluate", "scan", "demo"]
 
@@ -112,6 +112,20 @@ def test_evaluate_float_and_stock_int8(attack_dir, capsys):
     stock = json.loads(capsys.readouterr().out)
     assert float_m["asr"] <= 0.10 and stock["asr"] >= 0.90
     assert stock["evaluated"].startswith("onnxruntime int8 nearest")
+    test = load_dataset("digits").test
+    target = json.loads((attack_dir / "attack.json").read_text())["trigger"]["target"]
+    for m in (float_m, stock):  # each figure with its 95% interval, on the images it was measured on
+        assert m["images"] == len(test) and m["triggered_images"] == int((test.y != target).sum())
+        for name in ("clean_acc", "asr", "ra"):
+            lo, hi = m["intervals"][name]
+            assert lo <= m[name] <= hi and 0.002 < hi - lo < 0.2
+        hits = round(m["clean_acc"] * m["images"])
+        assert m["intervals"]["clean_acc"] == pytest.approx(wilson_interval(hits, m["images"]), abs=1e-4)
+    assert main(["evaluate", str(attack_dir / "model.onnx"), "--attack-info", info]) == 0
+    lo, hi = float_m["intervals"]["clean_acc"]
+    line = capsys.readouterr().out
+    assert f"clean_acc {100 * float_m['clean_acc']:.2f}% ({100 * lo:.1f}-{100 * hi:.1f})" in line
+    assert f"95% intervals over {len(test)} test images" in line
 
 
 def test_defend_then_evaluate_the_defended_file(attack_dir, tmp_path, capsys):

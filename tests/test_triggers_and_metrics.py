@@ -5,7 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from efrap_plugin import EFRAPError, LabeledData, Metrics, PatchTrigger, asr, clean_acc, der, evaluate, ra
+from efrap_plugin import (
+    EFRAPError,
+    LabeledData,
+    Metrics,
+    PatchTrigger,
+    asr,
+    clean_acc,
+    der,
+    evaluate,
+    intervals,
+    ra,
+    wilson_interval,
+)
 
 
 def test_corner_patch_lands_where_expected():
@@ -54,6 +66,25 @@ def test_metrics_match_hand_computed_values():
     assert ra(_toy_model, data, trig) == pytest.approx(1 / 4)
     m = evaluate(_toy_model, data, trig)
     assert (m.clean_acc, m.asr, m.ra) == pytest.approx((4 / 6, 3 / 4, 1 / 4))
+
+
+def test_wilson_intervals_match_the_textbook_values():
+    # Wilson score intervals at z = 1.96 (Newcombe 1998, table I): 0/10, 5/10, 81/263
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert wilson_interval(10, 10)[1] == 1.0
+    with pytest.raises(EFRAPError, match=r"0 <= hits <= n and n > 0, got hits=3, n=2"):
+        wilson_interval(3, 2)
+
+
+def test_intervals_are_taken_on_the_images_each_metric_was_measured_on():
+    data, trig = _toy_data(), PatchTrigger(size=1, row=3, col=3, target=0)
+    got = intervals(evaluate(_toy_model, data, trig), data, trig)
+    assert got["clean_acc"] == pytest.approx(wilson_interval(4, 6))  # every image
+    assert got["asr"] == pytest.approx(wilson_interval(3, 4))  # the 4 non-target images
+    assert got["ra"] == pytest.approx(wilson_interval(1, 4))
+    assert set(intervals(Metrics(0.5, float("nan"), float("nan")), data)) == {"clean_acc"}
 
 
 def test_der_subtracts_the_accuracy_drop():
