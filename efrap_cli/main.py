@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="where training runs, e.g. cuda (default: cpu)")
     _common(p, seed=0)
 
-    p = sub.add_parser("evaluate", help="clean_acc / asr / ra of a float, quantized or defended model, with 95%% intervals")
+    p = sub.add_parser(
+        "evaluate", help="clean_acc / asr / ra of a float, quantized or defended model, with 95%% intervals"
+    )
     p.add_argument("model", help=".onnx or .safetensors model")
     p.add_argument("--attack-info", required=True, help="attack.json written by `efrap attack`")
     p.add_argument(
