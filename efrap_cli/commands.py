@@ -17,10 +17,12 @@ from efrap_plugin import (
     EFRAPConfig,
     EFRAPError,
     LabeledData,
+    Metrics,
     PatchTrigger,
     QuantScheme,
     as_calibration,
     atomic_write,
+    backdoor_removed,
     check_writable,
     core_weight,
     crowded_layers,
@@ -31,6 +33,8 @@ from efrap_plugin import (
     load_dataset,
     load_model,
     load_npz_inputs,
+    paired_change,
+    predict,
     prepare_model,
     quantizable_layers,
     resolve_device,
@@ -179,21 +183,39 @@ def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----- efrap evaluate --------------------------------------------------------------------------
+def _model_file(path: Path, flag: str) -> Path:
+    if path.suffix not in (".onnx", ".safetensors"):
+        raise EFRAPError(f"{flag}: expected a .onnx or .safetensors file, got {path.name!r}")
+    return path
+
+
+def _as_is(path: Path) -> tuple[Any, str]:
+    """The model in a file, run as it is: an onnxruntime session or a float torch model."""
+    if path.suffix == ".onnx":
+        return adapter("onnx").session(adapter("onnx").load_onnx(path)), "onnxruntime session"
+    return load_model(path)[0], "float torch model"
+
+
+def _hits(model: Any, test: LabeledData, trigger: PatchTrigger) -> tuple[Any, Any]:
+    """Per test image, whether ``model`` gets it right; per triggered non-target image, whether it answers
+    the target."""
+    triggered = trigger.poisoned(test, labels="true")
+    return predict(model, test.x) == test.y, predict(model, triggered.x) == trigger.target
+
+
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     info = load_attack_info(args.attack_info)
     splits = load_dataset(info["dataset"])
     trigger = info["trigger"]
-    path = Path(args.model)
-    if path.suffix not in (".onnx", ".safetensors"):
-        raise EFRAPError(f"model: expected a .onnx or .safetensors file, got {path.name!r}")
+    path = _model_file(Path(args.model), "model")
+    reference = _model_file(Path(args.against), "--against") if args.against else None
     with tempfile.TemporaryDirectory(prefix="efrap-evaluate-") as tmp:
         if args.quantize == "nearest":
             runner, label = stock_runner(args.scheme, path, splits, Path(tmp), args.bits)
-        elif path.suffix == ".onnx":
-            runner, label = adapter("onnx").session(adapter("onnx").load_onnx(path)), "onnxruntime session"
         else:
-            runner, label = load_model(path)[0], "float torch model"
+            runner, label = _as_is(path)
         measured = evaluate(runner, splits.test, trigger)
+        against = _against(reference, runner, measured, splits.test, trigger) if reference else None
     bounds = intervals(measured, splits.test, trigger)
     result = {
         "model": str(path),
@@ -203,6 +225,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "triggered_images": int((splits.test.y != trigger.target).sum()),
         "intervals": {k: [round(lo, 4), round(hi, 4)] for k, (lo, hi) in bounds.items()},
     }
+    if against:
+        result["against"] = against
     if not args.json:
         shown = "  ".join(
             f"{k} {100 * result[k]:.2f}% ({100 * lo:.1f}-{100 * hi:.1f})" for k, (lo, hi) in bounds.items()
@@ -211,7 +235,36 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
             f"{path.name} ({label}): {shown}; 95% intervals over {result['images']} test images "
             f"({result['triggered_images']} triggered)"
         )
+        if against:
+            changes = "  ".join(
+                f"{k} {100 * d:+.2f} points ({100 * lo:+.1f} to {100 * hi:+.1f})"
+                for k, (d, lo, hi) in ((k, against[f"{k}_change"]) for k in ("clean_acc", "asr"))
+            )
+            print(
+                f"against {Path(against['model']).name} ({against['evaluated']}: clean_acc "
+                f"{100 * against['clean_acc']:.2f}%  asr {100 * against['asr']:.2f}%): {changes}; paired 95% "
+                f"intervals; removal bar (asr <= max(3%, its asr + 1), accuracy within 1 point): "
+                f"{'met' if against['removal_bar'] else 'NOT met'}"
+            )
     return result
+
+
+def _against(
+    reference: Path, runner: Any, measured: Metrics, test: LabeledData, trigger: PatchTrigger
+) -> dict[str, Any]:
+    """``runner`` against the reference model on the same images: each change with its paired interval."""
+    ref_runner, ref_label = _as_is(reference)
+    ref = evaluate(ref_runner, test, trigger)
+    (ref_right, ref_hits), (right, hits) = _hits(ref_runner, test, trigger), _hits(runner, test, trigger)
+    return {
+        "model": str(reference),
+        "evaluated": ref_label,
+        "clean_acc": round(ref.clean_acc, 4),
+        "asr": round(ref.asr, 4),
+        "clean_acc_change": [round(v, 4) for v in paired_change(ref_right, right)],
+        "asr_change": [round(v, 4) for v in paired_change(ref_hits, hits)],
+        "removal_bar": backdoor_removed(ref, measured),
+    }
 
 
 # ----- efrap defend ----------------------------------------------------------------------------

@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="evaluate the model itself (none) or its stock round-to-nearest quantization",
     )
+    p.add_argument(
+        "--against",
+        help="a reference .onnx / .safetensors model (the float one) evaluated as it is on the same images: "
+        "each figure's change with its paired 95%% interval, and whether the removal bar is met",
+    )
     _scheme(p)
     _common(p)
 

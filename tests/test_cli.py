@@ -128,6 +128,32 @@ def test_evaluate_float_and_stock_int8(attack_dir, capsys):
     assert f"95% intervals over {len(test)} test images" in line
 
 
+def test_evaluate_against_the_float_model_gives_paired_changes_and_the_bar(attack_dir, capsys):
+    info, float_onnx = str(attack_dir / "attack.json"), str(attack_dir / "model.onnx")
+    stock = [
+        "evaluate",
+        str(attack_dir / "model.safetensors"),
+        "--attack-info",
+        info,
+        "--quantize",
+        "nearest",
+    ]
+    assert main([*stock, "--against", float_onnx, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    against = got["against"]
+    assert against["evaluated"] == "onnxruntime session" and against["asr"] <= 0.10
+    change, lo, hi = against["asr_change"]  # the backdoor fires: a large rise, known tightly
+    assert change == pytest.approx(got["asr"] - against["asr"], abs=1e-3) and 0.7 < lo <= change <= hi
+    change, lo, hi = against["clean_acc_change"]
+    assert change == pytest.approx(got["clean_acc"] - against["clean_acc"], abs=1e-3) and lo <= change <= hi
+    assert hi - lo < 0.05 and against["removal_bar"] is False
+    assert main(["evaluate", float_onnx, "--attack-info", info, "--against", float_onnx]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]  # a model against itself: no change, bar met
+    assert "clean_acc +0.00 points" in line and "asr +0.00 points" in line and line.endswith(": met")
+    assert main([*stock, "--against", str(attack_dir / "attack.json")]) == 1
+    assert "--against: expected a .onnx or .safetensors file, got 'attack.json'" in capsys.readouterr().err
+
+
 def test_defend_then_evaluate_the_defended_file(attack_dir, tmp_path, capsys):
     out = tmp_path / "defended.onnx"
     assert (

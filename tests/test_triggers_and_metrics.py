@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from efrap_plugin import (
     der,
     evaluate,
     intervals,
+    paired_change,
     ra,
     wilson_interval,
 )
@@ -85,6 +87,26 @@ def test_intervals_are_taken_on_the_images_each_metric_was_measured_on():
     assert got["asr"] == pytest.approx(wilson_interval(3, 4))  # the 4 non-target images
     assert got["ra"] == pytest.approx(wilson_interval(1, 4))
     assert set(intervals(Metrics(0.5, float("nan"), float("nan")), data)) == {"clean_acc"}
+
+
+def test_paired_change_covers_the_true_change_as_often_as_it_says():
+    # two models that agree on most items: both right 96.5%, only the first 1.5%, only the second 0.5%
+    rng, probs = np.random.default_rng(0), [0.965, 0.015, 0.005, 0.015]
+    truth, covered = probs[2] - probs[1], 0
+    for _ in range(2000):
+        cell = torch.from_numpy(rng.choice(4, size=540, p=probs))
+        change, lo, hi = paired_change((cell == 0) | (cell == 1), (cell == 0) | (cell == 2))
+        covered += lo <= truth <= hi
+        assert lo <= change <= hi
+    # 95% nominal; two separate Wilson intervals, ignoring the pairing, cover 99.6% of these draws
+    assert 0.95 <= covered / 2000 <= 0.985
+    same = torch.tensor([True] * 530 + [False] * 10)
+    change, lo, hi = paired_change(same, same)
+    assert (
+        change == 0 and lo < 0 < hi and hi - lo < 0.02
+    )  # agreement on every item: tighter than unpaired (0.035)
+    with pytest.raises(EFRAPError, match=r"one hit per item for both models, got 3 and 2"):
+        paired_change(torch.ones(3, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
 
 
 def test_der_subtracts_the_accuracy_drop():
