@@ -254,8 +254,8 @@ def _against(
 ) -> dict[str, Any]:
     """``runner`` against the reference model on the same images: each change with its paired interval."""
     ref_runner, ref_label = _as_is(reference)
-    ref = evaluate(ref_runner, test, trigger)
     (ref_right, ref_hits), (right, hits) = _hits(ref_runner, test, trigger), _hits(runner, test, trigger)
+    ref = Metrics(float(ref_right.float().mean()), float(ref_hits.float().mean()), float("nan"))
     return {
         "model": str(reference),
         "evaluated": ref_label,
