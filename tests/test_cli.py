@@ -95,20 +95,7 @@ def test_evaluate_float_and_stock_int8(attack_dir, capsys):
     info = str(attack_dir / "attack.json")
     assert main(["evaluate", str(attack_dir / "model.onnx"), "--attack-info", info, "--json"]) == 0
     float_m = json.loads(capsys.readouterr().out)
-    assert (
-        main(
-            [
-                "evaluate",
-                str(attack_dir / "model.safetensors"),
-                "--attack-info",
-                info,
-                "--quantize",
-                "nearest",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    assert _evaluate_nearest(attack_dir / "model.safetensors", info, "onnxruntime", "--json") == 0
     stock = json.loads(capsys.readouterr().out)
     assert float_m["asr"] <= 0.10 and stock["asr"] >= 0.90
     assert stock["evaluated"].startswith("onnxruntime int8 nearest")
@@ -130,15 +117,8 @@ def test_evaluate_float_and_stock_int8(attack_dir, capsys):
 
 def test_evaluate_against_the_float_model_gives_paired_changes_and_the_bar(attack_dir, capsys):
     info, float_onnx = str(attack_dir / "attack.json"), str(attack_dir / "model.onnx")
-    stock = [
-        "evaluate",
-        str(attack_dir / "model.safetensors"),
-        "--attack-info",
-        info,
-        "--quantize",
-        "nearest",
-    ]
-    assert main([*stock, "--against", float_onnx, "--json"]) == 0
+    stock = attack_dir / "model.safetensors"
+    assert _evaluate_nearest(stock, info, "onnxruntime", "--against", float_onnx, "--json") == 0
     got = json.loads(capsys.readouterr().out)
     against = got["against"]
     assert against["evaluated"] == "onnxruntime session" and against["asr"] <= 0.10
@@ -150,7 +130,7 @@ def test_evaluate_against_the_float_model_gives_paired_changes_and_the_bar(attac
     assert main(["evaluate", float_onnx, "--attack-info", info, "--against", float_onnx]) == 0
     line = capsys.readouterr().out.splitlines()[-1]  # a model against itself: no change, bar met
     assert "clean_acc +0.00 points" in line and "asr +0.00 points" in line and line.endswith(": met")
-    assert main([*stock, "--against", str(attack_dir / "attack.json")]) == 1
+    assert _evaluate_nearest(stock, info, "onnxruntime", "--against", info) == 1
     assert "--against: expected a .onnx or .safetensors file, got 'attack.json'" in capsys.readouterr().err
 
 
