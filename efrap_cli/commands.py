@@ -18,6 +18,7 @@ from efrap_plugin import (
     EFRAPError,
     LabeledData,
     Metrics,
+    Outcomes,
     PatchTrigger,
     QuantScheme,
     as_calibration,
@@ -33,8 +34,8 @@ from efrap_plugin import (
     load_dataset,
     load_model,
     load_npz_inputs,
+    outcomes,
     paired_change,
-    predict,
     prepare_model,
     quantizable_layers,
     resolve_device,
@@ -136,7 +137,11 @@ def _distinct_paths(paths: dict[str, Path | None]) -> None:
 
 
 def _metrics(model: Any, test: LabeledData, trigger: PatchTrigger) -> dict[str, float]:
-    return {k: round(v, 4) for k, v in evaluate(model, test, trigger).to_dict().items()}
+    return _rounded(evaluate(model, test, trigger))
+
+
+def _rounded(metrics: Metrics) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in metrics.to_dict().items()}
 
 
 # ----- efrap attack ----------------------------------------------------------------------------
@@ -196,13 +201,6 @@ def _as_is(path: Path) -> tuple[Any, str]:
     return load_model(path)[0], "float torch model"
 
 
-def _hits(model: Any, test: LabeledData, trigger: PatchTrigger) -> tuple[Any, Any]:
-    """Per test image, whether ``model`` gets it right; per triggered non-target image, whether it answers
-    the target."""
-    triggered = trigger.poisoned(test, labels="true")
-    return predict(model, test.x) == test.y, predict(model, triggered.x) == trigger.target
-
-
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     info = load_attack_info(args.attack_info)
     splits = load_dataset(info["dataset"])
@@ -214,15 +212,16 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
             runner, label = stock_runner(args.scheme, path, splits, Path(tmp), args.bits)
         else:
             runner, label = _as_is(path)
-        measured = evaluate(runner, splits.test, trigger)
-        against = _against(reference, runner, measured, splits.test, trigger) if reference else None
+        seen = outcomes(runner, splits.test, trigger)
+        against = _against(reference, seen, splits.test, trigger) if reference else None
+    measured = seen.metrics()
     bounds = intervals(measured, splits.test, trigger)
     result = {
         "model": str(path),
         "evaluated": label,
-        **{k: round(v, 4) for k, v in measured.to_dict().items()},
+        **_rounded(measured),
         "images": len(splits.test),
-        "triggered_images": int((splits.test.y != trigger.target).sum()),
+        "triggered_images": len(seen.to_target),
         "intervals": {k: [round(lo, 4), round(hi, 4)] for k, (lo, hi) in bounds.items()},
     }
     if against:
@@ -249,21 +248,20 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _against(
-    reference: Path, runner: Any, measured: Metrics, test: LabeledData, trigger: PatchTrigger
-) -> dict[str, Any]:
-    """``runner`` against the reference model on the same images: each change with its paired interval."""
+def _against(reference: Path, seen: Outcomes, test: LabeledData, trigger: PatchTrigger) -> dict[str, Any]:
+    """The evaluated model's outcomes against the reference model's on the same images: each change with
+    its paired interval."""
     ref_runner, ref_label = _as_is(reference)
-    (ref_right, ref_hits), (right, hits) = _hits(ref_runner, test, trigger), _hits(runner, test, trigger)
-    ref = Metrics(float(ref_right.float().mean()), float(ref_hits.float().mean()), float("nan"))
+    ref = outcomes(ref_runner, test, trigger)
+    ref_m = ref.metrics()
     return {
         "model": str(reference),
         "evaluated": ref_label,
-        "clean_acc": round(ref.clean_acc, 4),
-        "asr": round(ref.asr, 4),
-        "clean_acc_change": [round(v, 4) for v in paired_change(ref_right, right)],
-        "asr_change": [round(v, 4) for v in paired_change(ref_hits, hits)],
-        "removal_bar": backdoor_removed(ref, measured),
+        "clean_acc": round(ref_m.clean_acc, 4),
+        "asr": round(ref_m.asr, 4),
+        "clean_acc_change": [round(v, 4) for v in paired_change(ref.right, seen.right)],
+        "asr_change": [round(v, 4) for v in paired_change(ref.to_target, seen.to_target)],
+        "removal_bar": backdoor_removed(ref_m, seen.metrics()),
     }
 
 

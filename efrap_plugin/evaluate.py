@@ -25,6 +25,8 @@ __all__ = [
     "ra",
     "der",
     "evaluate",
+    "outcomes",
+    "Outcomes",
     "attack_fires",
     "backdoor_removed",
     "compare",
@@ -127,14 +129,38 @@ def ra(model: Any, data: LabeledData, trigger: PatchTrigger) -> float:
     return float((predict(model, x) == y).float().mean())
 
 
-def evaluate(model: Any, data: LabeledData, trigger: PatchTrigger | None = None) -> Metrics:
-    """clean_acc, asr and ra in one pass over the clean and triggered test images."""
-    acc = clean_acc(model, data)
+@dataclass(frozen=True)
+class Outcomes:
+    """What ``evaluate`` counts, image by image: the hits behind each metric, which paired comparisons of
+    two models on the same images need (``paired_change``)."""
+
+    right: torch.Tensor
+    """Per clean image: the top-1 is its label."""
+    to_target: torch.Tensor | None
+    """Per triggered non-target image (None without a trigger): the top-1 is the attack's target."""
+    kept: torch.Tensor | None
+    """Per triggered non-target image: the top-1 is still its own label."""
+
+    def metrics(self) -> Metrics:
+        def share(hits: torch.Tensor | None) -> float:
+            return float("nan") if hits is None else float(hits.float().mean())
+
+        return Metrics(share(self.right), share(self.to_target), share(self.kept))
+
+
+def outcomes(model: Any, data: LabeledData, trigger: PatchTrigger | None = None) -> Outcomes:
+    """Each image's hits, in one pass over the clean and one over the triggered test images."""
+    right = predict(model, data.x) == data.y
     if trigger is None:
-        return Metrics(acc, float("nan"), float("nan"))
+        return Outcomes(right, None, None)
     x, y = _triggered(data, trigger)
     pred = predict(model, x)
-    return Metrics(acc, float((pred == trigger.target).float().mean()), float((pred == y).float().mean()))
+    return Outcomes(right, pred == trigger.target, pred == y)
+
+
+def evaluate(model: Any, data: LabeledData, trigger: PatchTrigger | None = None) -> Metrics:
+    """clean_acc, asr and ra in one pass over the clean and triggered test images."""
+    return outcomes(model, data, trigger).metrics()
 
 
 def der(before: Metrics, after: Metrics) -> float:

@@ -16,6 +16,7 @@ from efrap_plugin import (
     der,
     evaluate,
     intervals,
+    outcomes,
     paired_change,
     ra,
     wilson_interval,
@@ -68,6 +69,15 @@ def test_metrics_match_hand_computed_values():
     assert ra(_toy_model, data, trig) == pytest.approx(1 / 4)
     m = evaluate(_toy_model, data, trig)
     assert (m.clean_acc, m.asr, m.ra) == pytest.approx((4 / 6, 3 / 4, 1 / 4))
+    hits = outcomes(_toy_model, data, trig)  # image by image, what those shares count
+    assert hits.right.tolist() == [True, False, True, True, True, False]
+    assert hits.to_target.tolist() == [True, False, True, True] and hits.kept.tolist() == [
+        False,
+        True,
+        False,
+        False,
+    ]
+    assert outcomes(_toy_model, data).to_target is None and hits.metrics() == m
 
 
 def test_wilson_intervals_match_the_textbook_values():
