@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 2
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: demo test test-slow bench check style venv fashion-mnist fixtures clean
+.PHONY: demo test test-slow bench check style venv fashion-mnist qemu-user fixtures clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,15 @@ venv: $(STAMP)
 fashion-mnist:
 	@test -f $(FASHION) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 
+# Debian's qemu-user runs one test process on an AVX2-only CPU model (`qemu-x86_64 -cpu Haswell`), where
+# onnxruntime's int8 kernels differ from the graph's arithmetic (tests/test_kernels.py).
+qemu-user:
+	@test "$$(uname -m)" != x86_64 || command -v qemu-x86_64 >/dev/null || { apt-get update -qq && apt-get install -y -qq qemu-user; }
+
 demo: $(STAMP)
 	$(VENV)/bin/efrap demo --out demo-out
 
-test: $(STAMP) fashion-mnist
+test: $(STAMP) fashion-mnist qemu-user
 	$(PYTEST)
 
 test-slow: $(STAMP) fashion-mnist

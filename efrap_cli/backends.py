@@ -30,11 +30,25 @@ def adapter(extra: str) -> ModuleType:
         ) from None
 
 
-def stock_onnx_int8(float_onnx: Any, calib: np.ndarray, out: Path, bits: int = 8, per_channel: bool = True):
+def stock_onnx_int8(
+    float_onnx: Any,
+    calib: np.ndarray,
+    out: Path,
+    bits: int = 8,
+    per_channel: bool = True,
+    reduce_range: bool = False,
+):
     """onnxruntime's stock quantize_static: QDQ, per-channel, MinMax, uint8 activations; ``float_onnx``
     a path or the onnx adapter's ``prepare`` of one."""
     adapter("onnx").quantize_images(
-        float_onnx, out, calib, bits, per_channel=per_channel, efrap=False, progress=False
+        float_onnx,
+        out,
+        calib,
+        bits,
+        per_channel=per_channel,
+        reduce_range=reduce_range,
+        efrap=False,
+        progress=False,
     )
     return out
 
@@ -48,29 +62,29 @@ def _torch_model(path: Path, scheme: str, bits: int):
     return load_model(path)[0]
 
 
-def _nearest_onnxruntime(path: Path, splits: Splits, tmp: Path, bits: int) -> tuple[Any, str]:
+def _nearest_onnxruntime(path: Path, splits: Splits, tmp: Path, bits: int) -> tuple[Any, str, Path | None]:
     onnx = adapter("onnx")
     float_onnx = path
     if path.suffix == ".safetensors":
         float_onnx = onnx.export_float_onnx(load_model(path)[0], splits.train.x[:2], tmp / "float.onnx")
     calib = splits.train.x[:CALIB_IMAGES].numpy()
     stock = stock_onnx_int8(float_onnx, calib, tmp / "q.onnx", bits)
-    return onnx.session(stock), f"onnxruntime int{bits} nearest (stock quantize_static)"
+    return onnx.session(stock), f"onnxruntime int{bits} nearest (stock quantize_static)", stock
 
 
-def _nearest_torchao(path: Path, splits: Splits, tmp: Path, bits: int) -> tuple[Any, str]:
+def _nearest_torchao(path: Path, splits: Splits, tmp: Path, bits: int) -> tuple[Any, str, Path | None]:
     model = _torch_model(path, "torchao-x86", bits)
     converted = adapter("torchao").quantize_pt2e(model, splits.train.x[:CALIB_IMAGES])
-    return converted, "torchao PT2E int8 nearest (X86InductorQuantizer, convert_pt2e)"
+    return converted, "torchao PT2E int8 nearest (X86InductorQuantizer, convert_pt2e)", None
 
 
-def _nearest_brevitas(path: Path, splits: Splits, tmp: Path, bits: int) -> tuple[Any, str]:
+def _nearest_brevitas(path: Path, splits: Splits, tmp: Path, bits: int) -> tuple[Any, str, Path | None]:
     brevitas = adapter("brevitas")
     quantized = brevitas.quantize_brevitas(
         _torch_model(path, "brevitas-int8", bits), splits.train.x[:CALIB_IMAGES]
     )
     qcdq = brevitas.export_qcdq(quantized, splits.train.x[:2], tmp / "qcdq.onnx")
-    return adapter("onnx").session(qcdq), "Brevitas int8 nearest, QCDQ export run in onnxruntime"
+    return adapter("onnx").session(qcdq), "Brevitas int8 nearest, QCDQ export run in onnxruntime", qcdq
 
 
 _STOCK = {
@@ -80,8 +94,11 @@ _STOCK = {
 }
 
 
-def stock_runner(scheme: str, path: Path, splits: Splits, tmp: Path, bits: int) -> tuple[Any, str]:
-    """The model at ``path`` through ``scheme``'s stock round-to-nearest flow, and a label saying so."""
+def stock_runner(
+    scheme: str, path: Path, splits: Splits, tmp: Path, bits: int
+) -> tuple[Any, str, Path | None]:
+    """The model at ``path`` through ``scheme``'s stock round-to-nearest flow, a label saying so, and the
+    ONNX file onnxruntime runs (None where the backend is torch)."""
     if scheme not in _STOCK:
         raise EFRAPError(
             f"--scheme {scheme}: real-backend evaluation covers {', '.join(_STOCK)}; the paper's reference "

@@ -194,11 +194,29 @@ def _model_file(path: Path, flag: str) -> Path:
     return path
 
 
-def _as_is(path: Path) -> tuple[Any, str]:
-    """The model in a file, run as it is: an onnxruntime session or a float torch model."""
+def _as_is(path: Path) -> tuple[Any, str, Path | None]:
+    """The model in a file, run as it is: an onnxruntime session (and its file) or a float torch model."""
     if path.suffix == ".onnx":
-        return adapter("onnx").session(adapter("onnx").load_onnx(path)), "onnxruntime session"
-    return load_model(path)[0], "float torch model"
+        return adapter("onnx").session(adapter("onnx").load_onnx(path)), "onnxruntime session", path
+    return load_model(path)[0], "float torch model", None
+
+
+def _kernel_agreement(
+    onnx_file: Path | None, test: LabeledData, trigger: PatchTrigger
+) -> dict[str, Any] | None:
+    """For a quantized ONNX model: whether this CPU's fused kernels compute what its graph says on the
+    test images, and, where they do not, the figures of the graph's own arithmetic beside the kernels'."""
+    onnx_adapter = adapter("onnx")
+    if onnx_file is None or not onnx_adapter.weight_integers(
+        onnx_adapter.load_onnx(onnx_file, check_finite=False)
+    ):
+        return None
+    check = onnx_adapter.kernel_check(onnx_file, np.ascontiguousarray(test.x.numpy()))
+    found = {"kernel_agreement": check.to_dict(), "summary": check.summary()}
+    if not check.ok:
+        exact = outcomes(onnx_adapter.session(onnx_file, exact=True), test, trigger).metrics()
+        found["exact_arithmetic"] = _rounded(exact)
+    return found
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -209,11 +227,12 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     reference = _model_file(Path(args.against), "--against") if args.against else None
     with tempfile.TemporaryDirectory(prefix="efrap-evaluate-") as tmp:
         if args.quantize == "nearest":
-            runner, label = stock_runner(args.scheme, path, splits, Path(tmp), args.bits)
+            runner, label, onnx_file = stock_runner(args.scheme, path, splits, Path(tmp), args.bits)
         else:
-            runner, label = _as_is(path)
+            runner, label, onnx_file = _as_is(path)
         seen = outcomes(runner, splits.test, trigger)
         against = _against(reference, seen, splits.test, trigger) if reference else None
+        kernels = _kernel_agreement(onnx_file, splits.test, trigger)
     measured = seen.metrics()
     bounds = intervals(measured, splits.test, trigger)
     result = {
@@ -226,6 +245,10 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     }
     if against:
         result["against"] = against
+    if kernels:
+        result["kernel_agreement"] = kernels["kernel_agreement"]
+        if "exact_arithmetic" in kernels:
+            result["exact_arithmetic"] = kernels["exact_arithmetic"]
     if not args.json:
         shown = "  ".join(
             f"{k} {100 * result[k]:.2f}% ({100 * lo:.1f}-{100 * hi:.1f})" for k, (lo, hi) in bounds.items()
@@ -245,13 +268,21 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 f"intervals; removal bar (asr <= max(3%, its asr + 1), accuracy within 1 point): "
                 f"{'met' if against['removal_bar'] else 'NOT met'}"
             )
+        if kernels:
+            print(f"kernels: {kernels['summary']}")
+        if kernels and "exact_arithmetic" in kernels:
+            exact = kernels["exact_arithmetic"]
+            print(
+                f"the graph's own arithmetic (unfused, the same on every CPU): clean_acc "
+                f"{100 * exact['clean_acc']:.2f}%  asr {100 * exact['asr']:.2f}%"
+            )
     return result
 
 
 def _against(reference: Path, seen: Outcomes, test: LabeledData, trigger: PatchTrigger) -> dict[str, Any]:
     """The evaluated model's outcomes against the reference model's on the same images: each change with
     its paired interval."""
-    ref_runner, ref_label = _as_is(reference)
+    ref_runner, ref_label, _ = _as_is(reference)
     ref = outcomes(ref_runner, test, trigger)
     ref_m = ref.metrics()
     return {
@@ -341,17 +372,19 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
             calib,
             args.bits,
             per_channel=not args.per_tensor,
+            reduce_range=args.reduce_range,
             config=config,
             progress=not args.quiet,
         )
         seconds = time.perf_counter() - start
-        report = onnx_adapter.verify(out_tmp, plan)
+        report = onnx_adapter.verify(out_tmp, plan, inputs=calib)
         if plan_tmp is not None:
             plan.save(plan_tmp)
     summary = {
         "model": str(src),
         "out": str(out),
         "bits": args.bits,
+        "reduce_range": args.reduce_range,
         "layers": len(plan.layers),
         "flipped_share": round(plan.flipped_share, 4),
         "seconds": round(seconds, 2),
@@ -366,10 +399,12 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
         "skipped": plan.meta.get("skipped", {}),
         "constants": plan.meta.get("constants", {}),
         "verify": report.to_dict(),
+        "kernel_agreement": report.kernels.to_dict(),
         "crowded_layers": crowded,
     }
     if not args.json:
         _say_defended(summary, report.int_kernels)
+        print(f"kernels: {report.kernels.summary()}")
     return summary
 
 

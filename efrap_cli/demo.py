@@ -54,7 +54,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     )
     efrap_seconds = time.perf_counter() - t0
     plan.save(out / "plan.safetensors")
-    report = onnx_adapter.verify(defended, plan)
+    report = onnx_adapter.verify(defended, plan, inputs=calib)
+    checks = {"stock": onnx_adapter.kernel_check(stock, calib), "efrap": report.kernels}
 
     say("[4/4] measuring every model in onnxruntime and writing the report ...")
     rows = {}
@@ -65,6 +66,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     ):
         m = evaluate(onnx_adapter.session(path), test, trigger)
         rows[key] = {**m.to_dict(), "seconds": round(seconds, 2), "file": Path(path).name}
+        if key in checks and not checks[key].ok:  # this CPU's kernels differ: the graph's own figures too
+            rows[key]["exact_arithmetic"] = evaluate(
+                onnx_adapter.session(path, exact=True), test, trigger
+            ).to_dict()
     as_metrics = {k: Metrics(v["clean_acc"], v["asr"], v["ra"]) for k, v in rows.items()}
     weights = onnx_adapter.folded_weights(prepared)
     layers = {}
@@ -84,6 +89,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "der": der(as_metrics["stock"], as_metrics["efrap"]),
         "fake_quant": result.metrics,
         "verify": report.to_dict(),
+        "cpu": onnx_adapter.cpu_features().to_dict(),
+        "kernel_agreement": {k: c.to_dict() for k, c in checks.items()},
         "per_layer_flipped": {k: v.stats["flipped_share"] for k, v in plan.layers.items()},
         "defense_seconds": round(efrap_seconds, 2),
     }
@@ -97,5 +104,13 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             f"verify: integers in {defended.name} {'match the plan' if report.integers_ok else 'DIFFER'}; "
             f"onnxruntime runs {kernels}"
         )
+        for key, check in checks.items():
+            print(f"kernels ({key}): {check.summary()}")
+            if "exact_arithmetic" in rows[key]:
+                exact = rows[key]["exact_arithmetic"]
+                print(
+                    f"  the graph's own arithmetic (the same on every CPU): clean_acc "
+                    f"{100 * exact['clean_acc']:.2f}%  asr {100 * exact['asr']:.2f}%"
+                )
         print(f"report: {', '.join(str(f) for f in files)}")
     return results

@@ -185,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)"
     )
+    p.add_argument(
+        "--reduce-range",
+        action="store_true",
+        help="7-bit weights (onnxruntime's reduce_range), learned on that grid: the int8 kernels of CPUs "
+        "without VNNI compute them exactly",
+    )
     p.add_argument("--out", required=True, help="defended QDQ .onnx to write")
     p.add_argument("--plan", help="also save the RoundingPlan (.safetensors)")
     p.add_argument(

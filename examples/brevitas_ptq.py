@@ -9,7 +9,9 @@ First it red-teams the pipeline: a PQBackdoor model aimed at the grid the chosen
 rounds to (read from the quantizer), trained on digits, or the `efrap attack` folder given with
 --model. Then the stock flow and the defended flow run on it (preprocess_for_quantize, quantize with
 the chosen quantizers, calibration_mode, export_onnx_qcdq); every figure is measured in onnxruntime on
-the exported QCDQ file, and the defended file's integers are read back and checked.
+the exported QCDQ file, in the graph's own arithmetic (the same on every CPU), and the defended file's
+integers are read back and checked. The kernel check says whether this CPU's fused int8 kernels compute
+the same; where they do not (8-bit weights on CPUs without VNNI), the kernels' figures are added.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from brevitas.quant import Int8WeightPerChannelFloat, Int8WeightPerTensorFixedPo
 from torch import nn
 
 from efrap_brevitas import defend_quant_model, quantizer_scheme, verify_qcdq  # EFRAP
-from efrap_onnx import session
+from efrap_onnx import cpu_features, kernel_check, session
 from efrap_plugin import EFRAPConfig, compare, load_digits
 from efrap_plugin.attacks import red_team_model
 
@@ -99,10 +101,15 @@ def main() -> int:
         stock_file = export(stock.eval(), calib[:1], Path(tmp) / "stock.onnx")
         efrap_file = export(defended.eval(), calib[:1], Path(tmp) / "efrap.onnx")
         report = verify_qcdq(efrap_file, plan, defended, strict=False)  # EFRAP: integers read back
-        row = {
-            "weight_quant": args.weight_quant,
-            **compare(test, trigger, float=model, stock=session(stock_file), efrap=session(efrap_file)),
+        exact = {"stock": session(stock_file, exact=True), "efrap": session(efrap_file, exact=True)}
+        row = {"weight_quant": args.weight_quant, **compare(test, trigger, float=model, **exact)}
+        checks = {
+            k: kernel_check(f, calib[:256].numpy()) for k, f in (("stock", stock_file), ("efrap", efrap_file))
         }
+        row.update(cpu=cpu_features().describe(), kernels_ok=all(c.ok for c in checks.values()))
+        if not row["kernels_ok"]:  # what this CPU's fused kernels make of the same files
+            fused = {f"kernels_{k}": session(f) for k, f in (("stock", stock_file), ("efrap", efrap_file))}
+            row.update(compare(test, trigger, **fused))
     row.update(integers_ok=report.integers_ok, layers=report.layers)
     print(json.dumps(row) if args.json else "\n".join(f"{k:>16}: {v}" for k, v in row.items()))
     return 0 if report.integers_ok else 1

@@ -7,7 +7,9 @@ EFRAP: the lines marked `# EFRAP` are all it adds.
 First it red-teams the pipeline: a PQBackdoor model aimed at the grid the chosen quantizer rounds to
 (read from its weight observer), trained on digits, or the `efrap attack` folder given with --model.
 Then the stock flow and the defended flow run on it; every figure is measured on the real converted
-int8 model, and the defended one also in onnxruntime after torch.onnx.export.
+int8 model, and the defended one also in onnxruntime after torch.onnx.export, in the graph's own
+arithmetic (the same on every CPU), with the kernel check saying whether this CPU's fused int8 kernels
+compute the same.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-from efrap_onnx import session
+from efrap_onnx import cpu_features, kernel_check, session
 from efrap_plugin import EFRAPConfig, compare, evaluate, load_digits
 from efrap_plugin.attacks import red_team_model
 from efrap_torchao import defend_prepared, spec_scheme, verify_pt2e  # EFRAP
@@ -110,10 +112,13 @@ def main() -> int:
     defended, plan = ptq(model, quantizer, calib, efrap=efrap)
     report = verify_pt2e(defended, plan, strict=False)  # EFRAP: integers read back from the int8 model
     with tempfile.TemporaryDirectory() as tmp:
-        in_ort = evaluate(session(to_onnx(defended, calib[:2], Path(tmp) / "efrap.onnx")), test, trigger)
+        exported = to_onnx(defended, calib[:2], Path(tmp) / "efrap.onnx")
+        in_ort = evaluate(session(exported, exact=True), test, trigger)  # the graph's own arithmetic
+        kernels = kernel_check(exported, calib[:256].numpy())  # and whether this CPU's kernels agree
     row = {"quantizer": args.quantizer, **compare(test, trigger, float=model, stock=stock, efrap=defended)}
     row.update(integers_ok=report.integers_ok, layers=report.layers)
     row.update(ort_efrap_acc=round(100 * in_ort.clean_acc, 2), ort_efrap_asr=round(100 * in_ort.asr, 2))
+    row.update(cpu=cpu_features().describe(), kernels_ok=kernels.ok, kernel_agreement=kernels.top1_agreement)
     print(json.dumps(row) if args.json else "\n".join(f"{k:>16}: {v}" for k, v in row.items()))
     return 0 if report.integers_ok else 1
 

@@ -40,7 +40,7 @@ from efrap_brevitas import (
     verify_qcdq,
     with_efrap,
 )
-from efrap_onnx import session
+from efrap_onnx import kernel_check, session
 from efrap_plugin import (
     EFRAPConfig,
     EFRAPError,
@@ -213,7 +213,7 @@ def test_learned_integers_come_out_of_the_users_own_qcdq_export(model_name, quan
     # the user's model (in torch) and onnxruntime agree on the defended model
     with torch.no_grad():
         in_torch = predict(model, digits.test.x[:128])
-    assert (in_torch == predict(session(path), digits.test.x[:128])).float().mean() >= 0.95
+    assert (in_torch == predict(session(path, exact=True), digits.test.x[:128])).float().mean() >= 0.95
 
 
 def test_graph_flow_removes_the_backdoor_in_onnxruntime(pq8, digits, tmp_path):
@@ -235,12 +235,16 @@ def test_graph_flow_removes_the_backdoor_in_onnxruntime(pq8, digits, tmp_path):
     stock, defended = ptq(), ptq()
     plan = defend_quant_model(defended, digits.train.x[:1024], progress=False)
     stock_m = evaluate(
-        session(export_qcdq(stock, digits.train.x[:1], tmp_path / "stock.onnx")), digits.test, pq8.trigger
+        session(export_qcdq(stock, digits.train.x[:1], tmp_path / "stock.onnx"), exact=True),
+        digits.test,
+        pq8.trigger,
     )
     path = export_qcdq(defended, digits.train.x[:1], tmp_path / "efrap.onnx")
     assert verify_qcdq(path, plan, defended).integers_ok
+    kernels = kernel_check(path, digits.train.x[:256].numpy())
+    assert kernels.ok if kernels.cpu.vnni else (kernels.ok or kernels.diverging_layers)
     float_m = evaluate(pq8.model, digits.test, pq8.trigger)
-    efrap_m = evaluate(session(path), digits.test, pq8.trigger)
+    efrap_m = evaluate(session(path, exact=True), digits.test, pq8.trigger)
     assert stock_m.asr >= 0.90
     assert efrap_m.asr <= max(0.03, float_m.asr + 0.01)
     assert efrap_m.clean_acc >= float_m.clean_acc - 0.01
@@ -369,6 +373,9 @@ def test_ptq_example_removes_a_qcb_aimed_at_its_weight_quantizer(weight_quant, f
     )
     assert_defended(row)
     assert row["layers"] == 4
+    # 8-bit Brevitas weights saturate onnxruntime's u8 x s8 kernels without VNNI: there the example also
+    # gives the kernels' figures; a CPU with VNNI computes the graph
+    assert row["kernels_ok"] or ("no VNNI" in row["cpu"] and "kernels_efrap_acc" in row)
 
 
 def test_ptq_example_defends_with_the_config_given_as_json():

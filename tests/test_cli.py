@@ -6,11 +6,13 @@ import json
 import subprocess
 import sys
 
+import onnx
 import pytest
 from conftest import TokenClassifier
 
 from efrap_cli import main
-from efrap_plugin import EFRAPConfig, load_dataset, wilson_interval
+from efrap_onnx import weight_integers
+from efrap_plugin import EFRAPConfig, RoundingPlan, load_dataset, wilson_interval
 
 SUBCOMMANDS = ["attack", "defend", "evaluate", "scan", "demo"]
 
@@ -161,12 +163,36 @@ def test_defend_then_evaluate_the_defended_file(attack_dir, tmp_path, capsys):
     )
     assert 0 < summary["flipped_share"] < 1 and (tmp_path / "plan.safetensors").is_file()
     assert len(summary["crowded_layers"]) == 4  # the attacked float model carries PQBackdoor's fingerprint
+    kernels = summary["kernel_agreement"]  # this CPU's fused kernels against the graph, on the calibration
+    assert kernels["inputs"] == 1024 and len(kernels["layers"]) == 4
+    assert kernels["ok"] or kernels["cpu"]["vnni"] is False
     assert main(["evaluate", str(out), "--attack-info", str(attack_dir / "attack.json"), "--json"]) == 0
     defended = json.loads(capsys.readouterr().out)
+    assert defended["kernel_agreement"]["inputs"] == defended["images"]
     float_asr = json.loads((attack_dir / "attack.json").read_text())["metrics"]["float"]["asr"]
-    assert defended["asr"] <= max(
-        0.03, float_asr + 0.01
-    )  # the backdoor is gone: no more than the float model's
+    graph = defended.get("exact_arithmetic", defended)  # the graph's own figures where this CPU differs
+    assert graph["asr"] <= max(0.03, float_asr + 0.01)  # the backdoor is gone: no more than the float model's
+
+
+def test_defend_with_reduce_range_learns_7_bit_weights(attack_dir, tmp_path, capsys):
+    """The fix the kernel check offers for CPUs without VNNI: onnxruntime's reduce_range grid, learned."""
+    out, plan_path = tmp_path / "d.onnx", tmp_path / "plan.safetensors"
+    args = [
+        "defend",
+        str(attack_dir / "model.onnx"),
+        "--calib",
+        "digits",
+        "--out",
+        str(out),
+        "--reduce-range",
+    ]
+    assert main([*args, "--plan", str(plan_path), "--iters", "50", "--json", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["reduce_range"] and summary["verify"]["integers_ok"] and summary["layers"] == 4
+    plan = RoundingPlan.load(plan_path)
+    assert (plan.scheme.qmin, plan.scheme.qmax) == (-64, 64)  # onnxruntime's reduce_range QInt8 grid
+    stored = [abs(v.astype(int)).max() for v in weight_integers(onnx.load(str(out))).values()]
+    assert max(stored) <= 64 and summary["kernel_agreement"]["diverging_layers"] == []
 
 
 @pytest.mark.parametrize("key", ["x", "input"])

@@ -215,6 +215,7 @@ def test_pt2e_example_removes_a_qcb_aimed_at_its_quantizer(quantizer, fixture):
         abs(row["ort_efrap_asr"] - row["efrap_asr"]) <= 1
         and abs(row["ort_efrap_acc"] - row["efrap_acc"]) <= 1
     )
+    assert row["kernels_ok"] or "no VNNI" in row["cpu"]  # a CPU with VNNI computes the graph
 
 
 def test_pt2e_example_in_budget_mode_removes_the_qcb():

@@ -64,7 +64,7 @@ def _held_out(
     name = float_model.graph.output[0].name
     return HeldOut(
         run_output(session(float_model), held, name, "the float model"),
-        lambda: run_output(session(qdq), held, qdq.graph.output[0].name, _QDQ),
+        lambda: run_output(session(qdq, exact=True), held, qdq.graph.output[0].name, _QDQ),
     )
 
 
@@ -131,7 +131,7 @@ def _problems(
             weight,
             grids[layer.float_weight],
             layer.forward,
-            run_output(session(qdq, [layer.input_name]), calib, layer.input_name, _QDQ),
+            run_output(session(qdq, [layer.input_name], exact=True), calib, layer.input_name, _QDQ),
             run_output(
                 session(float_model, [layer.output_name]), calib, layer.output_name, "the float model"
             ),

@@ -316,13 +316,15 @@ def quantize_images(
     bits: int = 8,
     *,
     per_channel: bool = True,
+    reduce_range: bool = False,
     efrap: bool = True,
     config: EFRAPConfig | None = None,
     progress: bool = True,
 ) -> RoundingPlan | None:
     """The common image-model case in one call: quant_pre_process (BatchNorm folded), then QDQ, MinMax,
     uint8 activations, QInt8 or QInt4 weights, calibration images fed to the graph's single input (or,
-    for a model with several inputs, a dict of arrays named as its inputs).
+    for a model with several inputs, a dict of arrays named as its inputs). ``reduce_range`` quantizes
+    weights to 7 bits, which onnxruntime's int8 kernels compute exactly on CPUs without VNNI.
     ``efrap=False`` is onnxruntime's stock flow. A loaded ``onnx.ModelProto`` is checked, not parsed again,
     and left as it was; a prepared one (``prepare``, which a caller that also scans the model's
     ``folded_weights`` does once for both) goes straight to quantization."""
@@ -351,6 +353,7 @@ def quantize_images(
         model_output,
         reader,
         per_channel=per_channel,
+        reduce_range=reduce_range,
         activation_type=QuantType.QUInt8,
         weight_type=weight_types[bits],
         efrap=efrap,

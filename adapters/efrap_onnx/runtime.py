@@ -13,6 +13,8 @@ from onnx import TensorProto
 
 from efrap_plugin import ModelError
 
+from .kernels import session_options
+
 __all__ = ["first_line", "run_output", "session", "upstream"]
 
 _MAX_QUOTED = 600  # characters of a backend's error message quoted in ours
@@ -59,14 +61,16 @@ def upstream(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     return result
 
 
-def session(model: onnx.ModelProto | str | Path, outputs: list[str] | None = None) -> ort.InferenceSession:
+def session(
+    model: onnx.ModelProto | str | Path, outputs: list[str] | None = None, *, exact: bool = False
+) -> ort.InferenceSession:
     """A CPU InferenceSession; with ``outputs``, of the part of the model that computes those tensors
-    (``upstream``), which become its outputs.
+    (``upstream``), which become its outputs. ``exact`` runs the graph's own arithmetic, node by node
+    (no QDQ fused into the integer kernels this CPU picks): the same answers on every CPU.
 
     A model onnxruntime cannot load (an opset it does not know, an op it lacks) is a ModelError.
     """
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = session_options(exact)
     if isinstance(model, onnx.ModelProto):
         if outputs:
             model = upstream(model, outputs)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,12 +16,30 @@ import onnxruntime as ort
 import torch
 from onnx import helper
 
-from efrap_plugin import IntegerReport, PlanMismatchError, RoundingPlan, compare_integers
+from efrap_plugin import (
+    DataError,
+    IntegerReport,
+    ModelError,
+    PlanMismatchError,
+    RoundingPlan,
+    compare_integers,
+)
 
 from .graph import constant_node_weight, quantized_constant, zero_point_type
+from .kernels import KernelCheck, check_kernels
 from .model_io import initializer_array, load_onnx
+from .runtime import first_line
 
-__all__ = ["VerifyReport", "verify", "optimized_op_counts", "quantized_weights", "weight_integers"]
+__all__ = [
+    "VerifyReport",
+    "kernel_check",
+    "optimized_op_counts",
+    "quantized_weights",
+    "verify",
+    "weight_integers",
+]
+
+log = logging.getLogger(__name__)
 
 INT_KERNELS = (
     "QLinearConv",
@@ -33,9 +53,11 @@ INT_KERNELS = (
 
 @dataclass
 class VerifyReport(IntegerReport):
-    """What was read back from the written QDQ file, and the kernels onnxruntime runs for it."""
+    """What was read back from the written QDQ file, the kernels onnxruntime runs for it, and, where
+    inputs were given, whether those kernels compute what the graph says on this CPU."""
 
     int_kernels: dict[str, int] = field(default_factory=dict)
+    kernels: KernelCheck | None = None
 
     @property
     def runs_int_kernels(self) -> bool:
@@ -43,7 +65,12 @@ class VerifyReport(IntegerReport):
         return sum(self.int_kernels.values()) >= self.layers
 
     def to_dict(self) -> dict:
-        return {**super().to_dict(), "runs_int_kernels": self.runs_int_kernels}
+        integers = {f.name: getattr(self, f.name) for f in dataclasses.fields(IntegerReport)}
+        found = {**dataclasses.asdict(IntegerReport(**integers)), "integers_ok": self.integers_ok}
+        found.update(int_kernels=dict(self.int_kernels), runs_int_kernels=self.runs_int_kernels)
+        if self.kernels is not None:
+            found["kernel_agreement"] = self.kernels.to_dict()
+        return found
 
 
 def optimized_op_counts(model_path: str | Path) -> dict[str, int]:
@@ -127,11 +154,19 @@ def _run_quantize_linear(
     return np.asarray(sess.run(None, {})[0])
 
 
-def verify(model_path: str | Path, plan: RoundingPlan, strict: bool = True) -> VerifyReport:
+def verify(
+    model_path: str | Path,
+    plan: RoundingPlan,
+    strict: bool = True,
+    inputs: np.ndarray | Mapping[str, np.ndarray] | None = None,
+) -> VerifyReport:
     """Compare the weight integers stored in ``model_path`` with ``plan``, bit for bit.
 
     Every quantized weight of the file must be in the plan and hold its integers: a layer the plan
     lacks, or an empty plan, fails. With ``strict`` a failure raises PlanMismatchError naming the layers.
+    With ``inputs`` (the calibration or evaluation inputs), the report also says whether onnxruntime's
+    fused kernels on this CPU compute what the graph says (``check_kernels``); a disagreement is logged
+    as a warning, not raised: the file is right, this CPU runs it differently.
     """
     if plan.source != "onnx" or "layout" not in plan.meta:
         raise PlanMismatchError(
@@ -152,7 +187,25 @@ def verify(model_path: str | Path, plan: RoundingPlan, strict: bool = True) -> V
                 np.atleast_1d(initializer_array(inits[layout[name]["scale"]])).astype(np.float32)
             )
     check = compare_integers(plan, stored, scales, strict=strict, where=str(model_path))
+    kernels = None if inputs is None else kernel_check(model, inputs)
     return VerifyReport(
         **{f.name: getattr(check, f.name) for f in dataclasses.fields(IntegerReport)},
         int_kernels={k: v for k, v in optimized_op_counts(model_path).items() if k in INT_KERNELS},
+        kernels=kernels,
     )
+
+
+def kernel_check(
+    model: onnx.ModelProto | str | Path, inputs: np.ndarray | Mapping[str, np.ndarray]
+) -> KernelCheck:
+    """``check_kernels`` with the library's errors for bad inputs, and its verdict logged."""
+    try:
+        found = check_kernels(model, inputs)
+    except ValueError as exc:
+        raise DataError(f"kernel check: {exc}") from None
+    except Exception as exc:  # onnxruntime's pybind errors share no public base class
+        raise ModelError(
+            f"kernel check: onnxruntime {ort.__version__} cannot run the model ({first_line(exc)})"
+        ) from None
+    (log.info if found.ok else log.warning)(found.summary())
+    return found
