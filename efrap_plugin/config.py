@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -164,11 +165,16 @@ class EFRAPConfig:
                 f"EFRAPConfig.holdout_choice (--holdout-choice): expected one of {HOLDOUT_CHOICES}, "
                 f"got {self.holdout_choice!r}"
             )
-        if not self.lr > 0:
-            raise EFRAPError(f"EFRAPConfig.lr (--lr): expected a positive learning rate, got {self.lr!r}")
+        if not _finite(self.lr) or not self.lr > 0:
+            raise EFRAPError(
+                f"EFRAPConfig.lr (--lr): expected a finite positive learning rate, got {self.lr!r}"
+            )
         for name in ("flip_weight", "round_weight", "beta"):
-            if getattr(self, name) < 0:
-                raise EFRAPError(f"EFRAPConfig.{name}: expected a value >= 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not _finite(value) or value < 0:  # NaN compares false with everything: test finiteness first
+                raise EFRAPError(f"EFRAPConfig.{name}: expected a finite value >= 0, got {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise EFRAPError(f"EFRAPConfig.seed (--seed): expected an integer, got {self.seed!r}")
         if self.rectifier not in ("sigmoid", "stretched"):
             raise EFRAPError(
                 f"EFRAPConfig.rectifier: expected 'sigmoid' or 'stretched', got {self.rectifier!r}"
@@ -211,6 +217,11 @@ class EFRAPConfig:
         if not isinstance(data, dict):
             raise EFRAPError(f"EFRAPConfig: expected a JSON object of fields, got {text!r}")
         return cls.from_dict(data)
+
+
+def _finite(value: Any) -> bool:
+    """A real number (not a bool, not NaN, not infinite)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _positive(cfg: EFRAPConfig, name: str, flag: str) -> None:

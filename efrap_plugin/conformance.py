@@ -28,6 +28,8 @@ class IntegerReport:
     matching: int
     mismatched: dict[str, int] = field(default_factory=dict)
     scale_mismatches: list[str] = field(default_factory=list)
+    zero_point_mismatches: list[str] = field(default_factory=list)
+    """Layers whose artifact dequantizes with other zero points than the plan's."""
     unplanned: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     constants: list[str] = field(default_factory=list)
@@ -42,6 +44,7 @@ class IntegerReport:
             and self.matching == self.layers
             and not self.mismatched
             and not self.scale_mismatches
+            and not self.zero_point_mismatches
             and not self.unplanned
             and not self.grid_mismatches
         )
@@ -50,9 +53,20 @@ class IntegerReport:
         """Every way the artifact departs from the plan, for an error message."""
         return (
             f"differing elements per layer {self.mismatched} (-1: layer missing), scale mismatches "
-            f"{self.scale_mismatches}, quantized layers the plan lacks {self.unplanned}, other integer "
-            f"ranges {self.grid_mismatches}"
+            f"{self.scale_mismatches}, zero point mismatches {self.zero_point_mismatches}, quantized layers "
+            f"the plan lacks {self.unplanned}, other grids {self.grid_mismatches}"
         )
+
+    def check(self, plan: RoundingPlan, where: str, stored: int) -> None:
+        """Raise PlanMismatchError naming every difference, unless the artifact holds the plan."""
+        if self.integers_ok:
+            return
+        if not plan.layers:
+            raise PlanMismatchError(
+                f"verify: the plan holds no layer, so it proves nothing about {where} "
+                f"({stored} quantized layers there); pass the plan the defense returned"
+            )
+        raise PlanMismatchError(f"verify: {where} does not hold the plan's integers: {self.differences()}")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "integers_ok": self.integers_ok}
@@ -65,6 +79,7 @@ def compare_integers(
     strict: bool = True,
     where: str = "the artifact",
     ranges: Mapping[str, tuple[int, int]] | None = None,
+    zero_points: Mapping[str, torch.Tensor] | None = None,
 ) -> IntegerReport:
     """Compare ``stored`` integers (every quantized layer of the artifact, plan layout: output channel on
     axis 0) with ``plan``.
@@ -72,7 +87,8 @@ def compare_integers(
     A plan layer missing from ``stored`` counts as mismatched (-1); a stored layer the plan lacks is
     ``unplanned``. ``ranges``: the integer range the artifact clamps each layer to, checked against the
     plan's grid (``plan.meta["grids"][name]`` where the plan has per-layer grids, else its scheme).
-    With ``strict`` any difference raises PlanMismatchError naming the layers.
+    ``scales`` / ``zero_points``: what the artifact dequantizes each layer with, read from the node that
+    reads its integers. With ``strict`` any difference raises PlanMismatchError naming the layers.
     """
     report = IntegerReport(layers=len(plan.layers), matching=0)
     listed, constants = plan.meta.get("skipped", {}), plan.meta.get("constants", {})
@@ -95,17 +111,20 @@ def compare_integers(
                 scales[name].to(torch.float32).flatten(), lp.scale.to(torch.float32).flatten()
             ):
                 report.scale_mismatches.append(name)
+        if zero_points is not None and name in zero_points:
+            held, want = zero_points[name].to(torch.int64).flatten(), lp.zero_point.to(torch.int64).flatten()
+            if held.numel() == 1 and want.numel() > 1:  # one zero point for every channel
+                held = held.expand(want.numel())
+            elif want.numel() == 1 and held.numel() > 1:
+                want = want.expand(held.numel())
+            if held.shape != want.shape or not torch.equal(held, want):
+                report.zero_point_mismatches.append(name)
         if diff:
             report.mismatched[name] = diff
         else:
             report.matching += 1
-    if strict and not report.integers_ok:
-        if not plan.layers:
-            raise PlanMismatchError(
-                f"verify: the plan holds no layer, so it proves nothing about {where} "
-                f"({len(stored)} quantized layers there); pass the plan the defense returned"
-            )
-        raise PlanMismatchError(f"verify: {where} does not hold the plan's integers: {report.differences()}")
+    if strict:
+        report.check(plan, where, len(stored))
     return report
 
 

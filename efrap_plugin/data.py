@@ -214,7 +214,7 @@ def as_calibration(
     elif isinstance(data, (torch.Tensor, np.ndarray)):
         x = _to_inputs(data, "calibration data")
     elif isinstance(data, Iterable):
-        batches = [_first(b) for b in data]
+        batches = _read_batches(data, n)
         if not batches:
             raise DataError("calibration data: the iterable yielded no batches; pass at least one image")
         shapes = {tuple(b.shape[1:]) for b in batches}
@@ -237,6 +237,19 @@ def as_calibration(
             raise DataError(f"calibration size: expected a positive number of images, got {n}")
         x = x[:n]
     return x
+
+
+def _read_batches(data: Iterable, n: int | None) -> list[torch.Tensor]:
+    """The iterable's batches, read only until ``n`` rows are in hand (a DataLoader over a large set, or
+    an endless generator, is not pulled in whole)."""
+    batches: list[torch.Tensor] = []
+    rows = 0
+    for batch in data:
+        batches.append(_first(batch))
+        rows += len(batches[-1]) if batches[-1].dim() else 1
+        if n is not None and n > 0 and rows >= n:
+            break
+    return batches
 
 
 def as_labeled(data: Any, num_classes: int | None = None) -> LabeledData:

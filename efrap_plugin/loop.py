@@ -65,6 +65,7 @@ def defend_layers(
             with threads_for(step_flops(problem, config), config.device):
                 if config.budget is None:
                     result, stats = learn_rounding(problem, config, generator, bar.update), {}
+                    _check_finite(problem.name, result)
                     if problem.install is not None:
                         problem.install(result.integers)
                 else:
@@ -72,6 +73,7 @@ def defend_layers(
                     result, seen, cost = _strongest_within(
                         problem, config, generator, bar.update, held_out, allowance
                     )
+                    _check_finite(problem.name, result)
                     spent += cost
                     stats = {"strength": result.strength, **seen._asdict(), "resolution": held_out.resolution}
             bar.update(per_layer - (bar.n - start))  # steps an early stop or the budget skipped
@@ -111,6 +113,18 @@ def defend_layers(
     if config.budget is not None and config.margin_cap is not None:
         _warn_over_cap(plans, config.margin_cap, _margin_bound(config, held_out))
     return plans
+
+
+def _check_finite(name: str, result: LayerResult) -> None:
+    """Stop at the first layer whose objective is not a number: its rounding was learned on nothing."""
+    losses = (result.loss_before, result.loss_after, result.act_error_nearest, result.act_error_learned)
+    if not all(math.isfinite(v) for v in losses):
+        raise EFRAPError(
+            f"layer {name!r}: the objective is not finite (loss {result.loss_before:.4g} -> "
+            f"{result.loss_after:.4g}, output error {result.act_error_learned:.4g}); its inputs or weights "
+            "overflow float32 (values near 1e19 or more square to infinity) or hold NaN. Check the "
+            "calibration data and the model's weights, or scale the inputs as the model was trained on"
+        )
 
 
 def layer_generators(seed: int) -> Iterator[torch.Generator]:

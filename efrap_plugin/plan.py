@@ -191,6 +191,10 @@ class RoundingPlan:
             layers = {}
             for entry in header["layers"]:
                 key = entry["key"]
+                if entry["name"] in layers:
+                    raise ModelError(
+                        f"plan: {path} is damaged: layer {entry['name']!r} is listed twice; save the plan again"
+                    )
                 layers[entry["name"]] = LayerPlan(
                     entry["name"],
                     tensors[f"{key}.integers"],
@@ -202,6 +206,8 @@ class RoundingPlan:
                 )
             scheme = QuantScheme.from_dict(header["scheme"])
             meta = dict(header.get("meta", {}))
+        except ModelError:
+            raise
         except EFRAPError as exc:
             raise ModelError(f"plan: {path} holds an invalid scheme ({exc})") from None
         except KeyError as exc:
@@ -216,7 +222,38 @@ class RoundingPlan:
                     f"plan: {path} is damaged: layer {name!r} has integers {tuple(lp.integers.shape)}, nearest "
                     f"{tuple(lp.nearest.shape)}, {lp.scale.numel()} scales and {lp.zero_point.numel()} zero points"
                 )
+        grids = meta.get("grids", {}) if isinstance(meta.get("grids", {}), dict) else {}
+        for name, lp in layers.items():
+            problem = _value_problem(lp, scheme, grids.get(name))
+            if problem:
+                raise ModelError(f"plan: {path} is damaged: layer {name!r} {problem}; save the plan again")
         return cls(scheme, layers, str(header.get("source", "torch")), meta)
+
+
+def _value_problem(lp: LayerPlan, scheme: QuantScheme, grid: Mapping[str, Any] | None) -> str | None:
+    """What makes a layer's values unusable, or None: integers off its grid or not whole, scales that are
+    not finite and positive, a scale count that fits no channel axis, zero points that are not whole."""
+    try:
+        qmin, qmax = (int(grid["qmin"]), int(grid["qmax"])) if grid else (scheme.qmin, scheme.qmax)
+        per_channel = bool(grid.get("per_channel", scheme.per_channel)) if grid else scheme.per_channel
+    except (KeyError, TypeError, ValueError):
+        return f"has an unreadable grid record {grid!r}"
+    for what, t in (("integers", lp.integers), ("nearest", lp.nearest), ("zero points", lp.zero_point)):
+        values = t.to(torch.float64)
+        if not bool(torch.isfinite(values).all()) or not bool((values == values.round()).all()):
+            return f"holds {what} that are not whole numbers"
+    for what, t in (("integers", lp.integers), ("nearest", lp.nearest)):
+        if t.numel() and (int(t.min()) < qmin or int(t.max()) > qmax):
+            return f"holds {what} in [{int(t.min())}, {int(t.max())}], off its grid [{qmin}, {qmax}]"
+    scale = lp.scale.to(torch.float64)
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        return "holds scales that are not finite and positive"
+    channels = set(lp.integers.shape) if lp.integers.dim() else {1}
+    if scale.numel() != 1 and scale.numel() not in channels:
+        return f"holds {scale.numel()} scales for integers of shape {tuple(lp.integers.shape)}"
+    if per_channel and scale.numel() == 1 and lp.integers.dim() and lp.integers.shape[0] > 1:
+        return f"holds one scale for a per-channel grid over {lp.integers.shape[0]} channels"
+    return None
 
 
 def _parse_header(raw: dict[str, str]) -> dict[str, Any]:

@@ -291,7 +291,10 @@ def verify_qcdq(
     stored = {k: w.integers for k, w in weights.items()}
     scales = {k: w.scale for k, w in weights.items()}
     ranges = {k: (w.qmin, w.qmax) for k, w in weights.items()}
-    report = compare_integers(plan, stored, scales, strict=False, where=str(path), ranges=ranges)
+    zero_points = {k: w.zero_point for k, w in weights.items()}
+    report = compare_integers(
+        plan, stored, scales, strict=False, where=str(path), ranges=ranges, zero_points=zero_points
+    )
     if model is not None:
         _check_against_model(report, layers, plan, weights)
     if strict and not report.integers_ok:

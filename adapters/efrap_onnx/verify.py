@@ -25,7 +25,7 @@ from efrap_plugin import (
     compare_integers,
 )
 
-from .graph import constant_node_weight, quantized_constant, zero_point_type
+from .graph import attribute, constant_node_weight, quantized_constant, zero_point_type
 from .kernels import KernelCheck, check_kernels
 from .model_io import initializer_array, load_onnx
 from .runtime import first_line
@@ -133,6 +133,74 @@ def weight_integers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return found
 
 
+@dataclass(frozen=True)
+class WeightReader:
+    """A node that dequantizes a quantized weight, and the grid it reads it on."""
+
+    node: str
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None
+    """The axis its scales run along (None: one scale)."""
+
+
+# QOperator ops: (integers input, its scale input, its zero point input, the axis per-channel scales run
+# along: a number, or "transB" for a Gemm's B, whose output channels are its rows only when transposed)
+_QOPERATOR_GRIDS = {
+    "QLinearConv": ((3, 4, 5, 0),),
+    "QLinearMatMul": ((0, 1, 2, 0), (3, 4, 5, -1)),
+    "QGemm": ((0, 1, 2, 0), (3, 4, 5, "transB")),
+}
+
+
+def weight_readers(model: onnx.ModelProto) -> dict[str, list[WeightReader]]:
+    """For each quantized initializer, every node that dequantizes it and the scale, zero point and axis
+    that node reads: followed through the graph, not looked up by name, so a rewired scale is seen.
+    (MatMulInteger / ConvInteger apply their scales in later nodes, and are not listed.)"""
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {out: n for n in model.graph.node for out in n.output}
+    found: dict[str, list[WeightReader]] = {}
+    for node in model.graph.node:
+        label = node.name or node.output[0]
+        if node.op_type == "DequantizeLinear":
+            name = constant_node_weight(node, producers) or quantized_constant(node, producers, inits)
+            if name is None:
+                continue
+            scale = _constant(node.input[1], inits, producers)
+            zp = _constant(node.input[2], inits, producers) if len(node.input) > 2 and node.input[2] else None
+            if scale is None:
+                continue
+            axis = int(attribute(node, "axis", 1)) if scale.size > 1 else None
+            found.setdefault(name, []).append(
+                WeightReader(label, scale, np.zeros(1, np.int64) if zp is None else zp, axis)
+            )
+        for ints, s, z, along in _QOPERATOR_GRIDS.get(node.op_type, ()):
+            name = node.input[ints] if ints < len(node.input) else ""
+            if name not in inits or initializer_array(inits[name]).dtype.kind not in "iu":
+                continue
+            scale = _constant(node.input[s], inits, producers)
+            zp = _constant(node.input[z], inits, producers) if z < len(node.input) and node.input[z] else None
+            if scale is not None:
+                if along == "transB":
+                    along = 0 if attribute(node, "transB", 0) else 1
+                rank = initializer_array(inits[name]).ndim
+                axis = int(along) % max(rank, 1) if scale.size > 1 else None
+                found.setdefault(name, []).append(
+                    WeightReader(label, scale, np.zeros(1, np.int64) if zp is None else zp, axis)
+                )
+    return found
+
+
+def _constant(name: str, inits: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto]):
+    """The value of an initializer or a Constant node's tensor; None for a computed tensor."""
+    if name in inits:
+        return np.asarray(initializer_array(inits[name]))
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant" and node.attribute:
+        return np.asarray(onnx.numpy_helper.to_array(node.attribute[0].t))
+    return None
+
+
 def _run_quantize_linear(
     model: onnx.ModelProto,
     q: onnx.NodeProto,
@@ -177,16 +245,41 @@ def verify(
     inits = {t.name: t for t in model.graph.initializer}
     layout = plan.meta["layout"]
     planned = {where["quantized"]: name for name, where in layout.items()}
-    stored, scales = {}, {}
+    readers = weight_readers(model)
+    stored, scales, zero_points, axes = {}, {}, {}, {}
     for quantized, held in weight_integers(model).items():
         name = planned.get(quantized, quantized)
         ints = torch.from_numpy(held.astype(np.int32))
         stored[name] = ints.transpose(0, 1) if name in layout and layout[name]["transpose"] else ints
-        if name in layout and layout[name]["scale"] in inits:
+        if name not in layout:
+            continue
+        # the grid each node that reads these integers dequantizes them on: every reader must hold the
+        # plan's, whatever initializer names the plan recorded
+        want = plan.layers[name] if name in plan.layers else None
+        for reader in readers.get(quantized, []):
+            scale = torch.from_numpy(np.atleast_1d(reader.scale).astype(np.float32))
+            zp = torch.from_numpy(np.atleast_1d(reader.zero_point).astype(np.int64))
+            if name not in scales or (
+                want is not None and not torch.equal(scale.flatten(), want.scale.flatten())
+            ):
+                scales[name] = scale
+            if name not in zero_points or (
+                want is not None and not torch.equal(zp.flatten(), want.zero_point.to(torch.int64).flatten())
+            ):
+                zero_points[name] = zp
+            channel_axis = 1 if layout[name]["transpose"] else 0
+            if reader.axis is not None and reader.axis % max(held.ndim, 1) != channel_axis:
+                axes[name] = f"scales along axis {reader.axis} in {reader.node}, planned along {channel_axis}"
+        if not readers.get(quantized) and layout[name]["scale"] in inits:  # MatMulInteger / ConvInteger
             scales[name] = torch.from_numpy(
                 np.atleast_1d(initializer_array(inits[layout[name]["scale"]])).astype(np.float32)
             )
-    check = compare_integers(plan, stored, scales, strict=strict, where=str(model_path))
+    check = compare_integers(
+        plan, stored, scales, strict=False, where=str(model_path), zero_points=zero_points
+    )
+    check.grid_mismatches.update(axes)
+    if strict:
+        check.check(plan, str(model_path), len(stored))
     kernels = None if inputs is None else kernel_check(model, inputs)
     return VerifyReport(
         **{f.name: getattr(check, f.name) for f in dataclasses.fields(IntegerReport)},
