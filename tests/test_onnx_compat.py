@@ -260,7 +260,8 @@ def test_a_float16_model_is_refused_because_onnxruntimes_own_output_cannot_run(d
     ):  # the premise: onnxruntime's own output does not run
         ort.InferenceSession(str(tmp_path / "ort.onnx"), providers=["CPUExecutionProvider"])
     with pytest.raises(
-        EFRAPError, match=r"model: float16 tensors \(input, w\); .* Quantize the float32 model"
+        EFRAPError,
+        match=r"writes a graph for it that onnxruntime cannot run .*quantize the float32 model",
     ):
         efrap_onnx.quantize_static(
             str(src), tmp_path / "efrap.onnx", _reader(digits, np.float16), per_channel=True
@@ -357,3 +358,81 @@ def test_external_data_is_written_as_onnxruntime_writes_it(digits, tmp_path):
         "ort.onnx",
         "ort.onnx.data",
     ]
+
+
+def _matmul_pair(dtype, opset: int) -> onnx.ModelProto:
+    """MatMul -> Clip -> MatMul with a batch dimension written as -1, as onnxruntime's own quantization
+    tests build it (in float32 and in float16)."""
+    rng = np.random.default_rng(1)
+    tensor_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.1, (10, 100)).astype(dtype), "linear1.weight"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (100, 10)).astype(dtype), "linear2.weight"),
+        numpy_helper.from_array(np.array(-1.0, dtype), "clip_min"),
+        numpy_helper.from_array(np.array(1.0, dtype), "clip_max"),
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "linear1.weight"], ["mm1"]),
+            helper.make_node("Clip", ["mm1", "clip_min", "clip_max"], ["clip"]),
+            helper.make_node("MatMul", ["clip", "linear2.weight"], ["output"]),
+        ],
+        "matmul_pair",
+        [helper.make_tensor_value_info("input", tensor_type, [-1, 10])],
+        [helper.make_tensor_value_info("output", tensor_type, [-1, 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 9 if opset >= 19 else 8
+    return model
+
+
+@pytest.mark.parametrize(
+    "dtype, opset, fmt, method",
+    [
+        (np.float32, 18, QuantFormat.QOperator, "MinMax"),
+        (np.float32, 18, QuantFormat.QDQ, "Entropy"),
+        (np.float32, 18, QuantFormat.QDQ, "Percentile"),
+        (np.float32, 18, QuantFormat.QDQ, "Distribution"),
+        (np.float16, 19, QuantFormat.QDQ, "MinMax"),
+    ],
+)
+def test_a_dynamic_batch_written_as_minus_one_and_float16_graphs_onnxruntime_runs(
+    tmp_path, dtype, opset, fmt, method
+):
+    """What onnxruntime's own tests quantize: a -1 batch dimension is dynamic (not a batch of -1), and a
+    float16 graph whose quantized output onnxruntime runs is defended, not refused."""
+    src = tmp_path / "mm.onnx"
+    onnx.save(_matmul_pair(dtype, opset), str(src))
+    rng = np.random.default_rng(0)
+    batches = [{"input": rng.integers(-1, 2, (5, 10)).astype(dtype)} for _ in range(2)]
+    options = {"quant_format": fmt, "calibrate_method": getattr(CalibrationMethod, method)}
+    options.update(activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8)
+    ort_quantize_static(str(src), str(tmp_path / "ort.onnx"), ListDataReader(batches), **options)
+    out = tmp_path / "efrap.onnx"
+    plan = efrap_onnx.quantize_static(
+        str(src), out, ListDataReader(batches), config=FAST, progress=False, **options
+    )
+    assert len(plan.layers) == 2 and efrap_onnx.verify(out, plan).integers_ok
+    got = efrap_onnx.session(out).run(None, batches[0])[0]
+    assert got.dtype == dtype and got.shape == (5, 10) and np.isfinite(got.astype(np.float32)).all()
+
+
+def test_a_float16_qoperator_graph_onnxruntime_cannot_run_is_refused(tmp_path):
+    """Refused exactly where onnxruntime's own output does not load (QLinearMatMul takes no float16 scale)."""
+    import onnxruntime as ort
+
+    src = tmp_path / "mm.onnx"
+    onnx.save(_matmul_pair(np.float16, 19), str(src))
+    batches = [{"input": np.ones((5, 10), np.float16)}]
+    options = dict(
+        quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8
+    )
+    ort_quantize_static(str(src), str(tmp_path / "ort.onnx"), ListDataReader(batches), **options)
+    with pytest.raises(Exception, match="float16"):  # the premise: onnxruntime's own output does not load
+        ort.InferenceSession(str(tmp_path / "ort.onnx"), providers=["CPUExecutionProvider"])
+    with pytest.raises(EFRAPError, match="writes a graph for it that onnxruntime cannot run"):
+        efrap_onnx.quantize_static(
+            str(src), tmp_path / "efrap.onnx", ListDataReader(batches), progress=False, **options
+        )
+    assert not (tmp_path / "efrap.onnx").exists()

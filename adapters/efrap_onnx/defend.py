@@ -44,6 +44,11 @@ def _to_core(arr: np.ndarray, layer: QuantizedLayer) -> torch.Tensor:
     return t.transpose(0, 1).contiguous() if layer.transpose else t
 
 
+def _as_float32(t: torch.Tensor) -> torch.Tensor:
+    """A float16 graph's activations in float32, the precision the core learns in."""
+    return t.float() if t.is_floating_point() and t.dtype != torch.float32 else t
+
+
 def _inputs_at(batches: list[dict[str, np.ndarray]], idx: torch.Tensor) -> list[dict[str, np.ndarray]]:
     """The calibration inputs at sorted, distinct ``idx`` (counted across batches), as batches."""
     picked, seen = [], 0
@@ -131,9 +136,13 @@ def _problems(
             weight,
             grids[layer.float_weight],
             layer.forward,
-            run_output(session(qdq, [layer.input_name], exact=True), calib, layer.input_name, _QDQ),
-            run_output(
-                session(float_model, [layer.output_name]), calib, layer.output_name, "the float model"
+            _as_float32(
+                run_output(session(qdq, [layer.input_name], exact=True), calib, layer.input_name, _QDQ)
+            ),
+            _as_float32(
+                run_output(
+                    session(float_model, [layer.output_name]), calib, layer.output_name, "the float model"
+                )
             ),
             scale,
             torch.from_numpy(zp),

@@ -98,7 +98,11 @@ def _collect(reader: Any, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     for inp in inputs:
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
+        # a negative dimension (-1, as some exporters write a dynamic one) is dynamic too
+        dims = [
+            d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+            for d in inp.type.tensor_type.shape.dim
+        ]
         if 0 in dims:
             raise ModelError(
                 f"model: input {inp.name!r} declares a dimension of size 0 "
@@ -126,7 +130,12 @@ def _collect(reader: Any, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]
                 )
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise DataError(f"calibration data: input {inp.name!r} holds NaN or Inf values")
-    fixed = {d.dim_value for i in inputs for d in i.type.tensor_type.shape.dim[:1] if d.HasField("dim_value")}
+    fixed = {
+        d.dim_value
+        for i in inputs
+        for d in i.type.tensor_type.shape.dim[:1]
+        if d.HasField("dim_value") and d.dim_value > 0
+    }
     return _rebatch(batches, fixed.pop()) if len(fixed) == 1 else batches
 
 
@@ -141,17 +150,17 @@ def _rebatch(batches: list[dict[str, np.ndarray]], size: int) -> list[dict[str, 
     return [{k: v[i : i + size] for k, v in joined.items()} for i in range(0, rows - size + 1, size)]
 
 
-def _refuse_float16(model: onnx.ModelProto) -> None:
-    """onnxruntime 1.32's quantize_static writes a float16 graph's QDQ model with float32 scales on
-    float16 tensors, which onnxruntime itself refuses to run: nothing EFRAP could measure or defend."""
-    halves = [i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16]
-    halves += [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
-    if halves:
-        raise EFRAPError(
-            f"model: float16 tensors ({', '.join(halves[:3])}); onnxruntime's quantize_static writes a QDQ "
-            "graph for them that onnxruntime cannot run. Quantize the float32 model (export it in float32, "
-            "or convert it back before quantizing)"
-        )
+def _runs_in_onnxruntime(quantized: onnx.ModelProto) -> None:
+    """EFRAP learns on onnxruntime's QDQ graph and writes into its output: a graph onnxruntime cannot run
+    (some float16 ones) leaves nothing to measure or defend, and is refused naming what onnxruntime said."""
+    try:
+        session(quantized, exact=True)
+    except ModelError as exc:
+        raise ModelError(
+            f"model: onnxruntime's quantize_static writes a graph for it that onnxruntime cannot run "
+            f"({str(exc).split('(', 1)[-1].rsplit(')', 1)[0]}); quantize the float32 model (export it in "
+            "float32, or convert it back before quantizing)"
+        ) from None
 
 
 def _check_weight_type(weight_type: Any) -> None:
@@ -211,7 +220,6 @@ def quantize_static(
         output = _quantize_stock(float_model, batches, quant_format, *common, extra_options)
         save_onnx(output, model_output, external_data=use_external_data_format)
         return None
-    _refuse_float16(float_model)
     _refuse_per_channel_below_opset_13(float_model, per_channel, weight_type)
     # EFRAP learns on the QDQ graph (each layer's real quantized inputs). A QOperator output is
     # onnxruntime's own QOperator graph: the QDQ graph's weights are first pinned to the grids it stores
@@ -221,9 +229,11 @@ def quantize_static(
     if quant_format == QuantFormat.QOperator and extra_options:
         qdq_extra = {k: v for k, v in extra_options.items() if k != "AddQDQPairToWeight"}
     qdq = _quantize_stock(float_model, batches, QuantFormat.QDQ, *common, qdq_extra)
+    _runs_in_onnxruntime(qdq)
     output = qdq
     if quant_format == QuantFormat.QOperator:
         output = _quantize_stock(float_model, batches, QuantFormat.QOperator, *common, extra_options)
+        _runs_in_onnxruntime(output)
         pin_weight_grids(qdq, output)
     extra = extra_options or {}
     weights = WeightOptions(

@@ -57,8 +57,35 @@ def upstream(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     del kept.input[:]
     kept.input.extend(inputs)
     del kept.output[:]
-    kept.output.extend(onnx.helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs)
+    types = _tensor_types(model)
+    if any(name not in types for name in outputs) and _holds_float16(model):
+        try:  # a float16 graph's intermediate tensors: their types, as ONNX infers them
+            types.update(_tensor_types(onnx.shape_inference.infer_shapes(model)))
+        except Exception:  # noqa: BLE001 - inference is a best effort; float32 is the default
+            pass
+    kept.output.extend(
+        onnx.helper.make_tensor_value_info(name, types.get(name, TensorProto.FLOAT), None) for name in outputs
+    )
     return result
+
+
+def _holds_float16(model: onnx.ModelProto) -> bool:
+    graph = model.graph
+    return any(t.data_type == TensorProto.FLOAT16 for t in graph.initializer) or any(
+        v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in graph.input
+    )
+
+
+def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """The element type of the tensors a graph declares (value_info, inputs, outputs), and of each
+    DequantizeLinear's output (its scale's type: float16 in a float16 graph)."""
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    inits = {t.name: t.data_type for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) > 1 and node.input[1] in inits:
+            types.setdefault(node.output[0], inits[node.input[1]])
+    return {k: v for k, v in types.items() if v != TensorProto.UNDEFINED}
 
 
 def session(
