@@ -377,7 +377,7 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
             progress=not args.quiet,
         )
         seconds = time.perf_counter() - start
-        report = onnx_adapter.verify(out_tmp, plan, inputs=calib)
+        report = onnx_adapter.verify(out_tmp, plan, inputs=calib, float_model=model.model)
         if plan_tmp is not None:
             plan.save(plan_tmp)
     summary = {

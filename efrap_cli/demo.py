@@ -54,7 +54,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     )
     efrap_seconds = time.perf_counter() - t0
     plan.save(out / "plan.safetensors")
-    report = onnx_adapter.verify(defended, plan, inputs=calib)
+    report = onnx_adapter.verify(defended, plan, inputs=calib, float_model=prepared.model)
     checks = {"stock": onnx_adapter.kernel_check(stock, calib), "efrap": report.kernels}
 
     say("[4/4] measuring every model in onnxruntime and writing the report ...")

@@ -67,6 +67,11 @@ def scan_weights(weights: Mapping[str, torch.Tensor], scheme: QuantScheme) -> li
                 "fix the layer's shape or remove it"
             )
         w = w.detach().to(torch.float32)
+        if not bool(torch.isfinite(w).all()):
+            raise ModelError(
+                f"weight {name!r}: holds NaN or Inf values (a BatchNorm with a NaN or negative running_var "
+                "folds into them); fix or retrain the model before scanning it"
+            )
         scale, zp = scheme.qparams(w)
         s = scale.reshape([-1] + [1] * (w.dim() - 1)) if scale.numel() > 1 else scale.reshape([1] * w.dim())
         err = truncation_error(w, scheme, scale, zp) / s

@@ -30,6 +30,11 @@ class IntegerReport:
     scale_mismatches: list[str] = field(default_factory=list)
     zero_point_mismatches: list[str] = field(default_factory=list)
     """Layers whose artifact dequantizes with other zero points than the plan's."""
+    bias_mismatches: list[str] = field(default_factory=list)
+    """Quantized biases that are not the float model's bias rounded on their own grid."""
+    unchecked: list[str] = field(default_factory=list)
+    """Quantized tensors the artifact holds that this verification could not compare (a quantized bias
+    when no float model was given): named, so a reader knows what the verdict does not cover."""
     unplanned: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     constants: list[str] = field(default_factory=list)
@@ -45,6 +50,7 @@ class IntegerReport:
             and not self.mismatched
             and not self.scale_mismatches
             and not self.zero_point_mismatches
+            and not self.bias_mismatches
             and not self.unplanned
             and not self.grid_mismatches
         )
@@ -53,8 +59,9 @@ class IntegerReport:
         """Every way the artifact departs from the plan, for an error message."""
         return (
             f"differing elements per layer {self.mismatched} (-1: layer missing), scale mismatches "
-            f"{self.scale_mismatches}, zero point mismatches {self.zero_point_mismatches}, quantized layers "
-            f"the plan lacks {self.unplanned}, other grids {self.grid_mismatches}"
+            f"{self.scale_mismatches}, zero point mismatches {self.zero_point_mismatches}, bias mismatches "
+            f"{self.bias_mismatches}, quantized layers the plan lacks {self.unplanned}, other grids "
+            f"{self.grid_mismatches}"
         )
 
     def check(self, plan: RoundingPlan, where: str, stored: int) -> None:

@@ -151,7 +151,7 @@ def test_on_an_avx2_only_cpu_the_check_flags_the_brevitas_export_and_passes_onnx
     qemu = shutil.which("qemu-x86_64")
     assert qemu, "qemu-x86_64 is missing: `make test` installs Debian's qemu-user"
     out = subprocess.run(
-        [qemu, "-cpu", "Haswell", sys.executable, str(PROBE), str(FIXTURES / "calib.npy"), "256",
+        [qemu, "-cpu", "Haswell", sys.executable, str(PROBE), str(FIXTURES / "calib.npy"), "128",
          str(BREVITAS), str(DROP_IN), str(REDUCED)],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip

@@ -96,6 +96,25 @@ def test_verify_fails_scales_along_another_axis(defended, tmp_path):
     assert not report.integers_ok and any("axis 1" in v for v in report.grid_mismatches.values())
 
 
+def test_verify_checks_each_quantized_bias_against_the_float_model(defended, pq8_onnx, tmp_path):
+    """A bias moved by 1e6 (accuracy 10% in the report that found it) fails; without the float model the
+    biases are named as unchecked, never silently passed."""
+    path, plan = defended
+
+    def move(model):
+        bias = next(t for t in model.graph.initializer if t.name.endswith("bias_quantized"))
+        values = numpy_helper.to_array(bias).copy()
+        values[0] += 1_000_000
+        bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+
+    tampered = _tampered(path, tmp_path, move)
+    assert verify(path, plan, float_model=pq8_onnx).integers_ok
+    report = verify(tampered, plan, strict=False, float_model=pq8_onnx)
+    assert not report.integers_ok and len(report.bias_mismatches) == 1
+    blind = verify(tampered, plan, strict=False)
+    assert blind.integers_ok and len(blind.unchecked) == 4  # one bias per layer, named
+
+
 def test_an_untouched_file_still_verifies(defended):
     path, plan = defended
     report = verify(path, plan)
@@ -199,3 +218,169 @@ def test_calibration_batches_are_read_only_as_far_as_needed():
 
     assert tuple(as_calibration(endless(), 40).shape) == (40, 1, 8, 8)
     assert len(pulled) == 3
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: ListDataReader.from_arrays({}), "no arrays given"),
+        (
+            lambda: ListDataReader.from_array("input", np.zeros((4, 1, 8, 8), np.float32), batch_size=0),
+            "batch_size",
+        ),
+    ],
+)
+def test_list_data_reader_refuses_what_gives_no_batches(make, message):
+    with pytest.raises(EFRAPError, match=message):
+        make()
+
+
+class _ArraysReader:
+    """A reader that yields bare arrays, not input dicts."""
+
+    def __init__(self, batches):
+        self.batches = iter(batches)
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+@pytest.mark.parametrize(
+    "reader, message",
+    [
+        (_ArraysReader([np.zeros((4, 1, 8, 8), np.float32)]), "returned a ndarray; it must return a dict"),
+        (
+            ListDataReader([{"input": np.zeros((0, 1, 8, 8), np.float32)}]),
+            "a batch holds an array with no rows",
+        ),
+    ],
+)
+def test_a_reader_yielding_no_input_dicts_or_no_rows_is_named(pq8_onnx, tmp_path, reader, message):
+    with pytest.raises(EFRAPError, match=message):
+        quantize_static(pq8_onnx, tmp_path / "d.onnx", reader, progress=False)
+    assert not (tmp_path / "d.onnx").exists()
+
+
+def test_scan_refuses_a_model_whose_batchnorm_folds_into_nan(tmp_path, capsys):
+    from efrap_cli import main
+    from efrap_plugin import DigitsCNN, save_model
+
+    model = DigitsCNN(width=8, batchnorm=True)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_var[0] = -1.0  # sqrt of a negative variance: NaN weights once folded
+    save_model(model, tmp_path / "m.safetensors", {"name": "digits-cnn", "width": 8, "batchnorm": True})
+    assert main(["scan", str(tmp_path / "m.safetensors"), "--json"]) != 0
+    out = capsys.readouterr()
+    assert "holds NaN or Inf values" in out.err and json.loads(out.out)["exit_code"] == 1  # valid JSON
+
+
+def test_written_onnx_files_carry_no_source_traces(clean_cnn, digits, tmp_path):
+    """torch's exporter records Python stack traces (source paths of the exporting machine) per node."""
+    from efrap_onnx import export_float_onnx
+
+    path = export_float_onnx(clean_cnn, digits.train.x[:2], tmp_path / "f.onnx")
+    keys = {p.key for n in onnx.load(str(path)).graph.node for p in n.metadata_props}
+    assert keys and "pkg.torch.onnx.stack_trace" not in keys
+
+
+def test_defend_prepared_leaves_a_training_models_batchnorm_statistics_as_they_were(digits):
+    """An eager model prepared (and calibrated) in train mode: the defense's captures run it in eval mode,
+    so the caller's BatchNorm statistics and module modes are what they were."""
+    from torch.ao.quantization import QuantStub, get_default_qconfig, prepare
+
+    from efrap_torchao import defend_prepared
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant = QuantStub()
+            self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(8)
+            self.fc = torch.nn.Linear(8 * 64, 10)
+            self.dequant = torch.ao.quantization.DeQuantStub()
+
+        def forward(self, x):
+            x = torch.relu(self.bn(self.conv(self.quant(x))))
+            return self.dequant(self.fc(x.flatten(1)))
+
+    torch.manual_seed(0)
+    model = Net()
+    model.qconfig = get_default_qconfig("x86")
+    prepared = prepare(model)
+    prepared.train()
+    with torch.no_grad():
+        for batch in digits.train.x[:128].split(64):
+            prepared(batch)
+    before = {k: v.clone() for k, v in prepared.bn.state_dict().items()}
+    defend_prepared(prepared, digits.train.x[:128], FAST.replace(calib_size=128), progress=False)
+    after = prepared.bn.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.training for m in prepared.modules())
+
+
+@pytest.mark.parametrize("flow", ["pt2e", "fx"])
+def test_defend_prepared_refuses_a_model_never_calibrated(pq_x86, digits, flow):
+    """Observers that saw no data give scale 1.0 at convert: refused with the fix, before any work."""
+    import copy
+
+    from efrap_torchao import defend_prepared
+
+    model = copy.deepcopy(pq_x86.model).eval()
+    example = digits.train.x[:2]
+    if flow == "pt2e":
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
+
+        exported = torch.export.export(model, (example,)).module()
+        quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(exported, quantizer)
+    else:
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import prepare_fx
+
+        prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (example,))
+    with pytest.raises(ModelError, match="never calibrated"):
+        defend_prepared(prepared, digits.train.x[:64], FAST.replace(calib_size=64), progress=False)
+
+
+def test_defending_a_prepared_model_twice_is_refused(pq_x86, digits):
+    import copy
+
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    from efrap_torchao import defend_prepared
+
+    prepared = prepare_fx(
+        copy.deepcopy(pq_x86.model).eval(), get_default_qconfig_mapping("x86"), (digits.train.x[:2],)
+    )
+    with torch.no_grad():
+        prepared(digits.train.x[:64])
+    config = FAST.replace(calib_size=64, iters=10)
+    defend_prepared(prepared, digits.train.x[:64], config, progress=False)
+    with pytest.raises(EFRAPError, match="already snapped its weights"):
+        defend_prepared(prepared, digits.train.x[:64], config, progress=False)
+
+
+def test_verify_eager_reads_a_users_own_quant_wrapper(clean_cnn, digits):
+    """A plan learned on the user's QuantWrapper names layers 'module.*': read back with the prefix."""
+    import copy
+
+    from torch.ao.quantization import QuantWrapper, convert, get_default_qconfig, prepare
+
+    from efrap_torchao import defend_prepared, verify_eager
+
+    wrapped = QuantWrapper(copy.deepcopy(clean_cnn).eval())
+    wrapped.qconfig = get_default_qconfig("x86")
+    prepared = prepare(wrapped)
+    with torch.no_grad():
+        prepared(digits.train.x[:64])
+    plan = defend_prepared(
+        prepared, digits.train.x[:64], FAST.replace(calib_size=64, iters=10), progress=False
+    )
+    assert all(name.startswith("module.") for name in plan.layers)
+    report = verify_eager(convert(prepared), plan)
+    assert report.integers_ok and report.matching == len(plan.layers)

@@ -62,7 +62,15 @@ class ListDataReader(CalibrationDataReader):
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], batch_size: int = 64) -> ListDataReader:
         """One array per model input, row i of each together: batches of ``batch_size`` rows."""
+        if not arrays:
+            raise DataError(
+                "calibration data: no arrays given; pass one array per model input, named as the input"
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise DataError(f"batch_size: expected a positive number of rows, got {batch_size!r}")
         arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        if any(v.ndim == 0 for v in arrays.values()):
+            raise DataError("calibration data: expected arrays with a row axis (N x ...), got a scalar")
         rows = min(len(v) for v in arrays.values())
         return cls(
             [{k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, rows, batch_size)]
@@ -92,7 +100,17 @@ def _collect(reader: Any, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]
         item = reader.get_next() if hasattr(reader, "get_next") else None
         if item is None:
             break
-        batches.append({k: np.asarray(v) for k, v in item.items()})
+        if not isinstance(item, Mapping):
+            raise DataError(
+                f"calibration_data_reader: get_next() returned a {type(item).__name__}; it must return a dict "
+                "of input name -> array (or None at the end), as onnxruntime's CalibrationDataReader does"
+            )
+        batch = {k: np.asarray(v) for k, v in item.items()}
+        if any(v.ndim == 0 or len(v) == 0 for v in batch.values()):
+            raise DataError(
+                "calibration_data_reader: a batch holds an array with no rows; each batch needs at least one input"
+            )
+        batches.append(batch)
     if not batches:
         raise DataError("calibration_data_reader: yielded no batches; it must return input dicts, then None")
     inits = {t.name for t in model.graph.initializer}

@@ -298,6 +298,25 @@ def initializer_array(tensor: onnx.TensorProto) -> np.ndarray:
     return arr
 
 
+_SOURCE_TRACES = ("pkg.torch.onnx.stack_trace",)
+"""Node metadata torch's exporter writes: Python stack traces, with the source paths of the machine that
+exported the model. A model efrap-plugin writes does not tell where it was made."""
+
+
+def _drop_source_traces(model: onnx.ModelProto) -> None:
+    graphs = [model.graph, *(f for f in model.functions)]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            kept = [p for p in node.metadata_props if p.key not in _SOURCE_TRACES]
+            if len(kept) != len(node.metadata_props):
+                del node.metadata_props[:]
+                node.metadata_props.extend(kept)
+            for attr in node.attribute:
+                graphs.extend([attr.g] if attr.HasField("g") else [])
+                graphs.extend(attr.graphs)
+
+
 def save_onnx(model: onnx.ModelProto, path: str | Path, external_data: bool = False) -> Path:
     """Serialise then rename into place: a failure never leaves a half-written model.
 
@@ -307,6 +326,7 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, external_data: bool = Fa
     missing data.
     """
     path = check_writable(path)
+    _drop_source_traces(model)
     if not external_data:
         return atomic_write(path, model.SerializeToString())
     from onnx.external_data_helper import convert_model_to_external_data

@@ -32,6 +32,7 @@ from .runtime import first_line
 
 __all__ = [
     "VerifyReport",
+    "quantized_biases",
     "kernel_check",
     "optimized_op_counts",
     "quantized_weights",
@@ -191,6 +192,43 @@ def weight_readers(model: onnx.ModelProto) -> dict[str, list[WeightReader]]:
     return found
 
 
+def quantized_biases(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each int32 initializer a DequantizeLinear reads (onnxruntime's ``<bias>_quantized``), by name:
+    its integers, scale and zero point as that node reads them."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {out: n for n in model.graph.node for out in n.output}
+    found = {}
+    for node in model.graph.node:
+        name = node.input[0] if node.op_type == "DequantizeLinear" else ""
+        if name not in inits or inits[name].data_type != onnx.TensorProto.INT32:
+            continue
+        scale = _constant(node.input[1], inits, producers)
+        zp = _constant(node.input[2], inits, producers) if len(node.input) > 2 and node.input[2] else None
+        if scale is not None:
+            found[name] = (initializer_array(inits[name]), scale, np.zeros(1) if zp is None else zp)
+    return found
+
+
+def _biases_off_their_grid(
+    biases: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], float_model: onnx.ModelProto
+) -> list[str]:
+    """The quantized biases whose dequantized values are not the float bias rounded on their grid (half a
+    step, with float32's slack); one whose float bias the model lacks is off too."""
+    floats = {t.name: t for t in float_model.graph.initializer}
+    off = []
+    for name, (ints, scale, zp) in biases.items():
+        source = floats.get(name[: -len("_quantized")] if name.endswith("_quantized") else name)
+        if source is None:
+            off.append(name)
+            continue
+        want = initializer_array(source).astype(np.float64)
+        got = (ints.astype(np.float64) - zp.astype(np.float64)) * scale.astype(np.float64)
+        step = np.broadcast_to(np.abs(scale.astype(np.float64)), got.shape)
+        if got.shape != want.shape or np.any(np.abs(got - want) > step / 2 + 1e-6 * (np.abs(want) + step)):
+            off.append(name)
+    return off
+
+
 def _constant(name: str, inits: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto]):
     """The value of an initializer or a Constant node's tensor; None for a computed tensor."""
     if name in inits:
@@ -227,11 +265,14 @@ def verify(
     plan: RoundingPlan,
     strict: bool = True,
     inputs: np.ndarray | Mapping[str, np.ndarray] | None = None,
+    float_model: str | Path | onnx.ModelProto | None = None,
 ) -> VerifyReport:
     """Compare the weight integers stored in ``model_path`` with ``plan``, bit for bit.
 
     Every quantized weight of the file must be in the plan and hold its integers: a layer the plan
     lacks, or an empty plan, fails. With ``strict`` a failure raises PlanMismatchError naming the layers.
+    With ``float_model`` (the float ONNX model it was quantized from), every quantized bias must be that
+    model's bias rounded on its own grid; without it, the report names them ``unchecked``.
     With ``inputs`` (the calibration or evaluation inputs), the report also says whether onnxruntime's
     fused kernels on this CPU compute what the graph says (``check_kernels``); a disagreement is logged
     as a warning, not raised: the file is right, this CPU runs it differently.
@@ -278,6 +319,12 @@ def verify(
         plan, stored, scales, strict=False, where=str(model_path), zero_points=zero_points
     )
     check.grid_mismatches.update(axes)
+    biases = quantized_biases(model)
+    if float_model is None:
+        check.unchecked.extend(sorted(biases))
+    else:
+        source = float_model if isinstance(float_model, onnx.ModelProto) else load_onnx(float_model)
+        check.bias_mismatches.extend(_biases_off_their_grid(biases, source))
     if strict:
         check.check(plan, str(model_path), len(stored))
     kernels = None if inputs is None else kernel_check(model, inputs)

@@ -30,9 +30,10 @@ def calibrate(prepared: torch.nn.Module, calib: torch.Tensor, batch_size: int) -
 
 def quantized_module_weights(
     converted: torch.nn.Module, strip_prefix: str = ""
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Integer weights and scales (per channel or per tensor) of torch.ao's quantized modules, by module name."""
-    ints, scales = {}, {}
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Integer weights, scales and zero points (per channel or per tensor) of torch.ao's quantized
+    modules, by module name."""
+    ints, scales, zero_points = {}, {}, {}
     for name, module in converted.named_modules():
         weight = getattr(module, "weight", None)
         if not callable(weight):
@@ -48,4 +49,9 @@ def quantized_module_weights(
             )
             scale = w.q_per_channel_scales() if per_channel else torch.tensor([w.q_scale()])
             scales[key] = scale.to(torch.float32)
-    return ints, scales
+            if w.qscheme() != torch.per_channel_affine_float_qparams:  # a table's offsets are floats
+                zero_point = (
+                    w.q_per_channel_zero_points() if per_channel else torch.tensor([w.q_zero_point()])
+                )
+                zero_points[key] = zero_point.to(torch.int64)
+    return ints, scales, zero_points

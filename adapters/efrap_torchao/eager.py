@@ -66,6 +66,13 @@ def quantize_eager(
 
 
 def verify_eager(converted: nn.Module, plan: RoundingPlan, strict: bool = True) -> IntegerReport:
-    """Compare the quantized modules' integers with ``plan``, bit for bit."""
-    ints, scales = quantized_module_weights(converted, strip_prefix=_WRAPPED)
-    return compare_integers(plan, ints, scales, strict=strict, where="the eager-mode converted model")
+    """Compare the quantized modules' integers, scales and zero points with ``plan``, bit for bit.
+
+    quantize_eager wraps the user's model in a QuantWrapper and names layers as the user's model does;
+    a plan learned on a wrapped model (``defend_prepared`` on the user's own QuantWrapper) keeps the
+    wrapper's ``module.`` prefix, and is read back with it."""
+    wrapped = bool(plan.layers) and all(name.startswith(_WRAPPED) for name in plan.layers)
+    ints, scales, zero_points = quantized_module_weights(converted, strip_prefix="" if wrapped else _WRAPPED)
+    return compare_integers(
+        plan, ints, scales, strict=strict, where="the eager-mode converted model", zero_points=zero_points
+    )

@@ -33,5 +33,7 @@ def quantize_fx(
 
 def verify_fx(converted: torch.nn.Module, plan: RoundingPlan, strict: bool = True) -> IntegerReport:
     """Compare the quantized modules' integers with ``plan``, bit for bit."""
-    ints, scales = quantized_module_weights(converted)
-    return compare_integers(plan, ints, scales, strict=strict, where="the convert_fx model")
+    ints, scales, zero_points = quantized_module_weights(converted)
+    return compare_integers(
+        plan, ints, scales, strict=strict, where="the convert_fx model", zero_points=zero_points
+    )

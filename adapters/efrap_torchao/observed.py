@@ -204,6 +204,32 @@ def _has_stats(observer: nn.Module) -> bool:
     return isinstance(lo, torch.Tensor) and lo.numel() > 0 and bool(torch.isfinite(lo).all())
 
 
+def _check_calibrated(model: nn.Module, weight_observers: set[int]) -> None:
+    """Refuse a prepared model whose activation observers saw no data: convert would give them the
+    default qparams (scale 1.0), and the model it writes is broken whatever its weights' rounding."""
+    blind = [
+        name
+        for name, m in model.named_modules()
+        if _is_observer(m) and id(m) not in weight_observers and hasattr(m, "min_val") and not _has_stats(m)
+    ]
+    if not blind:
+        return
+    seen = sum(
+        1 for m in model.modules() if _is_observer(m) and id(m) not in weight_observers and _has_stats(m)
+    )
+    if not seen:
+        raise ModelError(
+            f"prepared: none of its {len(blind)} activation observers has seen data (it was never calibrated), "
+            "so convert would quantize activations with scale 1.0; run your calibration batches through the "
+            "prepared model (with torch.no_grad()) before defend_prepared"
+        )
+    log.warning(
+        "prepared: %d activation observers saw no data during calibration (%s): convert gives them scale 1.0",
+        len(blind),
+        ", ".join(blind[:4]),
+    )
+
+
 # ----- the layers of each flow ------------------------------------------------------------------------
 def _source_name(node: torch.fx.Node) -> str:
     """The user's module name of a PT2E graph node (what verify reads back too)."""
@@ -434,6 +460,23 @@ def _held_out(model: nn.Module, float_copy: nn.Module, layers: list[_Layer], hel
     return HeldOut.of_models(_run(float_copy, False, layers), _run(model, True, layers), held)
 
 
+_DEFENDED = "_efrap_defended"
+"""Set on a prepared model whose weights defend_prepared snapped."""
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """``model`` in eval mode for the block, each module's own mode restored after."""
+    modes = {m: m.training for m in model.modules()} if enabled else {}
+    if enabled:
+        model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+
 def _run(
     source: nn.Module, fake_quantize: bool, layers: list[_Layer]
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -471,44 +514,57 @@ def defend_prepared(
         raise EFRAPError(
             f"prepared: expected the model prepare_pt2e / prepare_fx / prepare returned, got {type(prepared).__name__}"
         )
+    if getattr(prepared, _DEFENDED, False):
+        raise EFRAPError(
+            "prepared: defend_prepared already snapped its weights to a plan's integers; a second defense "
+            "would learn from those, not from the float weights. Prepare and calibrate the float model "
+            "again to defend it with another config"
+        )
     calib = as_calibration(calib_data, inputs_needed(config))
     relu_units = config.unit == "activation"
     graph = isinstance(prepared, torch.fx.GraphModule) and any(
         str(n.target) in _GRAPH_OPS for n in prepared.graph.nodes if n.op == "call_function"
     )
-    layers, skipped = _graph_layers(prepared, relu_units) if graph else _module_layers(prepared, relu_units)
-    if not graph:
-        layers = _execution_order(prepared, layers, calib[:1])
-    if not layers:
-        raise ModelError(
-            f"prepared: no Conv / Linear weight with an observer in {type(prepared).__name__}; call defend_prepared "
-            "after prepare_pt2e / prepare_fx / prepare (with a qconfig that quantizes weights) and calibration"
+    # the captures run the user's model: in eval mode, so its BatchNorm statistics stay as calibration left
+    # them (an exported PT2E graph has no train / eval switch and is left as it is)
+    with _eval_mode(prepared, enabled=not graph):
+        layers, skipped = (
+            _graph_layers(prepared, relu_units) if graph else _module_layers(prepared, relu_units)
         )
-    for name, reason in skipped.items():
-        log.warning("%s: %s", name, reason)
-    # a module called more than once (tied weights): PT2E names each call by its graph node
-    warn_tied_weights((layer.name, layer.nodes[1] if layer.nodes else layer.name) for layer in layers)
-    # every grid read before any work: an observer EFRAP cannot follow is named first
-    grids = [observer_grid(layer.observer, f"layer {layer.name!r}", _axes(layer)) for layer in layers]
-    axes = [_core_axis(layer, grid[0]) for layer, grid in zip(layers, grids, strict=True)]
-    scheme = grids[0][0]
-    # the float model: the prepared model's structure, its tensors shared (install puts new Parameters
-    # into ``prepared`` and nothing writes to a tensor in place), not a second copy of every weight
-    shared = {id(t): t for t in (*prepared.parameters(), *prepared.buffers())}
-    float_copy = copy.deepcopy(prepared, shared)
-    calib, held = split_calibration(calib, config, _run(float_copy, False, layers))
-    originals = {layer.name: _weight(layer) for layer in layers}  # install puts new Parameters in
-    problems = _problems(prepared, float_copy, layers, grids, axes, calib, layer_inputs, config.seed)
-    held_out = _held_out(prepared, float_copy, layers, held) if config.budget is not None else None
-    learned = defend_layers(problems, config, len(layers), progress, held_out)
-    # in each weight's own layout, as convert stores it (a ConvTranspose's learned with axis 1 first)
-    axis_of = {layer.name: axis for layer, axis in zip(layers, axes, strict=True)}
-    plans = {name: lp.in_weight_layout(originals[name], axis_of[name]) for name, lp in learned.items()}
-    meta = {
-        "config": config.to_dict(),
-        "flow": "pt2e" if graph else "torch.ao",
-        "layer_inputs": layer_inputs,
-        "skipped": skipped,
-        "calib_size": int(calib.shape[0]),
-    }
-    return RoundingPlan(scheme, plans, "torchao", meta)
+        if not graph:
+            layers = _execution_order(prepared, layers, calib[:1])
+        if not layers:
+            raise ModelError(
+                f"prepared: no Conv / Linear weight with an observer in {type(prepared).__name__}; call defend_prepared "
+                "after prepare_pt2e / prepare_fx / prepare (with a qconfig that quantizes weights) and calibration"
+            )
+        _check_calibrated(prepared, {id(layer.observer) for layer in layers})
+        for name, reason in skipped.items():
+            log.warning("%s: %s", name, reason)
+        # a module called more than once (tied weights): PT2E names each call by its graph node
+        warn_tied_weights((layer.name, layer.nodes[1] if layer.nodes else layer.name) for layer in layers)
+        # every grid read before any work: an observer EFRAP cannot follow is named first
+        grids = [observer_grid(layer.observer, f"layer {layer.name!r}", _axes(layer)) for layer in layers]
+        axes = [_core_axis(layer, grid[0]) for layer, grid in zip(layers, grids, strict=True)]
+        scheme = grids[0][0]
+        # the float model: the prepared model's structure, its tensors shared (install puts new Parameters
+        # into ``prepared`` and nothing writes to a tensor in place), not a second copy of every weight
+        shared = {id(t): t for t in (*prepared.parameters(), *prepared.buffers())}
+        float_copy = copy.deepcopy(prepared, shared)
+        calib, held = split_calibration(calib, config, _run(float_copy, False, layers))
+        originals = {layer.name: _weight(layer) for layer in layers}  # install puts new Parameters in
+        problems = _problems(prepared, float_copy, layers, grids, axes, calib, layer_inputs, config.seed)
+        held_out = _held_out(prepared, float_copy, layers, held) if config.budget is not None else None
+        learned = defend_layers(problems, config, len(layers), progress, held_out)
+        # in each weight's own layout, as convert stores it (a ConvTranspose's learned with axis 1 first)
+        axis_of = {layer.name: axis for layer, axis in zip(layers, axes, strict=True)}
+        plans = {name: lp.in_weight_layout(originals[name], axis_of[name]) for name, lp in learned.items()}
+        meta = {
+            "config": config.to_dict(),
+            "flow": "pt2e" if graph else "torch.ao",
+            "layer_inputs": layer_inputs,
+            "skipped": skipped,
+            "calib_size": int(calib.shape[0]),
+        }
+        setattr(prepared, _DEFENDED, True)
+        return RoundingPlan(scheme, plans, "torchao", meta)

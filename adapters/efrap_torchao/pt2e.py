@@ -56,12 +56,24 @@ def read_int8_weights(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Integer weights and their scales from a converted PT2E model, per channel or per tensor, keyed by
     the source module's name. Only dequantize nodes fed by a constant (a weight) are read."""
-    ints, scales = {}, {}
+    ints, scales, _ = _int8_weight_grids(converted)
+    return ints, scales
+
+
+def _int8_weight_grids(
+    converted: torch.fx.GraphModule,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``read_int8_weights``, and the zero points each weight's dequantize node reads."""
+    ints, scales, zero_points = {}, {}, {}
+
+    def value(arg):
+        return getattr(converted, arg.target) if getattr(arg, "op", None) == "get_attr" else arg
+
     for node in converted.graph.nodes:
         target = str(node.target) if node.op == "call_function" else ""
         if "dequantize_per_channel" not in target and "dequantize_per_tensor" not in target:
             continue
-        q_node, s_arg = node.args[0], node.args[1]
+        q_node, s_arg, z_arg = node.args[0], node.args[1], node.args[2]
         if getattr(q_node, "op", None) != "get_attr":
             continue
         users = [u for u in node.users if u.meta.get("nn_module_stack")]
@@ -69,12 +81,14 @@ def read_int8_weights(
             continue
         name = list(users[0].meta["nn_module_stack"].values())[-1][0]
         ints[name] = getattr(converted, q_node.target).to(torch.int32)
-        scale = getattr(converted, s_arg.target) if getattr(s_arg, "op", None) == "get_attr" else s_arg
-        scales[name] = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
-    return ints, scales
+        scales[name] = torch.as_tensor(value(s_arg), dtype=torch.float32).reshape(-1)
+        zero_points[name] = torch.as_tensor(value(z_arg)).to(torch.int64).reshape(-1)
+    return ints, scales, zero_points
 
 
 def verify_pt2e(converted: torch.fx.GraphModule, plan: RoundingPlan, strict: bool = True) -> IntegerReport:
     """Compare the int8 constants of ``converted`` with ``plan``, bit for bit."""
-    ints, scales = read_int8_weights(converted)
-    return compare_integers(plan, ints, scales, strict=strict, where="the PT2E-converted model")
+    ints, scales, zero_points = _int8_weight_grids(converted)
+    return compare_integers(
+        plan, ints, scales, strict=strict, where="the PT2E-converted model", zero_points=zero_points
+    )
