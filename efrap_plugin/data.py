@@ -306,6 +306,10 @@ def _to_images(x: Any, what: str, images: bool = True) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(x)).reshape(x.shape)  # a 0-d array stays 0-d
     if not isinstance(x, torch.Tensor):
         raise DataError(f"{what}: expected a tensor or numpy array, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise DataError(f"{what}: a {x.layout} tensor; pass a dense one (x.to_dense())")
+    if x.is_meta:
+        raise DataError(f"{what}: a tensor on the meta device holds no values; pass the data itself")
     # token ids (N x T, N x K x T) stay as they are; a 4-D integer batch is raw images, refused below
     token_ids = not images and x.dtype in (torch.int32, torch.int64) and x.dim() <= 3
     if not token_ids and not torch.is_floating_point(x):

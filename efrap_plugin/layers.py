@@ -140,7 +140,18 @@ def refuse_quantized_layers(model: nn.Module) -> None:
 
 
 def check_finite_weights(model: nn.Module) -> None:
+    """Refuse weights the defense cannot learn from: on the meta device (no values), in another float
+    precision than the float32 it learns in, or holding NaN / Inf."""
     for name, param in model.named_parameters():
+        if param.is_meta:
+            raise ModelError(
+                f"model: parameter {name!r} is on the meta device (no values); load the weights first"
+            )
+        if param.is_floating_point() and param.dtype != torch.float32:
+            raise ModelError(
+                f"model: parameter {name!r} is {param.dtype}; EFRAP learns in float32, as the PTQ flows read "
+                "the float model: pass a float32 copy (copy.deepcopy(model).float())"
+            )
         if not torch.isfinite(param).all():
             raise ModelError(
                 f"model: parameter {name!r} holds NaN or Inf values; fix or retrain the model first"

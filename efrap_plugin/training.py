@@ -26,10 +26,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
         torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError) as exc:
+    except (RuntimeError, AssertionError, TypeError) as exc:
         raise EFRAPError(
             f"device: {str(device)!r} is not usable here ({exc}); pass 'cpu' or an available accelerator"
         ) from None
+    if dev.type == "meta":
+        raise EFRAPError("device: 'meta' holds no values to learn from; pass 'cpu' or an available accelerator")
     return dev
 
 

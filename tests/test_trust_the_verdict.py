@@ -384,3 +384,34 @@ def test_verify_eager_reads_a_users_own_quant_wrapper(clean_cnn, digits):
     assert all(name.startswith("module.") for name in plan.layers)
     report = verify_eager(convert(prepared), plan)
     assert report.integers_ok and report.matching == len(plan.layers)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("config on meta", "device: 'meta' holds no values"),
+        ("calibration on meta", "calibration data: a tensor on the meta device"),
+        ("model on meta", "is on the meta device"),
+        ("sparse calibration", "pass a dense one"),
+        ("float64 model", "is torch.float64; EFRAP learns in float32"),
+        ("float16 model", "is torch.float16; EFRAP learns in float32"),
+    ],
+)
+def test_the_core_names_inputs_it_cannot_learn_from(clean_cnn, digits, case, message):
+    import copy
+
+    from efrap_plugin import defend
+
+    model, calib, config = copy.deepcopy(clean_cnn), digits.train.x[:64], FAST.replace(calib_size=64, iters=5)
+    if case == "config on meta":
+        config = config.replace(device="meta")
+    elif case == "calibration on meta":
+        calib = calib.to("meta")
+    elif case == "model on meta":
+        model = model.to("meta")
+    elif case == "sparse calibration":
+        calib = calib.to_sparse()
+    else:
+        model = model.double() if case == "float64 model" else model.half()
+    with pytest.raises(EFRAPError, match=message):
+        defend(model, calib, config=config, progress=False)
