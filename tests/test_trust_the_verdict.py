@@ -415,3 +415,45 @@ def test_the_core_names_inputs_it_cannot_learn_from(clean_cnn, digits, case, mes
         model = model.double() if case == "float64 model" else model.half()
     with pytest.raises(EFRAPError, match=message):
         defend(model, calib, config=config, progress=False)
+
+
+def test_defend_prepared_names_calibration_that_does_not_fit(pq_x86, digits):
+    """torch's refusal is a guard's bare AssertionError; the library names the shape and the fix."""
+    import copy
+
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    from efrap_torchao import defend_prepared
+
+    batch = torch.export.Dim("batch")
+    exported = torch.export.export(
+        copy.deepcopy(pq_x86.model).eval(), (digits.train.x[:2],), dynamic_shapes=({0: batch},)
+    ).module()
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        prepared(digits.train.x[:64])
+    with pytest.raises(
+        EFRAPError, match=r"inputs of shape \(3, 8, 8\) do not run through the prepared model"
+    ):
+        defend_prepared(prepared, torch.zeros(64, 3, 8, 8), FAST.replace(calib_size=64), progress=False)
+
+
+def test_quantize_eager_names_what_torch_ao_refuses(digits):
+    from efrap_torchao import quantize_eager
+
+    class Upsampler(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = torch.nn.ConvTranspose2d(1, 4, 3)
+            self.head = torch.nn.Linear(4 * 10 * 10, 10)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.up(x)).flatten(1))
+
+    with pytest.raises(EFRAPError, match="torch.ao's eager prepare refuses Upsampler"):
+        quantize_eager(Upsampler(), digits.train.x[:64])

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from efrap_plugin import EFRAPError, IntegerReport, RoundingPlan, compare_integers, relu_after
+from efrap_plugin import EFRAPError, IntegerReport, ModelError, RoundingPlan, compare_integers, relu_after
 
 from ._source import calibrate, quantized_module_weights, source_and_calibration
 
@@ -50,7 +50,13 @@ def quantize_eager(
     source.qconfig = get_default_qconfig("x86")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
-        prepared = prepare(source)
+        try:
+            prepared = prepare(source)
+        except AssertionError as exc:  # torch.ao's refusals are bare asserts
+            raise ModelError(
+                f"model: torch.ao's eager prepare refuses {type(model).__name__} ({str(exc) or 'AssertionError'}); "
+                "quantize it with quantize_fx or quantize_pt2e, or with your own qconfig per module"
+            ) from None
         calibrate(prepared, calib, batch_size)
         converted = convert(prepared)
         try:

@@ -27,6 +27,7 @@ from torch import nn
 
 from efrap_plugin import (
     CONV_TRANSPOSE,
+    DataError,
     EFRAPConfig,
     EFRAPError,
     HeldOut,
@@ -202,6 +203,22 @@ def _fake_quantizer(observer: nn.Module) -> Callable[[torch.Tensor], torch.Tenso
 def _has_stats(observer: nn.Module) -> bool:
     lo = getattr(observer, "min_val", None)
     return isinstance(lo, torch.Tensor) and lo.numel() > 0 and bool(torch.isfinite(lo).all())
+
+
+def _check_fits(model: nn.Module, calib: torch.Tensor, layers: list[_Layer]) -> None:
+    """The calibration data runs through the prepared model (a batch of its size, where an export fixed
+    one), or a DataError naming its shape; torch's own refusal is a guard's bare assertion."""
+    try:
+        with torch.no_grad(), _observers(model, False, set()):
+            for rows in {1, min(2, len(calib))}:  # the defense runs batches of several sizes
+                model(calib[:rows])
+    except (AssertionError, RuntimeError, ValueError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DataError(
+            f"calibration data: inputs of shape {tuple(calib.shape[1:])} do not run through the prepared model "
+            f"({first}); pass inputs shaped as the model was prepared with (an export with a fixed batch size "
+            "takes only that size: export with dynamic_shapes for a dynamic batch)"
+        ) from None
 
 
 def _check_calibrated(model: nn.Module, weight_observers: set[int]) -> None:
@@ -531,6 +548,9 @@ def defend_prepared(
         layers, skipped = (
             _graph_layers(prepared, relu_units) if graph else _module_layers(prepared, relu_units)
         )
+        if layers:  # a model with nothing to learn is named as such below
+            _check_calibrated(prepared, {id(layer.observer) for layer in layers})
+            _check_fits(prepared, calib, layers)
         if not graph:
             layers = _execution_order(prepared, layers, calib[:1])
         if not layers:
@@ -538,7 +558,6 @@ def defend_prepared(
                 f"prepared: no Conv / Linear weight with an observer in {type(prepared).__name__}; call defend_prepared "
                 "after prepare_pt2e / prepare_fx / prepare (with a qconfig that quantizes weights) and calibration"
             )
-        _check_calibrated(prepared, {id(layer.observer) for layer in layers})
         for name, reason in skipped.items():
             log.warning("%s: %s", name, reason)
         # a module called more than once (tied weights): PT2E names each call by its graph node
