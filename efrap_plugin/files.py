@@ -92,6 +92,11 @@ def staged(path: str | Path | None) -> Iterator[Path | None]:
         yield tmp
         if tmp.exists():
             os.replace(tmp, path)
+    except EFRAPError as exc:  # a message names the output the user asked for, not its hidden stand-in
+        text = str(exc).replace(str(tmp), str(path)).replace(tmp.name, path.name)
+        if text == str(exc):
+            raise
+        raise type(exc)(text) from None
     finally:
         tmp.unlink(missing_ok=True)
 

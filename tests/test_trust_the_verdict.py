@@ -457,3 +457,50 @@ def test_quantize_eager_names_what_torch_ao_refuses(digits):
 
     with pytest.raises(EFRAPError, match="torch.ao's eager prepare refuses Upsampler"):
         quantize_eager(Upsampler(), digits.train.x[:64])
+
+
+def test_a_transformer_encoder_pre_processing_cannot_prepare_is_defended_as_it_is(tmp_path, capsys, caplog):
+    """torch.onnx.export's encoder layer (opset 17, LayerNormalization, GELU through Erf): onnxruntime's
+    quant_pre_process fails on it while its quantize_static quantizes the raw graph; so does `efrap
+    defend`, with a notice, and every quantized tensor is accounted for (GELU's scalars are Constant
+    nodes onnxruntime quantizes)."""
+    import warnings
+
+    from efrap_cli import main
+
+    torch.manual_seed(0)
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.TransformerEncoderLayer(
+                16, 2, 32, dropout=0.0, batch_first=True, activation="gelu"
+            )
+            self.head = torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.layer(x).mean(1))
+
+    src = tmp_path / "enc.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Encoder().eval(), (torch.randn(2, 6, 16),), str(src), opset_version=17, dynamo=False,
+            input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+        )  # fmt: skip
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).normal(size=(128, 6, 16)).astype(np.float32))
+    args = ["defend", str(src), "--calib", str(tmp_path / "calib.npz"), "--out", str(tmp_path / "d.onnx")]
+    assert main([*args, "--iters", "20", "--json", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["verify"]["integers_ok"] and summary["layers"] >= 5
+    assert any(name.startswith("/layer/Constant") for name in summary["constants"])
+    assert "quant_pre_process cannot prepare the model" in caplog.text
+
+
+def test_staged_outputs_are_named_as_the_user_asked(tmp_path):
+    from efrap_plugin import staged
+
+    with pytest.raises(PlanMismatchError) as caught:
+        with staged(tmp_path / "out.onnx") as hidden:
+            raise PlanMismatchError(f"verify: {hidden} does not hold the plan's integers")
+    assert str(caught.value) == f"verify: {tmp_path / 'out.onnx'} does not hold the plan's integers"

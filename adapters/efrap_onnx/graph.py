@@ -243,7 +243,9 @@ def _other_quantized_constants(
     for node in qdq.graph.node:
         if node.op_type != "DequantizeLinear":
             continue
-        stored = quantized_constant(node, producers, inits)
+        # a Constant node's tensor a QuantizeLinear rounds at run time (a scalar an exporter wrote as a
+        # node, such as GELU's 0.5) counts as verify reads it, by the Constant's output name
+        stored = constant_node_weight(node, producers) or quantized_constant(node, producers, inits)
         if stored is None or stored in accounted:
             continue
         users = ", ".join(f"{n.op_type} {n.name or n.output[0]}" for n in readers.get(node.output[0], []))

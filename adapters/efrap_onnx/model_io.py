@@ -223,10 +223,18 @@ def preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:
         cause = f"{type(exc).__name__}: {exc}" if str(exc).strip() else f"{type(exc).__name__}, no message"
         found = shape_error(model)
-        raise ModelError(
-            f"model: onnxruntime's quant_pre_process cannot prepare it ({cause})"
-            + (f"; ONNX shape inference finds {found}" if found else "")
-        ) from None
+        if found:  # the graph itself is inconsistent: nothing downstream would run it
+            raise ModelError(
+                f"model: onnxruntime's quant_pre_process cannot prepare it ({cause}); ONNX shape inference "
+                f"finds {found}"
+            ) from None
+        # onnxruntime's quantize_static quantizes a graph its pre-processing cannot prepare, as it is
+        log.warning(
+            "onnxruntime's quant_pre_process cannot prepare the model (%s); quantizing the graph as it is "
+            "(no BatchNorm folded, no shapes inferred), as onnxruntime's quantize_static does",
+            first_line(exc) if str(exc).strip() else cause,
+        )
+        return model
     finally:
         if before is not None:
             for leftover in set(Path.cwd().iterdir()) - before:
