@@ -297,6 +297,11 @@ def test_a_saved_plan_reinstalls_on_the_rebuilt_model(digits, tmp_path):
         rebuilt.head.weight.add_(0.01)
     with pytest.raises(EFRAPError, match=r"layer 'head' holds other weights than the plan was learned on"):
         apply_plan(rebuilt, loaded)
+    # the same weights behind int8 quantizers: the 4-bit plan is refused, naming both grids
+    int8 = build("hand-built-bn-residual", "int8-per-channel-float", calib)
+    int8.load_state_dict(model.state_dict())
+    with pytest.raises(EFRAPError, match=r"rounds to \[-127, 127\] .* learned on \[-7, 7\]"):
+        apply_plan(int8, loaded)
 
 
 def test_verify_names_a_substituted_quantizer_a_changed_bit_width_and_a_layer_left_out(digits, tmp_path):

@@ -504,3 +504,56 @@ def test_staged_outputs_are_named_as_the_user_asked(tmp_path):
         with staged(tmp_path / "out.onnx") as hidden:
             raise PlanMismatchError(f"verify: {hidden} does not hold the plan's integers")
     assert str(caught.value) == f"verify: {tmp_path / 'out.onnx'} does not hold the plan's integers"
+
+
+def _brevitas_model(second_quant):
+    import brevitas.nn as qnn
+    from brevitas.quant import Int8WeightPerChannelFloat
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = qnn.QuantConv2d(1, 8, 3, padding=1, weight_quant=Int8WeightPerChannelFloat)
+            self.c2 = qnn.QuantConv2d(8, 8, 3, padding=1, weight_quant=second_quant)
+            self.fc = qnn.QuantLinear(8 * 64, 10, bias=True, weight_quant=Int8WeightPerChannelFloat)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).flatten(1))
+
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def test_a_brevitas_quantizer_without_a_rounding_step_is_named_and_the_rest_defended(digits):
+    from brevitas.graph.calibrate import calibration_mode
+    from brevitas.quant import Int4WeightPerTensorFloatDecoupled
+
+    from efrap_brevitas import defend_quant_model
+
+    model = _brevitas_model(Int4WeightPerTensorFloatDecoupled)
+    with torch.no_grad(), calibration_mode(model):
+        model(digits.train.x[:64])
+    plan = defend_quant_model(
+        model, digits.train.x[:64], FAST.replace(calib_size=64, iters=5), progress=False
+    )
+    assert list(plan.layers) == ["c1", "fc"] and "no integer rounding step" in plan.meta["skipped"]["c2"]
+
+
+def test_a_failed_brevitas_defense_leaves_the_model_as_it_was(digits):
+    """The second layer's objective overflows: the first layer's installed rounding is taken back."""
+    from brevitas.graph.calibrate import calibration_mode
+    from brevitas.quant import Int8WeightPerChannelFloat
+
+    from efrap_brevitas import defend_quant_model
+    from efrap_brevitas.rounding import rounding_of
+
+    model = _brevitas_model(Int8WeightPerChannelFloat)
+    with torch.no_grad():
+        model.c2.weight.mul_(1e30)  # finite, but its squared error is not
+    with torch.no_grad(), calibration_mode(model):
+        model(digits.train.x[:64])
+    impl = type(model.c1.weight_quant.tensor_quant.int_quant.float_to_int_impl)
+    with pytest.raises(EFRAPError, match="layer 'c2': the objective is not finite"):
+        defend_quant_model(model, digits.train.x[:64], FAST.replace(calib_size=64, iters=5), progress=False)
+    assert rounding_of(model.c1) is None
+    assert type(model.c1.weight_quant.tensor_quant.int_quant.float_to_int_impl) is impl

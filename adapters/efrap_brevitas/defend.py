@@ -12,6 +12,7 @@ quantizers stay the user's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -41,11 +42,30 @@ from efrap_plugin import (
 )
 
 from .grid import LayerGrid, layer_grid
-from .rounding import install_rounding
+from .rounding import _int_quant, install_rounding, rounding_of
 
 __all__ = ["apply_plan", "defend_quant_model", "quant_layers"]
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _restored_on_failure(layers: dict[str, nn.Module]) -> Iterator[None]:
+    """Each layer's rounding as it was, should the block fail: a failed defense leaves the user's model
+    as it found it, not half-defended."""
+    before = {}
+    for name, layer in layers.items():
+        int_quant = _int_quant(layer)
+        rounding = rounding_of(layer)
+        before[name] = (int_quant, int_quant.float_to_int_impl, None if rounding is None else rounding.integers)
+    try:
+        yield
+    except BaseException:
+        for int_quant, impl, integers in before.values():
+            int_quant.float_to_int_impl = impl
+            if integers is not None:
+                impl.integers = integers
+        raise
 
 
 def quant_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
@@ -63,6 +83,12 @@ def quant_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]
             layer_grid(module, name)
         except EFRAPError as exc:
             skipped[name] = str(exc).split(": ", 1)[1]
+            continue
+        if _int_quant(module) is None:  # a decoupled or custom quantizer that rounds elsewhere
+            skipped[name] = (
+                f"its weight quantizer ({type(module.weight_quant.tensor_quant).__name__}) has no integer "
+                "rounding step (float_to_int_impl) EFRAP can set"
+            )
             continue
         layers[name] = module
     return layers, skipped
@@ -182,7 +208,8 @@ def defend_quant_model(
         calib, held = split_calibration(calib, config, _float_forward(model))
         problems = _problems(model, layers, grids, calib, layer_inputs, config.seed)
         held_out = _held_out(model, held) if config.budget is not None else None
-        learned = defend_layers(problems, config, len(order), progress, held_out)
+        with _restored_on_failure(layers):
+            learned = defend_layers(problems, config, len(order), progress, held_out)
     finally:
         model.train(was_training)
     plans = {name: learned[name].in_weight_layout(layers[name].weight, grids[name].axis) for name in order}
@@ -214,5 +241,14 @@ def apply_plan(model: nn.Module, plan: RoundingPlan) -> nn.Module:
                 f"plan: layer {name!r} holds other weights than the plan was learned on; "
                 "load the same weights, or defend this model again"
             )
-        install_rounding(layer, lp.integers)
+        planned = plan.meta.get("grids", {}).get(name) or {"qmin": plan.scheme.qmin, "qmax": plan.scheme.qmax}
+        held = layer_grid(layer, name).scheme
+        if (held.qmin, held.qmax) != (int(planned["qmin"]), int(planned["qmax"])):
+            raise EFRAPError(
+                f"plan: layer {name!r} rounds to [{held.qmin}, {held.qmax}] with this model's quantizer, and the "
+                f"plan was learned on [{planned['qmin']}, {planned['qmax']}]; apply it to the quantizers it was "
+                "learned on, or defend this model again"
+            )
+    for name, lp in plan.layers.items():  # every layer checked before any is changed
+        install_rounding(layers[name], lp.integers)
     return model
