@@ -31,7 +31,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
             f"device: {str(device)!r} is not usable here ({exc}); pass 'cpu' or an available accelerator"
         ) from None
     if dev.type == "meta":
-        raise EFRAPError("device: 'meta' holds no values to learn from; pass 'cpu' or an available accelerator")
+        raise EFRAPError(
+            "device: 'meta' holds no values to learn from; pass 'cpu' or an available accelerator"
+        )
     return dev
 
 

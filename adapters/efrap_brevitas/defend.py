@@ -57,7 +57,11 @@ def _restored_on_failure(layers: dict[str, nn.Module]) -> Iterator[None]:
     for name, layer in layers.items():
         int_quant = _int_quant(layer)
         rounding = rounding_of(layer)
-        before[name] = (int_quant, int_quant.float_to_int_impl, None if rounding is None else rounding.integers)
+        before[name] = (
+            int_quant,
+            int_quant.float_to_int_impl,
+            None if rounding is None else rounding.integers,
+        )
     try:
         yield
     except BaseException:
