@@ -106,13 +106,22 @@ def safetensors_shapes(path: str | Path, what: str, hint: str) -> tuple[dict[str
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{what}: {path} does not exist; pass {hint}")
+    _check_readable_file(path, what, hint)
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {}), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as exc:
         raise ModelError(f"{what}: {path} is not a readable safetensors file ({exc})") from None
+
+
+def _check_readable_file(path: Path, what: str, hint: str) -> None:
+    """A regular file, or an error that says what ``path`` is instead (missing, a folder, a pipe)."""
+    if path.is_file():
+        return
+    if not path.exists():
+        raise ModelError(f"{what}: {path} does not exist; pass {hint}")
+    kind = "a folder" if path.is_dir() else "not a regular file (a pipe, socket or device)"
+    raise ModelError(f"{what}: {path} is {kind}; pass {hint}")
 
 
 def read_safetensors(
@@ -122,8 +131,7 @@ def read_safetensors(
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{what}: {path} does not exist; pass {hint}")
+    _check_readable_file(path, what, hint)
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}

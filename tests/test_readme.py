@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -52,7 +53,11 @@ def test_pt2e_user_flow_recipe(in_tmp, pq_x86, digits):
 def test_brevitas_user_flow_recipe(in_tmp, pq8, digits):
     import copy
 
-    scope = {"model": copy.deepcopy(pq8.model), "calib": digits.train.x[:512]}
+    model = copy.deepcopy(pq8.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scope = {"model": model, "calib": digits.train.x[:512]}
     exec(compile(_recipe("brevitas-user-flow"), "README:brevitas-user-flow", "exec"), scope)
     assert scope["plan"].meta["flow"] == "brevitas" and len(scope["plan"].layers) == 4
     assert (in_tmp / "qcdq.onnx").is_file()
+    after = model.state_dict()  # the user's float model, BatchNorm included, as it was
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

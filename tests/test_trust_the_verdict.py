@@ -557,3 +557,12 @@ def test_a_failed_brevitas_defense_leaves_the_model_as_it_was(digits):
         defend_quant_model(model, digits.train.x[:64], FAST.replace(calib_size=64, iters=5), progress=False)
     assert rounding_of(model.c1) is None
     assert type(model.c1.weight_quant.tensor_quant.int_quant.float_to_int_impl) is impl
+
+
+def test_a_plan_path_that_is_a_pipe_is_named_as_such(tmp_path):
+    import os
+
+    fifo = tmp_path / "plan.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(ModelError, match="is not a regular file"):
+        RoundingPlan.load(fifo)
