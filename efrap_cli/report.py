@@ -119,6 +119,17 @@ def write_report(results: dict[str, Any], layers: dict[str, np.ndarray], out: Pa
     return [out / "results.json", out / "report.md"] + [out / f for f in figures]
 
 
+def _cpu() -> str:
+    """The CPU a table was measured on, with the int8 features onnxruntime's kernels depend on."""
+    try:
+        from efrap_onnx import cpu_features
+    except ImportError:  # the onnx extra is not installed
+        import platform
+
+        return platform.machine()
+    return cpu_features().describe()
+
+
 def write_table(out: Path, name: str, rows: list[dict], note: str, command: str | None = None) -> list[Path]:
     """``out/name.csv`` and ``out/name.md`` (the command that made them, a note, the table), atomically."""
     cols = list(rows[0])
@@ -130,6 +141,8 @@ def write_table(out: Path, name: str, rows: list[dict], note: str, command: str 
         f"# {name}",
         "",
         f"Command: `{command or shlex.join(['python', *sys.argv])}`",
+        "",
+        f"CPU: {_cpu()}",
         "",
         note,
         "",

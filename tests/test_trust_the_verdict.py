@@ -566,3 +566,38 @@ def test_a_plan_path_that_is_a_pipe_is_named_as_such(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(ModelError, match="is not a regular file"):
         RoundingPlan.load(fifo)
+
+
+def test_verify_qcdq_checks_each_quantized_bias_against_the_model(digits, tmp_path):
+    """A file whose quantized bias no longer rounds the model's fails against the user's model; without
+    the model the bias is named unchecked."""
+    import brevitas.nn as qnn
+    from brevitas.graph.calibrate import calibration_mode
+    from brevitas.quant import Int8ActPerTensorFloat, Int8Bias, Int8WeightPerChannelFloat
+
+    from efrap_brevitas import defend_quant_model, export_qcdq, verify_qcdq
+
+    model = _brevitas_model(Int8WeightPerChannelFloat)
+    model.fc = qnn.QuantLinear(
+        8 * 64, 10, bias=True, weight_quant=Int8WeightPerChannelFloat,
+        input_quant=Int8ActPerTensorFloat, bias_quant=Int8Bias,
+    )  # fmt: skip
+    with torch.no_grad(), calibration_mode(model):
+        model(digits.train.x[:64])
+    plan = defend_quant_model(
+        model, digits.train.x[:64], FAST.replace(calib_size=64, iters=5), progress=False
+    )
+    path = export_qcdq(model, digits.train.x[:1], tmp_path / "m.onnx")
+    assert verify_qcdq(path, plan, model).integers_ok
+    assert bool(_file_holds_a_nonzero_bias(path))
+    with torch.no_grad():
+        model.fc.bias.zero_()  # the file's (nonzero) bias no longer rounds the model's
+    report = verify_qcdq(path, plan, model, strict=False)
+    assert report.bias_mismatches == ["fc.bias"] and not report.integers_ok
+    assert "fc.bias" in verify_qcdq(path, plan, strict=False).unchecked
+
+
+def _file_holds_a_nonzero_bias(path) -> bool:
+    from efrap_brevitas import read_qcdq_weights
+
+    return any(w.bias is not None and bool(w.bias.abs().max() > 0) for w in read_qcdq_weights(path).values())

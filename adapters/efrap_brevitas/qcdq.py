@@ -11,6 +11,7 @@ import copy
 import logging
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,12 @@ class QCDQWeight:
     zero_point: torch.Tensor
     qmin: int
     qmax: int
+    bias: torch.Tensor | None = None
+    """The layer's quantized bias as the file dequantizes it (float64), where it holds one."""
+    bias_step: torch.Tensor | None = None
+    """One step of that bias's grid, per element."""
+    bias_range: tuple[int, int] | None = None
+    """The integer range the bias is stored in (a bias quantizer clamps to it)."""
 
 
 _WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
@@ -263,9 +270,32 @@ def read_qcdq_weights(path: str | Path, names: list[str] | None = None) -> dict[
             torch.from_numpy(np.atleast_1d(zero_point).astype(np.int32)),
             int(lo),
             int(hi),
+            *_quantized_bias(node, producers, const),
         )
         found.append((_scopes(node.name), weight))
     return _resolve(found, names or [])
+
+
+def _quantized_bias(
+    node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], const: Callable[[str], np.ndarray | None]
+) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[int, int] | None]:
+    """A Conv / Gemm's integer bias as its DequantizeLinear reads it, its grid step and its stored
+    range; Nones without one."""
+    none = (None, None, None)
+    if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 3 or not node.input[2]:
+        return none
+    dq = producers.get(node.input[2])
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return none
+    ints, scale = const(dq.input[0]), const(dq.input[1])
+    if ints is None or scale is None or ints.dtype.kind not in "iu":
+        return none
+    zp = const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+    zp = np.zeros(1) if zp is None else zp.astype(np.float64)
+    values = (ints.astype(np.float64) - zp) * scale.astype(np.float64)
+    step = np.broadcast_to(np.abs(scale.astype(np.float64)), values.shape).copy()
+    info = np.iinfo(ints.dtype)
+    return torch.from_numpy(values), torch.from_numpy(step), (int(info.min), int(info.max))
 
 
 def read_qcdq_integers(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -297,11 +327,35 @@ def verify_qcdq(
     )
     if model is not None:
         _check_against_model(report, layers, plan, weights)
+        report.bias_mismatches.extend(_biases_off_their_grid(layers, weights))
+    else:
+        report.unchecked.extend(f"{name}.bias" for name, w in weights.items() if w.bias is not None)
     if strict and not report.integers_ok:
         raise PlanMismatchError(
             f"verify: {path} does not hold the plan's integers on the model's quantizers: {report.differences()}"
         )
     return report
+
+
+def _biases_off_their_grid(layers: dict[str, nn.Module], weights: dict[str, QCDQWeight]) -> list[str]:
+    """The layers whose quantized bias in the file is not their float bias rounded on its grid and
+    clamped to its stored range (half a step, with float32's slack)."""
+    off = []
+    for name, stored in weights.items():
+        layer = layers.get(name)
+        if stored.bias is None or layer is None or getattr(layer, "bias", None) is None:
+            continue
+        step = stored.bias_step.reshape(-1)
+        want = layer.bias.detach().to(torch.float64).reshape(-1)
+        if stored.bias.numel() != want.numel():
+            off.append(f"{name}.bias")
+            continue
+        lo, hi = stored.bias_range
+        got_steps = stored.bias.reshape(-1) / step
+        want_steps = (want / step).clamp(lo, hi)
+        if bool(((got_steps - want_steps).abs() > 0.5 + 1e-6 * (want_steps.abs() + 1)).any()):
+            off.append(f"{name}.bias")
+    return off
 
 
 def _check_against_model(
