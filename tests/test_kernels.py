@@ -164,3 +164,16 @@ def test_on_an_avx2_only_cpu_the_check_flags_the_brevitas_export_and_passes_onnx
     assert "/features.0.0/Conv" in brevitas["diverging_layers"]
     assert drop_in["ok"] and drop_in["top1_agreement"] >= MIN_AGREEMENT
     assert reduced["ok"] and reduced["diverging_layers"] == [] and reduced["top1_agreement"] == 1.0
+
+
+def test_a_deep_graph_is_checked_without_recursion():
+    """Thousands of nodes before a layer (a transformer's graph runs deep): the walk is iterative."""
+    rng = np.random.default_rng(0)
+    model = _qdq_linear(rng.integers(-127, 128, (6, 16)), 0.02, rng.uniform(0.01, 0.02, 6), 0.05)
+    chain = [helper.make_node("Identity", ["x" if i == 0 else f"id{i - 1}"], [f"id{i}"]) for i in range(3000)]
+    model.graph.node[0].input[0] = "id2999"
+    nodes = [*chain, *model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    check = check_kernels(model, rng.uniform(-1, 1, (8, 16)).astype(np.float32))
+    assert list(check.layers) == ["fc"] and check.inputs == 8

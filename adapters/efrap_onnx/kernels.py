@@ -350,13 +350,26 @@ def _layer_segments(model: onnx.ModelProto) -> dict[str, _Segment]:
     producers = {out: n for n in graph.node for out in n.output}
     graph_inputs = {i.name: i for i in graph.input if i.name not in inits}
 
+    computed: dict[str, bool] = {}
+
     def constant(name: str) -> bool:
-        node = producers.get(name)
-        return (
-            name in inits
-            or (node is not None and node.op_type == "Constant")
-            or (node is not None and all(constant(i) for i in node.input if i))
-        )
+        """Whether a tensor is computed from initializers and Constants alone; memoized and without
+        recursion (a residual network's paths multiply, a transformer's graph runs deep)."""
+        stack = [name]
+        while stack:
+            top = stack[-1]
+            node = producers.get(top)
+            if top in computed:
+                stack.pop()
+            elif top in inits or (node is not None and node.op_type == "Constant"):
+                computed[top] = True
+            elif node is None:
+                computed[top] = False
+            elif pending := [i for i in node.input if i and i not in computed]:
+                stack.extend(pending)
+            else:
+                computed[top] = all(computed[i] for i in node.input if i)
+        return computed[name]
 
     act_q = {n.output[0]: n for n in graph.node if n.op_type == "QuantizeLinear" and not constant(n.input[0])}
     # a layer starts at the float tensor its input QuantizeLinear reads (so the segment holds the same
