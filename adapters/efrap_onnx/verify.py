@@ -347,5 +347,5 @@ def kernel_check(
         raise ModelError(
             f"kernel check: onnxruntime {ort.__version__} cannot run the model ({first_line(exc)})"
         ) from None
-    (log.info if found.ok else log.warning)(found.summary())
+    (log.debug if found.ok else log.warning)(found.summary())
     return found
