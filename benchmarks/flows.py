@@ -2,7 +2,7 @@
 Brevitas PTQ) run as a user runs it, on the committed attack fixtures its tests use, once per setting.
 
 The digits onnxruntime cells (budget.py) do not speak for every flow: a setting that met the strict bar on
-all of them failed three of these (CHANGELOG, session 15). A candidate default is measured here too.
+all of them failed three of these (benchmarks/README.md). A candidate default is measured here too.
 
     python benchmarks/flows.py --out benchmarks/results [--procs 2] [--only fixed,budget-0.5]
 

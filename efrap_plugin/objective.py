@@ -364,9 +364,8 @@ class Objective:
         """dL/dV on the cached inputs ``idx``: what an optimizer step uses; into ``out`` where given.
         Autograd runs through the layer alone (what a bare forward + backward costs); h(V), the soft
         weight, L_F and L_P are chained in closed form, their per-op overhead being most of a small
-        layer's step otherwise (benchmarks/results/scale-fit.md). Its weight-sized temporaries live as long
-        as the objective: on a busy machine, memory freed and faulted in again every step cost a
-        2.4M-weight conv up to half a bare step more (CHANGELOG, session 10)."""
+        layer's step otherwise. Its weight-sized temporaries live as long as the objective: memory freed
+        and faulted in again every step is slow on a busy machine."""
         config = self.config  # V is a plain tensor: nothing below records a graph but the layer's forward
         h, sig, stretched = _rectify_parts(v, config.rectifier, self._buffer("sigmoid", v))
         scratch = self._buffer("weight", v)  # L_F's denominator first, then the soft weight
