@@ -117,6 +117,38 @@ class EFRAPConfig:
             )
         if self.objective not in _OBJECTIVES:
             raise EFRAPError(f"EFRAPConfig.objective: expected one of {_OBJECTIVES}, got {self.objective!r}")
+        self._check_budget_mode()
+        _positive(self, "holdout", "--holdout")
+        if self.holdout_choice not in HOLDOUT_CHOICES:
+            raise EFRAPError(
+                f"EFRAPConfig.holdout_choice (--holdout-choice): expected one of {HOLDOUT_CHOICES}, "
+                f"got {self.holdout_choice!r}"
+            )
+        if not _finite(self.lr) or not self.lr > 0:
+            raise EFRAPError(
+                f"EFRAPConfig.lr (--lr): expected a finite positive learning rate, got {self.lr!r}"
+            )
+        for name in ("flip_weight", "round_weight", "beta"):
+            value = getattr(self, name)
+            if not _finite(value) or value < 0:  # NaN compares false with everything: test finiteness first
+                raise EFRAPError(f"EFRAPConfig.{name}: expected a finite value >= 0, got {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise EFRAPError(f"EFRAPConfig.seed (--seed): expected an integer, got {self.seed!r}")
+        if self.rectifier not in ("sigmoid", "stretched"):
+            raise EFRAPError(
+                f"EFRAPConfig.rectifier: expected 'sigmoid' or 'stretched', got {self.rectifier!r}"
+            )
+        if self.error_norm not in ("element", "neuron"):
+            raise EFRAPError(
+                f"EFRAPConfig.error_norm: expected 'element' or 'neuron', got {self.error_norm!r}"
+            )
+        if self.unit not in ("activation", "layer"):
+            raise EFRAPError(f"EFRAPConfig.unit: expected 'activation' or 'layer', got {self.unit!r}")
+        if self.balance not in ("reference", "lsb"):
+            raise EFRAPError(f"EFRAPConfig.balance: expected 'reference' or 'lsb', got {self.balance!r}")
+
+    def _check_budget_mode(self) -> None:
+        """Budget mode's fields: in range, and given only with a budget (they mean nothing without one)."""
         if self.budget is not None and not (
             isinstance(self.budget, (int, float)) and 0 <= self.budget <= 100
         ):
@@ -159,34 +191,6 @@ class EFRAPConfig:
                 "EFRAPConfig.margin_cap (--margin-cap): caps budget mode's ladder, and budget is None "
                 "(--budget off); set a budget (--budget PCT) or margin_cap=None"
             )
-        _positive(self, "holdout", "--holdout")
-        if self.holdout_choice not in HOLDOUT_CHOICES:
-            raise EFRAPError(
-                f"EFRAPConfig.holdout_choice (--holdout-choice): expected one of {HOLDOUT_CHOICES}, "
-                f"got {self.holdout_choice!r}"
-            )
-        if not _finite(self.lr) or not self.lr > 0:
-            raise EFRAPError(
-                f"EFRAPConfig.lr (--lr): expected a finite positive learning rate, got {self.lr!r}"
-            )
-        for name in ("flip_weight", "round_weight", "beta"):
-            value = getattr(self, name)
-            if not _finite(value) or value < 0:  # NaN compares false with everything: test finiteness first
-                raise EFRAPError(f"EFRAPConfig.{name}: expected a finite value >= 0, got {value!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise EFRAPError(f"EFRAPConfig.seed (--seed): expected an integer, got {self.seed!r}")
-        if self.rectifier not in ("sigmoid", "stretched"):
-            raise EFRAPError(
-                f"EFRAPConfig.rectifier: expected 'sigmoid' or 'stretched', got {self.rectifier!r}"
-            )
-        if self.error_norm not in ("element", "neuron"):
-            raise EFRAPError(
-                f"EFRAPConfig.error_norm: expected 'element' or 'neuron', got {self.error_norm!r}"
-            )
-        if self.unit not in ("activation", "layer"):
-            raise EFRAPError(f"EFRAPConfig.unit: expected 'activation' or 'layer', got {self.unit!r}")
-        if self.balance not in ("reference", "lsb"):
-            raise EFRAPError(f"EFRAPConfig.balance: expected 'reference' or 'lsb', got {self.balance!r}")
 
     @classmethod
     def reference(cls, **changes: Any) -> EFRAPConfig:

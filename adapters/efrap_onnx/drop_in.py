@@ -113,6 +113,12 @@ def _collect(reader: Any, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]
         batches.append(batch)
     if not batches:
         raise DataError("calibration_data_reader: yielded no batches; it must return input dicts, then None")
+    return _fitted(batches, model)
+
+
+def _fitted(batches: list[dict[str, np.ndarray]], model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
+    """``batches`` checked against the graph's inputs (names, shapes, dtypes, finite values) and
+    re-batched to a fixed batch dimension where the graph has one."""
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     for inp in inputs:

@@ -342,43 +342,40 @@ def _q_type(q: onnx.NodeProto, inits, producers) -> int:
     )
 
 
-def _layer_segments(model: onnx.ModelProto) -> dict[str, _Segment]:
-    """Each quantized compute node's segment, cut so it runs alone: from the float tensors its input
-    QuantizeLinear reads (or graph inputs) to the activation QuantizeLinear after it."""
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    producers = {out: n for n in graph.node for out in n.output}
-    graph_inputs = {i.name: i for i in graph.input if i.name not in inits}
+class _Graph:
+    """A graph's lookups, built once: initializers, each tensor's producer, its inputs, and which
+    tensors are constants (memoized)."""
 
-    computed: dict[str, bool] = {}
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.producers = {out: n for n in model.graph.node for out in n.output}
+        self.inputs = {i.name: i for i in model.graph.input if i.name not in self.inits}
+        self._constant: dict[str, bool] = {}
 
-    def constant(name: str) -> bool:
-        """Whether a tensor is computed from initializers and Constants alone; memoized and without
-        recursion (a residual network's paths multiply, a transformer's graph runs deep)."""
-        stack = [name]
+    def constant(self, name: str) -> bool:
+        """Whether a tensor is computed from initializers and Constants alone; without recursion (a
+        residual network's paths multiply, a transformer's graph runs deep)."""
+        known, stack = self._constant, [name]
         while stack:
             top = stack[-1]
-            node = producers.get(top)
-            if top in computed:
+            node = self.producers.get(top)
+            if top in known:
                 stack.pop()
-            elif top in inits or (node is not None and node.op_type == "Constant"):
-                computed[top] = True
+            elif top in self.inits or (node is not None and node.op_type == "Constant"):
+                known[top] = True
             elif node is None:
-                computed[top] = False
-            elif pending := [i for i in node.input if i and i not in computed]:
+                known[top] = False
+            elif pending := [i for i in node.input if i and i not in known]:
                 stack.extend(pending)
             else:
-                computed[top] = all(computed[i] for i in node.input if i)
-        return computed[name]
+                known[top] = all(known[i] for i in node.input if i)
+        return known[name]
 
-    act_q = {n.output[0]: n for n in graph.node if n.op_type == "QuantizeLinear" and not constant(n.input[0])}
-    # a layer starts at the float tensor its input QuantizeLinear reads (so the segment holds the same
-    # Q -> DQ pair onnxruntime converts and fuses in the whole graph) and ends at its output's QuantizeLinear
-    starts = {q.input[0]: _tensor_type(q.input[1], inits, producers) for q in act_q.values()}
-    types = {name: _q_type(q, inits, producers) for name, q in act_q.items()}
-    segments: dict[str, _Segment] = {}
-    for out, q in act_q.items():
-        nodes: list[onnx.NodeProto] = []
+    def upstream_of(self, q: onnx.NodeProto, starts: dict[str, int]) -> tuple[list[onnx.NodeProto], set[str]]:
+        """The nodes between ``q`` and the tensors it is cut at (other activation quantizers' inputs,
+        graph inputs), in graph order, and those cut tensors."""
+        kept: dict[int, onnx.NodeProto] = {}
         cut: set[str] = set()
         seen: set[str] = set()
         stack = [q.output[0]]
@@ -387,45 +384,65 @@ def _layer_segments(model: onnx.ModelProto) -> dict[str, _Segment]:
             if name in seen or not name:
                 continue
             seen.add(name)
-            if name in graph_inputs or (name in starts and name != q.input[0]):
+            if name in self.inputs or (name in starts and name != q.input[0]):
                 cut.add(name)
                 continue
-            node = producers.get(name)
-            if node is None or name in inits:
+            node = self.producers.get(name)
+            if node is None or name in self.inits:
                 continue
-            if all(node is not n for n in nodes):
-                nodes.append(node)
+            kept[id(node)] = node
             stack.extend(node.input)
-        compute = [n for n in graph.node if any(n is m for m in nodes) and n.op_type in COMPUTE_OPS]
+        return [n for n in self.model.graph.node if id(n) in kept], cut
+
+
+def _layer_segments(model: onnx.ModelProto) -> dict[str, _Segment]:
+    """Each quantized compute node's segment, cut so it runs alone: from the float tensors its input
+    QuantizeLinear reads (or graph inputs) to the activation QuantizeLinear after it."""
+    g = _Graph(model)
+    act_q = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and not g.constant(n.input[0])]
+    # a layer starts at the float tensor its input QuantizeLinear reads (so the segment holds the same
+    # Q -> DQ pair onnxruntime converts and fuses in the whole graph) and ends at its output's QuantizeLinear
+    starts = {q.input[0]: _tensor_type(q.input[1], g.inits, g.producers) for q in act_q}
+    segments: dict[str, _Segment] = {}
+    for q in act_q:
+        nodes, cut = g.upstream_of(q, starts)
+        compute = [n for n in nodes if n.op_type in COMPUTE_OPS]
         if len(compute) != 1 or not any(c in starts for c in cut):
             continue  # no layer here, or one this check cannot isolate
-        order = [n for n in graph.node if any(n is m for m in nodes)]
-        # onnxruntime fuses a layer whose quantized output is dequantized again, as it is in the graph:
-        # the segment ends at that DequantizeLinear, read back in steps of its scale
-        dq = next((n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == out), None)
-        step = _scalar(dq.input[1], inits, producers) if dq is not None else None
-        if dq is not None and step:
-            order += [producers[i] for i in dq.input[1:] if i in producers and producers[i] not in order]
-            order.append(dq)
-            end, end_type = dq.output[0], _tensor_type(dq.input[1], inits, producers)
-        else:
-            end, end_type, step = out, types[out], 1.0
-        needed = {i for n in order for i in n.input}
-        seg_inputs = [
-            graph_inputs[c] if c in graph_inputs else helper.make_tensor_value_info(c, starts[c], None)
-            for c in sorted(cut)
-        ]
-        seg = helper.make_graph(
-            order,
-            f"segment_{out}",
-            seg_inputs,
-            [helper.make_tensor_value_info(end, end_type, None)],
-            [t for name, t in inits.items() if name in needed],
-        )
-        seg_model = helper.make_model(seg, opset_imports=model.opset_import, ir_version=model.ir_version)
-        read = {v.name: v.type.tensor_type.elem_type for v in seg_inputs}
-        segments[compute[0].name or compute[0].output[0]] = _Segment(seg_model, read, end, step)
+        segments[compute[0].name or compute[0].output[0]] = _segment(g, q, nodes, cut, starts)
     return segments
+
+
+def _segment(
+    g: _Graph, q: onnx.NodeProto, nodes: list[onnx.NodeProto], cut: set[str], starts: dict[str, int]
+) -> _Segment:
+    """``nodes`` as a model of their own, reading ``cut`` and ending where the graph dequantizes ``q``'s
+    output (onnxruntime fuses a layer whose output is dequantized again, as it is in the graph), read back
+    in steps of that scale; at ``q``'s integers where nothing dequantizes them."""
+    out = q.output[0]
+    dq = next((n for n in g.model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == out), None)
+    step = _scalar(dq.input[1], g.inits, g.producers) if dq is not None else None
+    order = list(nodes)
+    if dq is not None and step:
+        order += [g.producers[i] for i in dq.input[1:] if i in g.producers and g.producers[i] not in order]
+        order.append(dq)
+        end, end_type = dq.output[0], _tensor_type(dq.input[1], g.inits, g.producers)
+    else:
+        end, end_type, step = out, _q_type(q, g.inits, g.producers), 1.0
+    needed = {i for n in order for i in n.input}
+    inputs = [
+        g.inputs[c] if c in g.inputs else helper.make_tensor_value_info(c, starts[c], None)
+        for c in sorted(cut)
+    ]
+    graph = helper.make_graph(
+        order,
+        f"segment_{out}",
+        inputs,
+        [helper.make_tensor_value_info(end, end_type, None)],
+        [t for name, t in g.inits.items() if name in needed],
+    )
+    model = helper.make_model(graph, opset_imports=g.model.opset_import, ir_version=g.model.ir_version)
+    return _Segment(model, {v.name: v.type.tensor_type.elem_type for v in inputs}, end, step)
 
 
 def _with_outputs(model: onnx.ModelProto, outputs: dict[str, int]) -> onnx.ModelProto:

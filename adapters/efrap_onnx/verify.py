@@ -283,38 +283,7 @@ def verify(
             "export_defended"
         )
     model = load_onnx(model_path, check_finite=False)
-    inits = {t.name: t for t in model.graph.initializer}
-    layout = plan.meta["layout"]
-    planned = {where["quantized"]: name for name, where in layout.items()}
-    readers = weight_readers(model)
-    stored, scales, zero_points, axes = {}, {}, {}, {}
-    for quantized, held in weight_integers(model).items():
-        name = planned.get(quantized, quantized)
-        ints = torch.from_numpy(held.astype(np.int32))
-        stored[name] = ints.transpose(0, 1) if name in layout and layout[name]["transpose"] else ints
-        if name not in layout:
-            continue
-        # the grid each node that reads these integers dequantizes them on: every reader must hold the
-        # plan's, whatever initializer names the plan recorded
-        want = plan.layers[name] if name in plan.layers else None
-        for reader in readers.get(quantized, []):
-            scale = torch.from_numpy(np.atleast_1d(reader.scale).astype(np.float32))
-            zp = torch.from_numpy(np.atleast_1d(reader.zero_point).astype(np.int64))
-            if name not in scales or (
-                want is not None and not torch.equal(scale.flatten(), want.scale.flatten())
-            ):
-                scales[name] = scale
-            if name not in zero_points or (
-                want is not None and not torch.equal(zp.flatten(), want.zero_point.to(torch.int64).flatten())
-            ):
-                zero_points[name] = zp
-            channel_axis = 1 if layout[name]["transpose"] else 0
-            if reader.axis is not None and reader.axis % max(held.ndim, 1) != channel_axis:
-                axes[name] = f"scales along axis {reader.axis} in {reader.node}, planned along {channel_axis}"
-        if not readers.get(quantized) and layout[name]["scale"] in inits:  # MatMulInteger / ConvInteger
-            scales[name] = torch.from_numpy(
-                np.atleast_1d(initializer_array(inits[layout[name]["scale"]])).astype(np.float32)
-            )
+    stored, scales, zero_points, axes = _read_layers(model, plan)
     check = compare_integers(
         plan, stored, scales, strict=False, where=str(model_path), zero_points=zero_points
     )
@@ -333,6 +302,43 @@ def verify(
         int_kernels={k: v for k, v in optimized_op_counts(model_path).items() if k in INT_KERNELS},
         kernels=kernels,
     )
+
+
+def _read_layers(model: onnx.ModelProto, plan: RoundingPlan) -> tuple[dict, dict, dict, dict[str, str]]:
+    """Each quantized weight's integers (in the plan's layout), and the scales, zero points and channel
+    axis the nodes that read them dequantize with: every reader must hold the plan's grid, whatever
+    initializer names the plan recorded. Returns integers, scales, zero points and axis problems by layer."""
+    inits = {t.name: t for t in model.graph.initializer}
+    layout = plan.meta["layout"]
+    planned = {where["quantized"]: name for name, where in layout.items()}
+    readers = weight_readers(model)
+    stored, scales, zero_points, axes = {}, {}, {}, {}
+    for quantized, held in weight_integers(model).items():
+        name = planned.get(quantized, quantized)
+        ints = torch.from_numpy(held.astype(np.int32))
+        stored[name] = ints.transpose(0, 1) if name in layout and layout[name]["transpose"] else ints
+        if name not in layout:
+            continue
+        want = plan.layers.get(name)
+        channel_axis = 1 if layout[name]["transpose"] else 0
+        for reader in readers.get(quantized, []):
+            scale = torch.from_numpy(np.atleast_1d(reader.scale).astype(np.float32))
+            zp = torch.from_numpy(np.atleast_1d(reader.zero_point).astype(np.int64))
+            if name not in scales or (
+                want is not None and not torch.equal(scale.flatten(), want.scale.flatten())
+            ):
+                scales[name] = scale  # the first reader's, or one that differs from the plan
+            if name not in zero_points or (
+                want is not None and not torch.equal(zp.flatten(), want.zero_point.to(torch.int64).flatten())
+            ):
+                zero_points[name] = zp
+            if reader.axis is not None and reader.axis % max(held.ndim, 1) != channel_axis:
+                axes[name] = f"scales along axis {reader.axis} in {reader.node}, planned along {channel_axis}"
+        if not readers.get(quantized) and layout[name]["scale"] in inits:  # MatMulInteger / ConvInteger
+            scales[name] = torch.from_numpy(
+                np.atleast_1d(initializer_array(inits[layout[name]["scale"]])).astype(np.float32)
+            )
+    return stored, scales, zero_points, axes
 
 
 def kernel_check(

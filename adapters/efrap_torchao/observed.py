@@ -507,6 +507,42 @@ def _run(
     return forward
 
 
+def _check_undefended(prepared: Any) -> None:
+    """A prepared model, not yet defended: a second defense would learn from snapped weights."""
+    if not isinstance(prepared, nn.Module):
+        raise EFRAPError(
+            f"prepared: expected the model prepare_pt2e / prepare_fx / prepare returned, got {type(prepared).__name__}"
+        )
+    if getattr(prepared, _DEFENDED, False):
+        raise EFRAPError(
+            "prepared: defend_prepared already snapped its weights to a plan's integers; a second defense "
+            "would learn from those, not from the float weights. Prepare and calibrate the float model "
+            "again to defend it with another config"
+        )
+
+
+def _observed_layers(
+    prepared: nn.Module, calib: torch.Tensor, graph: bool, relu_units: bool
+) -> tuple[list[_Layer], dict[str, str]]:
+    """The layers EFRAP learns, in the order a forward pass calls them, and those it names as skipped;
+    refused with the fix when the model was never calibrated, the calibration does not run through it,
+    or it has no observed Conv / Linear."""
+    layers, skipped = _graph_layers(prepared, relu_units) if graph else _module_layers(prepared, relu_units)
+    if layers:  # a model with nothing to learn is named as such below
+        _check_calibrated(prepared, {id(layer.observer) for layer in layers})
+        _check_fits(prepared, calib, layers)
+    if not graph:
+        layers = _execution_order(prepared, layers, calib[:1])
+    if not layers:
+        raise ModelError(
+            f"prepared: no Conv / Linear weight with an observer in {type(prepared).__name__}; call defend_prepared "
+            "after prepare_pt2e / prepare_fx / prepare (with a qconfig that quantizes weights) and calibration"
+        )
+    for name, reason in skipped.items():
+        log.warning("%s: %s", name, reason)
+    return layers, skipped
+
+
 def defend_prepared(
     prepared: nn.Module,
     calib_data: Any,
@@ -527,16 +563,7 @@ def defend_prepared(
     """
     config = config or EFRAPConfig()
     check_layer_inputs(layer_inputs)
-    if not isinstance(prepared, nn.Module):
-        raise EFRAPError(
-            f"prepared: expected the model prepare_pt2e / prepare_fx / prepare returned, got {type(prepared).__name__}"
-        )
-    if getattr(prepared, _DEFENDED, False):
-        raise EFRAPError(
-            "prepared: defend_prepared already snapped its weights to a plan's integers; a second defense "
-            "would learn from those, not from the float weights. Prepare and calibrate the float model "
-            "again to defend it with another config"
-        )
+    _check_undefended(prepared)
     calib = as_calibration(calib_data, inputs_needed(config))
     relu_units = config.unit == "activation"
     graph = isinstance(prepared, torch.fx.GraphModule) and any(
@@ -545,21 +572,7 @@ def defend_prepared(
     # the captures run the user's model: in eval mode, so its BatchNorm statistics stay as calibration left
     # them (an exported PT2E graph has no train / eval switch and is left as it is)
     with _eval_mode(prepared, enabled=not graph):
-        layers, skipped = (
-            _graph_layers(prepared, relu_units) if graph else _module_layers(prepared, relu_units)
-        )
-        if layers:  # a model with nothing to learn is named as such below
-            _check_calibrated(prepared, {id(layer.observer) for layer in layers})
-            _check_fits(prepared, calib, layers)
-        if not graph:
-            layers = _execution_order(prepared, layers, calib[:1])
-        if not layers:
-            raise ModelError(
-                f"prepared: no Conv / Linear weight with an observer in {type(prepared).__name__}; call defend_prepared "
-                "after prepare_pt2e / prepare_fx / prepare (with a qconfig that quantizes weights) and calibration"
-            )
-        for name, reason in skipped.items():
-            log.warning("%s: %s", name, reason)
+        layers, skipped = _observed_layers(prepared, calib, graph, relu_units)
         # a module called more than once (tied weights): PT2E names each call by its graph node
         warn_tied_weights((layer.name, layer.nodes[1] if layer.nodes else layer.name) for layer in layers)
         # every grid read before any work: an observer EFRAP cannot follow is named first
