@@ -10,14 +10,12 @@ the kernel check's verdict. The AVX2-only CPU is Debian's qemu-user (`qemu-x86_6
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,16 +63,12 @@ def measure(data: Path, models: list[str]) -> list[dict]:
 
 
 def build(folder: Path) -> tuple[Path, list[Path]]:
-    """The test data (.npz) and the six int8 files: stock and defended, three flows."""
+    """The test data (.npz) and the six int8 files: stock and defended, three flows (Brevitas' are
+    committed fixtures)."""
     import torch
-    from brevitas.graph.calibrate import calibration_mode
-    from brevitas.graph.quantize import COMPUTE_LAYER_MAP, preprocess_for_quantize, quantize
-    from brevitas.quant import Int8WeightPerChannelFloat
-    from torch import nn
 
-    from efrap_brevitas import defend_quant_model, export_qcdq
     from efrap_onnx import quantize_images
-    from efrap_plugin import PatchTrigger, load_digits, load_model
+    from efrap_plugin import PatchTrigger, load_digits
 
     torch.set_num_threads(1)
     digits = load_digits(seed=0)
@@ -104,21 +98,8 @@ def build(folder: Path) -> tuple[Path, list[Path]]:
                 progress=False,
             )
             models.append(out)
-    model = load_model(FIXTURE / "model.safetensors")[0].eval()
-    layer_map = dict(COMPUTE_LAYER_MAP)
-    for float_cls in (nn.Conv2d, nn.Linear):
-        quant_cls, kwargs = layer_map[float_cls]
-        layer_map[float_cls] = (quant_cls, {**kwargs, "weight_quant": Int8WeightPerChannelFloat})
-    for how in ("stock", "efrap"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantized = quantize(preprocess_for_quantize(copy.deepcopy(model)), compute_layer_map=layer_map)
-            with torch.no_grad(), calibration_mode(quantized):
-                for batch in calib.split(64):
-                    quantized(batch)
-            if how == "efrap":
-                defend_quant_model(quantized.eval(), calib, progress=False)
-            models.append(export_qcdq(quantized.eval(), calib[:1], folder / f"brevitas-qcdq-{how}.onnx"))
+    for how in ("", "-efrap"):  # Brevitas' graph flow, exported QCDQ (tests/fixtures/build.py kernels)
+        models.append(ROOT / "tests" / "fixtures" / "kernels" / f"brevitas-qcdq-int8{how}.onnx")
     return data, models
 
 
