@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import signal
@@ -245,6 +246,14 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
     return code
 
 
+_WRITE_REFUSED = dict.fromkeys(
+    (errno.EFBIG, errno.ENOSPC, errno.EDQUOT),
+    "; a write was refused by the file-size limit (ulimit -f) or a full disk: raise the limit or free space "
+    "where --out and the temporary folder ($TMPDIR) are",
+)
+"""What to do when the file system refuses a write: the error alone names no file and no fix."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -262,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, str(exc), 1)
     except OSError as exc:  # the file system refused: name the file and the reason, no traceback
         where = f"{exc.filename}: " if exc.filename else ""
-        return _fail(args, f"{where}{exc.strerror or exc}", 1)
+        return _fail(args, f"{where}{exc.strerror or exc}{_WRITE_REFUSED.get(exc.errno, '')}", 1)
     except KeyboardInterrupt:
         return _fail(args, "interrupted", 130)
     except _Terminated:

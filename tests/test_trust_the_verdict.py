@@ -601,3 +601,16 @@ def _file_holds_a_nonzero_bias(path) -> bool:
     from efrap_brevitas import read_qcdq_weights
 
     return any(w.bias is not None and bool(w.bias.abs().max() > 0) for w in read_qcdq_weights(path).values())
+
+
+def test_a_file_size_limit_is_named_not_blamed_on_the_model(pq8_onnx, tmp_path):
+    """Under `ulimit -f` onnxruntime's pre-processing cannot write its temporary files: the error says the
+    file system refused a write and what to do, and nothing is left at --out."""
+    out = tmp_path / "d.onnx"
+    command = (
+        f"ulimit -f 20; exec {sys.executable} -m efrap_cli.main defend {pq8_onnx} --calib digits "
+        f"--out {out} --iters 5 --quiet"
+    )
+    ran = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 1 and "file-size limit (ulimit -f)" in ran.stderr
+    assert "cannot prepare" not in ran.stderr and "Traceback" not in ran.stderr and not out.exists()

@@ -220,6 +220,8 @@ def preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
                 messages[-1],
             )
         return pre
+    except OSError:  # the file system refused (a full disk, a file-size limit): not the model's fault
+        raise
     except Exception as exc:
         cause = f"{type(exc).__name__}: {exc}" if str(exc).strip() else f"{type(exc).__name__}, no message"
         found = shape_error(model)
