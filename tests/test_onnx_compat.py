@@ -436,3 +436,28 @@ def test_a_float16_qoperator_graph_onnxruntime_cannot_run_is_refused(tmp_path):
             str(src), tmp_path / "efrap.onnx", ListDataReader(batches), progress=False, **options
         )
     assert not (tmp_path / "efrap.onnx").exists()
+
+
+@pytest.mark.parametrize("qtype", [QuantType.QInt8, QuantType.QUInt8])
+def test_a_float16_conv_transpose_onnxruntime_runs_is_defended(tmp_path, qtype):
+    """onnxruntime's own ConvTranspose float16 tests (s8s8, u8u8): its output runs, so the drop-in defends."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("ConvTranspose", ["input", "w"], ["out"], name="up")],
+        "conv_transpose_fp16",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT16, [-1, 3, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT16, [-1, 4, 10, 10])],
+        [numpy_helper.from_array(rng.normal(0, 0.3, (3, 4, 3, 3)).astype(np.float16), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    src = tmp_path / "up.onnx"
+    onnx.save(model, str(src))
+    batches = [{"input": rng.normal(size=(4, 3, 8, 8)).astype(np.float16)} for _ in range(2)]
+    options = dict(quant_format=QuantFormat.QDQ, activation_type=qtype, weight_type=qtype)
+    out = tmp_path / "efrap.onnx"
+    plan = efrap_onnx.quantize_static(
+        str(src), out, ListDataReader(batches), config=FAST, progress=False, **options
+    )
+    assert list(plan.layers) == ["w"] and efrap_onnx.verify(out, plan).integers_ok
+    assert efrap_onnx.session(out).run(None, batches[0])[0].dtype == np.float16
