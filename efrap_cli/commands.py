@@ -207,11 +207,10 @@ def _kernel_agreement(
     """For a quantized ONNX model: whether this CPU's fused kernels compute what its graph says on the
     test images, and, where they do not, the figures of the graph's own arithmetic beside the kernels'."""
     onnx_adapter = adapter("onnx")
-    if onnx_file is None or not onnx_adapter.weight_integers(
-        onnx_adapter.load_onnx(onnx_file, check_finite=False)
-    ):
+    model = None if onnx_file is None else onnx_adapter.load_onnx(onnx_file, check_finite=False)
+    if model is None or not onnx_adapter.weight_integers(model):
         return None
-    check = onnx_adapter.kernel_check(onnx_file, np.ascontiguousarray(test.x.numpy()))
+    check = onnx_adapter.kernel_check(model, np.ascontiguousarray(test.x.numpy()))  # the file read once
     found = {"kernel_agreement": check.to_dict(), "summary": check.summary()}
     if not check.ok:
         exact = outcomes(onnx_adapter.session(onnx_file, exact=True), test, trigger).metrics()
