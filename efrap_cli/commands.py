@@ -314,33 +314,23 @@ def _config(args: argparse.Namespace) -> EFRAPConfig:
         )
         if getattr(args, field) is not None
     }
-    for field in ("budget", "margin_cap"):
+    for field in ("budget", "margin_cap"):  # 'off' is a value given: None
         if hasattr(args, field):
             given[field] = getattr(args, field)
-    if "budget" not in given and ("flip_weight" in given or args.objective != "efrap"):
-        given["budget"] = None  # a fixed strength, or an ablation: nothing for budget mode to search
-    if given.get("budget", base.budget) is not None:
-        if "flip_weight" in given:
-            raise UsageError(
-                "--flip-weight sets the one fixed flipping strength; --budget searches the strength per layer "
-                "instead. Give one of them (--budget off to use --flip-weight)"
-            )
-    else:
-        if "max_strength" in given:
-            raise UsageError("--max-strength tops budget mode's ladder; give --budget PCT with it")
-        if "holdout" in given:
-            raise UsageError("--holdout sets the images budget mode measures on; give --budget PCT with it")
-        if "holdout_choice" in given:
-            raise UsageError(
-                "--holdout-choice picks the images budget mode measures on; give --budget PCT with it"
-            )
-        if given.get("margin_cap") is not None:
-            raise UsageError("--margin-cap caps budget mode's ladder; give --budget PCT with it")
+    if getattr(args, "unit", None) is not None:
+        given["unit"] = args.unit
+    if given.get("budget", base.budget) is not None and "flip_weight" in given:
+        raise UsageError(
+            "--flip-weight sets the one fixed flipping strength; --budget searches the strength per layer "
+            "instead. Give one of them (--budget off to use --flip-weight)"
+        )
     device = getattr(args, "device", None) or "cpu"
     resolve_device(device)  # a clear error before any work, not after the stock quantization
-    return base.replace(
-        **given, calib_size=args.calib_size, objective=args.objective, seed=args.seed, device=device
-    )
+    given.update(calib_size=args.calib_size, objective=args.objective, seed=args.seed, device=device)
+    try:
+        return EFRAPConfig.from_flags(given, base)
+    except EFRAPError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
@@ -395,8 +385,8 @@ def cmd_defend(args: argparse.Namespace) -> dict[str, Any]:
         "held_out_resolution": None if plan.resolution is None else round(plan.resolution, 4),
         "held_out_choice": None if config.budget is None else config.holdout_choice,
         "strength": {k: v.stats["strength"] for k, v in plan.layers.items() if "strength" in v.stats},
-        "skipped": plan.meta.get("skipped", {}),
-        "constants": plan.meta.get("constants", {}),
+        "skipped": dict(plan.meta.skipped),
+        "constants": dict(plan.meta.constants),
         "verify": report.to_dict(),
         "kernel_agreement": report.kernels.to_dict(),
         "crowded_layers": crowded,

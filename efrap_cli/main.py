@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from efrap_plugin import HOLDOUT_CHOICES, EFRAPConfig, EFRAPError
+from efrap_plugin import HOLDOUT_CHOICES, UNITS, EFRAPConfig, EFRAPError
 from efrap_plugin.attacks import ATTACKS
 from efrap_plugin.schemes import SCHEME_PRESETS
 
@@ -52,8 +52,8 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
             "--flip-weight",
             float,
             "flip_weight",
-            "one fixed strength for every layer, the weight of the error-guided flipping term; implies "
-            "--budget off",
+            "one fixed strength for every layer, the weight of the error-guided flipping term (not with "
+            "--budget)",
         ),
         ("--patience", int, "patience", "end a layer once its integers are stable this many steps; 0: off"),
         (
@@ -115,7 +115,14 @@ def _defense_flags(p: argparse.ArgumentParser) -> None:
         "--objective",
         choices=["efrap", "flip_only", "preserve_only"],
         default=d.objective,
-        help="full EFRAP or an ablation (an ablation implies --budget off; default: efrap)",
+        help="full EFRAP or an ablation (an ablation is not run with --budget; default: efrap)",
+    )
+    p.add_argument(
+        "--unit",
+        choices=UNITS,
+        default=None,
+        help="what the layer's output term preserves: 'activation', its output after the ReLU that "
+        "follows it, or 'layer', its raw output (default: activation)",
     )
     p.add_argument(
         "--reference",

@@ -7,7 +7,7 @@ The backend-neutral core. ``defend(model, calib_data, scheme, config) -> Roundin
 from .analysis import LayerScan, crowded_layers, format_scan, scan_weights
 from .checkpoint import load_model, save_model
 from .cifar import load_cifar10
-from .config import HOLDOUT_CHOICES, EFRAPConfig
+from .config import BUDGET_ONLY, HOLDOUT_CHOICES, LAYER_INPUTS, UNITS, EFRAPConfig, LayerInputs, Unit
 from .conformance import IntegerReport, compare_integers
 from .data import (
     LabeledData,
@@ -20,7 +20,8 @@ from .data import (
     load_npz,
     load_npz_inputs,
 )
-from .engine import capture, defend
+from .defense import resolve_config, run, with_layer_inputs
+from .engine import TorchModelProducer, capture, defend
 from .errors import DataError, EFRAPError, ModelError, PlanMismatchError
 from .evaluate import (
     ATTACK_BARS,
@@ -48,13 +49,14 @@ from .held_out import (
     MIN_HOLDOUT,
     HeldOut,
     Measurement,
+    first_outputs,
     held_out_indices,
     inputs_needed,
     split_calibration,
     split_sizes,
     take_rows,
 )
-from .layer_inputs import LAYER_INPUTS, LayerInputs, check_layer_inputs, mix_layer_inputs, pick_layer_inputs
+from .layer_inputs import check_layer_inputs, mix_layer_inputs, pick_layer_inputs
 from .layers import (
     CONV_TRANSPOSE,
     core_weight,
@@ -69,10 +71,10 @@ from .layers import (
 from .loop import defend_layers, warn_tied_weights
 from .models import DigitsCNN, ResNet, TokenEncoder, build_model, resnet8, resnet20
 from .objective import learnable_bounds, truncation_error
-from .plan import LayerPlan, RoundingPlan, grid_record, snap_integers, snap_weight
+from .plan import LayerPlan, PlanMeta, RoundingPlan, grid_record, snap_integers, snap_weight
+from .producer import FoundLayers, Honours, LayerProblem, LayerProducer, ProducedPlan
 from .rounding import (
     BUDGET_STRENGTHS,
-    LayerProblem,
     LayerResult,
     budget_strengths,
     learn_rounding,
@@ -86,6 +88,19 @@ from .triggers import PatchTrigger
 __version__ = "0.1.0"
 
 __all__ = [
+    "BUDGET_ONLY",
+    "FoundLayers",
+    "Honours",
+    "LayerProducer",
+    "PlanMeta",
+    "ProducedPlan",
+    "TorchModelProducer",
+    "UNITS",
+    "Unit",
+    "first_outputs",
+    "resolve_config",
+    "run",
+    "with_layer_inputs",
     "ATTACK_BARS",
     "BUDGET_STRENGTHS",
     "CONV_TRANSPOSE",

@@ -10,13 +10,29 @@ from typing import Any, Literal
 
 from .errors import EFRAPError
 
-__all__ = ["HOLDOUT_CHOICES", "EFRAPConfig"]
+__all__ = ["BUDGET_ONLY", "HOLDOUT_CHOICES", "LAYER_INPUTS", "UNITS", "EFRAPConfig", "LayerInputs", "Unit"]
 
 _OBJECTIVES = ("efrap", "flip_only", "preserve_only")
 HOLDOUT_CHOICES = ("boundary", "last")
 """EFRAPConfig.holdout_choice's values."""
+LayerInputs = Literal["quantized", "float", "mixed"]
+LAYER_INPUTS: tuple[str, ...] = ("quantized", "float", "mixed")
+"""EFRAPConfig.layer_inputs's values (None: the producer's own)."""
+Unit = Literal["activation", "layer"]
+UNITS: tuple[str, ...] = ("activation", "layer")
+"""EFRAPConfig.unit's values (None: the producer's own)."""
 _DEFAULT_MAX_STRENGTH = 0.5
 _DEFAULT_FLIP_WEIGHT = 1.0
+_DEFAULT_HOLDOUT = 256
+
+BUDGET_ONLY: dict[str, tuple[str, str]] = {
+    "max_strength": ("--max-strength", "tops budget mode's ladder"),
+    "margin_cap": ("--margin-cap", "caps budget mode's ladder"),
+    "holdout": ("--holdout", "sets the images budget mode measures on"),
+    "holdout_choice": ("--holdout-choice", "picks the images budget mode measures on"),
+}
+"""The fields that mean something only under a budget: their flag and what they do. Given without a
+budget they are refused (by the config where they differ from the default, by the CLI where given)."""
 
 
 @dataclass(frozen=True)
@@ -50,9 +66,17 @@ class EFRAPConfig:
     """reference: L_F in weight units, summed (the paper's code); lsb: L_F in integer units (|e|/s)
     averaged per weight, and L_A divided by the L_A of moving every weight one integer step, so that
     the same flip_weight means the same trade-off at every bit width, layer size and input scale."""
-    unit: Literal["activation", "layer"] = "activation"
-    """What L_A preserves: the layer's output after its ReLU when one follows (the reference's unit,
-    errors on negative pre-activations cost nothing), or the raw layer output."""
+    unit: Unit | None = None
+    """What L_A preserves (--unit): "activation", the layer's output after its ReLU when one follows
+    (the reference's unit, errors on negative pre-activations cost nothing), or "layer", the raw layer
+    output. None: the producer's own (activation; layer in Brevitas, whose ReLU is a quantized module of
+    its own). A producer that cannot honour the choice refuses it with the reason."""
+    layer_inputs: LayerInputs | None = None
+    """Where a layer's cached inputs come from: "quantized" (the partially quantized
+    model, the reference), "float" (the float model) or "mixed" (each element from one or the other at
+    random). None: the producer's own (mixed in the torchao and Brevitas flows, quantized in ``defend``
+    and onnxruntime; benchmarks/results/layer-inputs.md). A producer that cannot honour the choice
+    refuses it with the reason."""
     objective: Literal["efrap", "flip_only", "preserve_only"] = "efrap"
     """efrap: L_A + L_F + L_P; ablations: flip_only (L_F + L_P), preserve_only (L_A + L_P, AdaRound-like)."""
     seed: int = 1005
@@ -88,7 +112,7 @@ class EFRAPConfig:
     also stops at the first strength over it. Disagreement counts decisions that flipped; this sees
     confidence falling first, so a strong ladder can climb without clean accuracy sliding
     (benchmarks/results/margin.md). None (the default): no cap."""
-    holdout: int = 256
+    holdout: int = _DEFAULT_HOLDOUT
     """Budget mode (--holdout): calibration images held out of the optimisation to measure the
     disagreement on (at most a quarter of the calibration data when less than ``calib_size`` + this is
     supplied). Each weighs 100 / holdout percent: on 256, a one-point accuracy change is 2.6 images
@@ -142,8 +166,13 @@ class EFRAPConfig:
             raise EFRAPError(
                 f"EFRAPConfig.error_norm: expected 'element' or 'neuron', got {self.error_norm!r}"
             )
-        if self.unit not in ("activation", "layer"):
-            raise EFRAPError(f"EFRAPConfig.unit: expected 'activation' or 'layer', got {self.unit!r}")
+        if self.unit is not None and self.unit not in UNITS:
+            raise EFRAPError(f"EFRAPConfig.unit (--unit): expected one of {UNITS} or None, got {self.unit!r}")
+        if self.layer_inputs is not None and self.layer_inputs not in LAYER_INPUTS:
+            raise EFRAPError(
+                f"EFRAPConfig.layer_inputs: expected 'quantized', 'float' or 'mixed', got {self.layer_inputs!r} "
+                "(None: the route's own)"
+            )
         if self.balance not in ("reference", "lsb"):
             raise EFRAPError(f"EFRAPConfig.balance: expected 'reference' or 'lsb', got {self.balance!r}")
 
@@ -181,16 +210,22 @@ class EFRAPConfig:
                 f"EFRAPConfig.margin_cap (--margin-cap): expected a percentage in [0, 100] or None, "
                 f"got {self.margin_cap!r}"
             )
-        if self.budget is None and self.max_strength != _DEFAULT_MAX_STRENGTH:
-            raise EFRAPError(
-                f"EFRAPConfig.max_strength (--max-strength): tops budget mode's ladder, and budget is None "
-                f"(--budget off); set a budget (--budget PCT) or leave max_strength at {_DEFAULT_MAX_STRENGTH}"
-            )
-        if self.budget is None and self.margin_cap is not None:
-            raise EFRAPError(
-                "EFRAPConfig.margin_cap (--margin-cap): caps budget mode's ladder, and budget is None "
-                "(--budget off); set a budget (--budget PCT) or margin_cap=None"
-            )
+        if self.budget is None:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name in BUDGET_ONLY:
+                if getattr(self, name) != defaults[name]:
+                    raise EFRAPError(_budget_only(name, field=True))
+
+    @classmethod
+    def from_flags(cls, given: dict[str, Any], base: EFRAPConfig | None = None) -> EFRAPConfig:
+        """``base`` (the defaults) with the fields a command line gave: a budget-mode field given without
+        a budget is refused even where its value is the default's (it would mean nothing)."""
+        base = base or cls()
+        if given.get("budget", base.budget) is None:
+            for name in BUDGET_ONLY:
+                if name in given and not (name == "margin_cap" and given[name] is None):
+                    raise EFRAPError(_budget_only(name, field=False))
+        return dataclasses.replace(base, **given)
 
     @classmethod
     def reference(cls, **changes: Any) -> EFRAPConfig:
@@ -221,6 +256,12 @@ class EFRAPConfig:
         if not isinstance(data, dict):
             raise EFRAPError(f"EFRAPConfig: expected a JSON object of fields, got {text!r}")
         return cls.from_dict(data)
+
+
+def _budget_only(name: str, field: bool) -> str:
+    flag, does = BUDGET_ONLY[name]
+    what = f"EFRAPConfig.{name} ({flag})" if field else flag
+    return f"{what} {does}, and budget is None (--budget off); give --budget PCT with it"
 
 
 def _finite(value: Any) -> bool:

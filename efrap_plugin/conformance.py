@@ -19,9 +19,9 @@ class IntegerReport:
 
     ``unplanned`` lists quantized layers the artifact holds and the plan does not: a verification that
     cannot account for every quantized layer fails, as does one with no layer at all. ``skipped``: layers
-    the plan lists as left at nearest rounding, with a reason (``plan.meta["skipped"]``): accounted for.
+    the plan lists as left at nearest rounding, with a reason (``plan.meta.skipped``): accounted for.
     ``constants``: quantized tensors that are no layer's weight (an Add's bias, a norm's scale, a lookup
-    table), which the plan lists with their readers (``plan.meta["constants"]``): accounted for.
+    table), which the plan lists with their readers (``plan.meta.constants``): accounted for.
     """
 
     layers: int
@@ -93,12 +93,12 @@ def compare_integers(
 
     A plan layer missing from ``stored`` counts as mismatched (-1); a stored layer the plan lacks is
     ``unplanned``. ``ranges``: the integer range the artifact clamps each layer to, checked against the
-    plan's grid (``plan.meta["grids"][name]`` where the plan has per-layer grids, else its scheme).
+    plan's grid (``plan.meta.grids[name]`` where the plan has per-layer grids, else its scheme).
     ``scales`` / ``zero_points``: what the artifact dequantizes each layer with, read from the node that
     reads its integers. With ``strict`` any difference raises PlanMismatchError naming the layers.
     """
     report = IntegerReport(layers=len(plan.layers), matching=0)
-    listed, constants = plan.meta.get("skipped", {}), plan.meta.get("constants", {})
+    listed, constants = plan.meta.skipped, plan.meta.constants
     extra = set(stored) - set(plan.layers)
     report.skipped = sorted(extra & set(listed))
     report.constants = sorted(extra & set(constants) - set(listed))
@@ -136,7 +136,7 @@ def compare_integers(
 
 
 def _planned_range(plan: RoundingPlan, name: str) -> tuple[int, int]:
-    grid = plan.meta.get("grids", {}).get(name)
+    grid = plan.meta.grids.get(name)
     if grid is not None:
         return int(grid["qmin"]), int(grid["qmax"])
     return plan.scheme.qmin, plan.scheme.qmax

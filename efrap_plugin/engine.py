@@ -6,9 +6,9 @@ inputs quantized); targets from the float model. Only one layer's activations ar
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,8 +17,10 @@ from torch import nn
 
 from .config import EFRAPConfig
 from .data import as_calibration
+from .defense import run
 from .errors import DataError, ModelError
-from .held_out import HeldOut, inputs_needed, split_calibration
+from .held_out import HeldOut, first_outputs, take_rows
+from .layer_inputs import pick_layer_inputs
 from .layers import (
     core_weight,
     followed_by_relu,
@@ -28,12 +30,11 @@ from .layers import (
     unlearned_layers,
     weight_axis,
 )
-from .loop import defend_layers
-from .plan import RoundingPlan
-from .rounding import LayerProblem
+from .plan import LayerPlan, RoundingPlan
+from .producer import FoundLayers, Honours, LayerProblem, ProducedPlan
 from .schemes import ActivationQuantizer, QuantScheme, scheme_preset
 
-__all__ = ["defend", "capture"]
+__all__ = ["TorchModelProducer", "capture", "defend"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,65 @@ def _then_relu(forward):
     return lambda x, w: torch.relu(forward(x, w))
 
 
+class TorchModelProducer:
+    """``defend``'s producer: a copy of the user's torch model, prepared as the backend prepares it
+    (BatchNorm folded), and a second copy whose layer inputs are quantized per tensor and whose learned
+    layers are installed as the loop goes: the reference's partially quantized model."""
+
+    source = "torch"
+    flow = "torch"
+    honours = Honours(layer_inputs=("quantized", "float", "mixed"), units=("activation", "layer"))
+
+    def __init__(self, model: nn.Module, scheme: QuantScheme) -> None:
+        self.scheme = scheme
+        self.prepared = prepare_model(model, scheme)
+        self.model_name = type(model).__name__
+        self.conv_transpose = scheme.learns_conv_transpose
+        quantizable_layers(
+            self.prepared, conv_transpose=self.conv_transpose
+        )  # none: refused before reading data
+        self.layers: list[tuple[str, nn.Module]] = []
+        self.quantized: nn.Module | None = None
+
+    def running(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # the user's model is never touched: everything runs on copies
+
+    def calibration(self, data: Any, rows: int) -> torch.Tensor:
+        return as_calibration(data, rows)
+
+    def rows(self, calib: torch.Tensor) -> int:
+        return int(calib.shape[0])
+
+    def take(self, calib: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return take_rows(calib, idx)
+
+    def find_layers(self, calib: torch.Tensor, config: EFRAPConfig) -> FoundLayers:
+        try:
+            self.layers = quantizable_layers(self.prepared, calib[:1], conv_transpose=self.conv_transpose)
+        except RuntimeError as exc:
+            raise DataError(
+                f"calibration data: samples of shape {tuple(calib.shape[1:])} do not fit {self.model_name} ({exc})"
+            ) from None
+        return FoundLayers(
+            [name for name, _ in self.layers], unlearned_layers(self.prepared, self.conv_transpose)
+        )
+
+    def float_outputs(self, calib: torch.Tensor) -> torch.Tensor:
+        return first_outputs(self.prepared, calib)
+
+    def problems(self, calib: torch.Tensor, config: EFRAPConfig) -> Iterator[LayerProblem]:
+        self.quantized = copy.deepcopy(self.prepared)
+        _install_act_quantizers(self.quantized, self.layers, calib, self.scheme)
+        with_relu = followed_by_relu(self.prepared) if config.unit == "activation" else set()
+        return _problems(self.prepared, self.quantized, self.layers, calib, self.scheme, with_relu, config)
+
+    def held_out(self, held: torch.Tensor) -> HeldOut:
+        return HeldOut.of_models(self.prepared, self.quantized, held)
+
+    def finish(self, learned: dict[str, LayerPlan]) -> ProducedPlan:
+        return ProducedPlan(self.scheme, learned)
+
+
 def _problems(
     prepared: nn.Module,
     quantized: nn.Module,
@@ -96,8 +156,10 @@ def _problems(
     calib: torch.Tensor,
     scheme: QuantScheme,
     with_relu: set[str],
+    config: EFRAPConfig,
 ) -> Iterator[LayerProblem]:
     """One problem per layer, built when the loop asks: by then earlier layers' integers are installed."""
+    generator = torch.Generator().manual_seed(config.seed)
     for i, (name, layer) in enumerate(layers):
         position = "first" if i == 0 else "last" if i == len(layers) - 1 else "middle"
         layer_scheme = scheme.for_layer(position)
@@ -115,18 +177,16 @@ def _problems(
                     scheme.dequantize(integers, scale, zero_point).movedim(0, weight_axis(q_layer))
                 )
 
-        yield LayerProblem(
-            name,
-            weight,
-            layer_scheme,
-            forward,
-            capture(quantized, q_layer, calib, "input"),
-            targets,
-            scale,
-            zero_point,
-            install,
-        )
-        del targets  # before the next layer's capture: one layer's activations held at a time
+        def inputs_of(kind, layer=layer, q_layer=q_layer):
+            return (
+                capture(quantized, q_layer, calib, "input")
+                if kind == "quantized"
+                else capture(prepared, layer, calib, "input")
+            )
+
+        inputs = pick_layer_inputs(config.layer_inputs, inputs_of, generator)
+        yield LayerProblem(name, weight, layer_scheme, forward, inputs, targets, scale, zero_point, install)
+        del inputs, targets  # before the next layer's capture: one layer's activations held at a time
 
 
 def defend(
@@ -141,32 +201,10 @@ def defend(
 
     ``model`` is not modified. ``calib_data``: unlabeled images (tensor, array, .npz path, LabeledData
     or an iterable of batches). Returns a RoundingPlan; ``plan.apply(model)`` gives the fake-quantized
-    model, ``plan.snap(model)`` float weights that the backend rounds to the plan's integers.
+    model, ``plan.snap(model)`` float weights that the backend rounds to the plan's integers. Each
+    layer's inputs come from the partially quantized copy (``config.layer_inputs`` None or "quantized",
+    the reference), the float model ("float") or a mix of both ("mixed").
     """
-    config = config or EFRAPConfig()
     if isinstance(scheme, str):
         scheme = scheme_preset(scheme, bits if bits is not None else 8)
-    start = time.perf_counter()
-    prepared = prepare_model(model, scheme)
-    transposed = scheme.learns_conv_transpose
-    layers = quantizable_layers(prepared, conv_transpose=transposed)
-    calib = as_calibration(calib_data, inputs_needed(config))
-    try:
-        layers = quantizable_layers(prepared, calib[:1], conv_transpose=transposed)
-    except RuntimeError as exc:
-        raise DataError(
-            f"calibration data: samples of shape {tuple(calib.shape[1:])} do not fit {type(model).__name__} ({exc})"
-        ) from None
-    skipped = unlearned_layers(prepared, transposed)
-    for name, reason in skipped.items():
-        log.warning("%s: %s", name, reason)
-    calib, held = split_calibration(calib, config, prepared)
-    with_relu = followed_by_relu(prepared) if config.unit == "activation" else set()
-    quantized = copy.deepcopy(prepared)
-    _install_act_quantizers(quantized, layers, calib, scheme)
-    problems = _problems(prepared, quantized, layers, calib, scheme, with_relu)
-    held_out = HeldOut.of_models(prepared, quantized, held) if config.budget is not None else None
-    plans = defend_layers(problems, config, len(layers), progress, held_out)
-    log.info("EFRAP: %d layers in %.1f s", len(plans), time.perf_counter() - start)
-    meta = {"config": config.to_dict(), "calib_size": int(calib.shape[0]), "skipped": skipped}  # no timings
-    return RoundingPlan(scheme, plans, "torch", meta)
+    return run(TorchModelProducer(model, scheme), calib_data, config, progress=progress)

@@ -16,6 +16,7 @@ from .errors import DataError, EFRAPError
 
 __all__ = [
     "MIN_HOLDOUT",
+    "first_outputs",
     "HeldOut",
     "Measurement",
     "held_out_indices",
@@ -99,7 +100,7 @@ def split_calibration(
     """Calibration inputs (read with ``inputs_needed``) split into the optimisation's and the held-out
     ones (none without a budget); ``float_forward``, the float model, picks the held-out ones
     (``held_out_indices``)."""
-    outputs = None if float_forward is None else lambda: _run(float_forward, inputs)
+    outputs = None if float_forward is None else lambda: first_outputs(float_forward, inputs)
     fit, held = held_out_indices(inputs.shape[0], config, outputs)
     return take_rows(inputs, fit), take_rows(inputs, held)
 
@@ -112,8 +113,9 @@ def take_rows(inputs: Any, idx: torch.Tensor) -> Any:
     return inputs[idx.numpy() if not isinstance(inputs, torch.Tensor) else idx]
 
 
-def _run(forward: Callable[[torch.Tensor], Any], inputs: torch.Tensor) -> torch.Tensor:
-    """``forward``'s first output on ``inputs``, run in chunks without gradients."""
+def first_outputs(forward: Callable[[torch.Tensor], Any], inputs: torch.Tensor) -> torch.Tensor:
+    """``forward``'s first output on ``inputs`` (a QuantTensor's value, a tuple's first item), run in
+    chunks without gradients."""
     with torch.no_grad():
         return torch.cat([_output(forward(inputs[i : i + _CHUNK])) for i in range(0, len(inputs), _CHUNK)])
 
@@ -163,7 +165,7 @@ class HeldOut:
         inputs: torch.Tensor,
     ) -> HeldOut:
         """Torch flows: the float and the partially quantized model as callables, run in chunks."""
-        return cls(_run(float_forward, inputs), lambda: _run(quantized_forward, inputs))
+        return cls(first_outputs(float_forward, inputs), lambda: first_outputs(quantized_forward, inputs))
 
     @property
     def resolution(self) -> float:

@@ -9,16 +9,14 @@ noise of the calibration images nor ignores it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 
+from .config import LAYER_INPUTS, LayerInputs
 from .errors import EFRAPError
 
 __all__ = ["LAYER_INPUTS", "LayerInputs", "check_layer_inputs", "mix_layer_inputs", "pick_layer_inputs"]
 
-LayerInputs = Literal["quantized", "float", "mixed"]
-LAYER_INPUTS: tuple[str, ...] = ("quantized", "float", "mixed")
 _MIX_ROWS = 64
 """Rows of the mixing mask drawn at once: the same draws as one mask for all rows (the generator runs
 serially), without a mask as large as the layer's inputs."""

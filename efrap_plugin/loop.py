@@ -23,7 +23,14 @@ from .rounding import LayerProblem, LayerResult, learn_rounding, path_steps, rou
 from .threads import threads_for
 from .training import resolve_device
 
-__all__ = ["defend_layers", "layer_generators", "warn_tied_weights"]
+__all__ = [
+    "BudgetLadder",
+    "FixedStrength",
+    "defend_layers",
+    "layer_generators",
+    "strength_strategy",
+    "warn_tied_weights",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +46,7 @@ def defend_layers(
     config: EFRAPConfig,
     layers: int,
     progress: bool = True,
-    held_out: HeldOut | None = None,
+    held_out: HeldOut | Callable[[], HeldOut] | None = None,
 ) -> dict[str, LayerPlan]:
     """Learn and install the rounding of each problem in turn; the plan of every layer, by problem name.
 
@@ -47,72 +54,128 @@ def defend_layers(
     own generator, seeded from ``config.seed`` and the layer's place (``layer_generators``), so the same
     problems give the same plan, and a layer that stops early (``patience``, the budget) leaves every
     later layer's batch sequence as it was: what changes downstream is the stop's own effect.
-    Under a budget (``config.budget``), ``held_out`` measures each strength the layer tries.
+    Under a budget (``config.budget``), ``held_out`` measures each strength the layer tries; given as a
+    callable, it is made when the first layer needs it (after the producer's first problem was built).
     """
     resolve_device(config.device)  # before the first layer's inputs are captured
-    if config.budget is not None and held_out is None:
-        raise EFRAPError("budget mode: this producer gives no held-out measurement; set budget=None")
+    strength = strength_strategy(config, held_out, layers)
     generators = layer_generators(config.seed)
     plans: dict[str, LayerPlan] = {}
-    spent = 0.0
     per_layer = path_steps(config)
     with tqdm(total=per_layer * layers, desc="EFRAP", unit="it", disable=not progress, leave=False) as bar:
-        done = 0  # not enumerate(): its reused result tuple would keep the previous problem's
-        for problem in problems:  # activations alive while the next layer's are captured
-            bar.set_postfix(layer=problem.name)
-            generator = next(generators)
+        for problem in problems:  # not enumerate(): its reused result tuple would keep the previous
+            bar.set_postfix(layer=problem.name)  # problem's activations alive during the next capture
             start = bar.n
             with threads_for(step_flops(problem, config), config.device):
-                if config.budget is None:
-                    result, stats = learn_rounding(problem, config, generator, bar.update), {}
-                    _check_finite(problem.name, result)
-                    if problem.install is not None:
-                        problem.install(result.integers)
-                else:
-                    allowance = (config.budget - spent) / (layers - done)
-                    result, seen, cost = _strongest_within(
-                        problem, config, generator, bar.update, held_out, allowance
-                    )
-                    _check_finite(problem.name, result)
-                    spent += cost
-                    stats = {"strength": result.strength, **seen._asdict(), "resolution": held_out.resolution}
+                result, stats = strength.learn(problem, next(generators), bar.update)
             bar.update(per_layer - (bar.n - start))  # steps an early stop or the budget skipped
-            plans[problem.name] = LayerPlan(
-                problem.name,
-                result.integers,
-                result.scale,
-                result.zero_point,
-                problem.scheme.quantize(problem.weight, result.scale, result.zero_point),
-                fingerprint(problem.weight),
-                {
-                    "flipped_share": result.flipped_share,
-                    "loss_before": result.loss_before,
-                    "loss_after": result.loss_after,
-                    "act_error_nearest": result.act_error_nearest,
-                    "act_error_learned": result.act_error_learned,
-                    "bits": problem.scheme.bits,
-                    "steps": result.steps,
-                    **stats,
-                },
-            )
-            log.info(
-                "%s: %.1f%% flipped, loss %.4g -> %.4g, relative output error %.2e (nearest %.2e)%s",
-                problem.name,
-                100 * result.flipped_share,
-                result.loss_before,
-                result.loss_after,
-                result.act_error_learned,
-                result.act_error_nearest,
-                f", strength {stats['strength']}, held-out disagreement {stats['disagreement']:.2f}%, "
-                f"margin risk {stats['margin_risk']:.2f}%"
-                if stats
-                else "",
-            )
-            done += 1
+            plans[problem.name] = _layer_plan(problem, result, stats)
+            _log_layer(problem.name, result, stats)
             del problem, result  # the next layer's capture runs before the loop rebinds them
-    if config.budget is not None and config.margin_cap is not None:
-        _warn_over_cap(plans, config.margin_cap, _margin_bound(config, held_out))
+    strength.finish(plans)
     return plans
+
+
+def _layer_plan(problem: LayerProblem, result: LayerResult, stats: dict[str, float]) -> LayerPlan:
+    return LayerPlan(
+        problem.name,
+        result.integers,
+        result.scale,
+        result.zero_point,
+        problem.scheme.quantize(problem.weight, result.scale, result.zero_point),
+        fingerprint(problem.weight),
+        {
+            "flipped_share": result.flipped_share,
+            "loss_before": result.loss_before,
+            "loss_after": result.loss_after,
+            "act_error_nearest": result.act_error_nearest,
+            "act_error_learned": result.act_error_learned,
+            "bits": problem.scheme.bits,
+            "steps": result.steps,
+            **stats,
+        },
+    )
+
+
+def _log_layer(name: str, result: LayerResult, stats: dict[str, float]) -> None:
+    log.info(
+        "%s: %.1f%% flipped, loss %.4g -> %.4g, relative output error %.2e (nearest %.2e)%s",
+        name,
+        100 * result.flipped_share,
+        result.loss_before,
+        result.loss_after,
+        result.act_error_learned,
+        result.act_error_nearest,
+        f", strength {stats['strength']}, held-out disagreement {stats['disagreement']:.2f}%, "
+        f"margin risk {stats['margin_risk']:.2f}%"
+        if stats
+        else "",
+    )
+
+
+class FixedStrength:
+    """One flipping strength for every layer, ``config.flip_weight`` (the paper's)."""
+
+    def __init__(self, config: EFRAPConfig) -> None:
+        self.config = config
+
+    def learn(
+        self, problem: LayerProblem, generator: torch.Generator, progress: Callable[[int], None]
+    ) -> tuple[LayerResult, dict[str, float]]:
+        """The layer's rounding, installed in the producer's model; no held-out figures."""
+        result = learn_rounding(problem, self.config, generator, progress)
+        _check_finite(problem.name, result)
+        if problem.install is not None:
+            problem.install(result.integers)
+        return result, {}
+
+    def finish(self, plans: dict[str, LayerPlan]) -> None:
+        """Nothing to report across layers."""
+
+
+class BudgetLadder:
+    """Budget mode: each layer climbs a ladder of strengths and keeps the strongest within its share of
+    ``config.budget`` (what the earlier layers left, shared among the layers still to come)."""
+
+    def __init__(self, config: EFRAPConfig, held_out: HeldOut | Callable[[], HeldOut], layers: int) -> None:
+        self.config, self._held_out = config, held_out
+        self.spent, self.left = 0.0, layers
+
+    @property
+    def held_out(self) -> HeldOut:
+        if not isinstance(self._held_out, HeldOut):
+            self._held_out = self._held_out()
+        return self._held_out
+
+    def learn(
+        self, problem: LayerProblem, generator: torch.Generator, progress: Callable[[int], None]
+    ) -> tuple[LayerResult, dict[str, float]]:
+        """The strongest rounding within the layer's share, installed; its held-out figures."""
+        allowance = (self.config.budget - self.spent) / self.left
+        result, seen, cost = _strongest_within(
+            problem, self.config, generator, progress, self.held_out, allowance
+        )
+        _check_finite(problem.name, result)
+        self.spent += cost
+        self.left -= 1
+        return result, {"strength": result.strength, **seen._asdict(), "resolution": self.held_out.resolution}
+
+    def finish(self, plans: dict[str, LayerPlan]) -> None:
+        """Warn of the layers the margin cap held at their weakest rounding."""
+        if self.config.margin_cap is not None:
+            _warn_over_cap(plans, self.config.margin_cap, _margin_bound(self.config, self.held_out))
+
+
+def strength_strategy(
+    config: EFRAPConfig, held_out: HeldOut | Callable[[], HeldOut] | None, layers: int
+) -> FixedStrength | BudgetLadder:
+    """How strongly each layer flips, chosen once: the fixed weight, or under a budget the ladder
+    (which needs the producer's held-out measurement)."""
+    if config.budget is None:
+        return FixedStrength(config)
+    if held_out is None:
+        raise EFRAPError("budget mode: this producer gives no held-out measurement; set budget=None")
+    return BudgetLadder(config, held_out, layers)
 
 
 def _check_finite(name: str, result: LayerResult) -> None:

@@ -16,7 +16,7 @@ from .config import EFRAPConfig
 from .schemes import QuantScheme
 
 if TYPE_CHECKING:
-    from .rounding import LayerProblem
+    from .producer import LayerProblem
 
 __all__ = [
     "PROBE_ROWS",

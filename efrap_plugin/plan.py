@@ -20,7 +20,7 @@ from .files import atomic_write, read_safetensors
 from .layers import core_weight, fingerprint, layer_kinds, prepare_model, weight_axis
 from .schemes import QuantScheme
 
-__all__ = ["LayerPlan", "RoundingPlan", "snap_integers", "snap_weight"]
+__all__ = ["LayerPlan", "PlanMeta", "RoundingPlan", "snap_integers", "snap_weight"]
 
 _FORMAT = "efrap-plan/2"
 _HEADER_KEY = "efrap-plan"  # one metadata entry: safetensors writes several in a random order
@@ -61,6 +61,71 @@ class LayerPlan:
         )
 
 
+@dataclass(frozen=True, kw_only=True)
+class PlanMeta:
+    """What a plan records beside its integers: how it was learned and what of the model it covers.
+
+    Typed, so that a producer and every reader (verify, the CLI, apply) agree on each entry's name; a
+    plan file's keys this version does not know are kept in ``extra`` and written back as read.
+    """
+
+    config: Mapping[str, Any] = field(default_factory=dict)
+    """The EFRAPConfig the plan was learned with (``EFRAPConfig.to_dict()``), its producer's choices
+    of ``layer_inputs`` and ``unit`` filled in."""
+    flow: str | None = None
+    """The route that learned it: "torch", "pt2e", "torch.ao", "brevitas", "onnxruntime"."""
+    calib_size: int | None = None
+    """Calibration inputs the optimisation used (budget mode's held-out ones not counted)."""
+    skipped: Mapping[str, str] = field(default_factory=dict)
+    """Quantized layers left at the backend's own rounding, each with the reason."""
+    constants: Mapping[str, str] = field(default_factory=dict)
+    """Quantized tensors that are no layer's weight (an embedding table), each with its readers."""
+    grids: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Each layer's own grid (``grid_record``) where the layers of one model may round to different
+    grids; a layer not listed rounds to the plan's scheme."""
+    layout: Mapping[str, Mapping[str, Any]] | None = None
+    """ONNX plans: where each layer's integers and scale are stored in the graph; None elsewhere."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Entries of a plan file this version does not know, kept as read."""
+
+    @property
+    def layer_inputs(self) -> str | None:
+        return self.config.get("layer_inputs")
+
+    @property
+    def unit(self) -> str | None:
+        return self.config.get("unit")
+
+    def replace(self, **changes: Any) -> PlanMeta:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        known = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**self.extra, **{k: _plain(v) for k, v in known.items() if v is not None}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PlanMeta:
+        """A plan file's metadata; older files' entries (``layer_inputs``, ``unit`` beside the config)
+        are read into their place."""
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        values = {k: data.pop(k) for k in list(data) if k in known}
+        config = dict(values.get("config") or {})
+        for moved in ("layer_inputs", "unit"):  # written beside the config before it held them
+            if moved in data:
+                config[moved] = data.pop(moved)
+        values["config"] = config
+        for name in ("skipped", "constants", "grids"):
+            if not isinstance(values.get(name, {}), Mapping):
+                raise ValueError(f"meta entry {name!r} is {type(values[name]).__name__}, expected an object")
+        return cls(**values, extra=data)
+
+
+def _plain(value: Any) -> Any:
+    """A metadata value as JSON writes it: mappings as dicts."""
+    return {k: _plain(v) for k, v in value.items()} if isinstance(value, Mapping) else value
+
+
 @dataclass(frozen=True)
 class RoundingPlan:
     """The learned rounding of every quantized layer of one model, for one scheme."""
@@ -68,7 +133,11 @@ class RoundingPlan:
     scheme: QuantScheme
     layers: Mapping[str, LayerPlan]
     source: str = "torch"
-    meta: Mapping[str, Any] = field(default_factory=dict)
+    meta: PlanMeta = field(default_factory=PlanMeta)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.meta, PlanMeta):
+            object.__setattr__(self, "meta", PlanMeta.from_dict(self.meta or {}))
 
     def __getitem__(self, name: str) -> LayerPlan:
         return self.layers[name]
@@ -170,7 +239,7 @@ class RoundingPlan:
             "scheme": self.scheme.to_dict(),
             "source": self.source,
             "layers": layers_meta,
-            "meta": dict(self.meta),
+            "meta": self.meta.to_dict(),
         }
         metadata = {_HEADER_KEY: json.dumps(header, sort_keys=True)}
         return atomic_write(Path(path), st_save(tensors, metadata=metadata))
@@ -205,7 +274,7 @@ class RoundingPlan:
                     dict(entry.get("stats", {})),
                 )
             scheme = QuantScheme.from_dict(header["scheme"])
-            meta = dict(header.get("meta", {}))
+            meta = PlanMeta.from_dict(header.get("meta") or {})
         except ModelError:
             raise
         except EFRAPError as exc:
@@ -222,9 +291,8 @@ class RoundingPlan:
                     f"plan: {path} is damaged: layer {name!r} has integers {tuple(lp.integers.shape)}, nearest "
                     f"{tuple(lp.nearest.shape)}, {lp.scale.numel()} scales and {lp.zero_point.numel()} zero points"
                 )
-        grids = meta.get("grids", {}) if isinstance(meta.get("grids", {}), dict) else {}
         for name, lp in layers.items():
-            problem = _value_problem(lp, scheme, grids.get(name))
+            problem = _value_problem(lp, scheme, meta.grids.get(name))
             if problem:
                 raise ModelError(f"plan: {path} is damaged: layer {name!r} {problem}; save the plan again")
         return cls(scheme, layers, str(header.get("source", "torch")), meta)

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import EFRAPConfig
-from .errors import DataError, EFRAPError, ModelError
 from .objective import PROBE_ROWS, Objective, beta_schedule, init_logits
-from .schemes import QuantScheme
+from .producer import LayerProblem
 from .training import resolve_device
 
 __all__ = [
@@ -33,61 +32,6 @@ log = logging.getLogger(__name__)
 
 _ENERGY_FLOOR = 1e-12
 PATIENCE_CHECK = 50  # steps between two looks at the hard-rounded integers (EFRAPConfig.patience)
-
-
-@dataclass
-class LayerProblem:
-    """One layer's rounding problem.
-
-    ``forward(x, w)`` computes the layer's output from inputs and a weight (the activation-preservation
-    unit); ``inputs`` come from the partially quantized model, ``targets`` from the float model.
-    ``install(integers)``, where given, puts the learned integers into the producer's partially
-    quantized model before the next layer's inputs are captured.
-    """
-
-    name: str
-    weight: torch.Tensor
-    scheme: QuantScheme
-    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    scale: torch.Tensor | None = None
-    zero_point: torch.Tensor | None = None
-    install: Callable[[torch.Tensor], None] | None = None
-
-    def __post_init__(self) -> None:
-        if not torch.isfinite(self.weight).all():
-            raise EFRAPError(
-                f"layer {self.name!r}: weight holds NaN or Inf values; fix the model before defending"
-            )
-        if self.inputs.shape[0] != self.targets.shape[0] or self.inputs.shape[0] == 0:
-            raise EFRAPError(
-                f"layer {self.name!r}: expected as many cached inputs as targets (> 0), "
-                f"got {self.inputs.shape[0]} and {self.targets.shape[0]}"
-            )
-        for what, tensor in (
-            ("inputs (from the partially quantized model)", self.inputs),
-            ("float outputs", self.targets),
-        ):
-            if tensor.is_floating_point() and not _all_finite(tensor):
-                raise DataError(
-                    f"layer {self.name!r}: its {what} on the calibration data hold NaN or Inf (values past "
-                    "float32's range); pass calibration inputs scaled as the model expects"
-                )
-        if self.weight.numel() == 0 or self.targets[0].numel() == 0:
-            raise ModelError(
-                f"layer {self.name!r}: its weight {tuple(self.weight.shape)} or its output per input "
-                f"{tuple(self.targets.shape[1:])} has no elements, so there is nothing to round; fix the "
-                "layer's shape or remove it"
-            )
-        if self.scale is None or self.zero_point is None:
-            self.scale, self.zero_point = self.scheme.qparams(self.weight)
-
-
-def _all_finite(tensor: torch.Tensor, rows: int = 256) -> bool:
-    """No NaN or Inf in ``tensor``, looked at ``rows`` leading rows at a time (a layer's cached activations
-    are the largest allocation of a defense: no full-size mask of them)."""
-    return all(bool(torch.isfinite(tensor[i : i + rows]).all()) for i in range(0, tensor.shape[0], rows))
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,10 @@ _RANGE_SEARCH = ("absmax", "minmax", "mse")
 _PRECISIONS = ("float32", "float64")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QuantScheme:
-    """How one backend turns float weights (and layer inputs) into integers."""
+    """How one backend turns float weights (and layer inputs) into integers. Keyword fields: a scheme
+    says what each of its numbers is."""
 
     name: str = "onnxruntime"
     """Preset name, recorded in plans and attack files."""
@@ -59,6 +60,10 @@ class QuantScheme:
     """Bit width for the first and last layers (the paper keeps them at 8); None: same as ``bits``."""
     power_of_two_scale: bool = False
     """absmax scale rounded up to a power of two (Brevitas' fixed-point quantizers)."""
+    learns_conv_transpose: bool = False
+    """Whether the torch path learns a ConvTranspose on this grid: onnxruntime quantizes one per channel
+    along its output channels (axis 1), and the paper's fake quantization rounds every layer; torchao's
+    X86Inductor leaves it in float, and the project's Brevitas route has no such layer."""
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 16:
@@ -92,21 +97,30 @@ class QuantScheme:
         _check_bits(bits)
         qmax = 2 ** (bits - 1) - 1
         qmin = -qmax if bits == 8 else -(2 ** (bits - 1))
-        return cls("onnxruntime", bits, qmin, qmax, per_channel, "absmax", "float64")
+        return cls(
+            name="onnxruntime",
+            bits=bits,
+            qmin=qmin,
+            qmax=qmax,
+            per_channel=per_channel,
+            range_rule="absmax",
+            scale_precision="float64",
+            learns_conv_transpose=True,
+        )
 
     @classmethod
     def torchao_x86(cls, bits: int = 8, per_channel: bool = True) -> QuantScheme:
         """X86InductorQuantizer / torch observers: full [-2^(b-1), 2^(b-1)-1], scale max|w|/((qmax-qmin)/2)."""
         _check_bits(bits)
         return cls(
-            "torchao-x86",
-            bits,
-            -(2 ** (bits - 1)),
-            2 ** (bits - 1) - 1,
-            per_channel,
-            "absmax",
-            "float32",
-            True,
+            name="torchao-x86",
+            bits=bits,
+            qmin=-(2 ** (bits - 1)),
+            qmax=2 ** (bits - 1) - 1,
+            per_channel=per_channel,
+            range_rule="absmax",
+            scale_precision="float32",
+            inverse_scale=True,
         )
 
     @classmethod
@@ -114,20 +128,35 @@ class QuantScheme:
         """Brevitas Int8Weight*Float: narrow range [-(2^(b-1)-1), 2^(b-1)-1], scale max|w|/qmax."""
         _check_bits(bits)
         qmax = 2 ** (bits - 1) - 1
-        return cls("brevitas-int8", bits, -qmax, qmax, per_channel, "absmax", "float32")
+        return cls(
+            name="brevitas-int8",
+            bits=bits,
+            qmin=-qmax,
+            qmax=qmax,
+            per_channel=per_channel,
+            range_rule="absmax",
+            scale_precision="float32",
+        )
 
     @classmethod
     def reference(cls, bits: int = 4) -> QuantScheme:
         """The paper's setting: affine per-channel [0, 2^b-1], MSE-searched range, 8-bit edge layers."""
         _check_bits(bits)
-        return cls("reference", bits, 0, 2**bits - 1, True, "mse", "float32", False, False, 8, "mse", 8)
-
-    @property
-    def learns_conv_transpose(self) -> bool:
-        """Whether the torch path learns a ConvTranspose on this grid: onnxruntime quantizes one per
-        channel along its output channels (axis 1), and the paper's fake quantization rounds every layer;
-        torchao's X86Inductor leaves it in float, and the project's Brevitas route has no such layer."""
-        return self.name in ("onnxruntime", "reference")
+        return cls(
+            name="reference",
+            bits=bits,
+            qmin=0,
+            qmax=2**bits - 1,
+            per_channel=True,
+            range_rule="mse",
+            scale_precision="float32",
+            inverse_scale=False,
+            folds_batchnorm=False,
+            act_bits=8,
+            act_range_rule="mse",
+            edge_bits=8,
+            learns_conv_transpose=True,
+        )
 
     # ----- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -141,6 +170,8 @@ class QuantScheme:
             raise EFRAPError(
                 f"QuantScheme: unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}"
             )
+        if "learns_conv_transpose" not in data:  # written before the field: the presets that learned them
+            data = {**data, "learns_conv_transpose": data.get("name") in ("onnxruntime", "reference")}
         return cls(**data)
 
     def for_layer(self, position: str) -> QuantScheme:

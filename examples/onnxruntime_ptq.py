@@ -104,7 +104,7 @@ def main() -> int:
         "efrap_agreement": pct(efrap, ref),
         "integers_ok": report.integers_ok,
         "layers": report.layers,
-        "skipped": sorted(plan.meta["skipped"]),
+        "skipped": sorted(plan.meta.skipped),
         "constants": len(report.constants),  # biases added, norm scales: read back, no layer's weight
     }
     print(json.dumps(row) if args.json else "\n".join(f"{k:>16}: {v}" for k, v in row.items()))

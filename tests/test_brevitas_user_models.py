@@ -288,7 +288,7 @@ def test_a_saved_plan_reinstalls_on_the_rebuilt_model(digits, tmp_path):
     model = build("hand-built-bn-residual", "int4-per-channel-float", calib)
     plan = defend_quant_model(model, calib, FAST, progress=False)
     loaded = RoundingPlan.load(plan.save(tmp_path / "plan.safetensors"))
-    assert loaded.meta["grids"]["up"]["axis"] == 1  # ConvTranspose: channels on axis 1
+    assert loaded.meta.grids["up"]["axis"] == 1  # ConvTranspose: channels on axis 1
     rebuilt = build("hand-built-bn-residual", "int4-per-channel-float", calib)
     rebuilt.load_state_dict(model.state_dict())
     apply_plan(rebuilt, loaded)
@@ -453,11 +453,11 @@ def test_token_ids_calibrate_and_a_quantized_embedding_is_named_and_read_back(tm
     model = calibrated(_Tokens().eval(), ids)
     plan = defend_quant_model(model, ids, FAST, progress=False)
     assert list(plan.layers) == ["head"]
-    assert plan.meta["skipped"] == {"embed": "QuantEmbedding: not a Conv / Linear layer EFRAP learns"}
+    assert plan.meta.skipped == {"embed": "QuantEmbedding: not a Conv / Linear layer EFRAP learns"}
     path = export_qcdq(model, ids[:1], tmp_path / "tokens.onnx")
     assert sorted(read_qcdq_weights(path, ["head", "embed"])) == ["embed", "head"]
     report = verify_qcdq(path, plan, model)
     assert report.integers_ok and report.skipped == ["embed"]
-    unlisted = dataclasses.replace(plan, meta={**plan.meta, "skipped": {}})
+    unlisted = dataclasses.replace(plan, meta=plan.meta.replace(skipped={}))
     with pytest.raises(PlanMismatchError, match=r"quantized layers the plan lacks \['embed'\]"):
         verify_qcdq(path, unlisted)

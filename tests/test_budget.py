@@ -154,7 +154,7 @@ def test_onnx_budget_mode_removes_the_backdoor_and_reports_the_artifacts_disagre
 
 
 def test_a_loose_budget_takes_the_strongest_flipping_and_a_tight_one_never_more(clean_cnn, digits):
-    fast = EFRAPConfig(iters=40, calib_size=256, holdout=128, max_strength=0.5, margin_cap=None)
+    fast = EFRAPConfig(iters=40, calib_size=256, budget=100.0, holdout=128, max_strength=0.5, margin_cap=None)
     loose = defend(clean_cnn, digits.train.x[:384], config=fast.replace(budget=100.0), progress=False)
     tight = defend(clean_cnn, digits.train.x[:384], config=fast.replace(budget=0.0), progress=False)
     assert [lp.stats["strength"] for lp in loose.layers.values()] == [0.5] * 4
@@ -170,7 +170,7 @@ def test_a_loose_budget_takes_the_strongest_flipping_and_a_tight_one_never_more(
         assert lp.stats["flipped_share"] > loose[name].stats["flipped_share"]
     # the torch path measures on the partially quantized model itself: the last layer's figure is the model's
     assert tight.disagreement == tight[list(tight.layers)[-1]].stats["disagreement"]
-    assert tight.meta["calib_size"] == 256
+    assert tight.meta.calib_size == 256
     assert tight.resolution == pytest.approx(100 / 128) and loose.resolution == tight.resolution  # 256 + 128
 
 
@@ -253,12 +253,22 @@ def test_cli_budget_flag_reports_the_measured_disagreement(pq8_onnx, tmp_path, c
     assert main([*defend, "--budget", "1", "--flip-weight", "2"]) == 2
     assert "Give one of them (--budget off to use --flip-weight)" in capsys.readouterr().err
     assert main([*defend, "--budget", "off", "--max-strength", "0.5"]) == 2
-    assert "--max-strength tops budget mode's ladder; give --budget PCT with it" in capsys.readouterr().err
+    assert (
+        "--max-strength tops budget mode's ladder, and budget is None (--budget off); give --budget PCT"
+        in capsys.readouterr().err
+    )
     assert main([*defend, "--objective", "preserve_only", "--margin-cap", "4"]) == 2
-    assert "--margin-cap caps budget mode's ladder; give --budget PCT with it" in capsys.readouterr().err
+    assert (
+        "--margin-cap caps budget mode's ladder, and budget is None (--budget off); give --budget PCT"
+        in capsys.readouterr().err
+    )
     assert main([*defend, "--budget", "off", "--holdout", "512"]) == 2
-    assert "--holdout sets the images budget mode measures on; give --budget PCT" in capsys.readouterr().err
+    assert (
+        "--holdout sets the images budget mode measures on, and budget is None (--budget off); give"
+        in capsys.readouterr().err
+    )
     assert main([*defend, "--budget", "off", "--holdout-choice", "last"]) == 2
     assert (
-        "--holdout-choice picks the images budget mode measures on; give --budget" in capsys.readouterr().err
+        "--holdout-choice picks the images budget mode measures on, and budget is None"
+        in capsys.readouterr().err
     )

@@ -56,7 +56,7 @@ def test_reference_takes_the_papers_settings_and_the_flags_given_beside_it():
     assert config("--reference", "--iters", "5", "--batch-size", "8") == EFRAPConfig.reference(
         iters=5, batch_size=8
     )
-    # a fixed strength or an ablation asked for by name turns the default budget mode off
+    # a fixed strength or an ablation asked for by name (budget mode is off by default)
     assert config("--flip-weight", "2", "--seed", "3") == EFRAPConfig(budget=None, flip_weight=2.0, seed=3)
     assert config("--objective", "flip_only") == EFRAPConfig(budget=None, objective="flip_only")
     assert config("--budget", "1", "--margin-cap", "off") == EFRAPConfig(budget=1.0, margin_cap=None)

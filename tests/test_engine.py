@@ -528,11 +528,11 @@ def test_a_conv_transpose_is_learned_where_the_backend_quantizes_it_and_named_wh
     with caplog.at_level("WARNING", logger="efrap_plugin"):
         plan = defend(model, digits.train.x[:128], scheme, config=config, progress=False)
     if scheme == "onnxruntime":
-        assert list(plan.layers) == ["0", "2", "4"] and plan.meta["skipped"] == {}
+        assert list(plan.layers) == ["0", "2", "4"] and plan.meta.skipped == {}
         assert plan["2"].integers.shape == (2, 4, 3, 3) and "ConvTranspose2d" not in caplog.text
         return
-    assert list(plan.layers) == ["0", "4"] and list(plan.meta["skipped"]) == ["2"]
-    assert plan.meta["skipped"]["2"].startswith(
+    assert list(plan.layers) == ["0", "4"] and list(plan.meta.skipped) == ["2"]
+    assert plan.meta.skipped["2"].startswith(
         "ConvTranspose2d: the torch path learns Conv1d / Conv2d / Linear"
     )
     assert "(quantize_static)" in caplog.text and "2: ConvTranspose2d" in caplog.text

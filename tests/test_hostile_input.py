@@ -113,7 +113,7 @@ def defended_conv(tmp_path_factory, calib):
 
 def test_verify_with_an_empty_plan_fails(defended_conv):
     folder, plan = defended_conv
-    empty = RoundingPlan(plan.scheme, {}, "onnx", {**plan.meta, "layout": {}})
+    empty = RoundingPlan(plan.scheme, {}, "onnx", plan.meta.replace(layout={}))
     report = verify(folder / "stock.onnx", empty, strict=False)
     assert not report.integers_ok and report.unplanned == ["w_quantized"]
     with pytest.raises(PlanMismatchError, match=r"the plan holds no layer, so it proves nothing"):
@@ -147,7 +147,7 @@ def test_verify_fails_on_a_quantized_layer_the_plan_lacks(defended_conv, tmp_pat
 def test_verify_fails_when_the_plan_names_a_layer_the_file_lacks(defended_conv):
     folder, plan = defended_conv
     ghost = {**plan.layers, "ghost": next(iter(plan.layers.values()))}
-    layout = {**plan.meta["layout"], "ghost": {**plan.meta["layout"]["w"], "quantized": "ghost_q"}}
+    layout = {**plan.meta.layout, "ghost": {**plan.meta.layout["w"], "quantized": "ghost_q"}}
     report = verify(
         folder / "d.onnx", RoundingPlan(plan.scheme, ghost, "onnx", {"layout": layout}), strict=False
     )

@@ -100,7 +100,7 @@ def test_weights_kept_in_float_behind_a_quantize_linear_are_defended_and_read_ba
     assert report.integers_ok and report.matching == 4
     assert backdoor_removed(float_m, evaluate(session(path, exact=True), digits.test, pq8.trigger))
     model = onnx.load(str(path))
-    name = next(iter(plan.meta["layout"].values()))["quantized"]
+    name = next(iter(plan.meta.layout.values()))["quantized"]
     scale = next(iter(plan.layers.values())).scale
     for t in model.graph.initializer:
         if t.name == name:
@@ -123,7 +123,7 @@ def test_verify_reads_the_integers_back_and_sees_int8_kernels(defended8):
 def test_verify_catches_a_tampered_file(defended8, tmp_path):
     path, plan = defended8
     model = onnx.load(str(path))
-    name = next(iter(plan.meta["layout"].values()))["quantized"]
+    name = next(iter(plan.meta.layout.values()))["quantized"]
     for t in model.graph.initializer:
         if t.name == name:
             arr = numpy_helper.to_array(t).copy()
@@ -170,7 +170,7 @@ def test_matmul_weights_are_defended_and_run_as_qlinearmatmul(digits, calib, tmp
 def test_int4_weights_are_written_as_onnx_int4(pq8_onnx, calib, tmp_path):
     out = tmp_path / "int4.onnx"
     plan = _quantize(pq8_onnx, out, calib, QuantType.QInt4, config=EFRAPConfig(iters=100))
-    weights = {v["quantized"] for v in plan.meta["layout"].values()}
+    weights = {v["quantized"] for v in plan.meta.layout.values()}
     types = {t.data_type for t in onnx.load(str(out)).graph.initializer if t.name in weights}
     assert types == {TensorProto.INT4}
     assert verify(out, plan).integers_ok
@@ -258,7 +258,7 @@ def test_a_conv_transpose_left_in_float_is_reported_with_its_reason(tmp_path, ca
             op_types_to_quantize=["Conv"],
             config=EFRAPConfig(iters=20),
         )
-    assert list(plan.layers) == ["w"] and plan.meta["skipped"] == skipped
+    assert list(plan.layers) == ["w"] and plan.meta.skipped == skipped
     assert skipped["deconv"] in caplog.text
     report = verify(tmp_path / "out.onnx", plan)
     assert report.integers_ok and report.skipped == []
@@ -276,7 +276,7 @@ def test_a_quantized_conv_transpose_is_defended(tmp_path, calib, weight_type):
         weight_type,
         config=EFRAPConfig(),
     )
-    assert list(plan.layers) == ["w", "wt"] and plan.meta["skipped"] == {}
+    assert list(plan.layers) == ["w", "wt"] and plan.meta.skipped == {}
     wt = plan["wt"]
     assert tuple(wt.integers.shape) == (2, 4, 3, 3) and wt.scale.numel() == 2  # output channels first
     assert wt.flipped_share > 0
@@ -318,7 +318,7 @@ def test_a_weight_on_the_left_of_a_matmul_is_seen_and_reported(tmp_path, caplog,
             config=EFRAPConfig(iters=20),
         )
     reason = "MatMul left: weight as its first input (W @ x), a form EFRAP does not model; left at nearest rounding"
-    assert list(plan.layers) == ["w1"] and plan.meta["skipped"] == {"w2_quantized": reason}
+    assert list(plan.layers) == ["w1"] and plan.meta.skipped == {"w2_quantized": reason}
     assert reason in caplog.text
     report = verify(tmp_path / "d.onnx", plan)
     assert report.integers_ok and report.matching == 1 and report.skipped == ["w2_quantized"]
@@ -359,11 +359,11 @@ def test_a_quantized_embedding_table_is_accounted_for(tmp_path, quant_format):
         quant_format=getattr(QuantFormat, quant_format),
         config=EFRAPConfig(iters=20),
     )
-    assert list(plan.layers) == ["w"] and plan.meta["skipped"] == {}
-    assert plan.meta["constants"] == {"emb_quantized": "read by Gather embed"}
+    assert list(plan.layers) == ["w"] and plan.meta.skipped == {}
+    assert plan.meta.constants == {"emb_quantized": "read by Gather embed"}
     report = verify(tmp_path / "d.onnx", plan)
     assert report.integers_ok and report.constants == ["emb_quantized"]
-    unlisted = dataclasses.replace(plan, meta={**plan.meta, "constants": {}})
+    unlisted = dataclasses.replace(plan, meta=plan.meta.replace(constants={}))
     with pytest.raises(PlanMismatchError, match=r"quantized layers the plan lacks \['emb_quantized'\]"):
         verify(tmp_path / "d.onnx", unlisted)
 
@@ -395,7 +395,7 @@ def test_unnamed_nodes_are_matched_by_structure_and_defended(calib, tmp_path):
     plan = quantize_static(
         tmp_path / "unnamed.onnx", tmp_path / "d.onnx", _reader(calib[:64]), config=EFRAPConfig(iters=20)
     )
-    assert list(plan.layers) == ["w"] and plan.meta["skipped"] == {}
+    assert list(plan.layers) == ["w"] and plan.meta.skipped == {}
     assert verify(tmp_path / "d.onnx", plan).integers_ok
 
 
@@ -705,7 +705,7 @@ def test_a_weight_in_a_form_efrap_does_not_model_is_named_not_a_crash(
         tmp_path / "m.onnx", tmp_path / "d.onnx", ListDataReader(batches), config=EFRAPConfig(iters=20)
     )
     reason = f"{node.op_type} f: a form EFRAP does not model; left at nearest rounding"
-    assert plan.layers == {} and plan.meta["skipped"] == {"w_quantized": reason}
+    assert plan.layers == {} and plan.meta.skipped == {"w_quantized": reason}
     with pytest.raises(PlanMismatchError, match=r"the plan holds no layer"):
         verify(tmp_path / "d.onnx", plan)
 
@@ -735,7 +735,7 @@ def test_per_channel_scales_along_a_matmuls_input_channels_are_named_not_a_crash
         config=EFRAPConfig(iters=20),
     )
     assert list(plan.layers) == ["w2"]
-    assert plan.meta["skipped"] == {
+    assert plan.meta.skipped == {
         "w_quantized": "MatMul mm: per-channel scales along axis 0, its input channels; EFRAP learns grids "
         "per output channel; left at nearest rounding"
     }
@@ -783,8 +783,8 @@ def test_a_weight_from_a_constant_node_is_named_read_back_and_defended_after_pre
     )
     onnx.save(model, str(tmp_path / "m.onnx"))
     plan = _quantize(tmp_path / "m.onnx", tmp_path / "d.onnx", calib[:64], config=EFRAPConfig(iters=20))
-    assert list(plan.layers) == ["w1"] and list(plan.meta["skipped"]) == ["w2"]
-    assert "comes from a Constant node" in plan.meta["skipped"]["w2"]
+    assert list(plan.layers) == ["w1"] and list(plan.meta.skipped) == ["w2"]
+    assert "comes from a Constant node" in plan.meta.skipped["w2"]
     report = verify(tmp_path / "d.onnx", plan)
     assert report.integers_ok and report.skipped == ["w2"]
     pre = quantize_images(tmp_path / "m.onnx", tmp_path / "p.onnx", calib[:64], config=EFRAPConfig(iters=20))
@@ -805,6 +805,4 @@ def test_the_torch_recipe_defends_a_token_model_and_exports_it_proven(tmp_path):
     assert list(plan.layers) == ["head"]
     keyed, report = export_defended(model, plan, ids, tmp_path / "d.onnx")
     assert report.integers_ok and report.matching == 1
-    assert (
-        report.constants == ["embed.weight_quantized"] and list(keyed.meta["constants"]) == report.constants
-    )
+    assert report.constants == ["embed.weight_quantized"] and list(keyed.meta.constants) == report.constants

@@ -209,7 +209,7 @@ def assert_same_but_defended_weights(ort: onnx.ModelProto, ours: onnx.ModelProto
     assert list(ours.graph.input) == list(ort.graph.input) and list(ours.graph.output) == list(
         ort.graph.output
     )
-    defended = {entry["quantized"] for entry in plan.meta.get("layout", {}).values()}
+    defended = {entry["quantized"] for entry in (plan.meta.layout or {}).values()}
     assert len(defended) == len(plan.layers)
     ort_inits = {t.name: t for t in ort.graph.initializer}
     our_inits = {t.name: t for t in ours.graph.initializer}
@@ -274,7 +274,7 @@ def test_conv_transpose_weights_are_defended(digits, tmp_path):
     in the file is onnxruntime's."""
     ort, ours, plan = _run_both(conv_transpose(), tmp_path, digits, per_channel=True)
     assert assert_same_but_defended_weights(ort, ours, plan) > 0
-    assert list(plan.layers) == ["w", "wt"] and plan.meta["skipped"] == {}
+    assert list(plan.layers) == ["w", "wt"] and plan.meta.skipped == {}
 
 
 def test_options_are_honoured_as_onnxruntime_honours_them(digits, tmp_path):

@@ -41,7 +41,7 @@ def test_save_load_round_trip(plans, tmp_path):
     for name, lp in plan.layers.items():
         assert torch.equal(loaded[name].integers, lp.integers) and torch.equal(loaded[name].scale, lp.scale)
         assert loaded[name].fingerprint == lp.fingerprint
-    assert loaded.meta["config"]["iters"] == 150
+    assert loaded.meta.config["iters"] == 150
     assert not list(tmp_path.glob(".*.tmp"))  # the temporary name was renamed away
 
 
@@ -142,11 +142,11 @@ def test_a_conv_transpose_is_learned_on_onnxruntimes_grid_and_exported(digits, t
 
     model, calib = _upsampler(), digits.train.x[:128]
     plan = defend(model, calib, "onnxruntime", EFRAPConfig(iters=100, calib_size=128), progress=False)
-    assert list(plan.layers) == ["0", "2", "4"] and plan.meta["skipped"] == {}
+    assert list(plan.layers) == ["0", "2", "4"] and plan.meta.skipped == {}
     assert tuple(plan["2"].integers.shape) == (2, 4, 3, 3) and plan["2"].flipped_share > 0
     keyed, report = export_defended(model, plan, calib, tmp_path / "d.onnx")
     assert report.integers_ok and report.matching == 3
-    assert keyed.meta["layout"]["2.weight"]["transpose"] is True
+    assert keyed.meta.layout["2.weight"]["transpose"] is True
     x = digits.test.x[:64]
     with torch.no_grad():
         assert torch.equal(plan.apply(model)(x), plan.snap(model)(x))
@@ -191,7 +191,7 @@ def test_an_export_that_fails_its_verification_writes_nothing(digits, tmp_path, 
     model, calib = WithConv3d().eval(), digits.train.x[:128]
     with caplog.at_level("WARNING", logger="efrap_plugin"):
         plan = defend(model, calib, "onnxruntime", EFRAPConfig(iters=20, calib_size=128), progress=False)
-    assert list(plan.meta["skipped"]) == ["volume"] and "volume: Conv3d" in caplog.text
+    assert list(plan.meta.skipped) == ["volume"] and "volume: Conv3d" in caplog.text
     with pytest.raises(
         PlanMismatchError,
         match=r"nothing was written .*the plan lacks \['volume.weight_quantized'\].*"

@@ -47,7 +47,7 @@ def test_backends_recipe(in_tmp, pq8, digits):
 def test_pt2e_user_flow_recipe(in_tmp, pq_x86, digits):
     scope = {"model": pq_x86.model, "calib": digits.train.x[:512]}
     exec(compile(_recipe("pt2e-user-flow"), "README:pt2e-user-flow", "exec"), scope)
-    assert scope["plan"].meta["flow"] == "pt2e" and len(scope["plan"].layers) == 4
+    assert scope["plan"].meta.flow == "pt2e" and len(scope["plan"].layers) == 4
 
 
 def test_brevitas_user_flow_recipe(in_tmp, pq8, digits):
@@ -57,7 +57,7 @@ def test_brevitas_user_flow_recipe(in_tmp, pq8, digits):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     scope = {"model": model, "calib": digits.train.x[:512]}
     exec(compile(_recipe("brevitas-user-flow"), "README:brevitas-user-flow", "exec"), scope)
-    assert scope["plan"].meta["flow"] == "brevitas" and len(scope["plan"].layers) == 4
+    assert scope["plan"].meta.flow == "brevitas" and len(scope["plan"].layers) == 4
     assert (in_tmp / "qcdq.onnx").is_file()
     after = model.state_dict()  # the user's float model, BatchNorm included, as it was
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

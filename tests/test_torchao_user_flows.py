@@ -162,7 +162,7 @@ def test_fx_every_qconfig_holds_the_plan_conv_transpose_included(zoo, digits, qc
     for batch in calib.split(64):
         prepared(batch)
     plan = defend_prepared(prepared, calib, FAST, progress=False)
-    assert list(plan.layers) == ["stem.0", "depthwise", "up", "tokens", "head"] and plan.meta["skipped"] == {}
+    assert list(plan.layers) == ["stem.0", "depthwise", "up", "tokens", "head"] and plan.meta.skipped == {}
     assert plan["up"].integers.shape == zoo.up.weight.shape and plan["up"].flipped_share > 0
     engine = torch.backends.quantized.engine
     try:
@@ -312,14 +312,14 @@ def test_eager_quantized_embedding_is_named_and_read_back_from_the_converted_mod
     prepared(ids)
     plan = defend_prepared(prepared, ids, config=EFRAPConfig(iters=20), progress=False)
     assert list(plan.layers) == ["fc"]
-    assert plan.meta["skipped"] == {
+    assert plan.meta.skipped == {
         "emb": "Embedding: not a Conv / Linear layer EFRAP learns; left at nearest rounding"
     }
     converted = convert(prepared)
     report = verify_eager(converted, plan)
     assert report.integers_ok and report.skipped == ["emb"]
     with pytest.raises(PlanMismatchError, match=r"quantized layers the plan lacks \['emb'\]"):
-        verify_eager(converted, dataclasses.replace(plan, meta={**plan.meta, "skipped": {}}))
+        verify_eager(converted, dataclasses.replace(plan, meta=plan.meta.replace(skipped={})))
 
 
 def test_a_module_called_twice_is_defended_once_and_said_so(caplog):

@@ -536,7 +536,7 @@ def test_a_brevitas_quantizer_without_a_rounding_step_is_named_and_the_rest_defe
     plan = defend_quant_model(
         model, digits.train.x[:64], FAST.replace(calib_size=64, iters=5), progress=False
     )
-    assert list(plan.layers) == ["c1", "fc"] and "no integer rounding step" in plan.meta["skipped"]["c2"]
+    assert list(plan.layers) == ["c1", "fc"] and "no integer rounding step" in plan.meta.skipped["c2"]
 
 
 def test_a_failed_brevitas_defense_leaves_the_model_as_it_was(digits):

@@ -5,7 +5,7 @@
 integers back. ``quantize_brevitas`` builds an int8 Brevitas model from a plain torch model (the CLI's).
 """
 
-from .defend import apply_plan, defend_quant_model, quant_layers
+from .defend import BrevitasProducer, apply_plan, defend_quant_model, quant_layers
 from .grid import LayerGrid, layer_grid, quantizer_scheme
 from .qcdq import (
     QCDQWeight,
@@ -18,6 +18,7 @@ from .qcdq import (
 from .rounding import EFRAPRound, install_rounding, with_efrap
 
 __all__ = [
+    "BrevitasProducer",
     "EFRAPRound",
     "LayerGrid",
     "QCDQWeight",

@@ -23,28 +23,33 @@ from torch import nn
 from efrap_plugin import (
     EFRAPConfig,
     EFRAPError,
+    FoundLayers,
     HeldOut,
+    Honours,
     LayerInputs,
+    LayerPlan,
     LayerProblem,
     ModelError,
+    ProducedPlan,
+    QuantScheme,
     RoundingPlan,
     as_calibration,
     capture,
-    check_layer_inputs,
-    defend_layers,
     execution_order,
     fingerprint,
+    first_outputs,
     grid_record,
-    inputs_needed,
     on_device_of,
     pick_layer_inputs,
-    split_calibration,
+    run,
+    take_rows,
+    with_layer_inputs,
 )
 
 from .grid import LayerGrid, layer_grid
 from .rounding import _int_quant, install_rounding, rounding_of
 
-__all__ = ["apply_plan", "defend_quant_model", "quant_layers"]
+__all__ = ["BrevitasProducer", "apply_plan", "defend_quant_model", "quant_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +128,6 @@ def _float_forward(model: nn.Module) -> Callable[[torch.Tensor], Any]:
     return forward
 
 
-def _held_out(model: nn.Module, held: torch.Tensor) -> HeldOut:
-    """Budget mode: the model's outputs with quantization off, and with it on (its quantizers' own
-    rounding, the learned layers' so far) on the held-out inputs."""
-    return HeldOut.of_models(_float_forward(model), model, held)
-
-
 def _problems(
     model: nn.Module,
     layers: dict[str, nn.Module],
@@ -168,12 +167,96 @@ def _problems(
         del inputs, targets  # before the next layer's capture: one layer's activations held at a time
 
 
+class BrevitasProducer:
+    """``defend_quant_model``'s producer: the user's own Brevitas model, its quantizers on for the
+    partially quantized model and off (Brevitas' own switch) for the float one; the learned integers go
+    in as each weight quantizer's rounding step, in place."""
+
+    source = "brevitas"
+    flow = "brevitas"
+    honours = Honours(
+        layer_inputs=("mixed", "quantized", "float"),
+        units=("layer",),
+        why_not={
+            "unit": "a Brevitas activation is a quantized module of its own (QuantReLU) with its own "
+            "output quantizer, so each layer's own output is what its rounding preserves"
+        },
+    )
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise EFRAPError(f"model: expected a Brevitas nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.layers, self.skipped = quant_layers(model)
+        if not self.layers:
+            reasons = f" ({self.skipped})" if self.skipped else ""
+            raise ModelError(
+                f"model: no brevitas.nn QuantConv / QuantConvTranspose / QuantLinear with an integer weight "
+                f"quantizer in {type(model).__name__}{reasons}; build the model from brevitas.nn layers (or "
+                "brevitas.graph.quantize) and calibrate it before defend_quant_model"
+            )
+        self.grids: dict[str, LayerGrid] = {}
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Eval mode for the defense (the user's mode restored after); a failure takes back every
+        rounding installed."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with _restored_on_failure(self.layers):
+                yield
+        finally:
+            self.model.train(was_training)
+
+    def calibration(self, data: Any, rows: int) -> torch.Tensor:
+        return as_calibration(data, rows)
+
+    def rows(self, calib: torch.Tensor) -> int:
+        return int(calib.shape[0])
+
+    def take(self, calib: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return take_rows(calib, idx)
+
+    def find_layers(self, calib: torch.Tensor, config: EFRAPConfig) -> FoundLayers:
+        order = execution_order(self.model, self.layers, calib[:1])
+        if not order:
+            raise ModelError(
+                f"model: none of its quantized layers ({', '.join(self.layers)}) ran in a forward pass of the "
+                "calibration data; pass inputs the model's forward uses"
+            )
+        never = {name: "never called in a forward pass" for name in self.layers if name not in order}
+        self.grids = {name: layer_grid(self.layers[name], name) for name in order}
+        return FoundLayers(order, {**self.skipped, **never})
+
+    def float_outputs(self, calib: torch.Tensor) -> torch.Tensor:
+        return first_outputs(_float_forward(self.model), calib)
+
+    def problems(self, calib: torch.Tensor, config: EFRAPConfig) -> Iterator[LayerProblem]:
+        return _problems(self.model, self.layers, self.grids, calib, config.layer_inputs, config.seed)
+
+    def held_out(self, held: torch.Tensor) -> HeldOut:
+        """The model's outputs with quantization off, and with it on (its quantizers' own rounding, the
+        learned layers' so far)."""
+        return HeldOut.of_models(_float_forward(self.model), self.model, held)
+
+    def finish(self, learned: dict[str, LayerPlan]) -> ProducedPlan:
+        """Integers in each weight's own layout; each layer's grid, read from its quantizer."""
+        layers = {
+            name: lp.in_weight_layout(self.layers[name].weight, self.grids[name].axis)
+            for name, lp in learned.items()
+        }
+        grids = {name: grid_record(self.grids[name].scheme, axis=self.grids[name].axis) for name in learned}
+        first = self.grids[next(iter(learned))].scheme if learned else QuantScheme.brevitas()
+        return ProducedPlan(first, layers, grids)
+
+
 def defend_quant_model(
     model: nn.Module,
     calib_data: Any,
     config: EFRAPConfig | None = None,
     *,
-    layer_inputs: LayerInputs = "mixed",
+    layer_inputs: LayerInputs | None = None,
     progress: bool = True,
 ) -> RoundingPlan:
     """EFRAP on a Brevitas model the user built (``brevitas.nn`` layers, or ``preprocess_for_quantize``
@@ -182,51 +265,13 @@ def defend_quant_model(
     Learns each weight's rounding on the grid its quantizer defines and installs it as that quantizer's
     ``float_to_int_impl`` (in place: the model is the user's PTQ model, as after ``calibration_mode``),
     so ``quant_weight()``, evaluation and ``export_onnx_qcdq`` give the returned plan's integers. Plan
-    integers are in each weight's own layout; ``plan.meta["grids"]`` holds each layer's grid.
-    ``layer_inputs``: "mixed" (default), "quantized" (the reference) or "float": measured in
-    benchmarks/results/layer-inputs.md.
+    integers are in each weight's own layout; ``plan.meta.grids`` holds each layer's grid.
+    ``layer_inputs`` (shorthand for ``config.layer_inputs``): "mixed" (the default), "quantized" (the
+    reference) or "float": measured in benchmarks/results/layer-inputs.md.
     """
-    config = config or EFRAPConfig()
-    check_layer_inputs(layer_inputs)
-    if not isinstance(model, nn.Module):
-        raise EFRAPError(f"model: expected a Brevitas nn.Module, got {type(model).__name__}")
-    layers, skipped = quant_layers(model)
-    if not layers:
-        reasons = f" ({skipped})" if skipped else ""
-        raise ModelError(
-            f"model: no brevitas.nn QuantConv / QuantConvTranspose / QuantLinear with an integer weight "
-            f"quantizer in {type(model).__name__}{reasons}; build the model from brevitas.nn layers (or "
-            "brevitas.graph.quantize) and calibrate it before defend_quant_model"
-        )
-    for name, reason in skipped.items():
-        log.warning("%s: %s; left at the quantizer's own rounding", name, reason)
-    calib = as_calibration(calib_data, inputs_needed(config))
-    was_training = model.training
-    model.eval()
-    try:
-        order = execution_order(model, layers, calib[:1])
-        never = sorted(set(layers) - set(order))
-        if never:
-            log.warning("%s: never called in a forward pass; left at the quantizer's own rounding", never)
-        grids = {name: layer_grid(layers[name], name) for name in order}
-        calib, held = split_calibration(calib, config, _float_forward(model))
-        problems = _problems(model, layers, grids, calib, layer_inputs, config.seed)
-        held_out = _held_out(model, held) if config.budget is not None else None
-        with _restored_on_failure(layers):
-            learned = defend_layers(problems, config, len(order), progress, held_out)
-    finally:
-        model.train(was_training)
-    plans = {name: learned[name].in_weight_layout(layers[name].weight, grids[name].axis) for name in order}
-    meta = {
-        "config": config.to_dict(),
-        "flow": "brevitas",
-        "layer_inputs": layer_inputs,
-        "unit": "layer",  # a Brevitas ReLU is its own quantized module: L_A preserves the layer's output
-        "skipped": skipped | {name: "never called in a forward pass" for name in never},
-        "calib_size": int(calib.shape[0]),
-        "grids": {name: grid_record(grids[name].scheme, axis=grids[name].axis) for name in order},
-    }
-    return RoundingPlan(grids[order[0]].scheme, plans, "brevitas", meta)
+    return run(
+        BrevitasProducer(model), calib_data, with_layer_inputs(config, layer_inputs), progress=progress
+    )
 
 
 def apply_plan(model: nn.Module, plan: RoundingPlan) -> nn.Module:
@@ -245,7 +290,7 @@ def apply_plan(model: nn.Module, plan: RoundingPlan) -> nn.Module:
                 f"plan: layer {name!r} holds other weights than the plan was learned on; "
                 "load the same weights, or defend this model again"
             )
-        planned = plan.meta.get("grids", {}).get(name) or {"qmin": plan.scheme.qmin, "qmax": plan.scheme.qmax}
+        planned = plan.meta.grids.get(name) or {"qmin": plan.scheme.qmin, "qmax": plan.scheme.qmax}
         held = layer_grid(layer, name).scheme
         if (held.qmin, held.qmax) != (int(planned["qmin"]), int(planned["qmax"])):
             raise EFRAPError(

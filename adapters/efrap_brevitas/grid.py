@@ -57,15 +57,14 @@ def layer_grid(layer: nn.Module, name: str) -> LayerGrid:
         )
     symmetric = qmin < 0 and not bool(zero_point.any())
     scheme = QuantScheme(
-        "brevitas",
-        bits,
-        qmin,
-        qmax,
-        per_channel,
-        "absmax" if symmetric else "minmax",
-        "float32",
-        False,
-        False,
+        name="brevitas",
+        bits=bits,
+        qmin=qmin,
+        qmax=qmax,
+        per_channel=per_channel,
+        range_rule="absmax" if symmetric else "minmax",
+        scale_precision="float32",
+        folds_batchnorm=False,
     )
     return LayerGrid(scheme, scale.reshape(-1), zero_point.reshape(-1).to(torch.int32), axis)
 

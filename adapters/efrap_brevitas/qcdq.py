@@ -315,7 +315,7 @@ def verify_qcdq(
     out is a mismatch naming the layer.
     """
     layers = quant_layers(model)[0] if model is not None else {}
-    names = list(plan.layers) + list(plan.meta.get("skipped", {}))
+    names = list(plan.layers) + list(plan.meta.skipped)
     names += [n for n in layers if n not in names]
     weights = read_qcdq_weights(path, names)
     stored = {k: w.integers for k, w in weights.items()}
@@ -362,7 +362,7 @@ def _check_against_model(
     report: IntegerReport, layers: dict[str, nn.Module], plan: RoundingPlan, weights: dict[str, QCDQWeight]
 ) -> None:
     """``layers``: the user's model's integer-quantized layers (quant_layers)."""
-    listed = set(plan.meta.get("skipped", {}))
+    listed = set(plan.meta.skipped)
     for name in sorted(set(layers) - set(plan.layers) - listed - set(report.unplanned)):
         report.unplanned.append(name)
     for name in plan.layers:

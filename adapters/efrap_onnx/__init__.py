@@ -1,6 +1,6 @@
 """efrap-plugin's ONNX / onnxruntime adapter: defended QDQ models that onnxruntime runs."""
 
-from .defend import defend_qdq
+from .defend import QDQProducer, defend_qdq
 from .drop_in import ListDataReader, quantize, quantize_images, quantize_static
 from .export import export_defended, export_float_onnx, onnx_plan
 from .graph import folded_weights
@@ -17,6 +17,7 @@ from .verify import (
 )
 
 __all__ = [
+    "QDQProducer",
     "CpuFeatures",
     "KernelCheck",
     "ListDataReader",

@@ -4,6 +4,7 @@ are written into the weight initializers. Scales and zero points stay onnxruntim
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -17,22 +18,24 @@ from onnx import TensorProto, numpy_helper
 from efrap_plugin import (
     EFRAPConfig,
     EFRAPError,
+    FoundLayers,
     HeldOut,
+    Honours,
+    LayerPlan,
     LayerProblem,
+    ProducedPlan,
     QuantScheme,
     RoundingPlan,
-    defend_layers,
     grid_record,
-    held_out_indices,
+    run,
     take_rows,
-    warn_tied_weights,
 )
 
 from .graph import INTEGER_BITS, QuantizedLayer, find_quantized_layers, zero_point_type
 from .model_io import initializer_array
 from .runtime import run_output, session
 
-__all__ = ["WeightOptions", "defend_qdq", "pin_weight_grids", "weight_scheme", "write_plan"]
+__all__ = ["QDQProducer", "WeightOptions", "defend_qdq", "pin_weight_grids", "weight_scheme", "write_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +104,16 @@ def weight_scheme(
         symmetric = data_type in (TensorProto.INT4, TensorProto.INT8, TensorProto.INT16)
     qmin, qmax = (int(v) for v in get_qmin_qmax_for_qType(data_type, reduce_range, bool(symmetric)))
     rule = "absmax" if symmetric and qmin < 0 else "minmax"
-    return QuantScheme("onnxruntime", INTEGER_BITS[data_type], qmin, qmax, per_channel, rule, "float64")
+    return QuantScheme(
+        name="onnxruntime",
+        bits=INTEGER_BITS[data_type],
+        qmin=qmin,
+        qmax=qmax,
+        per_channel=per_channel,
+        range_rule=rule,
+        scale_precision="float64",
+        learns_conv_transpose=True,
+    )
 
 
 def _problems(
@@ -150,6 +162,98 @@ def _problems(
         )
 
 
+class QDQProducer:
+    """The drop-in's producer: the QDQ graph onnxruntime's quantize_static wrote, read in the exact
+    arithmetic (the same on every CPU) as the partially quantized model, and the float graph for the
+    targets. The learned integers are written into ``qdq``'s weight initializers, in place."""
+
+    source = "onnx"
+    flow = "onnxruntime"
+    honours = Honours(
+        layer_inputs=("quantized",),
+        units=("activation", "layer"),
+        why_not={
+            "layer_inputs": "a layer's inputs are read from the QDQ graph onnxruntime wrote, the partially "
+            "quantized model; the float or mixed inputs are offered by the torch routes"
+        },
+    )
+
+    def __init__(self, float_model: onnx.ModelProto, qdq: onnx.ModelProto, options: WeightOptions) -> None:
+        self.float_model, self.qdq, self.options = float_model, qdq, options
+        self.layers: list[QuantizedLayer] = []
+        self.grids: dict[str, QuantScheme] = {}
+
+    def running(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # ``qdq`` is the drop-in's own output, written only when learned
+
+    def calibration(self, data: list[dict[str, np.ndarray]], rows: int) -> list[dict[str, np.ndarray]]:
+        return data  # read from the user's reader by the drop-in, up to the rows the config needs
+
+    def rows(self, calib: list[dict[str, np.ndarray]]) -> int:
+        return sum(len(next(iter(b.values()))) for b in calib)
+
+    def take(self, calib: list[dict[str, np.ndarray]], idx: torch.Tensor) -> list[dict[str, np.ndarray]]:
+        return _inputs_at(calib, idx)
+
+    def find_layers(self, calib: list[dict[str, np.ndarray]], config: EFRAPConfig) -> FoundLayers:
+        """Every quantized weight onnxruntime wrote, on the grid it used (``weight_scheme``)."""
+        layers, skipped, constants = find_quantized_layers(
+            self.qdq, self.float_model, include_relu=config.unit == "activation"
+        )
+        if constants:
+            log.info(
+                "%d quantized constants that are no layer's weight (%s) keep onnxruntime's rounding: "
+                "plan.meta.constants",
+                len(constants),
+                ", ".join(constants),
+            )
+        if not layers:  # only activations (or nothing) quantized: onnxruntime's own output, unchanged
+            log.warning(
+                "no quantized Conv / Gemm / MatMul weight EFRAP can learn in the model%s: nothing to defend, "
+                "output as onnxruntime wrote it",
+                f" ({len(skipped)} left as named)" if skipped else "",
+            )
+        inits = {t.name: t for t in self.qdq.graph.initializer}
+        self.layers = layers
+        self.grids = {
+            layer.float_weight: weight_scheme(
+                layer.float_weight,
+                _integer_type(layer, inits),
+                initializer_array(inits[layer.scale]).size > 1,
+                self.options,
+                f"layer {layer.node}",
+            )
+            for layer in layers
+        }
+        readers = [(layer.float_weight, layer.node) for layer in layers]
+        return FoundLayers([layer.float_weight for layer in layers], skipped, constants, readers)
+
+    def float_outputs(self, calib: list[dict[str, np.ndarray]]) -> torch.Tensor:
+        name = self.float_model.graph.output[0].name
+        return run_output(session(self.float_model), calib, name, "the float model")
+
+    def problems(self, calib: list[dict[str, np.ndarray]], config: EFRAPConfig) -> Iterator[LayerProblem]:
+        return _problems(self.float_model, self.qdq, self.layers, calib, self.grids)
+
+    def held_out(self, held: list[dict[str, np.ndarray]]) -> HeldOut:
+        return _held_out(self.float_model, self.qdq, held)
+
+    def finish(self, learned: dict[str, LayerPlan]) -> ProducedPlan:
+        """The plan with each layer's grid and where its integers and scale are stored in the graph."""
+        layout = {
+            layer.float_weight: {
+                "quantized": layer.quantized,
+                "scale": layer.scale,
+                "transpose": layer.transpose,
+                "node": layer.node,
+            }
+            for layer in self.layers
+        }
+        grids = {name: grid_record(g) for name, g in self.grids.items()}
+        first = self.grids[self.layers[0].float_weight] if self.layers else QuantScheme.onnxruntime()
+        return ProducedPlan(first, learned, grids, layout)
+
+
 def defend_qdq(
     float_model: onnx.ModelProto,
     qdq: onnx.ModelProto,
@@ -159,62 +263,8 @@ def defend_qdq(
     progress: bool = True,
 ) -> RoundingPlan:
     """Replace the weight integers of ``qdq`` (in place) by EFRAP's; return the plan. Each weight's grid
-    is the one onnxruntime used (``weight_scheme``); ``plan.meta["grids"]`` holds each layer's range."""
-    layers, skipped, constants = find_quantized_layers(
-        qdq, float_model, include_relu=config.unit == "activation"
-    )
-    for name, reason in skipped.items():
-        log.warning("%s: %s", name, reason)
-    if constants:
-        log.info(
-            "%d quantized constants that are no layer's weight (%s) keep onnxruntime's rounding: plan.meta['constants']",
-            len(constants),
-            ", ".join(constants),
-        )
-    warn_tied_weights((layer.float_weight, layer.node) for layer in layers)
-    meta: dict = {"config": config.to_dict(), "layout": {}, "skipped": skipped, "constants": constants}
-    if not layers:  # only activations (or nothing) quantized: onnxruntime's own output, unchanged
-        log.warning(
-            "no quantized Conv / Gemm / MatMul weight EFRAP can learn in the model%s: nothing to defend, output "
-            "as onnxruntime wrote it",
-            f" ({len(skipped)} left as named above)" if skipped else "",
-        )
-        return RoundingPlan(QuantScheme.onnxruntime(), {}, "onnx", meta)
-    available = sum(len(next(iter(b.values()))) for b in batches)
-    fit, held = held_out_indices(  # the float model's outputs, where they pick the held-out inputs
-        available,
-        config,
-        lambda: run_output(
-            session(float_model), batches, float_model.graph.output[0].name, "the float model"
-        ),
-    )
-    calib = _inputs_at(batches, fit)
-    held_out = _held_out(float_model, qdq, _inputs_at(batches, held)) if len(held) else None
-    inits = {t.name: t for t in qdq.graph.initializer}
-    grids = {
-        layer.float_weight: weight_scheme(
-            layer.float_weight,
-            _integer_type(layer, inits),
-            initializer_array(inits[layer.scale]).size > 1,
-            options,
-            f"layer {layer.node}",
-        )
-        for layer in layers
-    }
-    problems = _problems(float_model, qdq, layers, calib, grids)
-    plans = defend_layers(problems, config, len(layers), progress, held_out)
-    layout = {
-        layer.float_weight: {
-            "quantized": layer.quantized,
-            "scale": layer.scale,
-            "transpose": layer.transpose,
-            "node": layer.node,
-        }
-        for layer in layers
-    }
-    meta["grids"] = {name: grid_record(g) for name, g in grids.items()}
-    first = grids[layers[0].float_weight]
-    return RoundingPlan(first, plans, "onnx", {**meta, "layout": layout})
+    is the one onnxruntime used (``weight_scheme``); ``plan.meta.grids`` holds each layer's range."""
+    return run(QDQProducer(float_model, qdq, options), batches, config, progress=progress)
 
 
 def pin_weight_grids(qdq: onnx.ModelProto, target: onnx.ModelProto) -> None:
@@ -235,7 +285,7 @@ def write_plan(model: onnx.ModelProto, plan: RoundingPlan) -> RoundingPlan:
     QGemm, MatMulInteger hold the same ``<weight>_quantized`` initializers, on the same scales). Layers the
     model left in float move to ``meta["skipped"]``; the returned plan is the one ``model`` holds."""
     inits = {t.name: t for t in model.graph.initializer}
-    layout, skipped, layers = dict(plan.meta["layout"]), dict(plan.meta["skipped"]), {}
+    layout, skipped, layers = dict(plan.meta.layout or {}), dict(plan.meta.skipped), {}
     for name, lp in plan.layers.items():
         entry = layout[name]
         stored, scale = inits.get(entry["quantized"]), inits.get(entry["scale"])
@@ -254,7 +304,7 @@ def write_plan(model: onnx.ModelProto, plan: RoundingPlan) -> RoundingPlan:
         ints = lp.integers.transpose(0, 1) if entry["transpose"] else lp.integers
         _write_integers(stored, ints.numpy())
         layers[name] = lp
-    return RoundingPlan(plan.scheme, layers, plan.source, {**plan.meta, "layout": layout, "skipped": skipped})
+    return RoundingPlan(plan.scheme, layers, plan.source, plan.meta.replace(layout=layout, skipped=skipped))
 
 
 def _integer_type(layer: QuantizedLayer, inits: dict[str, onnx.TensorProto]) -> int:

@@ -101,7 +101,7 @@ def onnx_plan(
         }
     # quantized tensors that are no layer's weight (an embedding table, say) keep onnxruntime's rounding
     constants = find_quantized_layers(qdq, float_onnx)[2]
-    return RoundingPlan(plan.scheme, layers, "onnx", {**plan.meta, "layout": layout, "constants": constants})
+    return RoundingPlan(plan.scheme, layers, "onnx", plan.meta.replace(layout=layout, constants=constants))
 
 
 def export_defended(
@@ -141,7 +141,7 @@ def export_defended(
         keyed = onnx_plan(plan, onnx.load(str(float_path)), onnx.load(str(written)), prints)
         report = verify(written, keyed, strict=False)
         if not report.integers_ok:
-            skipped = plan.meta.get("skipped") or {}
+            skipped = plan.meta.skipped
             why = (
                 f"; the plan left {sorted(skipped)} unlearned ({next(iter(skipped.values()))})"
                 if skipped

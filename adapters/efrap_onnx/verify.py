@@ -277,7 +277,7 @@ def verify(
     fused kernels on this CPU compute what the graph says (``check_kernels``); a disagreement is logged
     as a warning, not raised: the file is right, this CPU runs it differently.
     """
-    if plan.source != "onnx" or "layout" not in plan.meta:
+    if plan.source != "onnx" or plan.meta.layout is None:
         raise PlanMismatchError(
             "verify: the plan has no ONNX layout; pass the plan returned by efrap_onnx.quantize_static or "
             "export_defended"
@@ -309,7 +309,7 @@ def _read_layers(model: onnx.ModelProto, plan: RoundingPlan) -> tuple[dict, dict
     axis the nodes that read them dequantize with: every reader must hold the plan's grid, whatever
     initializer names the plan recorded. Returns integers, scales, zero points and axis problems by layer."""
     inits = {t.name: t for t in model.graph.initializer}
-    layout = plan.meta["layout"]
+    layout = plan.meta.layout
     planned = {where["quantized"]: name for name, where in layout.items()}
     readers = weight_readers(model)
     stored, scales, zero_points, axes = {}, {}, {}, {}

@@ -4,10 +4,11 @@ plus one-call flows (``quantize_pt2e`` / ``quantize_fx`` / ``quantize_eager``) a
 
 from .eager import quantize_eager, verify_eager
 from .fx import quantize_fx, verify_fx
-from .observed import defend_prepared, observer_grid, observer_scheme, spec_scheme
+from .observed import ObservedModelProducer, defend_prepared, observer_grid, observer_scheme, spec_scheme
 from .pt2e import quantize_pt2e, read_int8_weights, verify_pt2e
 
 __all__ = [
+    "ObservedModelProducer",
     "defend_prepared",
     "observer_grid",
     "observer_scheme",

@@ -30,30 +30,33 @@ from efrap_plugin import (
     DataError,
     EFRAPConfig,
     EFRAPError,
+    FoundLayers,
     HeldOut,
+    Honours,
     LayerInputs,
+    LayerPlan,
     LayerProblem,
     ModelError,
+    ProducedPlan,
     QuantScheme,
     RoundingPlan,
     as_calibration,
     capture,
-    check_layer_inputs,
-    defend_layers,
     execution_order,
-    inputs_needed,
+    first_outputs,
     layer_kinds,
     mix_layer_inputs,
     on_device_of,
     pick_layer_inputs,
+    run,
     snap_integers,
-    split_calibration,
-    warn_tied_weights,
+    take_rows,
+    with_layer_inputs,
 )
 
 from .graph_run import GraphRun
 
-__all__ = ["defend_prepared", "observer_grid", "observer_scheme", "spec_scheme"]
+__all__ = ["ObservedModelProducer", "defend_prepared", "observer_grid", "observer_scheme", "spec_scheme"]
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +136,16 @@ def observer_scheme(
         raise EFRAPError(
             f"{where}: weights on [{qmin}, {qmax}] ({bits} bits); EFRAP defends 2- to 8-bit grids"
         )
-    return QuantScheme("torchao-observer", bits, qmin, qmax, per_channel, "absmax", "float32", True)
+    return QuantScheme(
+        name="torchao-observer",
+        bits=bits,
+        qmin=qmin,
+        qmax=qmax,
+        per_channel=per_channel,
+        range_rule="absmax",
+        scale_precision="float32",
+        inverse_scale=True,
+    )
 
 
 def spec_scheme(spec: Any, where: str = "QuantizationSpec.weight") -> QuantScheme:
@@ -538,9 +550,90 @@ def _observed_layers(
             f"prepared: no Conv / Linear weight with an observer in {type(prepared).__name__}; call defend_prepared "
             "after prepare_pt2e / prepare_fx / prepare (with a qconfig that quantizes weights) and calibration"
         )
-    for name, reason in skipped.items():
-        log.warning("%s: %s", name, reason)
     return layers, skipped
+
+
+class ObservedModelProducer:
+    """``defend_prepared``'s producer: the user's prepared model, its activation observers
+    fake-quantizing for the partially quantized model, and a float copy sharing its tensors; the
+    learned integers go in by snapping the prepared model's weights, which the user's convert rounds."""
+
+    source = "torchao"
+    honours = Honours(layer_inputs=("mixed", "quantized", "float"), units=("activation", "layer"))
+
+    def __init__(self, prepared: nn.Module) -> None:
+        _check_undefended(prepared)
+        self.prepared = prepared
+        self.graph = isinstance(prepared, torch.fx.GraphModule) and any(
+            str(n.target) in _GRAPH_OPS for n in prepared.graph.nodes if n.op == "call_function"
+        )
+        self.flow = "pt2e" if self.graph else "torch.ao"
+        self.layers: list[_Layer] = []
+        self.grids: list[tuple[QuantScheme, torch.Tensor, torch.Tensor]] = []
+        self.axes: list[int] = []
+        self.float_copy: nn.Module | None = None
+        self.originals: dict[str, torch.Tensor] = {}
+
+    def running(self) -> contextlib.AbstractContextManager[None]:
+        """The captures run the user's model in eval mode, so its BatchNorm statistics stay as
+        calibration left them (an exported PT2E graph has no train / eval switch and is left as it is)."""
+        return _eval_mode(self.prepared, enabled=not self.graph)
+
+    def calibration(self, data: Any, rows: int) -> torch.Tensor:
+        return as_calibration(data, rows)
+
+    def rows(self, calib: torch.Tensor) -> int:
+        return int(calib.shape[0])
+
+    def take(self, calib: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return take_rows(calib, idx)
+
+    def find_layers(self, calib: torch.Tensor, config: EFRAPConfig) -> FoundLayers:
+        """The observed layers and their grids (every grid read before any work: an observer EFRAP
+        cannot follow is named first), and the float copy: the prepared model's structure, its tensors
+        shared (install puts new Parameters in and nothing writes to a tensor in place)."""
+        layers, skipped = _observed_layers(self.prepared, calib, self.graph, config.unit == "activation")
+        self.layers = layers
+        self.grids = [
+            observer_grid(layer.observer, f"layer {layer.name!r}", _axes(layer)) for layer in layers
+        ]
+        self.axes = [_core_axis(layer, grid[0]) for layer, grid in zip(layers, self.grids, strict=True)]
+        shared = {id(t): t for t in (*self.prepared.parameters(), *self.prepared.buffers())}
+        self.float_copy = copy.deepcopy(self.prepared, shared)
+        # a module called more than once (tied weights): PT2E names each call by its graph node
+        readers = [(layer.name, layer.nodes[1] if layer.nodes else layer.name) for layer in layers]
+        return FoundLayers([layer.name for layer in layers], skipped, readers=readers)
+
+    def float_outputs(self, calib: torch.Tensor) -> torch.Tensor:
+        return first_outputs(_run(self.float_copy, False, self.layers), calib)
+
+    def problems(self, calib: torch.Tensor, config: EFRAPConfig) -> Iterator[LayerProblem]:
+        self.originals = {
+            layer.name: _weight(layer) for layer in self.layers
+        }  # install puts new Parameters in
+        return _problems(
+            self.prepared,
+            self.float_copy,
+            self.layers,
+            self.grids,
+            self.axes,
+            calib,
+            config.layer_inputs,
+            config.seed,
+        )
+
+    def held_out(self, held: torch.Tensor) -> HeldOut:
+        return _held_out(self.prepared, self.float_copy, self.layers, held)
+
+    def finish(self, learned: dict[str, LayerPlan]) -> ProducedPlan:
+        """Integers in each weight's own layout, as convert stores it (a ConvTranspose's learned with
+        axis 1 first); the prepared model is marked defended."""
+        axis_of = {layer.name: axis for layer, axis in zip(self.layers, self.axes, strict=True)}
+        plans = {
+            name: lp.in_weight_layout(self.originals[name], axis_of[name]) for name, lp in learned.items()
+        }
+        setattr(self.prepared, _DEFENDED, True)
+        return ProducedPlan(self.grids[0][0], plans)
 
 
 def defend_prepared(
@@ -548,7 +641,7 @@ def defend_prepared(
     calib_data: Any,
     config: EFRAPConfig | None = None,
     *,
-    layer_inputs: LayerInputs = "mixed",
+    layer_inputs: LayerInputs | None = None,
     progress: bool = True,
 ) -> RoundingPlan:
     """EFRAP on a model the user prepared and calibrated with their own quantizer / QConfigMapping / qconfig.
@@ -556,47 +649,15 @@ def defend_prepared(
     Call it between calibration and ``convert_pt2e`` / ``convert_fx`` / ``convert``: it reads each
     weight's grid from the observers, learns the rounding layer by layer and snaps ``prepared``'s
     weights (in place) so that the user's convert writes the returned plan's integers. Observer
-    statistics are left as calibration made them. ``layer_inputs``: "mixed" (the default: the only choice
-    that removed the backdoor within a point of float accuracy on every benchmarked grid,
-    benchmarks/results/layer-inputs.md), "quantized" (the reference: lower asr on per-channel grids,
-    1.1-1.5 points of accuracy lost on per-tensor ones) or "float".
+    statistics are left as calibration made them. ``layer_inputs`` (shorthand for
+    ``config.layer_inputs``): "mixed" (the default: the only choice that removed the backdoor within a
+    point of float accuracy on every benchmarked grid, benchmarks/results/layer-inputs.md), "quantized"
+    (the reference: lower asr on per-channel grids, 1.1-1.5 points of accuracy lost on per-tensor ones)
+    or "float".
     """
-    config = config or EFRAPConfig()
-    check_layer_inputs(layer_inputs)
-    _check_undefended(prepared)
-    calib = as_calibration(calib_data, inputs_needed(config))
-    relu_units = config.unit == "activation"
-    graph = isinstance(prepared, torch.fx.GraphModule) and any(
-        str(n.target) in _GRAPH_OPS for n in prepared.graph.nodes if n.op == "call_function"
+    return run(
+        ObservedModelProducer(prepared),
+        calib_data,
+        with_layer_inputs(config, layer_inputs),
+        progress=progress,
     )
-    # the captures run the user's model: in eval mode, so its BatchNorm statistics stay as calibration left
-    # them (an exported PT2E graph has no train / eval switch and is left as it is)
-    with _eval_mode(prepared, enabled=not graph):
-        layers, skipped = _observed_layers(prepared, calib, graph, relu_units)
-        # a module called more than once (tied weights): PT2E names each call by its graph node
-        warn_tied_weights((layer.name, layer.nodes[1] if layer.nodes else layer.name) for layer in layers)
-        # every grid read before any work: an observer EFRAP cannot follow is named first
-        grids = [observer_grid(layer.observer, f"layer {layer.name!r}", _axes(layer)) for layer in layers]
-        axes = [_core_axis(layer, grid[0]) for layer, grid in zip(layers, grids, strict=True)]
-        scheme = grids[0][0]
-        # the float model: the prepared model's structure, its tensors shared (install puts new Parameters
-        # into ``prepared`` and nothing writes to a tensor in place), not a second copy of every weight
-        shared = {id(t): t for t in (*prepared.parameters(), *prepared.buffers())}
-        float_copy = copy.deepcopy(prepared, shared)
-        calib, held = split_calibration(calib, config, _run(float_copy, False, layers))
-        originals = {layer.name: _weight(layer) for layer in layers}  # install puts new Parameters in
-        problems = _problems(prepared, float_copy, layers, grids, axes, calib, layer_inputs, config.seed)
-        held_out = _held_out(prepared, float_copy, layers, held) if config.budget is not None else None
-        learned = defend_layers(problems, config, len(layers), progress, held_out)
-        # in each weight's own layout, as convert stores it (a ConvTranspose's learned with axis 1 first)
-        axis_of = {layer.name: axis for layer, axis in zip(layers, axes, strict=True)}
-        plans = {name: lp.in_weight_layout(originals[name], axis_of[name]) for name, lp in learned.items()}
-        meta = {
-            "config": config.to_dict(),
-            "flow": "pt2e" if graph else "torch.ao",
-            "layer_inputs": layer_inputs,
-            "skipped": skipped,
-            "calib_size": int(calib.shape[0]),
-        }
-        setattr(prepared, _DEFENDED, True)
-        return RoundingPlan(scheme, plans, "torchao", meta)
