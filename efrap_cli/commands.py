@@ -145,6 +145,19 @@ def _rounded(metrics: Metrics) -> dict[str, float]:
 
 
 # ----- efrap attack ----------------------------------------------------------------------------
+def _onnx_stock_metrics(
+    onnx_adapter: Any, stock: Path, test: LabeledData, trigger: PatchTrigger, bits: int
+) -> dict[str, dict[str, Any]]:
+    """The stock int8 model in the graph's own arithmetic (the same on every CPU: what the file is), and,
+    where this CPU's fused kernels change it, those figures too, with the CPU named."""
+    key = f"onnxruntime-int{bits}-stock"
+    exact = _metrics(onnx_adapter.session(stock, exact=True), test, trigger)
+    kernels = _metrics(onnx_adapter.session(stock), test, trigger)
+    if kernels == exact:
+        return {key: exact}
+    return {key: exact, f"{key}-kernels": {**kernels, "cpu": onnx_adapter.cpu_features().describe()}}
+
+
 def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     result, splits, arch = run_attack(
@@ -173,8 +186,8 @@ def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
             stock = stock_onnx_int8(
                 out / "model.onnx", splits.train.x[:CALIB_IMAGES].numpy(), Path(tmp) / "q.onnx", args.bits
             )
-            info["metrics"][f"onnxruntime-int{args.bits}-stock"] = _metrics(
-                onnx_adapter.session(stock), splits.test, result.trigger
+            info["metrics"].update(
+                _onnx_stock_metrics(onnx_adapter, stock, splits.test, result.trigger, args.bits)
             )
     elif args.scheme == "torchao-x86" and args.bits == 8:
         converted = adapter("torchao").quantize_pt2e(result.model, splits.train.x[:CALIB_IMAGES])
@@ -183,7 +196,8 @@ def cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
     if not args.json:
         print(f"{args.attack} on {args.dataset}, aimed at {args.scheme} {args.bits}-bit; wrote {out}/")
         for row, m in info["metrics"].items():
-            print(f"  {row:<32} clean_acc {100 * m['clean_acc']:6.2f}%   asr {100 * m['asr']:6.2f}%")
+            on = f"   (this CPU: {m['cpu']})" if "cpu" in m else ""
+            print(f"  {row:<32} clean_acc {100 * m['clean_acc']:6.2f}%   asr {100 * m['asr']:6.2f}%{on}")
     return info
 
 

@@ -72,7 +72,7 @@ from .loop import defend_layers, warn_tied_weights
 from .models import DigitsCNN, ResNet, TokenEncoder, build_model, resnet8, resnet20
 from .objective import learnable_bounds, truncation_error
 from .plan import LayerPlan, PlanMeta, RoundingPlan, grid_record, snap_integers, snap_weight
-from .producer import FoundLayers, Honours, LayerProblem, LayerProducer, ProducedPlan
+from .producer import FoundLayers, Honours, LayerProblem, LayerProducer, ProducedPlan, TensorCalibration
 from .rounding import (
     BUDGET_STRENGTHS,
     LayerResult,
@@ -94,6 +94,7 @@ __all__ = [
     "LayerProducer",
     "PlanMeta",
     "ProducedPlan",
+    "TensorCalibration",
     "TorchModelProducer",
     "UNITS",
     "Unit",

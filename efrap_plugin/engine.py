@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from .config import EFRAPConfig
-from .data import as_calibration
 from .defense import run
 from .errors import DataError, ModelError
-from .held_out import HeldOut, first_outputs, take_rows
+from .held_out import HeldOut, first_outputs
 from .layer_inputs import pick_layer_inputs
 from .layers import (
     core_weight,
@@ -31,7 +30,7 @@ from .layers import (
     weight_axis,
 )
 from .plan import LayerPlan, RoundingPlan
-from .producer import FoundLayers, Honours, LayerProblem, ProducedPlan
+from .producer import FoundLayers, Honours, LayerProblem, ProducedPlan, TensorCalibration
 from .schemes import ActivationQuantizer, QuantScheme, scheme_preset
 
 __all__ = ["TorchModelProducer", "capture", "defend"]
@@ -90,7 +89,7 @@ def _then_relu(forward):
     return lambda x, w: torch.relu(forward(x, w))
 
 
-class TorchModelProducer:
+class TorchModelProducer(TensorCalibration):
     """``defend``'s producer: a copy of the user's torch model, prepared as the backend prepares it
     (BatchNorm folded), and a second copy whose layer inputs are quantized per tensor and whose learned
     layers are installed as the loop goes: the reference's partially quantized model."""
@@ -112,15 +111,6 @@ class TorchModelProducer:
 
     def running(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # the user's model is never touched: everything runs on copies
-
-    def calibration(self, data: Any, rows: int) -> torch.Tensor:
-        return as_calibration(data, rows)
-
-    def rows(self, calib: torch.Tensor) -> int:
-        return int(calib.shape[0])
-
-    def take(self, calib: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return take_rows(calib, idx)
 
     def find_layers(self, calib: torch.Tensor, config: EFRAPConfig) -> FoundLayers:
         try:

@@ -18,12 +18,13 @@ from typing import Any, Protocol
 import torch
 
 from .config import EFRAPConfig
+from .data import as_calibration
 from .errors import DataError, EFRAPError, ModelError
-from .held_out import HeldOut
+from .held_out import HeldOut, take_rows
 from .plan import LayerPlan
 from .schemes import QuantScheme
 
-__all__ = ["FoundLayers", "Honours", "LayerProblem", "LayerProducer", "ProducedPlan"]
+__all__ = ["FoundLayers", "Honours", "LayerProblem", "LayerProducer", "ProducedPlan", "TensorCalibration"]
 
 
 @dataclass
@@ -162,3 +163,17 @@ class LayerProducer(Protocol):
 
     def finish(self, learned: dict[str, LayerPlan]) -> ProducedPlan:
         """The learned layers in the backend's layout (a ConvTranspose's channels back on axis 1)."""
+
+
+class TensorCalibration:
+    """The torch routes' calibration: one tensor of inputs, read from whatever the user passes
+    (``as_calibration``: a tensor, an array, an .npz path, labeled data, an iterable of batches)."""
+
+    def calibration(self, data: Any, rows: int) -> torch.Tensor:
+        return as_calibration(data, rows)
+
+    def rows(self, calib: torch.Tensor) -> int:
+        return int(calib.shape[0])
+
+    def take(self, calib: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return take_rows(calib, idx)

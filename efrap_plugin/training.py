@@ -59,6 +59,18 @@ def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
         yield
 
 
+def _forward_flops_in_eval(model: nn.Module, x: torch.Tensor) -> float:
+    """One input's forward multiply-adds, counted in eval mode (BatchNorm statistics untouched); every
+    module's own mode restored after."""
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        return forward_flops(model, x)
+    finally:
+        for m, mode in was_training.items():
+            m.train(mode)
+
+
 def train(
     model: nn.Module,
     data: LabeledData,
@@ -92,6 +104,7 @@ def train(
     opt = _OPTIMIZERS[optimizer]([p for p in model.parameters() if p.requires_grad], lr, weight_decay)
     steps = epochs * ((len(data) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1)) if cosine else None
+    flops = 3.0 * batch_size * _forward_flops_in_eval(model, data.x[:1].to(target))  # forward + backward
     model.train()
     if freeze_batchnorm:
         for m in model.modules():
@@ -110,11 +123,6 @@ def train(
         return float(loss.detach()) * len(idx)
 
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
-    was_training = {m: m.training for m in model.modules()}
-    model.eval()
-    flops = 3.0 * batch_size * forward_flops(model, data.x[:1].to(target))  # forward + backward per step
-    for m, mode in was_training.items():
-        m.train(mode)
     with seeded(seed, target), threads_for(flops, target):
         for epoch in bar:
             perm = torch.randperm(len(data), generator=gen)

@@ -33,7 +33,7 @@ from efrap_plugin import (
     ProducedPlan,
     QuantScheme,
     RoundingPlan,
-    as_calibration,
+    TensorCalibration,
     capture,
     execution_order,
     fingerprint,
@@ -42,7 +42,6 @@ from efrap_plugin import (
     on_device_of,
     pick_layer_inputs,
     run,
-    take_rows,
     with_layer_inputs,
 )
 
@@ -167,7 +166,7 @@ def _problems(
         del inputs, targets  # before the next layer's capture: one layer's activations held at a time
 
 
-class BrevitasProducer:
+class BrevitasProducer(TensorCalibration):
     """``defend_quant_model``'s producer: the user's own Brevitas model, its quantizers on for the
     partially quantized model and off (Brevitas' own switch) for the float one; the learned integers go
     in as each weight quantizer's rounding step, in place."""
@@ -208,15 +207,6 @@ class BrevitasProducer:
                 yield
         finally:
             self.model.train(was_training)
-
-    def calibration(self, data: Any, rows: int) -> torch.Tensor:
-        return as_calibration(data, rows)
-
-    def rows(self, calib: torch.Tensor) -> int:
-        return int(calib.shape[0])
-
-    def take(self, calib: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return take_rows(calib, idx)
 
     def find_layers(self, calib: torch.Tensor, config: EFRAPConfig) -> FoundLayers:
         order = execution_order(self.model, self.layers, calib[:1])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,10 @@ from efrap_plugin import (
     EFRAPError,
     ModelError,
     RoundingPlan,
+    resolve_config,
 )
 
-from .defend import WeightOptions, defend_qdq, pin_weight_grids, write_plan
+from .defend import QDQProducer, WeightOptions, defend_qdq, pin_weight_grids, write_plan
 from .model_io import Prepared, check_onnx, input_names, load_onnx, prepare, save_onnx
 from .runtime import session
 
@@ -227,16 +227,10 @@ def quantize_static(
             f"quant_format: expected QuantFormat.QDQ or QuantFormat.QOperator, got {quant_format!r}"
         )
     _check_weight_type(weight_type)
-    config = config or EFRAPConfig()
-    if isinstance(model_input, Prepared):  # read, checked and pre-processed already
-        float_model = model_input.model
-    elif isinstance(model_input, onnx.ModelProto):  # as onnxruntime takes it; the caller's copy stays as is
-        float_model = check_onnx(onnx.ModelProto.FromString(model_input.SerializeToString()), "model_input")
-    else:
-        float_model = load_onnx(model_input)
+    config = resolve_config(QDQProducer, config)  # a choice the drop-in cannot carry out: before any work
+    float_model = _float_model(model_input)
     session(float_model)  # onnxruntime can run the user's model, or a clear error before any work
     batches = _collect(calibration_data_reader, float_model)
-    start = time.perf_counter()
     common = (op_types_to_quantize, per_channel, reduce_range, activation_type, weight_type)
     common += (nodes_to_quantize, nodes_to_exclude, use_external_data_format, calibrate_method)
     common += (calibration_providers,)  # quantize_static's positional arguments, all but extra_options
@@ -245,30 +239,54 @@ def quantize_static(
         save_onnx(output, model_output, external_data=use_external_data_format)
         return None
     _refuse_per_channel_below_opset_13(float_model, per_channel, weight_type)
-    # EFRAP learns on the QDQ graph (each layer's real quantized inputs). A QOperator output is
-    # onnxruntime's own QOperator graph: the QDQ graph's weights are first pinned to the grids it stores
-    # (same initializer names), and the learned integers are then written into it.
-    # (QOperator stores every weight as integers, AddQDQPairToWeight or not: so does its QDQ twin)
+    extra = extra_options or {}
+    weights = WeightOptions(
+        reduce_range, extra.get("WeightSymmetric"), extra.get("TensorQuantOverrides") or {}
+    )
+    output, plan = _defended(
+        float_model, batches, quant_format, common, extra_options, weights, config, progress
+    )
+    save_onnx(output, model_output, external_data=use_external_data_format)
+    return plan
+
+
+def _float_model(model_input: str | Path | onnx.ModelProto | Prepared) -> onnx.ModelProto:
+    """The user's float model, read and checked; a ModelProto is copied (the caller's stays as it is)."""
+    if isinstance(model_input, Prepared):  # read, checked and pre-processed already
+        return model_input.model
+    if isinstance(model_input, onnx.ModelProto):  # as onnxruntime takes it
+        return check_onnx(onnx.ModelProto.FromString(model_input.SerializeToString()), "model_input")
+    return load_onnx(model_input)
+
+
+def _defended(
+    float_model: onnx.ModelProto,
+    batches: list[dict[str, np.ndarray]],
+    quant_format: QuantFormat,
+    common: tuple[Any, ...],
+    extra_options: dict[str, Any] | None,
+    weights: WeightOptions,
+    config: EFRAPConfig,
+    progress: bool,
+) -> tuple[onnx.ModelProto, RoundingPlan]:
+    """onnxruntime's output for the user's options with EFRAP's integers written in, and the plan.
+
+    EFRAP learns on the QDQ graph (each layer's real quantized inputs). A QOperator output is
+    onnxruntime's own QOperator graph: the QDQ graph's weights are first pinned to the grids it stores
+    (same initializer names), and the learned integers are then written into it. (QOperator stores
+    every weight as integers, AddQDQPairToWeight or not: so does its QDQ twin.)
+    """
     qdq_extra = extra_options
     if quant_format == QuantFormat.QOperator and extra_options:
         qdq_extra = {k: v for k, v in extra_options.items() if k != "AddQDQPairToWeight"}
     qdq = _quantize_stock(float_model, batches, QuantFormat.QDQ, *common, qdq_extra)
     _runs_in_onnxruntime(qdq)
-    output = qdq
-    if quant_format == QuantFormat.QOperator:
-        output = _quantize_stock(float_model, batches, QuantFormat.QOperator, *common, extra_options)
-        _runs_in_onnxruntime(output)
-        pin_weight_grids(qdq, output)
-    extra = extra_options or {}
-    weights = WeightOptions(
-        reduce_range, extra.get("WeightSymmetric"), extra.get("TensorQuantOverrides") or {}
-    )
-    plan = defend_qdq(float_model, qdq, batches, weights, config, progress)
-    log.info("EFRAP: %d layers in %.1f s", len(plan.layers), time.perf_counter() - start)
-    if quant_format == QuantFormat.QOperator:
-        plan = write_plan(output, plan)
-    save_onnx(output, model_output, external_data=use_external_data_format)
-    return plan
+    if quant_format != QuantFormat.QOperator:
+        return qdq, defend_qdq(float_model, qdq, batches, weights, config, progress)
+    output = _quantize_stock(float_model, batches, QuantFormat.QOperator, *common, extra_options)
+    _runs_in_onnxruntime(output)
+    pin_weight_grids(qdq, output)
+    return output, write_plan(output, defend_qdq(float_model, qdq, batches, weights, config, progress))
 
 
 def _refuse_per_channel_below_opset_13(

@@ -102,6 +102,39 @@ def _relu_after(float_model: onnx.ModelProto, tensor: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Graphs:
+    """The QDQ graph and the float graph it was quantized from, indexed for matching their layers."""
+
+    qdq: onnx.ModelProto
+    float_model: onnx.ModelProto
+    inits: dict[str, onnx.TensorProto]
+    float_inits: dict[str, onnx.TensorProto]
+    producers: dict[str, onnx.NodeProto]
+    float_by_weight: dict[str, onnx.NodeProto]
+    float_by_name: dict[str, onnx.NodeProto]
+
+    @classmethod
+    def of(cls, qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> _Graphs:
+        float_inits = _initializers(float_model)
+        # matched by structure, through the weight: onnxruntime stores float weight W as W_quantized, and a
+        # node's name is optional in ONNX (an unnamed Conv must be defended all the same)
+        float_by_weight = {
+            n.input[1]: n
+            for n in float_model.graph.node
+            if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in float_inits
+        }
+        return cls(
+            qdq,
+            float_model,
+            _initializers(qdq),
+            float_inits,
+            {out: n for n in qdq.graph.node for out in n.output},
+            float_by_weight,
+            {n.name: n for n in float_model.graph.node if n.name},
+        )
+
+
 def find_quantized_layers(
     qdq: onnx.ModelProto, float_model: onnx.ModelProto, include_relu: bool = True
 ) -> tuple[list[QuantizedLayer], dict[str, str], dict[str, str]]:
@@ -113,85 +146,83 @@ def find_quantized_layers(
     With ``include_relu`` a layer followed only by a Relu is preserved at the Relu's output (the
     reference's unit: Conv/Linear + its activation), so errors on negative outputs cost nothing.
     """
-    inits = _initializers(qdq)
-    float_inits = _initializers(float_model)
-    producers = {out: n for n in qdq.graph.node for out in n.output}
-    # matched by structure, through the weight: onnxruntime stores float weight W as W_quantized, and a
-    # node's name is optional in ONNX (an unnamed Conv must be defended all the same)
-    float_by_weight = {
-        n.input[1]: n
-        for n in float_model.graph.node
-        if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in float_inits
-    }
-    float_by_name = {n.name: n for n in float_model.graph.node if n.name}
+    graphs = _Graphs.of(qdq, float_model)
     layers, skipped = [], {}
     for node in qdq.graph.node:
         if node.op_type not in WEIGHT_OPS:
             continue
         if node.op_type in ("Gemm", "MatMul"):  # a weight on the left, W @ x: quantized all the same
-            left, _ = weight_source(producers.get(node.input[0]), producers, inits)
+            left, _ = weight_source(graphs.producers.get(node.input[0]), graphs.producers, graphs.inits)
             if left is not None:
                 skipped[left] = (
                     f"{node.op_type} {node.name or node.output[0]}: weight as its first input (W @ x), a form "
                     "EFRAP does not model; left at nearest rounding"
                 )
-        dq = producers.get(node.input[1])
-        stored, at_run_time = weight_source(dq, producers, inits)
-        from_node = constant_node_weight(dq, producers)
-        if from_node is not None:  # keyed like verify reads it: the Constant's output
-            skipped[from_node] = (
-                f"{node.op_type} {node.name or node.output[0]}: its weight comes from a Constant node, which "
-                "onnxruntime quantizes like an activation (per tensor, at run time); make it an initializer "
-                "(quant_pre_process does) to have it quantized as a weight and defended"
-            )
-            continue
-        if stored is None:
-            if node.op_type in ("Conv", "ConvTranspose") or node.input[1] in float_inits:
-                skipped[node.name or node.output[0]] = "not quantized by onnxruntime: stays in float"
-            continue
-        fnode = float_by_weight.get(stored.removesuffix("_quantized")) or float_by_name.get(node.name)
-        forward = (
-            _forward(node, fnode, float_inits)
-            if fnode is not None and fnode.input[1] in float_inits
-            else None
-        )
-        if forward is None:
-            skipped[stored] = (
-                f"{node.op_type} {node.name or node.output[0]}: a form EFRAP does not model; left at nearest rounding"
-            )
-            continue
-        transpose = channels_on_axis_1(node)
-        axis = _channel_axis(dq, inits, len(inits[stored].dims))
-        if axis is not None and axis != (1 if transpose else 0):
-            skipped[stored] = (
-                f"{node.op_type} {node.name or node.output[0]}: per-channel scales along axis {axis}, its input "
-                "channels; EFRAP learns grids per output channel; left at nearest rounding"
-            )
-            continue
-        output = fnode.output[0]
-        relu = _relu_after(float_model, output) if include_relu else None
-        if relu is not None:
-            forward, output = (lambda f: lambda x, w: torch.relu(f(x, w)))(forward), relu
-        layers.append(
-            QuantizedLayer(
-                node.name or node.output[0],
-                node.op_type,
-                fnode.input[1],
-                stored,
-                dq.input[1],
-                dq.input[2] if len(dq.input) > 2 else "",
-                attribute(dq, "axis", 1),
-                transpose,
-                node.input[0],
-                output,
-                forward,
-                at_run_time,
-            )
-        )
+        found = _layer_at(node, graphs, include_relu)
+        if isinstance(found, QuantizedLayer):
+            layers.append(found)
+        elif found is not None:
+            skipped[found[0]] = found[1]
     constants = _other_quantized_constants(
-        qdq, producers, inits, {layer.quantized for layer in layers} | set(skipped)
+        qdq, graphs.producers, graphs.inits, {layer.quantized for layer in layers} | set(skipped)
     )
     return layers, skipped, constants
+
+
+def _layer_at(
+    node: onnx.NodeProto, graphs: _Graphs, include_relu: bool
+) -> QuantizedLayer | tuple[str, str] | None:
+    """The layer a weight node of the QDQ graph is, or (the key it is skipped under, why), or None
+    for a node with nothing quantized to account for."""
+    where = f"{node.op_type} {node.name or node.output[0]}"
+    dq = graphs.producers.get(node.input[1])
+    stored, at_run_time = weight_source(dq, graphs.producers, graphs.inits)
+    from_node = constant_node_weight(dq, graphs.producers)
+    if from_node is not None:  # keyed like verify reads it: the Constant's output
+        return from_node, (
+            f"{where}: its weight comes from a Constant node, which onnxruntime quantizes like an activation "
+            "(per tensor, at run time); make it an initializer (quant_pre_process does) to have it "
+            "quantized as a weight and defended"
+        )
+    if stored is None:
+        if node.op_type in ("Conv", "ConvTranspose") or node.input[1] in graphs.float_inits:
+            return node.name or node.output[0], "not quantized by onnxruntime: stays in float"
+        return None
+    fnode = graphs.float_by_weight.get(stored.removesuffix("_quantized")) or graphs.float_by_name.get(
+        node.name
+    )
+    forward = (
+        _forward(node, fnode, graphs.float_inits)
+        if fnode is not None and fnode.input[1] in graphs.float_inits
+        else None
+    )
+    if forward is None:
+        return stored, f"{where}: a form EFRAP does not model; left at nearest rounding"
+    transpose = channels_on_axis_1(node)
+    axis = _channel_axis(dq, graphs.inits, len(graphs.inits[stored].dims))
+    if axis is not None and axis != (1 if transpose else 0):
+        return stored, (
+            f"{where}: per-channel scales along axis {axis}, its input channels; EFRAP learns grids per "
+            "output channel; left at nearest rounding"
+        )
+    output = fnode.output[0]
+    relu = _relu_after(graphs.float_model, output) if include_relu else None
+    if relu is not None:
+        forward, output = (lambda f: lambda x, w: torch.relu(f(x, w)))(forward), relu
+    return QuantizedLayer(
+        node.name or node.output[0],
+        node.op_type,
+        fnode.input[1],
+        stored,
+        dq.input[1],
+        dq.input[2] if len(dq.input) > 2 else "",
+        attribute(dq, "axis", 1),
+        transpose,
+        node.input[0],
+        output,
+        forward,
+        at_run_time,
+    )
 
 
 INTEGER_BITS = {

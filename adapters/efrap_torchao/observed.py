@@ -40,7 +40,7 @@ from efrap_plugin import (
     ProducedPlan,
     QuantScheme,
     RoundingPlan,
-    as_calibration,
+    TensorCalibration,
     capture,
     execution_order,
     first_outputs,
@@ -50,7 +50,6 @@ from efrap_plugin import (
     pick_layer_inputs,
     run,
     snap_integers,
-    take_rows,
     with_layer_inputs,
 )
 
@@ -553,7 +552,7 @@ def _observed_layers(
     return layers, skipped
 
 
-class ObservedModelProducer:
+class ObservedModelProducer(TensorCalibration):
     """``defend_prepared``'s producer: the user's prepared model, its activation observers
     fake-quantizing for the partially quantized model, and a float copy sharing its tensors; the
     learned integers go in by snapping the prepared model's weights, which the user's convert rounds."""
@@ -578,15 +577,6 @@ class ObservedModelProducer:
         """The captures run the user's model in eval mode, so its BatchNorm statistics stay as
         calibration left them (an exported PT2E graph has no train / eval switch and is left as it is)."""
         return _eval_mode(self.prepared, enabled=not self.graph)
-
-    def calibration(self, data: Any, rows: int) -> torch.Tensor:
-        return as_calibration(data, rows)
-
-    def rows(self, calib: torch.Tensor) -> int:
-        return int(calib.shape[0])
-
-    def take(self, calib: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return take_rows(calib, idx)
 
     def find_layers(self, calib: torch.Tensor, config: EFRAPConfig) -> FoundLayers:
         """The observed layers and their grids (every grid read before any work: an observer EFRAP
