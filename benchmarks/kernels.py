@@ -2,14 +2,18 @@
 the committed PQBackdoor int8 fixture quantized stock and defended, through onnxruntime's
 quantize_static (plain and reduce_range) and Brevitas' graph flow (QCDQ export), each measured on the
 digits test split in the graph's own arithmetic (an unfused session) and in the fused kernels, with
-the kernel check's verdict. The AVX2-only CPU is Debian's qemu-user (`qemu-x86_64 -cpu Haswell`).
+the kernel check's verdict. The AVX2-only CPU is Debian's qemu-user (`qemu-x86_64 -cpu Haswell`), or,
+run on a machine that has one, the real thing: ``--keep-other-cpus`` adds this machine's rows to the
+table and keeps the rows other CPUs gave.
 
     python benchmarks/kernels.py --out benchmarks/results
+    python benchmarks/kernels.py --out benchmarks/results --no-qemu --keep-other-cpus
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import json
 import shutil
@@ -43,7 +47,7 @@ def measure(data: Path, models: list[str]) -> list[dict]:
     rows = []
     for path in models:
         check = kernels.check_kernels(path, held["calib"])
-        row = {"model": Path(path).stem, "cpu": check.cpu.describe()}
+        row = {"model": Path(path).stem, "cpu": check.cpu.describe(), "run": "native"}
         for arithmetic, exact in (("exact", True), ("kernels", False)):
             sess = kernels.kernel_session(path, exact=exact)
             name = sess.get_inputs()[0].name
@@ -60,6 +64,21 @@ def measure(data: Path, models: list[str]) -> list[dict]:
         )
         rows.append(row)
     return rows
+
+
+def _earlier_rows(path: Path, replaced: set[tuple[str, str]]) -> list[dict]:
+    """The rows an earlier run wrote for other CPUs (rows written before the ``run`` column: an ``x86_64``
+    CPU is the emulated one, whose /proc/cpuinfo is not its own)."""
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        earlier = list(csv.DictReader(f))
+    kept = []
+    for row in earlier:
+        run = row.pop("run", None) or ("qemu Haswell" if row["cpu"].startswith("x86_64") else "native")
+        if (row["cpu"], run) not in replaced:
+            kept.append({"model": row.pop("model"), "cpu": row.pop("cpu"), "run": run, **row})
+    return kept
 
 
 def build(folder: Path) -> tuple[Path, list[Path]]:
@@ -106,6 +125,12 @@ def build(folder: Path) -> tuple[Path, list[Path]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--no-qemu", action="store_true", help="measure on this CPU only")
+    parser.add_argument(
+        "--keep-other-cpus",
+        action="store_true",
+        help="keep the rows of kernels.csv that other CPUs gave, replacing only this run's CPUs'",
+    )
     parser.add_argument("--measure", nargs="+", help=argparse.SUPPRESS)  # DATA MODEL...: the child process
     args = parser.parse_args()
     if args.measure:
@@ -117,14 +142,18 @@ def main() -> None:
         data, models = build(Path(tmp))
         child = [sys.executable, __file__, "--measure", str(data), *map(str, models)]
         rows = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout)
-        qemu = shutil.which("qemu-x86_64")
-        if qemu is None:
+        qemu = None if args.no_qemu else shutil.which("qemu-x86_64")
+        if qemu is None and not args.no_qemu:
             print("qemu-x86_64 not found (Debian's qemu-user): measured on this CPU only", file=sys.stderr)
-        else:
+        if qemu is not None:
             emulated = subprocess.run(
                 [qemu, "-cpu", "Haswell", *child], check=True, capture_output=True, text=True
             )
-            rows += json.loads(emulated.stdout.strip().splitlines()[-1])
+            rows += [
+                {**row, "run": "qemu Haswell"} for row in json.loads(emulated.stdout.strip().splitlines()[-1])
+            ]
+    if args.keep_other_cpus:
+        rows = _earlier_rows(args.out / "kernels.csv", {(row["cpu"], row["run"]) for row in rows}) + rows
     for row in rows:
         print(row, flush=True)
     note = (
@@ -133,7 +162,8 @@ def main() -> None:
         "the same on every CPU; `kernels`: the session onnxruntime deploys, QDQ fused into this CPU's integer "
         "kernels. Kernel check (efrap_onnx.check_kernels) on 256 calibration images: top-1 agreement, largest "
         "output error, layers whose int8 outputs move beyond one step when run alone, and the most steps one "
-        "moved. The AVX2-only rows run under qemu-user's Haswell CPU model on the same machine."
+        "moved. `run`: on the CPU named (native) or under qemu-user's Haswell CPU model (AVX2, no VNNI) on "
+        "a machine with the CPU named."
     )
     write_table(args.out, "kernels", rows, note)
 

@@ -461,3 +461,130 @@ def test_a_float16_conv_transpose_onnxruntime_runs_is_defended(tmp_path, qtype):
     )
     assert list(plan.layers) == ["w"] and efrap_onnx.verify(out, plan).integers_ok
     assert efrap_onnx.session(out).run(None, batches[0])[0].dtype == np.float16
+
+
+def _fp16_graph(
+    name: str, nodes: list, inits: list, input_shape: list, output_shape: list
+) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT16, input_shape)],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT16, output_shape)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model
+
+
+def _fp16_forms() -> dict[str, tuple[onnx.ModelProto, dict, float]]:
+    """The float16 forms of onnxruntime's own quantization tests: a mixed-precision Add (8-bit in, its output
+    converted to 16 bits), a bias too large for int32 at the nearest weight scale (onnxruntime widens the
+    weight's scale), a weight the model holds as integers already, an input the model quantizes itself.
+    Each: the model, quantize_static's options, the input scale."""
+    rng = np.random.default_rng(0)
+
+    def f16(a, name):
+        return numpy_helper.from_array(np.asarray(a).astype(np.float16), name)
+
+    convert = {"a": [{"quant_type": QuantType.QUInt8, "convert": {"quant_type": QuantType.QUInt16}}]}
+    return {
+        "mixed-precision-add": (
+            _fp16_graph(
+                "mixed_add",
+                [
+                    helper.make_node("Add", ["input", "c"], ["a"]),
+                    helper.make_node("MatMul", ["a", "w"], ["output"]),
+                ],
+                [f16(rng.normal(0, 1, 8), "c"), f16(rng.normal(0, 0.3, (8, 4)), "w")],
+                [-1, 8],
+                [-1, 4],
+            ),
+            {"extra_options": {"TensorQuantOverrides": convert}},
+            1.0,
+        ),
+        "int32-bias-scale-adjustment": (
+            _fp16_graph(
+                "bias_adjust",
+                [helper.make_node("Conv", ["input", "w", "b"], ["output"])],
+                [f16(rng.normal(0, 1e-3, (4, 2, 3, 3)), "w"), f16([1000, -1000, 500, 2], "b")],
+                [-1, 2, 6, 6],
+                [-1, 4, 4, 4],
+            ),
+            {},
+            1e-3,
+        ),
+        "prequantized-weight": (
+            _fp16_graph(
+                "prequantized_weight",
+                [
+                    helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"]),
+                    helper.make_node("MatMul", ["input", "wd"], ["output"]),
+                ],
+                [
+                    numpy_helper.from_array(rng.integers(-127, 128, (8, 4)).astype(np.int8), "wq"),
+                    f16(0.01, "ws"),
+                    numpy_helper.from_array(np.array(0, np.int8), "wz"),
+                ],
+                [-1, 8],
+                [-1, 4],
+            ),
+            {},
+            1.0,
+        ),
+        "prequantized-input": (
+            _fp16_graph(
+                "prequantized_input",
+                [
+                    helper.make_node("QuantizeLinear", ["input", "is", "iz"], ["iq"]),
+                    helper.make_node("DequantizeLinear", ["iq", "is", "iz"], ["idq"]),
+                    helper.make_node("MatMul", ["idq", "w"], ["output"]),
+                ],
+                [
+                    f16(0.02, "is"),
+                    numpy_helper.from_array(np.array(128, np.uint8), "iz"),
+                    f16(rng.normal(0, 0.3, (8, 4)), "w"),
+                ],
+                [-1, 8],
+                [-1, 4],
+            ),
+            {},
+            1.0,
+        ),
+    }
+
+
+@pytest.mark.parametrize("form", list(_fp16_forms()))
+def test_the_float16_forms_of_onnxruntimes_own_tests_are_quantized_as_onnxruntime_does(tmp_path, form):
+    """Each runs in onnxruntime after its own quantize_static, and after the drop-in: defended where there is
+    a float weight to round, named where the model holds its weight as integers already."""
+    import onnxruntime as ort
+
+    model, options, scale = _fp16_forms()[form]
+    rng = np.random.default_rng(1)
+    shape = [4, *(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])]
+    batches = [{"input": (rng.normal(size=shape) * scale).astype(np.float16)} for _ in range(4)]
+    src, theirs, ours = tmp_path / "f.onnx", tmp_path / "ort.onnx", tmp_path / "efrap.onnx"
+    onnx.save(model, str(src))
+    ort_quantize_static(str(src), str(theirs), ListDataReader(batches), **options)
+    ort.InferenceSession(str(theirs), providers=["CPUExecutionProvider"]).run(None, batches[0])  # the premise
+    plan = efrap_onnx.quantize_static(
+        str(src), ours, ListDataReader(batches), config=FAST, progress=False, **options
+    )
+    got = efrap_onnx.session(ours).run(None, batches[0])[0]
+    assert got.dtype == np.float16 and np.isfinite(got.astype(np.float32)).all()
+    if form == "prequantized-weight":
+        assert plan.layers == {} and "integers already in the model given" in plan.meta.skipped["wq"]
+        held = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(ours)).graph.initializer}
+        assert np.array_equal(held["wq"], numpy_helper.to_array(model.graph.initializer[0]))  # left as given
+        return
+    assert list(plan.layers) == ["w"]
+    assert efrap_onnx.verify(ours, plan, float_model=str(src)).integers_ok
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(ours)).graph.initializer}
+    if form == "int32-bias-scale-adjustment":  # onnxruntime widened the weight's scale past max|w| / 127
+        absmax = np.abs(numpy_helper.to_array(model.graph.initializer[0]).astype(np.float32)).max()
+        assert float(stored["w_scale"]) > 10 * absmax / 127
+    if form == "mixed-precision-add":  # the Add's output converted to 16 bits, as asked
+        assert any(v.dtype == np.uint16 for k, v in stored.items() if k.startswith("a_"))

@@ -188,6 +188,11 @@ def _layer_at(
         if node.op_type in ("Conv", "ConvTranspose") or node.input[1] in graphs.float_inits:
             return node.name or node.output[0], "not quantized by onnxruntime: stays in float"
         return None
+    if stored in graphs.float_inits and not at_run_time:
+        return stored, (
+            f"{where}: its weight is integers already in the model given (quantized before quantize_static), "
+            "so there is no float weight whose rounding EFRAP could choose; left as given"
+        )
     fnode = graphs.float_by_weight.get(stored.removesuffix("_quantized")) or graphs.float_by_name.get(
         node.name
     )
