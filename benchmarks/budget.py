@@ -52,15 +52,8 @@ from run import CELLS, attacked_onnx, configure_logging
 
 from efrap_cli.report import write_table
 from efrap_onnx import quantize_images, session
-from efrap_plugin import (
-    HOLDOUT_CHOICES,
-    EFRAPConfig,
-    HeldOut,
-    Metrics,
-    attack_fires,
-    backdoor_removed,
-    evaluate,
-)
+from efrap_plugin import HOLDOUT_CHOICES, EFRAPConfig, HeldOut
+from efrap_plugin.redteam import Metrics, attack_fires, backdoor_removed, evaluate
 
 HELD_OUT = 256
 

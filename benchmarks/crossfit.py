@@ -36,7 +36,8 @@ from run import CELLS, attacked_onnx, configure_logging
 
 from efrap_cli.report import write_table
 from efrap_onnx import quantize_images, session
-from efrap_plugin import EFRAPConfig, LabeledData, Metrics, attack_fires, backdoor_removed, evaluate, predict
+from efrap_plugin import EFRAPConfig, LabeledData
+from efrap_plugin.redteam import Metrics, attack_fires, backdoor_removed, evaluate, predict
 
 CALIBRATION = 1280
 """Training images handed to every run (all 1,257 on digits); fixed runs read the first 1,024."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from budget import bar_counts, by_setting, meets_strict
 
 from efrap_cli.report import write_table
-from efrap_plugin import Metrics, backdoor_removed
+from efrap_plugin.redteam import Metrics, backdoor_removed
 
 ROOT = Path(__file__).resolve().parents[1]
 

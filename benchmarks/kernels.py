@@ -87,7 +87,7 @@ def build(folder: Path) -> tuple[Path, list[Path]]:
     import torch
 
     from efrap_onnx import quantize_images
-    from efrap_plugin import PatchTrigger, load_digits
+    from efrap_plugin.redteam import PatchTrigger, load_digits
 
     torch.set_num_threads(1)
     digits = load_digits(seed=0)

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from efrap_cli.report import write_table
-from efrap_plugin import LAYER_INPUTS, backdoor_removed, evaluate, load_digits
-from efrap_plugin.attacks import red_team_model
+from efrap_plugin import LAYER_INPUTS
+from efrap_plugin.redteam import backdoor_removed, evaluate, load_digits
+from efrap_plugin.redteam.attacks import red_team_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"

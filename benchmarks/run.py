@@ -23,8 +23,9 @@ import torch
 
 from efrap_cli.report import write_table
 from efrap_onnx import export_float_onnx, quantize_images, session
-from efrap_plugin import REMOVAL_BARS, EFRAPConfig, attack_fires, backdoor_removed, evaluate, load_dataset
-from efrap_plugin.attacks import run_attack
+from efrap_plugin import EFRAPConfig
+from efrap_plugin.redteam import REMOVAL_BARS, attack_fires, backdoor_removed, evaluate, load_dataset
+from efrap_plugin.redteam.attacks import run_attack
 
 CELLS = [
     ("pqbackdoor", 8),

@@ -43,7 +43,7 @@ REPEATS = 3
 
 
 def _model(name: str) -> torch.nn.Module:
-    from efrap_plugin import TokenEncoder, build_model
+    from efrap_plugin.redteam import TokenEncoder, build_model
 
     torch.manual_seed(0)
     options, shape = MODELS[name]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from efrap_cli.report import write_table
-from efrap_plugin import Metrics, attack_fires, backdoor_removed
+from efrap_plugin.redteam import Metrics, attack_fires, backdoor_removed
 
 EFRAP_SEEDS = (1005, 1006)
 
@@ -56,8 +56,8 @@ def _trained(folder: str) -> dict[str, dict]:
 def train_one(spec: dict, out: str, threads: int = 1) -> dict:
     """One attack variant: train it and save DIR/models/<id>.safetensors; errors come back as data."""
     torch.set_num_threads(threads)
-    from efrap_plugin import save_model
-    from efrap_plugin.attacks import default_arch, default_config, run_attack
+    from efrap_plugin.redteam import save_model
+    from efrap_plugin.redteam.attacks import default_arch, default_config, run_attack
 
     t0 = time.time()
     try:
@@ -108,8 +108,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 def evaluate_one(path: Path, spec: dict) -> dict:
     """Float, stock and EFRAP (two seeds, when the stock model is backdoored) in onnxruntime sessions."""
     from efrap_onnx import export_float_onnx, quantize_images, session
-    from efrap_plugin import EFRAPConfig, evaluate, load_dataset, load_model
-    from efrap_plugin.attacks import default_trigger
+    from efrap_plugin import EFRAPConfig
+    from efrap_plugin.redteam import evaluate, load_dataset, load_model
+    from efrap_plugin.redteam.attacks import default_trigger
 
     t0 = time.time()
     data = load_dataset(spec.get("dataset", "digits"))
@@ -150,8 +151,9 @@ def cmd_tradeoff(args: argparse.Namespace) -> None:
     Each variant is a JSON object of EFRAPConfig fields; ``--flip-weights`` is the common shorthand.
     """
     from efrap_onnx import export_float_onnx, quantize_images, session
-    from efrap_plugin import EFRAPConfig, evaluate, load_dataset, load_model
-    from efrap_plugin.attacks import default_trigger
+    from efrap_plugin import EFRAPConfig
+    from efrap_plugin.redteam import evaluate, load_dataset, load_model
+    from efrap_plugin.redteam.attacks import default_trigger
 
     torch.set_num_threads(1)
     specs = _trained(args.dir)

@@ -17,7 +17,8 @@ import torch
 
 import efrap_plugin.threads as threads
 from efrap_cli.report import write_table
-from efrap_plugin import DigitsCNN, EFRAPConfig, defend, load_digits, load_model, train
+from efrap_plugin import EFRAPConfig, defend
+from efrap_plugin.redteam import DigitsCNN, load_digits, load_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
 BUSY = "while True: pass"

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from efrap_plugin import EFRAPConfig, EFRAPError, Splits, inputs_needed, load_model
+from efrap_plugin import EFRAPConfig, EFRAPError, inputs_needed
+from efrap_plugin.redteam import Splits, load_model
 
 __all__ = ["CALIB_IMAGES", "adapter", "stock_onnx_int8", "stock_runner"]
 

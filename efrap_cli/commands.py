@@ -17,35 +17,37 @@ from efrap_plugin import (
     EFRAPConfig,
     EFRAPError,
     LabeledData,
-    Metrics,
-    Outcomes,
-    PatchTrigger,
     QuantScheme,
     as_calibration,
     atomic_write,
-    backdoor_removed,
     check_writable,
     core_weight,
     crowded_layers,
-    evaluate,
     format_scan,
     inputs_needed,
-    intervals,
-    load_dataset,
-    load_model,
     load_npz_inputs,
-    outcomes,
-    paired_change,
     prepare_model,
     quantizable_layers,
     resolve_device,
-    save_model,
     scan_weights,
     scheme_preset,
     staged,
 )
-from efrap_plugin.attacks import run_attack
 from efrap_plugin.npz import read_npz_arrays
+from efrap_plugin.redteam import (
+    Metrics,
+    Outcomes,
+    PatchTrigger,
+    backdoor_removed,
+    evaluate,
+    intervals,
+    load_dataset,
+    load_model,
+    outcomes,
+    paired_change,
+    save_model,
+)
+from efrap_plugin.redteam.attacks import run_attack
 
 from .backends import CALIB_IMAGES, adapter, stock_onnx_int8, stock_runner
 

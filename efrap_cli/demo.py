@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from efrap_plugin import EFRAPConfig, Metrics, der, evaluate, save_model, truncation_error
-from efrap_plugin.attacks import run_attack
+from efrap_plugin import EFRAPConfig, truncation_error
+from efrap_plugin.redteam import Metrics, der, evaluate, save_model
+from efrap_plugin.redteam.attacks import run_attack
 
 from .backends import CALIB_IMAGES, adapter, stock_onnx_int8
 from .report import format_table, write_report

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from efrap_plugin import HOLDOUT_CHOICES, UNITS, EFRAPConfig, EFRAPError
-from efrap_plugin.attacks import ATTACKS
+from efrap_plugin.redteam.attacks import ATTACKS
 from efrap_plugin.schemes import SCHEME_PRESETS
 
 __all__ = ["build_parser", "main"]

@@ -1,48 +1,19 @@
 """efrap-plugin: EFRAP (Li et al., CVPR 2024) against quantization-conditioned backdoors.
 
-The backend-neutral core. ``defend(model, calib_data, scheme, config) -> RoundingPlan``; adapters
-(installed beside it, one per backend) turn plans into real int8 artifacts.
+The backend-neutral defense. ``defend(model, calib_data, scheme, config) -> RoundingPlan``; every route is
+a ``LayerProducer`` driven by ``run``; adapters (installed beside it, one per backend) turn plans into real
+int8 artifacts and verify them. The red-team kit (attacks, triggers, the model zoo, datasets, evaluation)
+is ``efrap_plugin.redteam``.
 """
 
 from .analysis import LayerScan, crowded_layers, format_scan, scan_weights
-from .checkpoint import load_model, save_model
-from .cifar import load_cifar10
 from .config import BUDGET_ONLY, HOLDOUT_CHOICES, LAYER_INPUTS, UNITS, EFRAPConfig, LayerInputs, Unit
 from .conformance import IntegerReport, compare_integers
-from .data import (
-    LabeledData,
-    Splits,
-    as_calibration,
-    as_labeled,
-    load_dataset,
-    load_digits,
-    load_fashion_mnist,
-    load_npz,
-    load_npz_inputs,
-)
+from .data import LabeledData, as_calibration, as_labeled, labeled, load_npz, load_npz_inputs
 from .defense import resolve_config, run, with_layer_inputs
+from .device import resolve_device
 from .engine import TorchModelProducer, capture, defend
 from .errors import DataError, EFRAPError, ModelError, PlanMismatchError
-from .evaluate import (
-    ATTACK_BARS,
-    REMOVAL_BARS,
-    Metrics,
-    Outcomes,
-    as_predictor,
-    asr,
-    attack_fires,
-    backdoor_removed,
-    clean_acc,
-    compare,
-    der,
-    evaluate,
-    intervals,
-    outcomes,
-    paired_change,
-    predict,
-    ra,
-    wilson_interval,
-)
 from .fake_quant import fake_quant_forward
 from .files import atomic_write, check_writable, read_safetensors, safetensors_shapes, staged
 from .held_out import (
@@ -69,7 +40,6 @@ from .layers import (
     relu_after,
 )
 from .loop import defend_layers, warn_tied_weights
-from .models import DigitsCNN, ResNet, TokenEncoder, build_model, resnet8, resnet20
 from .objective import learnable_bounds, truncation_error
 from .plan import LayerPlan, PlanMeta, RoundingPlan, grid_record, snap_integers, snap_weight
 from .producer import FoundLayers, Honours, LayerProblem, LayerProducer, ProducedPlan, TensorCalibration
@@ -82,8 +52,6 @@ from .rounding import (
     rounding_path,
 )
 from .schemes import SCHEME_PRESETS, ActivationQuantizer, QuantScheme, scheme_preset
-from .training import resolve_device, train
-from .triggers import PatchTrigger
 
 __version__ = "0.1.0"
 
@@ -102,7 +70,6 @@ __all__ = [
     "resolve_config",
     "run",
     "with_layer_inputs",
-    "ATTACK_BARS",
     "BUDGET_STRENGTHS",
     "CONV_TRANSPOSE",
     "HeldOut",
@@ -110,53 +77,34 @@ __all__ = [
     "MIN_HOLDOUT",
     "ActivationQuantizer",
     "DataError",
-    "DigitsCNN",
     "EFRAPConfig",
     "HOLDOUT_CHOICES",
     "EFRAPError",
     "IntegerReport",
     "LabeledData",
+    "labeled",
     "LAYER_INPUTS",
     "LayerInputs",
     "LayerPlan",
     "LayerProblem",
     "LayerScan",
     "LayerResult",
-    "Metrics",
     "ModelError",
-    "PatchTrigger",
     "PlanMismatchError",
-    "REMOVAL_BARS",
     "QuantScheme",
-    "ResNet",
     "RoundingPlan",
-    "TokenEncoder",
     "SCHEME_PRESETS",
-    "Splits",
     "as_calibration",
     "as_labeled",
-    "as_predictor",
-    "asr",
-    "attack_fires",
     "check_layer_inputs",
-    "backdoor_removed",
     "budget_strengths",
     "atomic_write",
     "check_writable",
-    "build_model",
     "capture",
-    "clean_acc",
-    "compare",
     "compare_integers",
     "core_weight",
     "defend",
     "defend_layers",
-    "der",
-    "evaluate",
-    "intervals",
-    "outcomes",
-    "Outcomes",
-    "paired_change",
     "execution_order",
     "fake_quant_forward",
     "fingerprint",
@@ -176,32 +124,20 @@ __all__ = [
     "learnable_bounds",
     "held_out_indices",
     "inputs_needed",
-    "load_cifar10",
-    "load_dataset",
-    "load_digits",
-    "load_fashion_mnist",
-    "load_model",
     "load_npz",
     "load_npz_inputs",
-    "predict",
     "prepare_model",
     "quantizable_layers",
     "relu_after",
-    "ra",
     "read_safetensors",
     "safetensors_shapes",
-    "save_model",
     "scan_weights",
-    "resnet20",
-    "resnet8",
     "scheme_preset",
     "snap_integers",
     "snap_weight",
     "staged",
     "resolve_device",
-    "train",
     "truncation_error",
     "warn_tied_weights",
-    "wilson_interval",
     "__version__",
 ]

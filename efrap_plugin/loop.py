@@ -15,13 +15,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import EFRAPConfig
+from .device import resolve_device
 from .errors import EFRAPError
 from .held_out import HeldOut, Measurement
 from .layers import fingerprint
 from .plan import LayerPlan
 from .rounding import LayerProblem, LayerResult, learn_rounding, path_steps, rounding_path
 from .threads import threads_for
-from .training import resolve_device
 
 __all__ = [
     "BudgetLadder",

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from .config import EFRAPConfig
+from .device import resolve_device
 from .objective import PROBE_ROWS, Objective, beta_schedule, init_logits
 from .producer import LayerProblem
-from .training import resolve_device
 
 __all__ = [
     "BUDGET_STRENGTHS",

@@ -32,8 +32,9 @@ from torch import nn
 
 from efrap_brevitas import defend_quant_model, quantizer_scheme, verify_qcdq  # EFRAP
 from efrap_onnx import cpu_features, kernel_check, session
-from efrap_plugin import EFRAPConfig, compare, load_digits
-from efrap_plugin.attacks import red_team_model
+from efrap_plugin import EFRAPConfig
+from efrap_plugin.redteam import compare, load_digits
+from efrap_plugin.redteam.attacks import red_team_model
 
 WEIGHT_QUANT = {
     "int8-per-channel-float": (Int8WeightPerChannelFloat, {}),

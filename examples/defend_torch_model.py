@@ -6,8 +6,9 @@ python examples/defend_torch_model.py
 from __future__ import annotations
 
 from efrap_onnx import export_defended, session
-from efrap_plugin import EFRAPConfig, defend, evaluate
-from efrap_plugin.attacks import run_attack
+from efrap_plugin import EFRAPConfig, defend
+from efrap_plugin.redteam import evaluate
+from efrap_plugin.redteam.attacks import run_attack
 
 
 def main() -> None:

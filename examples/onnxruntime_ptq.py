@@ -28,7 +28,8 @@ from efrap_onnx import (
     quantize_static,  # EFRAP: instead of onnxruntime.quantization's
     verify,
 )
-from efrap_plugin import LabeledData, TokenEncoder, load_digits, train
+from efrap_plugin import LabeledData
+from efrap_plugin.redteam import TokenEncoder, load_digits, train
 
 
 class TokenReader(CalibrationDataReader):

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 from torch.ao.quantization import DeQuantStub, QuantStub, convert, fuse_modules, get_default_qconfig, prepare
 
-from efrap_plugin import EFRAPConfig, compare, load_digits, train
-from efrap_plugin.attacks import PQBackdoor, default_trigger
+from efrap_plugin import EFRAPConfig
+from efrap_plugin.redteam import compare, load_digits, train
+from efrap_plugin.redteam.attacks import PQBackdoor, default_trigger
 from efrap_torchao import defend_prepared, observer_scheme, verify_eager  # EFRAP
 
 

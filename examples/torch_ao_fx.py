@@ -19,8 +19,9 @@ import torch
 from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-from efrap_plugin import EFRAPConfig, compare, load_digits
-from efrap_plugin.attacks import red_team_model
+from efrap_plugin import EFRAPConfig
+from efrap_plugin.redteam import compare, load_digits
+from efrap_plugin.redteam.attacks import red_team_model
 from efrap_torchao import defend_prepared, observer_scheme, verify_fx  # EFRAP
 
 

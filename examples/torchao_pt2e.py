@@ -25,8 +25,9 @@ import torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from efrap_onnx import cpu_features, kernel_check, session
-from efrap_plugin import EFRAPConfig, compare, evaluate, load_digits
-from efrap_plugin.attacks import red_team_model
+from efrap_plugin import EFRAPConfig
+from efrap_plugin.redteam import compare, evaluate, load_digits
+from efrap_plugin.redteam.attacks import red_team_model
 from efrap_torchao import defend_prepared, spec_scheme, verify_pt2e  # EFRAP
 
 QUANTIZERS = ("x86", "x86-per-tensor", "xnnpack", "xnnpack-per-tensor")

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from efrap_plugin import PatchTrigger, load_digits, load_model
-from efrap_plugin.attacks import default_trigger
+from efrap_plugin.redteam import PatchTrigger, load_digits, load_model
+from efrap_plugin.redteam.attacks import default_trigger
 
 torch.set_num_threads(1)
 

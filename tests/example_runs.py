@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from efrap_plugin import Metrics, backdoor_removed
+from efrap_plugin.redteam import Metrics, backdoor_removed
 
 ROOT = Path(__file__).resolve().parents[1]
 

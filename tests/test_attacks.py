@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from efrap_plugin import EFRAPError, QuantScheme, evaluate, train
-from efrap_plugin.attacks import GridProjection, PQBackdoor, run_attack
+from efrap_plugin import EFRAPError, QuantScheme
+from efrap_plugin.redteam import evaluate, train
+from efrap_plugin.redteam.attacks import GridProjection, PQBackdoor, run_attack
 
 
 def _stock_ort(model, digits, bits):
@@ -119,7 +120,7 @@ def test_pqbackdoor_int4_cell(digits):
 def test_attack_input_validation(clean_cnn, digits, trigger):
     with pytest.raises(EFRAPError, match=r"schemes: expected one or more QuantScheme presets"):
         PQBackdoor()(clean_cnn, digits.train, trigger, [])
-    from efrap_plugin import PatchTrigger
+    from efrap_plugin.redteam import PatchTrigger
 
     with pytest.raises(EFRAPError, match=r"trigger.target: 12 is not one of the 10 classes"):
         PQBackdoor()(clean_cnn, digits.train, PatchTrigger.corner(2, 0, target=12), QuantScheme.onnxruntime())
@@ -133,7 +134,7 @@ def test_attack_input_validation(clean_cnn, digits, trigger):
 
 def test_attack_device_is_where_training_runs_and_the_result_comes_home(clean_cnn, digits, trigger):
     """``device=`` moves training (batches one at a time) and hands the model back on the caller's device."""
-    from efrap_plugin.attacks import PQBackdoorConfig
+    from efrap_plugin.redteam.attacks import PQBackdoorConfig
 
     attack = PQBackdoor(PQBackdoorConfig(poison_epochs=1, repair_epochs=1))
     data = digits.train.subset(256)

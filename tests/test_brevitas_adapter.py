@@ -7,7 +7,8 @@ import pytest
 
 from efrap_brevitas import export_qcdq, quantize_brevitas, read_qcdq_integers, verify_qcdq
 from efrap_onnx import session
-from efrap_plugin import EFRAPError, defend, evaluate
+from efrap_plugin import EFRAPError, defend
+from efrap_plugin.redteam import evaluate
 
 
 def test_stock_brevitas_qcdq_activates_the_backdoor(pq8, digits, tmp_path):

@@ -41,16 +41,9 @@ from efrap_brevitas import (
     with_efrap,
 )
 from efrap_onnx import kernel_check, session
-from efrap_plugin import (
-    EFRAPConfig,
-    EFRAPError,
-    ModelError,
-    PlanMismatchError,
-    RoundingPlan,
-    evaluate,
-    predict,
-)
-from efrap_plugin.models import BasicBlock
+from efrap_plugin import EFRAPConfig, EFRAPError, ModelError, PlanMismatchError, RoundingPlan
+from efrap_plugin.redteam import evaluate, predict
+from efrap_plugin.redteam.models import BasicBlock
 
 pytestmark = pytest.mark.filterwarnings("ignore:Computing zero point of output accumulator")
 

@@ -20,11 +20,11 @@ from efrap_plugin import (
     HeldOut,
     budget_strengths,
     defend,
-    evaluate,
     held_out_indices,
     split_calibration,
     split_sizes,
 )
+from efrap_plugin.redteam import evaluate
 
 BUDGET = EFRAPConfig(budget=1.0)
 

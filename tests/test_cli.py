@@ -12,7 +12,8 @@ from conftest import TokenClassifier
 
 from efrap_cli import main
 from efrap_onnx import weight_integers
-from efrap_plugin import EFRAPConfig, RoundingPlan, load_dataset, wilson_interval
+from efrap_plugin import EFRAPConfig, RoundingPlan
+from efrap_plugin.redteam import load_dataset, wilson_interval
 
 SUBCOMMANDS = ["attack", "defend", "evaluate", "scan", "demo"]
 
@@ -201,7 +202,7 @@ def test_defend_from_an_npz(attack_dir, tmp_path, capsys, key):
     with neither names both."""
     import numpy as np
 
-    from efrap_plugin import load_digits
+    from efrap_plugin.redteam import load_digits
 
     np.savez(tmp_path / "calib.npz", **{key: load_digits().train.x[:256].numpy()})
     assert (

@@ -8,16 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from efrap_plugin import (
-    DataError,
-    LabeledData,
-    as_calibration,
-    as_labeled,
-    load_cifar10,
-    load_digits,
-    load_npz,
-)
-from efrap_plugin.data import load_fashion_mnist
+from efrap_plugin import DataError, LabeledData, as_calibration, as_labeled, load_npz
+from efrap_plugin.redteam import load_cifar10, load_digits
+from efrap_plugin.redteam.datasets import load_fashion_mnist
 
 
 def test_digits_split_is_seeded_stratified_and_scaled():

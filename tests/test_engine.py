@@ -17,7 +17,6 @@ from efrap_plugin import (
     QuantScheme,
     crowded_layers,
     defend,
-    evaluate,
     format_scan,
     learn_rounding,
     learnable_bounds,
@@ -25,6 +24,7 @@ from efrap_plugin import (
     quantizable_layers,
     scan_weights,
 )
+from efrap_plugin.redteam import evaluate
 
 FAST = EFRAPConfig(iters=200, calib_size=256, budget=None)  # the fixed-strength objective
 

@@ -40,9 +40,9 @@ from efrap_plugin import (
     as_calibration,
     compare_integers,
     defend,
-    load_model,
     staged,
 )
+from efrap_plugin.redteam import load_model
 
 FAST = ["--iters", "10", "--calib-size", "64", "--quiet"]
 

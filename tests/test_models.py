@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from efrap_plugin import EFRAPError, build_model, clean_acc, resnet8, resnet20, train
+from efrap_plugin import EFRAPError
+from efrap_plugin.redteam import build_model, clean_acc, resnet8, resnet20, train
 
 
 def test_digits_cnn_trains_to_95_percent_in_seconds(digits):

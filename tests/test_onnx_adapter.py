@@ -12,15 +12,8 @@ from onnx_models import conv_model, graph_model
 from onnxruntime.quantization import QuantType
 
 from efrap_onnx import ListDataReader, load_onnx, quantize_static, session, verify
-from efrap_plugin import (
-    DataError,
-    EFRAPConfig,
-    EFRAPError,
-    ModelError,
-    PlanMismatchError,
-    backdoor_removed,
-    evaluate,
-)
+from efrap_plugin import DataError, EFRAPConfig, EFRAPError, ModelError, PlanMismatchError
+from efrap_plugin.redteam import backdoor_removed, evaluate
 
 
 def _reader(calib, name="input"):

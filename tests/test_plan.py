@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from efrap_plugin import (
-    DigitsCNN,
     EFRAPConfig,
     ModelError,
     PlanMismatchError,
@@ -16,6 +15,7 @@ from efrap_plugin import (
     prepare_model,
     quantizable_layers,
 )
+from efrap_plugin.redteam import DigitsCNN
 
 FAST = EFRAPConfig(iters=150, calib_size=256)
 
@@ -58,7 +58,7 @@ def test_plan_for_another_model_is_refused(plans):
     other = DigitsCNN(width=16).eval()
     with pytest.raises(PlanMismatchError, match=r"weights differ from the ones the plan was made from"):
         plans["onnxruntime-8"].apply(other)
-    from efrap_plugin import resnet8
+    from efrap_plugin.redteam import resnet8
 
     with pytest.raises(PlanMismatchError, match=r"layers \['classifier', 'features.0.0'.* are not in ResNet"):
         plans["onnxruntime-8"].apply(resnet8(in_channels=1))

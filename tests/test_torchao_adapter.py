@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from efrap_plugin import EFRAPError, defend, evaluate
-from efrap_plugin.models import resnet8
+from efrap_plugin import EFRAPError, defend
+from efrap_plugin.redteam import evaluate
+from efrap_plugin.redteam.models import resnet8
 from efrap_torchao import quantize_eager, quantize_pt2e, read_int8_weights, verify_eager, verify_pt2e
 
 
@@ -91,7 +92,8 @@ def test_eager_flow_keeps_the_models_own_quant_stubs(digits):
     from torch import nn
     from torch.ao.quantization import DeQuantStub, QuantStub
 
-    from efrap_plugin import EFRAPConfig, train
+    from efrap_plugin import EFRAPConfig
+    from efrap_plugin.redteam import train
 
     torch.manual_seed(0)
     model = nn.Sequential(

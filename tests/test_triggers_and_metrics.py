@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from efrap_plugin import (
-    EFRAPError,
-    LabeledData,
+from efrap_plugin import EFRAPError, LabeledData
+from efrap_plugin.redteam import (
     Metrics,
     PatchTrigger,
     asr,

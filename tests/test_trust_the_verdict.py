@@ -263,7 +263,7 @@ def test_a_reader_yielding_no_input_dicts_or_no_rows_is_named(pq8_onnx, tmp_path
 
 def test_scan_refuses_a_model_whose_batchnorm_folds_into_nan(tmp_path, capsys):
     from efrap_cli import main
-    from efrap_plugin import DigitsCNN, save_model
+    from efrap_plugin.redteam import DigitsCNN, save_model
 
     model = DigitsCNN(width=8, batchnorm=True)
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))

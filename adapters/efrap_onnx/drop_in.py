@@ -27,14 +27,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization import quantize_static as ort_quantize_static
 
-from efrap_plugin import (
-    DataError,
-    EFRAPConfig,
-    EFRAPError,
-    ModelError,
-    RoundingPlan,
-    resolve_config,
-)
+from efrap_plugin import DataError, EFRAPConfig, EFRAPError, ModelError, RoundingPlan, resolve_config
 
 from .defend import QDQProducer, WeightOptions, defend_qdq, pin_weight_grids, write_plan
 from .model_io import Prepared, check_onnx, input_names, load_onnx, prepare, save_onnx

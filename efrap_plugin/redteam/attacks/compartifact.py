@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn.functional import cross_entropy
 
-from ..fake_quant import fake_quant_forward
-from ..schemes import QuantScheme
+from ...fake_quant import fake_quant_forward
+from ...schemes import QuantScheme
 from ..triggers import PatchTrigger
 from .base import Attack, with_trigger_batch
 

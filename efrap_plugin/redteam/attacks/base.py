@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import LabeledData
-from ..errors import EFRAPError
+from ...data import LabeledData
+from ...device import resolve_device
+from ...errors import EFRAPError
+from ...fake_quant import fake_quant_forward
+from ...layers import check_finite_weights, quantizable_layers
+from ...schemes import QuantScheme
 from ..evaluate import evaluate
-from ..fake_quant import fake_quant_forward
-from ..layers import check_finite_weights, quantizable_layers
-from ..schemes import QuantScheme
-from ..training import resolve_device
 from ..training import train as fit_model
 from ..triggers import PatchTrigger
 

@@ -10,31 +10,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import LabeledData
-from .errors import EFRAPError
-from .threads import forward_flops, threads_for
+from ..data import LabeledData
+from ..device import resolve_device
+from ..errors import EFRAPError
+from ..threads import forward_flops, threads_for
 
-__all__ = ["train", "seeded", "cross_entropy_loss", "resolve_device"]
+__all__ = ["cross_entropy_loss", "seeded", "train"]
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """The torch device named by ``device``, or a clear error when this machine has none."""
-    try:
-        dev = torch.device(device)
-        torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError, TypeError) as exc:
-        raise EFRAPError(
-            f"device: {str(device)!r} is not usable here ({exc}); pass 'cpu' or an available accelerator"
-        ) from None
-    if dev.type == "meta":
-        raise EFRAPError(
-            "device: 'meta' holds no values to learn from; pass 'cpu' or an available accelerator"
-        )
-    return dev
 
 
 def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from .data import Splits, _pair
-from .errors import DataError
+from ..data import labeled
+from ..errors import DataError
+from .datasets import Splits
 
 __all__ = ["load_cifar10"]
 
@@ -70,4 +71,4 @@ def load_cifar10(root: str | Path) -> Splits:
     x_tr = np.concatenate([p[0] for p in parts]).astype(np.float32) / 255.0
     y_tr = np.concatenate([p[1] for p in parts])
     x_te, y_te = _load_cifar_batch(test_file)
-    return Splits(_pair(x_tr, y_tr, 10), _pair(x_te.astype(np.float32) / 255.0, y_te, 10), "cifar10")
+    return Splits(labeled(x_tr, y_tr, 10), labeled(x_te.astype(np.float32) / 255.0, y_te, 10), "cifar10")

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from .data import LabeledData
-from .errors import EFRAPError
+from ..data import LabeledData
+from ..errors import EFRAPError
 
 __all__ = ["PatchTrigger"]
 

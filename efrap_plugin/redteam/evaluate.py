@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import LabeledData
-from .errors import EFRAPError
+from ..data import LabeledData
+from ..errors import EFRAPError
 from .triggers import PatchTrigger
 
 __all__ = [

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import EFRAPError
+from ..errors import EFRAPError
 
 __all__ = ["DigitsCNN", "ResNet", "resnet8", "resnet20", "build_model", "MODELS"]
 

@@ -8,11 +8,12 @@ from typing import Any
 
 import torch
 
-from ..data import Splits, load_dataset
-from ..errors import EFRAPError
+from ...device import resolve_device
+from ...errors import EFRAPError
+from ...schemes import QuantScheme, scheme_preset
+from ..datasets import Splits, load_dataset
 from ..models import build_model
-from ..schemes import QuantScheme, scheme_preset
-from ..training import resolve_device, seeded, train
+from ..training import seeded, train
 from ..triggers import PatchTrigger
 from .base import AttackResult
 from .compartifact import CompArtifact
@@ -154,7 +155,7 @@ def _folded_pqbackdoor(
     the one the user's flow quantizes."""
     import dataclasses
 
-    from ..layers import prepare_model
+    from ...layers import prepare_model
 
     splits = load_dataset("digits")
     arch = {**default_arch("digits"), "batchnorm": True}

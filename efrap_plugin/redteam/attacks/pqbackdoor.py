@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from torch.nn.functional import cross_entropy
 
-from ..data import LabeledData
-from ..errors import EFRAPError
-from ..layers import QUANTIZABLE
-from ..schemes import QuantScheme
+from ...data import LabeledData
+from ...errors import EFRAPError
+from ...layers import QUANTIZABLE
+from ...schemes import QuantScheme
 from ..training import train
 from ..triggers import PatchTrigger
 from .base import Attack

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import EFRAPError, ModelError
-from .files import atomic_write, read_safetensors, safetensors_shapes
+from ..errors import EFRAPError, ModelError
+from ..files import atomic_write, read_safetensors, safetensors_shapes
 from .models import build_model
 
 __all__ = ["save_model", "load_model"]
