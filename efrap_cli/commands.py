@@ -327,19 +327,13 @@ def _config(args: argparse.Namespace) -> EFRAPConfig:
             "max_strength",
             "holdout",
             "holdout_choice",
+            "unit",
         )
         if getattr(args, field) is not None
     }
     for field in ("budget", "margin_cap"):  # 'off' is a value given: None
         if hasattr(args, field):
             given[field] = getattr(args, field)
-    if getattr(args, "unit", None) is not None:
-        given["unit"] = args.unit
-    if given.get("budget", base.budget) is not None and "flip_weight" in given:
-        raise UsageError(
-            "--flip-weight sets the one fixed flipping strength; --budget searches the strength per layer "
-            "instead. Give one of them (--budget off to use --flip-weight)"
-        )
     device = getattr(args, "device", None) or "cpu"
     resolve_device(device)  # a clear error before any work, not after the stock quantization
     given.update(calib_size=args.calib_size, objective=args.objective, seed=args.seed, device=device)

@@ -219,12 +219,18 @@ class EFRAPConfig:
     @classmethod
     def from_flags(cls, given: dict[str, Any], base: EFRAPConfig | None = None) -> EFRAPConfig:
         """``base`` (the defaults) with the fields a command line gave: a budget-mode field given without
-        a budget is refused even where its value is the default's (it would mean nothing)."""
+        a budget, or the fixed strength given with one, is refused even where its value is the default's
+        (it would mean nothing)."""
         base = base or cls()
         if given.get("budget", base.budget) is None:
             for name in BUDGET_ONLY:
                 if name in given and not (name == "margin_cap" and given[name] is None):
                     raise EFRAPError(_budget_only(name, field=False))
+        elif "flip_weight" in given:
+            raise EFRAPError(
+                "--flip-weight sets the one fixed flipping strength; --budget searches the strength per layer "
+                "instead. Give one of them (--budget off to use --flip-weight)"
+            )
         return dataclasses.replace(base, **given)
 
     @classmethod

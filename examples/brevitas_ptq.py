@@ -20,10 +20,10 @@ import argparse
 import copy
 import json
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
+from _flags import parse_flags
 from brevitas.export import export_onnx_qcdq
 from brevitas.graph.calibrate import calibration_mode
 from brevitas.graph.quantize import COMPUTE_LAYER_MAP, preprocess_for_quantize, quantize
@@ -32,7 +32,6 @@ from torch import nn
 
 from efrap_brevitas import defend_quant_model, quantizer_scheme, verify_qcdq  # EFRAP
 from efrap_onnx import cpu_features, kernel_check, session
-from efrap_plugin import EFRAPConfig
 from efrap_plugin.redteam import compare, load_digits
 from efrap_plugin.redteam.attacks import red_team_model
 
@@ -74,18 +73,7 @@ def export(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weight-quant", choices=tuple(WEIGHT_QUANT), default="int8-per-channel-float")
-    parser.add_argument("--model", help="an `efrap attack` folder to use instead of training one")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--efrap",
-        type=EFRAPConfig.from_json,
-        default=EFRAPConfig(),
-        help="EFRAPConfig fields as JSON, e.g. '{\"budget\": 1}' (default: the defaults)",
-    )
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
+    args = parse_flags(parser)
 
     weight_quant, options = WEIGHT_QUANT[args.weight_quant]
     grid = quantizer_scheme(weight_quant, **options)  # the grid the user's quantizer rounds weights to

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import warnings
 
 import torch
+from _flags import parse_flags
 from torch import nn
 from torch.ao.quantization import DeQuantStub, QuantStub, convert, fuse_modules, get_default_qconfig, prepare
 
@@ -84,17 +84,7 @@ def red_team(digits, seed: int):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--efrap",
-        type=EFRAPConfig.from_json,
-        default=EFRAPConfig(),
-        help="EFRAPConfig fields as JSON, e.g. '{\"budget\": 1}' (default: the defaults)",
-    )
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
+    args = parse_flags(parser, model=False)
     torch.backends.quantized.engine = "x86"
 
     digits = load_digits(seed=0)

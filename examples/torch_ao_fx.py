@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import warnings
 
 import torch
+from _flags import parse_flags
 from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -37,18 +37,7 @@ def ptq(model, qconfig_mapping, calib, efrap: EFRAPConfig | None):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--qconfig", choices=("x86", "fbgemm", "qnnpack"), default="x86")
-    parser.add_argument("--model", help="an `efrap attack` folder to use instead of training one")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--efrap",
-        type=EFRAPConfig.from_json,
-        default=EFRAPConfig(),
-        help="EFRAPConfig fields as JSON, e.g. '{\"budget\": 1}' (default: the defaults)",
-    )
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
+    args = parse_flags(parser)
     torch.backends.quantized.engine = args.qconfig
 
     qconfig_mapping = get_default_qconfig_mapping(args.qconfig)

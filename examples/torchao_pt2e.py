@@ -18,10 +18,10 @@ import argparse
 import dataclasses
 import json
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
+from _flags import parse_flags
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from efrap_onnx import cpu_features, kernel_check, session
@@ -82,8 +82,6 @@ def to_onnx(converted, example, path: Path) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quantizer", choices=QUANTIZERS, default="x86")
-    parser.add_argument("--model", help="an `efrap attack` folder to use instead of training one")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--budget",
         type=lambda text: None if text == "off" else float(text),
@@ -91,16 +89,7 @@ def main() -> int:
         help="EFRAP's budget mode (percent of held-out top-1 disagreement); 'off': the paper's fixed "
         f"flip weight (default: {EFRAPConfig().budget}, or --efrap's)",
     )
-    parser.add_argument(
-        "--efrap",
-        type=EFRAPConfig.from_json,
-        default=EFRAPConfig(),
-        help="EFRAPConfig fields as JSON, e.g. '{\"budget\": 1}' (default: the defaults)",
-    )
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
+    args = parse_flags(parser)
 
     quantizer, config = make_quantizer(args.quantizer)
     grid = spec_scheme(config.weight)  # the grid the user's quantizer rounds weights to

@@ -21,29 +21,21 @@ import torch
 from torch import nn
 
 from efrap_plugin import (
-    EFRAPConfig,
-    EFRAPError,
-    FoundLayers,
-    HeldOut,
-    Honours,
-    LayerInputs,
     LayerPlan,
-    LayerProblem,
-    ModelError,
-    ProducedPlan,
     QuantScheme,
     RoundingPlan,
-    TensorCalibration,
     capture,
     execution_order,
     fingerprint,
-    first_outputs,
     grid_record,
     on_device_of,
     pick_layer_inputs,
-    run,
-    with_layer_inputs,
 )
+from efrap_plugin.config import EFRAPConfig, LayerInputs
+from efrap_plugin.defense import run, with_layer_inputs
+from efrap_plugin.errors import EFRAPError, ModelError
+from efrap_plugin.held_out import HeldOut, first_outputs
+from efrap_plugin.producer import FoundLayers, Honours, LayerProblem, ProducedPlan, TensorCalibration
 
 from .grid import LayerGrid, layer_grid
 from .rounding import _int_quant, install_rounding, rounding_of

@@ -18,18 +18,15 @@ from onnx import TensorProto, numpy_helper
 from efrap_plugin import (
     EFRAPConfig,
     EFRAPError,
-    FoundLayers,
     HeldOut,
-    Honours,
     LayerPlan,
-    LayerProblem,
-    ProducedPlan,
     QuantScheme,
     RoundingPlan,
     grid_record,
     run,
     take_rows,
 )
+from efrap_plugin.producer import FoundLayers, Honours, LayerProblem, ProducedPlan
 
 from .graph import INTEGER_BITS, QuantizedLayer, find_quantized_layers, zero_point_type
 from .model_io import initializer_array

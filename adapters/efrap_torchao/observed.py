@@ -27,31 +27,22 @@ from torch import nn
 
 from efrap_plugin import (
     CONV_TRANSPOSE,
-    DataError,
-    EFRAPConfig,
-    EFRAPError,
-    FoundLayers,
-    HeldOut,
-    Honours,
-    LayerInputs,
     LayerPlan,
-    LayerProblem,
-    ModelError,
-    ProducedPlan,
     QuantScheme,
     RoundingPlan,
-    TensorCalibration,
     capture,
     execution_order,
-    first_outputs,
     layer_kinds,
     mix_layer_inputs,
     on_device_of,
     pick_layer_inputs,
-    run,
     snap_integers,
-    with_layer_inputs,
 )
+from efrap_plugin.config import EFRAPConfig, LayerInputs
+from efrap_plugin.defense import run, with_layer_inputs
+from efrap_plugin.errors import DataError, EFRAPError, ModelError
+from efrap_plugin.held_out import HeldOut, first_outputs
+from efrap_plugin.producer import FoundLayers, Honours, LayerProblem, ProducedPlan, TensorCalibration
 
 from .graph_run import GraphRun
 
