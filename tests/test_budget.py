@@ -12,19 +12,10 @@ import torch
 
 from efrap_cli.main import main
 from efrap_onnx import quantize_images, session, verify
-from efrap_plugin import (
-    BUDGET_STRENGTHS,
-    DataError,
-    EFRAPConfig,
-    EFRAPError,
-    HeldOut,
-    budget_strengths,
-    defend,
-    held_out_indices,
-    split_calibration,
-    split_sizes,
-)
+from efrap_plugin import DataError, EFRAPConfig, EFRAPError, HeldOut, defend
+from efrap_plugin.held_out import held_out_indices, split_calibration, split_sizes
 from efrap_plugin.redteam import evaluate
+from efrap_plugin.rounding import BUDGET_STRENGTHS, budget_strengths
 
 BUDGET = EFRAPConfig(budget=1.0)
 

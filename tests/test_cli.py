@@ -64,7 +64,9 @@ def test_reference_takes_the_papers_settings_and_the_flags_given_beside_it():
     assert config("--budget", "1", "--holdout-choice", "last") == EFRAPConfig(
         budget=1.0, holdout_choice="last"
     )
-    assert config("--unit", "layer") == EFRAPConfig(unit="layer")  # the config's field, the route's default if unset
+    assert config("--unit", "layer") == EFRAPConfig(
+        unit="layer"
+    )  # the config's field, the route's default if unset
     assert config().unit is None
 
 

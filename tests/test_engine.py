@@ -19,11 +19,11 @@ from efrap_plugin import (
     defend,
     format_scan,
     learn_rounding,
-    learnable_bounds,
     prepare_model,
     quantizable_layers,
     scan_weights,
 )
+from efrap_plugin.objective import learnable_bounds
 from efrap_plugin.redteam import evaluate
 
 FAST = EFRAPConfig(iters=200, calib_size=256, budget=None)  # the fixed-strength objective
@@ -302,7 +302,7 @@ def test_the_loop_lets_go_of_a_layers_activations_before_the_next_is_captured():
     by then (enumerate's reused result tuple once kept them: one layer's activations more at the peak)."""
     import weakref
 
-    from efrap_plugin import defend_layers
+    from efrap_plugin.loop import defend_layers
 
     torch.manual_seed(0)
     scheme = QuantScheme.onnxruntime(8)
@@ -326,7 +326,7 @@ def test_a_layers_batches_do_not_depend_on_how_the_layers_before_it_sampled():
     """Each layer samples from its own generator: an earlier layer that draws fewer or smaller batches
     (it stopped early, or has fewer inputs than a batch) leaves a later layer's rounding as it was, so an
     early stop is measured by its own effect, not by a reshuffle of every later layer's batches."""
-    from efrap_plugin import defend_layers
+    from efrap_plugin.loop import defend_layers
 
     torch.manual_seed(0)
     scheme = QuantScheme.onnxruntime(4)
