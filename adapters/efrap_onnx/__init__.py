@@ -7,6 +7,7 @@ from .graph import folded_weights
 from .kernels import CpuFeatures, KernelCheck, check_kernels, cpu_features
 from .model_io import Prepared, check_onnx, input_names, load_onnx, prepare, save_onnx
 from .runtime import session
+from .snap import snap
 from .verify import (
     VerifyReport,
     kernel_check,
@@ -17,6 +18,7 @@ from .verify import (
 )
 
 __all__ = [
+    "snap",
     "QDQProducer",
     "CpuFeatures",
     "KernelCheck",

@@ -211,7 +211,9 @@ def quantize_static(
 ) -> RoundingPlan | None:
     """onnxruntime's quantize_static, same arguments, with EFRAP rounding of the quantized weights.
 
-    Returns the RoundingPlan (None with ``efrap=False``, the stock flow). The output is written
+    Returns the RoundingPlan (None with ``efrap=False``, the stock flow). ``extra_options["EFRAP"]``
+    switches it from a config (``StaticQuantConfig(extra_options=...)``, a file): False for the stock
+    flow, True or a dict of EFRAPConfig fields to defend. The output is written
     atomically: a failure leaves no partial file. ``model_input`` may also be ``prepare``'s result: read,
     checked and pre-processed already.
     """
@@ -220,6 +222,7 @@ def quantize_static(
             f"quant_format: expected QuantFormat.QDQ or QuantFormat.QOperator, got {quant_format!r}"
         )
     _check_weight_type(weight_type)
+    efrap, config, extra_options = _efrap_flag(extra_options, efrap, config)
     config = resolve_config(QDQProducer, config)  # a choice the drop-in cannot carry out: before any work
     float_model = _float_model(model_input)
     session(float_model)  # onnxruntime can run the user's model, or a clear error before any work
@@ -241,6 +244,30 @@ def quantize_static(
     )
     save_onnx(output, model_output, external_data=use_external_data_format)
     return plan
+
+
+EFRAP_KEY = "EFRAP"
+"""The ``extra_options`` key that switches EFRAP from a config file: True / False, or EFRAPConfig fields."""
+
+
+def _efrap_flag(
+    extra_options: dict[str, Any] | None, efrap: bool, config: EFRAPConfig | None
+) -> tuple[bool, EFRAPConfig | None, dict[str, Any] | None]:
+    """``extra_options["EFRAP"]`` read and taken out (onnxruntime never sees it): False runs the stock flow,
+    True the defaults, a dict of EFRAPConfig fields that config; given beside ``config=`` it is refused."""
+    if not extra_options or EFRAP_KEY not in extra_options:
+        return efrap, config, extra_options
+    flag = extra_options[EFRAP_KEY]
+    rest = {k: v for k, v in extra_options.items() if k != EFRAP_KEY}
+    if config is not None and flag not in (True, False):
+        raise EFRAPError('extra_options["EFRAP"] and config= both give EFRAP\'s settings; give one of them')
+    if isinstance(flag, bool):
+        return efrap and flag, config, rest
+    if isinstance(flag, Mapping):
+        return efrap, EFRAPConfig.from_dict(dict(flag)), rest
+    raise EFRAPError(
+        f'extra_options["EFRAP"]: expected True, False or a dict of EFRAPConfig fields, got {type(flag).__name__}'
+    )
 
 
 def _float_model(model_input: str | Path | onnx.ModelProto | Prepared) -> onnx.ModelProto:
