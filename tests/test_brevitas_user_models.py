@@ -454,3 +454,36 @@ def test_token_ids_calibrate_and_a_quantized_embedding_is_named_and_read_back(tm
     unlisted = dataclasses.replace(plan, meta=plan.meta.replace(skipped={}))
     with pytest.raises(PlanMismatchError, match=r"quantized layers the plan lacks \['embed'\]"):
         verify_qcdq(path, unlisted)
+
+
+def test_efrap_mode_is_one_context_beside_calibration_mode(digits, tmp_path):
+    """Brevitas' algorithm-context form: `with efrap_mode(model) as efrap, calibration_mode(model):` around
+    the user's calibration loop learns, on leaving, the one-call route's integers, in their export."""
+    from efrap_brevitas import efrap_mode
+
+    calib = digits.train.x[:256]
+    torch.manual_seed(0)
+    flagged = MODELS["graph-flow-resnet"]("int8-per-channel-float")
+    torch.manual_seed(0)
+    called = calibrated(MODELS["graph-flow-resnet"]("int8-per-channel-float"), calib)
+    flagged.train()
+    with torch.no_grad():  # BN statistics, as calibrated() gives them
+        torch.manual_seed(0)
+        flagged(calib)
+    with torch.no_grad(), efrap_mode(flagged, FAST, progress=False) as efrap, calibration_mode(flagged):
+        for batch in calib.split(64):
+            flagged(batch)
+    flagged.eval()
+    plan = defend_quant_model(called, calib, FAST, progress=False)
+    assert efrap.plan is not None and list(efrap.plan.layers) == list(plan.layers)
+    assert all(torch.equal(efrap.plan[n].integers, lp.integers) for n, lp in plan.layers.items())
+    path = export_qcdq(flagged, calib[:1], tmp_path / "flag.onnx")
+    assert verify_qcdq(path, efrap.plan, flagged).integers_ok and efrap.plan.flipped_share > 0
+    # opened inside calibration_mode, it would leave first, with the weight quantizers still off
+    late = calibrated(MODELS["graph-flow-resnet"]("int8-per-channel-float"), calib)
+    with pytest.raises(EFRAPError, match="open efrap_mode first"):
+        with torch.no_grad(), calibration_mode(late), efrap_mode(late, FAST):
+            late(calib[:64])
+    with pytest.raises(EFRAPError, match="no input went through the model"):
+        with efrap_mode(late, FAST):
+            pass

@@ -207,3 +207,12 @@ def test_budget_fields_without_a_budget_are_refused_in_one_place():
     with pytest.raises(EFRAPError, match=r"^--holdout-choice picks .* give --budget PCT with it"):
         EFRAPConfig.from_flags({"holdout_choice": "boundary"})  # given, even at its default value
     assert EFRAPConfig.from_flags({"budget": 1.0, "holdout": 512}).holdout == 512
+
+
+def test_a_defense_called_inside_the_users_no_grad_block_learns_the_same_plan(clean_cnn, calib):
+    """Users write calibration loops under torch.no_grad(); a defense called there still optimises."""
+    outside = defend(clean_cnn, calib, "onnxruntime", FAST, progress=False)
+    with torch.no_grad():
+        inside = defend(clean_cnn, calib, "onnxruntime", FAST, progress=False)
+    assert inside.flipped_share > 0
+    assert all(torch.equal(lp.integers, outside[n].integers) for n, lp in inside.layers.items())

@@ -7,6 +7,7 @@ integers back. ``quantize_brevitas`` builds an int8 Brevitas model from a plain 
 
 from .defend import BrevitasProducer, apply_plan, defend_quant_model, quant_layers
 from .grid import LayerGrid, layer_grid, quantizer_scheme
+from .mode import efrap_mode
 from .qcdq import (
     QCDQWeight,
     export_qcdq,
@@ -18,6 +19,7 @@ from .qcdq import (
 from .rounding import EFRAPRound, install_rounding, with_efrap
 
 __all__ = [
+    "efrap_mode",
     "BrevitasProducer",
     "EFRAPRound",
     "LayerGrid",
