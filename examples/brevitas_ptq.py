@@ -1,9 +1,11 @@
 """Post-training quantization with Brevitas' graph flow, as Brevitas' PTQ examples write it, plus EFRAP:
-the lines marked `# EFRAP` are all it adds.
+the lines marked `# EFRAP` are all it adds, by either route (``--route``): ``call``, one call after
+calibration (``defend_quant_model``), or ``flag``, Brevitas' algorithm-context form (``efrap_mode``
+beside ``calibration_mode``, learning from the inputs the calibration loop feeds).
 
     python examples/brevitas_ptq.py --weight-quant \
         {int8-per-channel-float,int8-per-tensor-fixed-point,int4-per-channel-float} --json \
-        [--efrap '{"budget": 0.5}']
+        [--route flag] [--efrap '{"budget": 0.5}']
 
 First it red-teams the pipeline: a PQBackdoor model aimed at the grid the chosen weight quantizer
 rounds to (read from the quantizer), trained on digits, or the `efrap attack` folder given with
@@ -30,7 +32,7 @@ from brevitas.graph.quantize import COMPUTE_LAYER_MAP, preprocess_for_quantize, 
 from brevitas.quant import Int8WeightPerChannelFloat, Int8WeightPerTensorFixedPoint
 from torch import nn
 
-from efrap_brevitas import defend_quant_model, quantizer_scheme, verify_qcdq  # EFRAP
+from efrap_brevitas import defend_quant_model, efrap_mode, quantizer_scheme, verify_qcdq  # EFRAP
 from efrap_onnx import cpu_features, kernel_check, session
 from efrap_plugin.redteam import compare, load_digits
 from efrap_plugin.redteam.attacks import red_team_model
@@ -73,6 +75,7 @@ def export(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weight-quant", choices=tuple(WEIGHT_QUANT), default="int8-per-channel-float")
+    parser.add_argument("--route", choices=("call", "flag"), default="call")
     args = parse_flags(parser)
 
     weight_quant, options = WEIGHT_QUANT[args.weight_quant]
@@ -84,14 +87,25 @@ def main() -> int:
     stock = quantize_model(model, weight_quant, options)
     calibrate(calib, stock)
     defended = quantize_model(model, weight_quant, options)
-    calibrate(calib, defended)
-    plan = defend_quant_model(defended, calib, args.efrap, progress=False)  # EFRAP
+    if args.route == "call":
+        calibrate(calib, defended)
+        plan = defend_quant_model(defended, calib, args.efrap, progress=False)  # EFRAP
+    else:
+        with (
+            torch.no_grad(),
+            efrap_mode(defended, args.efrap, progress=False) as efrap,
+            calibration_mode(defended),
+        ):
+            for batch in calib.split(64):  # EFRAP: efrap_mode opened first, left last
+                defended(batch)
+        plan = efrap.plan
     with tempfile.TemporaryDirectory() as tmp:
         stock_file = export(stock.eval(), calib[:1], Path(tmp) / "stock.onnx")
         efrap_file = export(defended.eval(), calib[:1], Path(tmp) / "efrap.onnx")
         report = verify_qcdq(efrap_file, plan, defended, strict=False)  # EFRAP: integers read back
         exact = {"stock": session(stock_file, exact=True), "efrap": session(efrap_file, exact=True)}
-        row = {"weight_quant": args.weight_quant, **compare(test, trigger, float=model, **exact)}
+        row = {"weight_quant": args.weight_quant, "route": args.route}
+        row.update(compare(test, trigger, float=model, **exact))
         checks = {
             k: kernel_check(f, calib[:256].numpy()) for k, f in (("stock", stock_file), ("efrap", efrap_file))
         }

@@ -487,3 +487,17 @@ def test_efrap_mode_is_one_context_beside_calibration_mode(digits, tmp_path):
     with pytest.raises(EFRAPError, match="no input went through the model"):
         with efrap_mode(late, FAST):
             pass
+
+
+@pytest.mark.slow  # two example runs, about 45 s: `make test-slow`; efrap_mode itself is tested above
+def test_ptq_example_gives_the_same_model_by_either_route():
+    """examples/brevitas_ptq.py --route flag (efrap_mode beside calibration_mode) measures what the one
+    call does: the same integers, so the same figures."""
+    from example_runs import run_example
+
+    call, flag = (
+        run_example("brevitas_ptq.py", "--model", "tests/fixtures/pqbackdoor-ort8", "--route", r)
+        for r in ("call", "flag")
+    )
+    assert call.pop("route") == "call" and flag.pop("route") == "flag"
+    assert call == flag and flag["integers_ok"]
