@@ -73,12 +73,15 @@ def test_snap_keeps_a_matmuls_layout_and_the_users_other_overrides(tmp_path):
     onnx.save(_matmul_pair(np.float32, 18), str(src))
     rng = np.random.default_rng(0)
     batches = [{"input": rng.normal(size=(16, 10)).astype(np.float32)} for _ in range(8)]
-    theirs = {"TensorQuantOverrides": {"mm1": [{"symmetric": True}]}}  # an activation override of the user's
+    theirs = {"TensorQuantOverrides": {"mm1": [{"symmetric": True}]}, "ActivationSymmetric": False}
     options = {"per_channel": True, "extra_options": theirs}
     plan, extra = efrap_onnx.snap(
         src, tmp_path / "snapped.onnx", ListDataReader(batches), config=FAST, progress=False, **options
     )
-    assert extra["TensorQuantOverrides"]["mm1"] == [{"symmetric": True}]
+    assert (
+        extra["TensorQuantOverrides"]["mm1"] == [{"symmetric": True}]
+        and extra["ActivationSymmetric"] is False
+    )
     assert extra["TensorQuantOverrides"]["linear1.weight"][0]["axis"] == 1  # K x N: channels on axis 1
     ort_quantize_static(
         str(tmp_path / "snapped.onnx"),

@@ -18,7 +18,7 @@ import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization import QuantFormat
 
-from efrap_plugin import EFRAPError, RoundingPlan
+from efrap_plugin import EFRAPError, RoundingPlan, check_writable
 
 from .drop_in import quantize_static
 from .graph import WEIGHT_OPS
@@ -37,8 +37,9 @@ def snap(
 ) -> tuple[RoundingPlan, dict[str, Any]]:
     """Learn EFRAP's rounding for the quantize_static call ``quantize_options`` describe (onnxruntime's
     arguments, and ``config`` / ``progress``), write ``model_output``: the float model with each learned
-    weight on its grid points, and return the plan and the ``extra_options`` to merge into the user's own
-    call (``{"TensorQuantOverrides": ...}``, on top of any overrides they pass, which are kept).
+    weight on its grid points, and return the plan and the ``extra_options`` for the user's own call: theirs
+    (the ``EFRAP`` key taken out), with ``TensorQuantOverrides`` pinning every learned weight on top of
+    the overrides they pass, which are kept.
 
     Pass the same quantize_static options to your own call, on ``model_output``: onnxruntime then stores
     the plan's integers, and ``efrap_onnx.verify`` proves it on the file it wrote. A calibration reader
@@ -50,6 +51,7 @@ def snap(
             "snap: a QOperator model stores weights that onnxruntime may re-grid for its integer kernels; "
             "snap for QuantFormat.QDQ, or use efrap_onnx.quantize_static for QOperator"
         )
+    model_output = check_writable(model_output)  # before minutes of learning, not after
     float_model = model_input if isinstance(model_input, onnx.ModelProto) else load_onnx(model_input)
     _check_overrides(float_model, options.get("extra_options"))
     with tempfile.TemporaryDirectory(prefix="efrap-snap-") as tmp:
@@ -63,7 +65,8 @@ def snap(
         _write_grid_points(inits[name], lp, bool(where["transpose"]))
     save_onnx(snapped, model_output)
     log.info("snap: %d weights on EFRAP's grid points, their scales pinned", len(plan.layers))
-    return plan, {"TensorQuantOverrides": overrides}
+    theirs = {k: v for k, v in (options.get("extra_options") or {}).items() if k != "EFRAP"}
+    return plan, {**theirs, "TensorQuantOverrides": overrides}
 
 
 def _grid_points(lp: Any, transpose: bool) -> np.ndarray:
