@@ -125,8 +125,9 @@ class ProducedPlan:
 class LayerProducer(Protocol):
     """One route into EFRAP, as ``run`` drives it: in this order, inside ``running()``,
     ``calibration`` -> ``find_layers`` -> (budget mode: ``float_outputs``) -> ``problems`` (the first
-    problem built) -> (budget mode: ``held_out``) -> the other problems -> ``finish``. Calibration is the producer's own form (a tensor, a list
-    of ONNX feeds); ``rows`` counts it and ``take`` picks rows of it."""
+    problem built) -> (budget mode: ``held_out``) -> the other problems -> ``finish``. Calibration is
+    the producer's own form (a tensor, a list of ONNX feeds); ``rows`` counts it and ``take`` picks
+    rows of it."""
 
     flow: str
     """``PlanMeta.flow``: "torch", "pt2e", "torch.ao", "brevitas", "onnxruntime"."""
