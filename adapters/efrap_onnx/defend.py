@@ -32,7 +32,15 @@ from .graph import INTEGER_BITS, QuantizedLayer, find_quantized_layers, zero_poi
 from .model_io import initializer_array
 from .runtime import run_output, session
 
-__all__ = ["QDQProducer", "WeightOptions", "defend_qdq", "pin_weight_grids", "weight_scheme", "write_plan"]
+__all__ = [
+    "QDQProducer",
+    "WeightOptions",
+    "defend_qdq",
+    "write_float_grid",
+    "pin_weight_grids",
+    "weight_scheme",
+    "write_plan",
+]
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +144,7 @@ def _problems(
         def install(integers: torch.Tensor, layer=layer, scale=scale, zp=zp) -> None:
             ints = (integers.transpose(0, 1) if layer.transpose else integers).numpy()
             if layer.rounded_at_run_time:
-                _write_float_grid(inits[layer.quantized], ints, scale.numpy(), zp, layer.axis)
+                write_float_grid(inits[layer.quantized], ints, scale.numpy(), zp, layer.axis)
             else:
                 _write_integers(inits[layer.quantized], ints)
 
@@ -312,20 +320,22 @@ def _integer_type(layer: QuantizedLayer, inits: dict[str, onnx.TensorProto]) -> 
     return zero_point_type(layer.zero_point, inits)
 
 
-def _write_float_grid(
+def write_float_grid(
     tensor: onnx.TensorProto, ints: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int
 ) -> None:
-    """Overwrite a float weight that a QuantizeLinear rounds at run time with the grid points of
-    ``ints``, (q - zero point) x scale, which that QuantizeLinear rounds back to exactly ``ints``."""
+    """Overwrite a float weight with the grid points of ``ints`` (its own layout; channels on ``axis``),
+    (q - zero point) x scale in the weight's own float type, which onnxruntime's nearest rounding (a
+    QuantizeLinear at run time, or quantize_static's own) turns back into exactly ``ints``."""
     shape = [1] * ints.ndim
     if scale.size > 1:
         shape[axis] = -1
     s = scale.astype(np.float32).reshape(shape)
     z = zp.astype(np.float32).reshape(shape)
-    values = ((ints.astype(np.float32) - z) * s).astype(np.float32)
-    if not np.array_equal(np.rint(values / s) + z, ints.astype(np.float32)):
+    dtype = initializer_array(tensor).dtype
+    values = ((ints.astype(np.float32) - z) * s).astype(dtype)
+    if not np.array_equal(np.rint(values.astype(np.float32) / s) + z, ints.astype(np.float32)):
         raise EFRAPError(
-            f"weight {tensor.name!r}: its scale cannot hold the learned integers as float grid points"
+            f"weight {tensor.name!r}: its scale cannot hold the learned integers as {dtype} grid points"
         )
     tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
 

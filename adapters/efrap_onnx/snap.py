@@ -15,14 +15,14 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from onnxruntime.quantization import QuantFormat
 
 from efrap_plugin import EFRAPError, RoundingPlan, check_writable
 
+from .defend import write_float_grid
 from .drop_in import quantize_static
 from .graph import WEIGHT_OPS
-from .model_io import initializer_array, load_onnx, save_onnx
+from .model_io import load_onnx, save_onnx
 
 __all__ = ["snap"]
 
@@ -60,46 +60,14 @@ def snap(
     inits = {t.name: t for t in snapped.graph.initializer}
     overrides = dict((options.get("extra_options") or {}).get("TensorQuantOverrides") or {})
     for name, lp in plan.layers.items():
-        where = (plan.meta.layout or {})[name]
-        overrides[name] = _pinned(name, lp, bool(where["transpose"]), overrides.get(name))
-        _write_grid_points(inits[name], lp, bool(where["transpose"]))
+        transpose = bool((plan.meta.layout or {})[name]["transpose"])
+        overrides[name] = _pinned(name, lp, transpose, overrides.get(name))
+        ints = (lp.integers.transpose(0, 1) if transpose else lp.integers).numpy()  # the weight's layout
+        write_float_grid(inits[name], ints, lp.scale.numpy(), lp.zero_point.numpy(), 1 if transpose else 0)
     save_onnx(snapped, model_output)
     log.info("snap: %d weights on EFRAP's grid points, their scales pinned", len(plan.layers))
     theirs = {k: v for k, v in (options.get("extra_options") or {}).items() if k != "EFRAP"}
     return plan, {**theirs, "TensorQuantOverrides": overrides}
-
-
-def _grid_points(lp: Any, transpose: bool) -> np.ndarray:
-    """(q - zero point) x scale in the weight's own layout (a MatMul's K x N: the plan's transposed)."""
-    ints = lp.integers.numpy().astype(np.float32)
-    shape = [-1] + [1] * (ints.ndim - 1)
-    values = (ints - lp.zero_point.numpy().astype(np.float32).reshape(shape)) * lp.scale.numpy().reshape(
-        shape
-    )
-    return np.swapaxes(values, 0, 1) if transpose else values
-
-
-def _write_grid_points(tensor: onnx.TensorProto, lp: Any, transpose: bool) -> None:
-    """Replace a float weight by its grid points, in its own float type; refused where that type cannot
-    hold them so that nearest rounding gives the plan's integers back."""
-    dtype = initializer_array(tensor).dtype
-    values = _grid_points(lp, transpose).astype(dtype)
-    back = _grid_points_inverse(values.astype(np.float32), lp, transpose)
-    if not np.array_equal(back, lp.integers.numpy()):
-        raise EFRAPError(
-            f"snap: weight {tensor.name!r} in {dtype} cannot hold the grid points of its learned integers "
-            "exactly enough to round back to them; snap the float32 model"
-        )
-    tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
-
-
-def _grid_points_inverse(values: np.ndarray, lp: Any, transpose: bool) -> np.ndarray:
-    """What nearest rounding on the plan's grid makes of ``values`` (plan layout), as onnxruntime rounds."""
-    core = np.swapaxes(values, 0, 1) if transpose else values
-    shape = [-1] + [1] * (core.ndim - 1)
-    scale = lp.scale.numpy().astype(np.float32).reshape(shape)
-    zero_point = lp.zero_point.numpy().astype(np.float32).reshape(shape)
-    return (np.rint(core / scale) + zero_point).astype(lp.integers.numpy().dtype)
 
 
 def _check_overrides(float_model: onnx.ModelProto, extra_options: dict[str, Any] | None) -> None:
