@@ -103,9 +103,8 @@ class TorchModelProducer(TensorCalibration):
         self.prepared = prepare_model(model, scheme)
         self.model_name = type(model).__name__
         self.conv_transpose = scheme.learns_conv_transpose
-        quantizable_layers(
-            self.prepared, conv_transpose=self.conv_transpose
-        )  # none: refused before reading data
+        # a model with no layer to learn is refused before the calibration data is read
+        quantizable_layers(self.prepared, conv_transpose=self.conv_transpose)
         self.layers: list[tuple[str, nn.Module]] = []
         self.quantized: nn.Module | None = None
 

@@ -1,7 +1,7 @@
 """Budget mode's measurement: top-1 disagreement with the float model on calibration inputs the
-optimisation never sees. Backend-neutral: an adapter splits its calibration data with
-``split_calibration`` (or ``held_out_indices``) and hands the loop a ``HeldOut`` that runs its own
-partially quantized model."""
+optimisation never sees. Backend-neutral: ``efrap_plugin.run`` splits a producer's calibration data with
+``held_out_indices`` and hands the loop the ``HeldOut`` that runs the producer's partially quantized
+model."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ __all__ = [
     "Measurement",
     "held_out_indices",
     "inputs_needed",
-    "split_calibration",
     "split_sizes",
     "take_rows",
 ]
@@ -90,19 +89,6 @@ def held_out_indices(
     rest = torch.ones(available, dtype=torch.bool)
     rest[held_idx] = False
     return rest.nonzero().squeeze(1)[:fit], held_idx
-
-
-def split_calibration(
-    inputs: torch.Tensor,
-    config: EFRAPConfig,
-    float_forward: Callable[[torch.Tensor], Any] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Calibration inputs (read with ``inputs_needed``) split into the optimisation's and the held-out
-    ones (none without a budget); ``float_forward``, the float model, picks the held-out ones
-    (``held_out_indices``)."""
-    outputs = None if float_forward is None else lambda: first_outputs(float_forward, inputs)
-    fit, held = held_out_indices(inputs.shape[0], config, outputs)
-    return take_rows(inputs, fit), take_rows(inputs, held)
 
 
 def take_rows(inputs: Any, idx: torch.Tensor) -> Any:

@@ -13,7 +13,7 @@ import torch
 from efrap_cli.main import main
 from efrap_onnx import quantize_images, session, verify
 from efrap_plugin import DataError, EFRAPConfig, EFRAPError, HeldOut, defend
-from efrap_plugin.held_out import held_out_indices, split_calibration, split_sizes
+from efrap_plugin.held_out import first_outputs, held_out_indices, split_sizes, take_rows
 from efrap_plugin.redteam import evaluate
 from efrap_plugin.rounding import BUDGET_STRENGTHS, budget_strengths
 
@@ -105,13 +105,17 @@ def test_the_held_out_inputs_are_those_nearest_the_float_models_decision_boundar
         range(1, 32, 2)
     )
     inputs = torch.arange(64.0).unsqueeze(1)
-    fit_x, held_x = split_calibration(inputs, config, lambda x: outputs.repeat(8, 1)[x.squeeze(1).long()])
+    float_model = lambda x: outputs.repeat(8, 1)[x.squeeze(1).long()]  # noqa: E731
+    fit_x, held_x = (
+        take_rows(inputs, idx)
+        for idx in held_out_indices(len(inputs), config, lambda: first_outputs(float_model, inputs))
+    )
     assert torch.equal(held_x.squeeze(1).long(), held) and torch.equal(fit_x.squeeze(1).long(), fit)
     with pytest.raises(
         EFRAPError,
         match=r"picks the held-out inputs by the float model's output .* set holdout_choice='last'",
     ):
-        split_calibration(inputs, config)
+        held_out_indices(len(inputs), config)
     with pytest.raises(
         EFRAPError, match=r"holdout_choice \(--holdout-choice\): expected one of \('boundary', 'last'\)"
     ):
