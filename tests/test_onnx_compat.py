@@ -22,6 +22,14 @@ FAST = EFRAPConfig(iters=30, calib_size=128, budget=None)  # a fixed strength fl
 RNG = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def _weights_independent_of_test_order():
+    """Each test's models draw their weights from a fresh stream: the same weights whichever tests ran
+    before it in this process (pytest-xdist shares a file's tests among workers in any order)."""
+    global RNG
+    RNG = np.random.default_rng(0)
+
+
 def _weight(*shape: int) -> TensorProto:
     return RNG.standard_normal(shape).astype(np.float32)
 
