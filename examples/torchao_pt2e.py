@@ -2,6 +2,7 @@
 EFRAP: the lines marked `# EFRAP` are all it adds.
 
     python examples/torchao_pt2e.py --quantizer {x86,x86-per-tensor,xnnpack,xnnpack-per-tensor} --json
+        [--route {flag,call}]   # flag: the quantizer wrapped (the default); call: defend_prepared
         [--efrap '{"budget": 0.5, "margin_cap": 4}']   # EFRAPConfig fields; the rest the defaults
 
 First it red-teams the pipeline: a PQBackdoor model aimed at the grid the chosen quantizer rounds to
@@ -28,7 +29,7 @@ from efrap_onnx import cpu_features, kernel_check, session
 from efrap_plugin import EFRAPConfig
 from efrap_plugin.redteam import compare, evaluate, load_digits
 from efrap_plugin.redteam.attacks import red_team_model
-from efrap_torchao import defend_prepared, spec_scheme, verify_pt2e  # EFRAP
+from efrap_torchao import EFRAPQuantizer, defend_prepared, spec_scheme, verify_pt2e  # EFRAP
 
 QUANTIZERS = ("x86", "x86-per-tensor", "xnnpack", "xnnpack-per-tensor")
 
@@ -58,7 +59,11 @@ def make_quantizer(name: str):
     return XNNPACKQuantizer().set_global(config), config
 
 
-def ptq(model, quantizer, calib, efrap: EFRAPConfig | None):
+def ptq(model, quantizer, calib, efrap: EFRAPConfig | None, route: str = "flag"):
+    """The user's flow; with ``efrap``, defended by the route asked: the quantizer wrapped (flag) or
+    one call between calibration and convert."""
+    if efrap is not None and route == "flag":
+        quantizer = EFRAPQuantizer(quantizer, efrap, progress=False)  # EFRAP
     example = calib[:2]
     exported = torch.export.export(
         model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
@@ -67,8 +72,11 @@ def ptq(model, quantizer, calib, efrap: EFRAPConfig | None):
     with torch.no_grad():
         for batch in calib.split(64):  # calibration
             prepared(batch)
-    plan = defend_prepared(prepared, calib, efrap, progress=False) if efrap is not None else None  # EFRAP
-    return convert_pt2e(prepared), plan
+    if efrap is not None and route == "call":
+        plan = defend_prepared(prepared, calib, efrap, progress=False)  # EFRAP
+        return convert_pt2e(prepared), plan
+    converted = convert_pt2e(prepared)
+    return converted, (quantizer.plan if efrap is not None else None)  # EFRAP: the plan learned at convert
 
 
 def to_onnx(converted, example, path: Path) -> Path:
@@ -82,6 +90,7 @@ def to_onnx(converted, example, path: Path) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quantizer", choices=QUANTIZERS, default="x86")
+    parser.add_argument("--route", choices=("flag", "call"), default="flag")
     parser.add_argument(
         "--budget",
         type=lambda text: None if text == "off" else float(text),
@@ -99,13 +108,17 @@ def main() -> int:
 
     stock, _ = ptq(model, quantizer, calib, efrap=None)
     efrap = args.efrap.replace(budget=args.budget) if "budget" in args else args.efrap
-    defended, plan = ptq(model, quantizer, calib, efrap=efrap)
+    defended, plan = ptq(model, quantizer, calib, efrap=efrap, route=args.route)
     report = verify_pt2e(defended, plan, strict=False)  # EFRAP: integers read back from the int8 model
     with tempfile.TemporaryDirectory() as tmp:
         exported = to_onnx(defended, calib[:2], Path(tmp) / "efrap.onnx")
         in_ort = evaluate(session(exported, exact=True), test, trigger)  # the graph's own arithmetic
         kernels = kernel_check(exported, calib[:256].numpy())  # and whether this CPU's kernels agree
-    row = {"quantizer": args.quantizer, **compare(test, trigger, float=model, stock=stock, efrap=defended)}
+    row = {
+        "quantizer": args.quantizer,
+        "route": args.route,
+        **compare(test, trigger, float=model, stock=stock, efrap=defended),
+    }
     row.update(integers_ok=report.integers_ok, layers=report.layers)
     row.update(ort_efrap_acc=round(100 * in_ort.clean_acc, 2), ort_efrap_asr=round(100 * in_ort.asr, 2))
     row.update(cpu=cpu_features().describe(), kernels_ok=kernels.ok, kernel_agreement=kernels.top1_agreement)

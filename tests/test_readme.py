@@ -47,7 +47,8 @@ def test_backends_recipe(in_tmp, pq8, digits):
 def test_pt2e_user_flow_recipe(in_tmp, pq_x86, digits):
     scope = {"model": pq_x86.model, "calib": digits.train.x[:512]}
     exec(compile(_recipe("pt2e-user-flow"), "README:pt2e-user-flow", "exec"), scope)
-    assert scope["plan"].meta.flow == "pt2e" and len(scope["plan"].layers) == 4
+    plan = scope["quantizer"].plan  # the flag: learned at convert_pt2e
+    assert plan.meta.flow == "pt2e" and len(plan.layers) == 4
 
 
 def test_brevitas_user_flow_recipe(in_tmp, pq8, digits):

@@ -199,18 +199,22 @@ def test_an_affine_weight_observer_is_refused_naming_the_layer(digits):
 
 
 @pytest.mark.parametrize(
-    "quantizer, fixture",
+    "quantizer, fixture, route",
     [
-        ("x86", "pqbackdoor-x86"),
-        ("xnnpack", "pqbackdoor-ort8"),
-        ("x86-per-tensor", "pqbackdoor-x86-per-tensor"),
-        pytest.param("xnnpack-per-tensor", "pqbackdoor-xnnpack-per-tensor", marks=pytest.mark.slow),
+        ("x86", "pqbackdoor-x86", "flag"),
+        ("xnnpack", "pqbackdoor-ort8", "flag"),
+        ("x86-per-tensor", "pqbackdoor-x86-per-tensor", "flag"),
+        pytest.param("xnnpack-per-tensor", "pqbackdoor-xnnpack-per-tensor", "flag", marks=pytest.mark.slow),
     ],
 )
-def test_pt2e_example_removes_a_qcb_aimed_at_its_quantizer(quantizer, fixture):
-    """XNNPACK per channel rounds to onnxruntime's int8 grid ([-127, 127], max|w| / 127): same attack."""
-    row = run_example("torchao_pt2e.py", "--quantizer", quantizer, "--model", f"tests/fixtures/{fixture}")
+def test_pt2e_example_removes_a_qcb_aimed_at_its_quantizer(quantizer, fixture, route):
+    """XNNPACK per channel rounds to onnxruntime's int8 grid ([-127, 127], max|w| / 127): same attack.
+    The flag (the quantizer wrapped) and the call give the same integers (test_torchao_flag)."""
+    row = run_example(
+        "torchao_pt2e.py", "--quantizer", quantizer, "--model", f"tests/fixtures/{fixture}", "--route", route
+    )
     assert_defended(row)
+    assert row["route"] == route
     assert (
         abs(row["ort_efrap_asr"] - row["efrap_asr"]) <= 1
         and abs(row["ort_efrap_acc"] - row["efrap_acc"]) <= 1
@@ -219,7 +223,8 @@ def test_pt2e_example_removes_a_qcb_aimed_at_its_quantizer(quantizer, fixture):
 
 
 def test_pt2e_example_in_budget_mode_removes_the_qcb():
-    """Budget mode through the user's own PT2E flow: the held-out images run the prepared model."""
+    """Budget mode through the user's own PT2E flow (defend_prepared between calibration and convert):
+    the held-out images run the prepared model."""
     row = run_example(
         "torchao_pt2e.py",
         "--quantizer",
@@ -228,6 +233,8 @@ def test_pt2e_example_in_budget_mode_removes_the_qcb():
         "tests/fixtures/pqbackdoor-x86-per-tensor",
         "--budget",
         "1",
+        "--route",
+        "call",
     )
     assert_defended(row)
     assert abs(row["ort_efrap_asr"] - row["efrap_asr"]) <= 1

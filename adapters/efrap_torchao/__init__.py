@@ -1,6 +1,9 @@
 """efrap-plugin's PyTorch AO adapter: EFRAP inside the user's own torchao PT2E and legacy torch.ao FX /
-eager flows (``defend_prepared`` between calibration and convert, on the grid their observers define),
-plus one-call flows (``quantize_pt2e`` / ``quantize_fx`` / ``quantize_eager``) and the verifiers."""
+eager flows, on the grid their observers define: as a flag on the PT2E quantizer (``EFRAPQuantizer``,
+``with_efrap``), or one call between calibration and convert (``defend_prepared``); plus one-call flows
+(``quantize_pt2e`` / ``quantize_fx`` / ``quantize_eager``) and the verifiers."""
+
+from typing import Any
 
 from .eager import quantize_eager, verify_eager
 from .fx import quantize_fx, verify_fx
@@ -8,6 +11,7 @@ from .observed import ObservedModelProducer, defend_prepared, observer_grid, obs
 from .pt2e import quantize_pt2e, read_int8_weights, verify_pt2e
 
 __all__ = [
+    "EFRAPQuantizer",
     "ObservedModelProducer",
     "defend_prepared",
     "observer_grid",
@@ -20,4 +24,14 @@ __all__ = [
     "verify_eager",
     "verify_fx",
     "verify_pt2e",
+    "with_efrap",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The flag imports torchao's PT2E quantizer classes, so it loads when first asked for."""
+    if name in ("EFRAPQuantizer", "with_efrap"):
+        from . import flag
+
+        return getattr(flag, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -409,9 +409,10 @@ def _problems(
     calib: torch.Tensor,
     choice: str,
     seed: int,
+    ids: set[int],
 ) -> Iterator[LayerProblem]:
-    """One problem per layer, its weight with axis ``axes[i]`` (the grid's channels) moved first."""
-    ids = {id(layer.observer) for layer in layers}
+    """One problem per layer, its weight with axis ``axes[i]`` (the grid's channels) moved first;
+    ``ids``: every weight observer's, learned or not (they pass the weight through)."""
     generator = torch.Generator().manual_seed(seed)
     runs = (  # PT2E: each model's graph runs once over the calibration data, as far as asked
         {
@@ -473,10 +474,10 @@ def _module_inputs(
         return _chunks(lambda x: layer.capture_in(source, x), calib)
 
 
-def _held_out(model: nn.Module, float_copy: nn.Module, layers: list[_Layer], held: torch.Tensor) -> HeldOut:
+def _held_out(model: nn.Module, float_copy: nn.Module, ids: set[int], held: torch.Tensor) -> HeldOut:
     """Budget mode: the float copy's outputs on the held-out inputs, and the prepared model's with its
     activation observers fake-quantizing and the learned weights snapped in so far."""
-    return HeldOut.of_models(_run(float_copy, False, layers), _run(model, True, layers), held)
+    return HeldOut.of_models(_run(float_copy, False, ids), _run(model, True, ids), held)
 
 
 _DEFENDED = "_efrap_defended"
@@ -496,11 +497,9 @@ def _eval_mode(model: nn.Module, enabled: bool) -> Iterator[None]:
             module.train(training)
 
 
-def _run(
-    source: nn.Module, fake_quantize: bool, layers: list[_Layer]
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``source`` as a callable, its layers' activation observers fake-quantizing or not."""
-    ids = {id(layer.observer) for layer in layers}
+def _run(source: nn.Module, fake_quantize: bool, ids: set[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``source`` as a callable, its activation observers fake-quantizing or not (``ids``: the weight
+    observers, which pass the weights through)."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with _observers(source, fake_quantize, ids):
@@ -551,9 +550,13 @@ class ObservedModelProducer(TensorCalibration):
     source = "torchao"
     honours = Honours(layer_inputs=("mixed", "quantized", "float"), units=("activation", "layer"))
 
-    def __init__(self, prepared: nn.Module) -> None:
+    def __init__(self, prepared: nn.Module, *, asked: Callable[[nn.Module], bool] | None = None) -> None:
+        """``asked``: given a layer's weight observer, whether EFRAP learns that layer (None: every
+        observed layer); the others are named in the plan and left to the user's convert, at nearest."""
         _check_undefended(prepared)
         self.prepared = prepared
+        self.asked = asked
+        self.weight_observers: set[int] = set()
         self.graph = isinstance(prepared, torch.fx.GraphModule) and any(
             str(n.target) in _GRAPH_OPS for n in prepared.graph.nodes if n.op == "call_function"
         )
@@ -573,7 +576,22 @@ class ObservedModelProducer(TensorCalibration):
         """The observed layers and their grids (every grid read before any work: an observer EFRAP
         cannot follow is named first), and the float copy: the prepared model's structure, its tensors
         shared (install puts new Parameters in and nothing writes to a tensor in place)."""
-        layers, skipped = _observed_layers(self.prepared, calib, self.graph, config.unit == "activation")
+        found, skipped = _observed_layers(self.prepared, calib, self.graph, config.unit == "activation")
+        self.weight_observers = {id(layer.observer) for layer in found}
+        layers = [layer for layer in found if self.asked is None or self.asked(layer.observer)]
+        skipped = {
+            **skipped,
+            **{
+                layer.name: "not asked: its QuantizationConfig is not with_efrap(...); left at nearest rounding"
+                for layer in found
+                if layer not in layers
+            },
+        }
+        if not layers:
+            raise ModelError(
+                "prepared: none of its observed Conv / Linear layers has a with_efrap(...) weight config; "
+                "wrap the QuantizationConfig of the layers to defend, or none of them to defend every layer"
+            )
         self.layers = layers
         self.grids = [
             observer_grid(layer.observer, f"layer {layer.name!r}", _axes(layer)) for layer in layers
@@ -586,7 +604,7 @@ class ObservedModelProducer(TensorCalibration):
         return FoundLayers([layer.name for layer in layers], skipped, readers=readers)
 
     def float_outputs(self, calib: torch.Tensor) -> torch.Tensor:
-        return first_outputs(_run(self.float_copy, False, self.layers), calib)
+        return first_outputs(_run(self.float_copy, False, self.weight_observers), calib)
 
     def problems(self, calib: torch.Tensor, config: EFRAPConfig) -> Iterator[LayerProblem]:
         self.originals = {
@@ -601,10 +619,11 @@ class ObservedModelProducer(TensorCalibration):
             calib,
             config.layer_inputs,
             config.seed,
+            self.weight_observers,
         )
 
     def held_out(self, held: torch.Tensor) -> HeldOut:
-        return _held_out(self.prepared, self.float_copy, self.layers, held)
+        return _held_out(self.prepared, self.float_copy, self.weight_observers, held)
 
     def finish(self, learned: dict[str, LayerPlan]) -> ProducedPlan:
         """Integers in each weight's own layout, as convert stores it (a ConvTranspose's learned with
