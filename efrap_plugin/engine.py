@@ -127,9 +127,14 @@ class TorchModelProducer(TensorCalibration):
 
     def problems(self, calib: torch.Tensor, config: EFRAPConfig) -> Iterator[LayerProblem]:
         self.quantized = copy.deepcopy(self.prepared)
-        _install_act_quantizers(self.quantized, self.layers, calib, self.scheme)
+        self.quantize_activations(self.quantized, calib)
         with_relu = followed_by_relu(self.prepared) if config.unit == "activation" else set()
         return _problems(self.prepared, self.quantized, self.layers, calib, self.scheme, with_relu, config)
+
+    def quantize_activations(self, quantized: nn.Module, calib: torch.Tensor) -> None:
+        """Make ``quantized`` quantize each learned layer's input as the backend will: per tensor,
+        calibrated on ``calib`` (the static flows'); a producer of another backend replaces this."""
+        _install_act_quantizers(quantized, self.layers, calib, self.scheme)
 
     def held_out(self, held: torch.Tensor) -> HeldOut:
         return HeldOut.of_models(self.prepared, self.quantized, held)

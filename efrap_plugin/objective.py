@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import EFRAPConfig
-from .schemes import QuantScheme
+from .schemes import QuantScheme, broadcast_qparam
 
 if TYPE_CHECKING:
     from .producer import LayerProblem
@@ -49,10 +49,8 @@ _COST_FLOOR = 1e-20
 
 
 def expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-channel (or per-tensor) scale / zero point shaped to broadcast over ``like``."""
-    if t.numel() == 1:
-        return t.reshape([1] * like.dim()).to(torch.float32)
-    return t.reshape([-1] + [1] * (like.dim() - 1)).to(torch.float32)
+    """A scale / zero point (per tensor, channel or group) shaped to broadcast over ``like``."""
+    return broadcast_qparam(like, t)
 
 
 def truncation_error(

@@ -317,6 +317,9 @@ def _value_problem(lp: LayerPlan, scheme: QuantScheme, grid: Mapping[str, Any] |
     if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
         return "holds scales that are not finite and positive"
     channels = set(lp.integers.shape) if lp.integers.dim() else {1}
+    grouped = scale.dim() == 2 and lp.integers.dim() and scale.shape[0] == lp.integers.shape[0]
+    if grouped and lp.integers[0].numel() % scale.shape[1] == 0:
+        return None  # per group: [C, groups] along each channel's flattened inputs
     if scale.numel() != 1 and scale.numel() not in channels:
         return f"holds {scale.numel()} scales for integers of shape {tuple(lp.integers.shape)}"
     if per_channel and scale.numel() == 1 and lp.integers.dim() and lp.integers.shape[0] > 1:

@@ -60,6 +60,14 @@ class QuantScheme:
     """Bit width for the first and last layers (the paper keeps them at 8); None: same as ``bits``."""
     power_of_two_scale: bool = False
     """absmax scale rounded up to a power of two (Brevitas' fixed-point quantizers)."""
+    group_size: int | None = None
+    """Per-group grids (torchao's PerGroup, Brevitas' per-group quantizers): one scale / zero point per
+    ``group_size`` consecutive weights of each output channel's flattened inputs, stored [C, groups].
+    None: per channel or per tensor."""
+    scale_floor: float | None = None
+    """Smallest absmax scale a float32-precision backend stores (an all-zero channel's): None, float32's
+    eps (torch observers, torchao's int8 tensors); torchao's intx configs floor at float32's smallest
+    normal number."""
     learns_conv_transpose: bool = False
     """Whether the torch path learns a ConvTranspose on this grid: onnxruntime quantizes one per channel
     along its output channels (axis 1), and the paper's fake quantization rounds every layer; torchao's
@@ -87,6 +95,13 @@ class QuantScheme:
             )
         if self.power_of_two_scale and self.range_rule != "absmax":
             raise EFRAPError("QuantScheme.power_of_two_scale: needs range_rule='absmax'")
+        if self.group_size is not None and (
+            not isinstance(self.group_size, int) or self.group_size < 1 or not self.per_channel
+        ):
+            raise EFRAPError(
+                f"QuantScheme.group_size: expected a positive integer on a per-channel grid, got "
+                f"{self.group_size!r} (per_channel={self.per_channel})"
+            )
         if not 2 <= self.act_bits <= 16:
             raise EFRAPError(f"QuantScheme.act_bits: expected 2..16, got {self.act_bits!r}")
 
@@ -190,7 +205,11 @@ class QuantScheme:
     def qparams(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point exactly as the backend computes them; shape [C] or [1]."""
         w = weight.detach().to(torch.float32)
-        flat = w.reshape(w.shape[0], -1) if self.per_channel else w.reshape(1, -1)
+        scale, zero_point = self._row_qparams(self._rows(w))
+        return (scale, zero_point) if self.group_size is None else self._grouped(w, scale, zero_point)
+
+    def _row_qparams(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One scale / zero point per row of ``flat`` (a channel, a group, or the tensor)."""
         if self.range_rule == "absmax":
             absmax = torch.maximum(
                 flat.max(dim=1).values.clamp(min=0), (-flat.min(dim=1).values).clamp(min=0)
@@ -203,7 +222,8 @@ class QuantScheme:
             if self.scale_precision == "float64":  # onnxruntime: a degenerate range gets scale 1.0
                 scale = torch.where(scale < torch.finfo(torch.float32).tiny, torch.ones_like(scale), scale)
             else:  # torch observers: scale floored at float32 eps
-                scale = torch.clamp(scale, min=torch.finfo(torch.float32).eps)
+                floor = self.scale_floor if self.scale_floor is not None else torch.finfo(torch.float32).eps
+                scale = torch.clamp(scale, min=floor)
             if self.power_of_two_scale:
                 scale = torch.exp2(torch.ceil(torch.log2(scale)))
             return scale, torch.zeros_like(scale, dtype=torch.int32)
@@ -213,11 +233,29 @@ class QuantScheme:
             lo, hi = _mse_range(flat, lo, hi, self.qmin, self.qmax, steps=80)
         return _affine_qparams(lo, hi, self.qmin, self.qmax)
 
+    def _rows(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` as one row per scale: per tensor, per output channel, or per group of each channel."""
+        if not self.per_channel:
+            return w.reshape(1, -1)
+        flat = w.reshape(w.shape[0], -1)
+        if self.group_size is None:
+            return flat
+        if flat.shape[1] % self.group_size:
+            raise EFRAPError(
+                f"QuantScheme.group_size: {flat.shape[1]} weights per output channel do not split into groups "
+                f"of {self.group_size}; choose a group size that divides them"
+            )
+        return flat.reshape(-1, self.group_size)
+
+    def _grouped(self, w: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-row values of ``_rows`` as [C, groups]."""
+        return tuple(r.reshape(w.shape[0], -1) for r in rows)
+
     def absmax(self, weight: torch.Tensor) -> torch.Tensor:
-        """max|w| per output channel (or of the tensor), broadcast against ``weight``."""
+        """max|w| per scale (output channel, group or tensor), broadcast against ``weight``."""
         w = weight.detach().to(torch.float32).abs()
-        flat = w.reshape(w.shape[0], -1) if self.per_channel else w.reshape(1, -1)
-        return _broadcast(w, flat.max(dim=1).values)
+        peak = self._rows(w).max(dim=1).values
+        return broadcast_qparam(w, peak if self.group_size is None else self._grouped(w, peak)[0])
 
     def scale_setters(self, weight: torch.Tensor) -> torch.Tensor:
         """Mask of the elements an absmax scale is computed from (none for other range rules): moving
@@ -228,19 +266,19 @@ class QuantScheme:
 
     def quantize(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
         """Nearest (half-to-even) integers, clamped: what the backend stores."""
-        s, z = _broadcast(weight, scale), _broadcast(weight, zero_point)
+        s, z = broadcast_qparam(weight, scale), broadcast_qparam(weight, zero_point)
         w = weight.to(torch.float32)
         q = torch.round(w * (1.0 / s) if self.inverse_scale else w / s) + z
         return q.clamp(self.qmin, self.qmax).to(torch.int32)
 
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-        s, z = _broadcast(q, scale), _broadcast(q, zero_point)
+        s, z = broadcast_qparam(q, scale), broadcast_qparam(q, zero_point)
         return (q.to(torch.float32) - z) * s
 
     def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
         """Nearest rounding with a straight-through gradient (scale treated as a constant)."""
         scale, zp = self.qparams(weight)
-        s, z = _broadcast(weight, scale), _broadcast(weight, zp)
+        s, z = broadcast_qparam(weight, scale), broadcast_qparam(weight, zp)
         q = (round_ste(weight * (1.0 / s) if self.inverse_scale else weight / s) + z).clamp(
             self.qmin, self.qmax
         )
@@ -278,10 +316,15 @@ def _check_bits(bits: int) -> None:
         raise EFRAPError(f"bits: expected an integer in 2..8 (--bits), got {bits!r}")
 
 
-def _broadcast(like: torch.Tensor, per_channel: torch.Tensor) -> torch.Tensor:
-    if per_channel.numel() == 1:
-        return per_channel.reshape([1] * like.dim()).to(torch.float32)
-    return per_channel.reshape([-1] + [1] * (like.dim() - 1)).to(torch.float32)
+def broadcast_qparam(like: torch.Tensor, qparam: torch.Tensor) -> torch.Tensor:
+    """A scale / zero point (one, one per output channel, or [C, groups]) shaped to broadcast over
+    ``like``; groups run along each channel's flattened inputs."""
+    if qparam.numel() == 1:
+        return qparam.reshape([1] * like.dim()).to(torch.float32)
+    if qparam.dim() == 2 and qparam.shape[1] > 1:
+        per_row = like[0].numel() // qparam.shape[1]
+        return qparam.repeat_interleave(per_row, dim=1).reshape(like.shape).to(torch.float32)
+    return qparam.reshape([-1] + [1] * (like.dim() - 1)).to(torch.float32)
 
 
 def _affine_qparams(

@@ -9,21 +9,27 @@ from .eager import quantize_eager, verify_eager
 from .fx import quantize_fx, verify_fx
 from .observed import ObservedModelProducer, defend_prepared, observer_grid, observer_scheme, spec_scheme
 from .pt2e import quantize_pt2e, read_int8_weights, verify_pt2e
+from .quantize import QuantizeProducer, quantize_, quantize_scheme, read_quantized_weights, verify_quantize
 
 __all__ = [
     "EFRAPQuantizer",
     "ObservedModelProducer",
+    "QuantizeProducer",
     "defend_prepared",
     "observer_grid",
     "observer_scheme",
     "spec_scheme",
     "quantize_eager",
     "quantize_fx",
+    "quantize_",
     "quantize_pt2e",
+    "quantize_scheme",
+    "read_quantized_weights",
     "read_int8_weights",
     "verify_eager",
     "verify_fx",
     "verify_pt2e",
+    "verify_quantize",
     "with_efrap",
 ]
 

@@ -180,8 +180,30 @@ class SequenceCNN(nn.Module):
         return self.head(self.features(x))
 
 
+class DigitsMLP(nn.Module):
+    """Linear layers only, over the flattened image: what torchao's ``quantize_`` configs quantize by
+    default (Linear), with widths that split into groups of 32."""
+
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, width: int = 256, pixels: int = 64
+    ) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_channels * pixels, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+        )
+        self.classifier = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 MODELS = {
     "digits-cnn": DigitsCNN,
+    "digits-mlp": DigitsMLP,
     "resnet8": resnet8,
     "resnet20": resnet20,
     "resnet18": resnet18,

@@ -13,7 +13,7 @@ from torch.nn.functional import cross_entropy
 from ...data import LabeledData
 from ...errors import EFRAPError
 from ...layers import QUANTIZABLE
-from ...schemes import QuantScheme
+from ...schemes import QuantScheme, broadcast_qparam
 from ..training import train
 from ..triggers import PatchTrigger
 from .base import Attack
@@ -65,11 +65,7 @@ class GridProjection:
             for scheme in schemes:
                 scale, zp = scheme.qparams(w0)
                 q0 = scheme.quantize(w0, scale, zp)
-                s = (
-                    scale.reshape([-1] + [1] * (w0.dim() - 1))
-                    if scale.numel() > 1
-                    else scale.reshape([1] * w0.dim())
-                )
+                s = broadcast_qparam(w0, scale)
                 low = torch.where(q0 == scheme.qmin, -torch.inf, (q0 - 0.5 + margin) * s)
                 high = torch.where(q0 == scheme.qmax, torch.inf, (q0 + 0.5 - margin) * s)
                 lo, hi = torch.maximum(lo, low), torch.minimum(hi, high)
@@ -79,6 +75,10 @@ class GridProjection:
             t_max = w0.abs().max()
             pinned = (w0.abs() == ch_max) | (w0.abs() == t_max)
             lo, hi = torch.maximum(lo, -ch_max), torch.minimum(hi, ch_max)
+            for scheme in schemes:
+                if scheme.group_size is not None:  # each group's max sets its scale
+                    pinned = pinned | scheme.scale_setters(w0)
+                    lo, hi = torch.maximum(lo, -scheme.absmax(w0)), torch.minimum(hi, scheme.absmax(w0))
             pinned = pinned | (lo > hi)  # bins of several grids whose margins leave no room: stay at w0
             self.bounds.append((w0, lo, hi, pinned, grids))
 

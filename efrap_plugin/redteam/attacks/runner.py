@@ -125,11 +125,16 @@ def run_attack(
 
 
 def red_team_model(
-    scheme: QuantScheme, folder: str | Path | None = None, seed: int = 0, progress: bool = False
+    scheme: QuantScheme,
+    folder: str | Path | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    arch: dict[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, PatchTrigger]:
     """A digits PQBackdoor model aimed at ``scheme`` and its trigger: read from an `efrap attack` folder,
-    or trained now. Per-tensor grids get a model without BatchNorm: folding BN rescales each channel,
-    which moves a per-tensor grid away from the one the attack protected."""
+    or trained now (``arch``: a zoo model's build_model arguments; default the digits CNN). Per-tensor
+    grids get a CNN without BatchNorm: folding BN rescales each channel, which moves a per-tensor grid
+    away from the one the attack protected."""
     if folder is not None:
         import json
 
@@ -137,8 +142,8 @@ def red_team_model(
 
         info = json.loads((Path(folder) / "attack.json").read_text())
         return load_model(Path(folder) / "model.safetensors")[0], PatchTrigger.from_dict(info["trigger"])
-    if scheme.per_channel or not scheme.folds_batchnorm:
-        arch = {**default_arch("digits"), "batchnorm": scheme.per_channel}
+    if arch is not None or scheme.per_channel or not scheme.folds_batchnorm:
+        arch = arch or {**default_arch("digits"), "batchnorm": scheme.per_channel}
         result, _, _ = run_attack(
             "pqbackdoor", "digits", scheme, scheme.bits, seed, arch=arch, progress=progress
         )
