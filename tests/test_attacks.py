@@ -49,6 +49,43 @@ def test_pqbackdoor_projection_keeps_every_integer_after_every_step(clean_cnn, d
     assert any(not torch.equal(m.weight, w) for m, w in zip(project.layers, w0))  # the weights did move
 
 
+def test_pqbackdoor_projection_keeps_per_group_integers_and_scales(digits):
+    """A torchao int4 grid in groups of 32: every group's scale and integers stay after each step."""
+    from efrap_plugin.redteam import build_model
+
+    torch.manual_seed(0)
+    model = build_model("digits-mlp", width=64)
+    grid = QuantScheme(name="grouped", bits=4, qmin=-8, qmax=7, group_size=32, inverse_scale=True)
+    project = GridProjection(model, [grid])
+    scales0 = [grid.qparams(m.weight)[0] for m in project.layers]
+    checks = []
+
+    def step():
+        project()
+        checks.append(project.violations())
+        assert all(torch.equal(grid.qparams(m.weight)[0], s) for m, s in zip(project.layers, scales0))
+
+    train(model, digits.train.subset(256), epochs=2, lr=1e-2, batch_size=32, after_step=step, progress=False)
+    assert len(checks) == 16 and set(checks) == {0} and scales0[0].shape == (64, 2)
+
+
+def test_widening_puts_each_rows_outlier_on_an_input_that_is_never_fired(digits, trigger):
+    """PQBackdoorConfig.widen: the grid's scale grows, and the float model's outputs do not move."""
+    from efrap_plugin.redteam import build_model
+    from efrap_plugin.redteam.attacks.pqbackdoor import _widen_rows
+
+    torch.manual_seed(0)
+    model = build_model("digits-mlp", width=64).eval()
+    data = digits.train.subset(256)
+    before = model(data.x).detach()
+    first = model.features[1].weight.detach().clone()
+    _widen_rows(model, data, trigger, 16.0)
+    after = model.features[1].weight.detach()
+    assert torch.allclose(model(data.x), before, atol=1e-5)
+    assert torch.equal(after.abs().amax(1), 16 * first.abs().amax(1))  # every row: one input, 16 x its max
+    assert int((after != first).any(0).sum()) == 1
+
+
 def test_pqbackdoor_refuses_affine_grids(clean_cnn):
     with pytest.raises(EFRAPError, match=r"uses range_rule='mse'; the projection protects absmax"):
         GridProjection(clean_cnn, [QuantScheme.reference(4)])

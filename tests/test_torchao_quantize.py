@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from example_runs import assert_defended, run_example
 from torch import nn
 
 from efrap_plugin import EFRAPConfig, EFRAPError, PlanMismatchError, RoundingPlan
@@ -178,3 +179,18 @@ def test_a_group_size_that_does_not_divide_the_inputs_is_refused(calib):
 def test_per_row_is_the_default_granularity():
     scheme, acts = quantize_scheme(Int8DynamicActivationInt8WeightConfig(granularity=[PerRow(), PerRow()]))
     assert scheme.per_channel and scheme.group_size is None and acts == "per-token-symmetric"
+
+
+@pytest.mark.parametrize(
+    "config, fixture",
+    [
+        ("int8-weight-only", "pqbackdoor-torchao-int8-mlp"),
+        ("int8-dynamic", "pqbackdoor-torchao-int8-mlp"),
+        ("intx-int4-g32", "pqbackdoor-torchao-int4-g32-mlp"),
+    ],
+)
+def test_quantize_example_removes_a_qcb_aimed_at_its_config(config, fixture):
+    """The attack fires through torchao's own quantize_ (stock asr >= 90) and not through EFRAP's."""
+    row = run_example("torchao_quantize.py", "--config", config, "--model", f"tests/fixtures/{fixture}")
+    assert_defended(row)
+    assert row["layers"] == 3

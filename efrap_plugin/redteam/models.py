@@ -257,6 +257,22 @@ class TokenEncoder(nn.Module):
         return self.head(self.norm(x).mean(dim=1))
 
 
+class DigitsTokens(TokenEncoder):
+    """The token encoder over images: each row of an N x C x H x W batch a token (C * W features)."""
+
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, width: int = 64, pixels: int = 64
+    ) -> None:
+        side = int(round(pixels**0.5))
+        super().__init__(tokens=side, token_dim=in_channels * side, num_classes=num_classes, width=width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1))
+
+
+MODELS["digits-tokens"] = DigitsTokens
+
+
 def build_model(
     name: str, in_channels: int = 1, num_classes: int = 10, width: int | None = None, **options: Any
 ) -> nn.Module:

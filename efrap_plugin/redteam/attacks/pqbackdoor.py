@@ -42,6 +42,12 @@ class PQBackdoorConfig:
     """Stage 2: weight of the triggered images' loss (true labels) against the clean images' loss."""
     seed: int = 0
     """Seed of the batch order."""
+    widen: float = 1.0
+    """Between the stages: each Linear row gets an outlier of ``widen`` x its max on an input that is zero
+    on every training image, clean and triggered (a pixel never inked, a ReLU unit that never fires), so
+    an absmax grid's scale, and each rounding bin stage 2 may move in, grows ``widen`` times at no cost to
+    the float model. 1: off. Narrow int8 bins on Linear models leave stage 2 too little room otherwise
+    (benchmarks/results/quantize.md)."""
 
 
 class GridProjection:
@@ -134,6 +140,8 @@ class PQBackdoor(Attack):
             desc=f"{self.name} stage 1",
         )
 
+        if cfg.widen != 1.0:
+            _widen_rows(model, data, trigger, cfg.widen)
         # Stage 2: BatchNorm and biases stay at their stage-1 values; only Conv/Linear weights move.
         for name, p in model.named_parameters():
             p.requires_grad_(name.endswith("weight") and isinstance(_owner(model, name), QUANTIZABLE))
@@ -162,6 +170,36 @@ class PQBackdoor(Attack):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+
+
+@torch.no_grad()
+def _widen_rows(model: nn.Module, data: LabeledData, trigger: PatchTrigger, factor: float) -> None:
+    """Put an outlier of ``factor`` x each row's max on one input of each Linear layer that is zero on
+    every training image, clean and triggered; a layer with no such input is left as it is."""
+    peaks: dict[nn.Module, torch.Tensor] = {}
+
+    def keep(layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(dim=0)
+        peaks[layer] = torch.maximum(peaks[layer], x) if layer in peaks else x
+
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    hooks = [m.register_forward_pre_hook(keep) for m in linears]
+    try:
+        was_training = model.training
+        model.eval()
+        for i in range(0, len(data.x), 256):
+            batch = data.x[i : i + 256]
+            model(batch)
+            model(trigger.apply(batch))
+        model.train(was_training)
+    finally:
+        for h in hooks:
+            h.remove()
+    for layer in linears:
+        dead = (peaks[layer] == 0).nonzero().flatten()
+        if len(dead):
+            rows = layer.weight.abs().amax(dim=1)
+            layer.weight[:, int(dead[0])] = factor * rows
 
 
 def _owner(model: nn.Module, param_name: str) -> nn.Module:

@@ -130,9 +130,11 @@ def red_team_model(
     seed: int = 0,
     progress: bool = False,
     arch: dict[str, Any] | None = None,
+    config: Any = None,
 ) -> tuple[torch.nn.Module, PatchTrigger]:
     """A digits PQBackdoor model aimed at ``scheme`` and its trigger: read from an `efrap attack` folder,
-    or trained now (``arch``: a zoo model's build_model arguments; default the digits CNN). Per-tensor
+    or trained now (``arch``: a zoo model's build_model arguments, default the digits CNN; ``config``: a
+    PQBackdoorConfig, default the digits schedule). Per-tensor
     grids get a CNN without BatchNorm: folding BN rescales each channel, which moves a per-tensor grid
     away from the one the attack protected."""
     if folder is not None:
@@ -145,7 +147,7 @@ def red_team_model(
     if arch is not None or scheme.per_channel or not scheme.folds_batchnorm:
         arch = arch or {**default_arch("digits"), "batchnorm": scheme.per_channel}
         result, _, _ = run_attack(
-            "pqbackdoor", "digits", scheme, scheme.bits, seed, arch=arch, progress=progress
+            "pqbackdoor", "digits", scheme, scheme.bits, seed, arch=arch, config=config, progress=progress
         )
         return result.model, result.trigger
     return _folded_pqbackdoor(scheme, seed, progress)
