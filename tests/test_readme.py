@@ -62,3 +62,14 @@ def test_brevitas_user_flow_recipe(in_tmp, pq8, digits):
     assert (in_tmp / "qcdq.onnx").is_file()
     after = model.state_dict()  # the user's float model, BatchNorm included, as it was
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_quantize_recipe(in_tmp, digits):
+    from efrap_plugin.redteam.checkpoint import load_model
+
+    model, _ = load_model(
+        Path(__file__).parent / "fixtures" / "pqbackdoor-torchao-int4-g32-mlp" / "model.safetensors"
+    )
+    scope = {"model": model, "calib": digits.train.x[:256]}
+    exec(compile(_recipe("quantize"), "README:quantize", "exec"), scope)
+    assert len(scope["plan"].layers) == 3 and (in_tmp / "int4.pt").is_file()
