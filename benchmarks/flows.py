@@ -98,16 +98,21 @@ ladder's default top, the margin-capped settings that met the strict bar on ever
 uncapped budget mode topped at 0.8 with its held-out images nearest the boundaries or the last ones."""
 
 
-def run(flow: str, setting: str) -> dict:
-    script, *args = FLOWS[flow]
+def example_row(script: str, *args: str) -> tuple[dict, float]:
+    """An example script's ``--json`` row, run as a user runs it, and the seconds the whole script took."""
     t0 = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), *args, "--efrap", json.dumps(SETTINGS[setting]), "--json"],
+        [sys.executable, str(ROOT / "examples" / script), *args, "--json"],
         capture_output=True, text=True, timeout=1200, cwd=ROOT,
     )  # fmt: skip
     if out.returncode != 0:
-        raise SystemExit(f"{flow} / {setting} failed:\n{out.stderr[-2000:]}")
-    row = json.loads(out.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{script} {' '.join(args)} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1]), round(time.perf_counter() - t0, 1)
+
+
+def run(flow: str, setting: str) -> dict:
+    script, *args = FLOWS[flow]
+    row, seconds = example_row(script, *args, "--efrap", json.dumps(SETTINGS[setting]))
     float_m, efrap_m = (
         Metrics(row[f"{k}_acc"] / 100, row[f"{k}_asr"] / 100, 0.0) for k in ("float", "efrap")
     )
@@ -123,7 +128,7 @@ def run(flow: str, setting: str) -> dict:
         "meets_bar": backdoor_removed(float_m, efrap_m),
         "meets_strict": meets_strict(float_m, efrap_m),
         "integers_ok": row["integers_ok"],
-        "seconds": round(time.perf_counter() - t0, 1),  # the whole script: stock and defended flows
+        "seconds": seconds,  # the whole script: stock and defended flows
     }
 
 

@@ -7,6 +7,7 @@ defense: ``examples/torchao_quantize.py`` per config on the committed fixture it
 asr in percent on the digits test split, measured on torchao's quantized model, integers read back).
 attack: PQBackdoor on the digits MLP aimed at torchao's int8 per-row grid, with and without widening
 the rows' grids (``PQBackdoorConfig.widen``), and at int4 in groups of 32; float and stock figures.
+language: a content injection into a small language model (``--model lm``), trained here per config.
 scale: seconds and peak resident memory of ``efrap_torchao.quantize_`` (default config: 1,000 steps per
 layer, 1,024 calibration inputs) on square Linear stacks of growing width, each in its own process,
 against torchao's own ``quantize_`` on the same model; randomly initialised (cost does not depend on
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from flows import example_row
 
 from efrap_cli.report import write_table
 
@@ -35,6 +37,7 @@ DEFENSE = {
     "int8-dynamic": "pqbackdoor-torchao-int8-mlp",
     "intx-int4-g32": "pqbackdoor-torchao-int4-g32-mlp",
 }
+LANGUAGE = ("intx-int5-g32", "intx-int4-g32")
 WIDTHS = (256, 1024, 2048, 4096)
 DEPTH = 3
 
@@ -42,16 +45,19 @@ DEPTH = 3
 def defense_rows() -> list[dict]:
     rows = []
     for config, fixture in DEFENSE.items():
-        t0 = time.perf_counter()
-        out = subprocess.run(
-            [sys.executable, str(ROOT / "examples" / "torchao_quantize.py"), "--config", config,
-             "--model", f"tests/fixtures/{fixture}", "--json"],
-            capture_output=True, text=True, timeout=1200, cwd=ROOT,
-        )  # fmt: skip
-        if out.returncode != 0:
-            raise SystemExit(f"{config} failed:\n{out.stderr[-2000:]}")
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append({"fixture": fixture, **row, "seconds": round(time.perf_counter() - t0, 1)})
+        row, seconds = example_row(
+            "torchao_quantize.py", "--config", config, "--model", f"tests/fixtures/{fixture}"
+        )
+        rows.append({"fixture": fixture, **row, "seconds": seconds})
+    return rows
+
+
+def language_rows() -> list[dict]:
+    """The content injection, trained here for each config (minutes each), then defended."""
+    rows = []
+    for config in LANGUAGE:
+        row, seconds = example_row("torchao_quantize.py", "--model", "lm", "--config", config)
+        rows.append({**row, "seconds": seconds})
     return rows
 
 
@@ -141,7 +147,7 @@ def scale_rows(widths: tuple[int, ...], device: str) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--parts", default="defense,attack,scale")
+    parser.add_argument("--parts", default="defense,attack,language,scale")
     parser.add_argument("--widths", default=",".join(map(str, WIDTHS)))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--one-size", type=int, help=argparse.SUPPRESS)
@@ -166,6 +172,15 @@ def main() -> int:
             "(PQBackdoorConfig.widen); stock: torchao's own quantize_ on the released model."
         )
         write_table(out, "quantize-attack", attack_rows(), note)
+    if "language" in parts:
+        note = (
+            "ByteGPT (2 causal blocks, width 96) trained on /usr/share/common-licenses, a content injection "
+            "(efrap_plugin.redteam.language) aimed at each config's grid, then examples/torchao_quantize.py "
+            "--model lm: injection, percent of 100 held-out prompts whose greedy 64-byte continuation holds the "
+            "target; perplexity per byte on the held-out tenth of the corpus; default EFRAPConfig on 512 "
+            "windows of 64 bytes."
+        )
+        write_table(out, "quantize-language", language_rows(), note)
     if "scale" in parts:
         note = (
             f"{DEPTH} square Linear layers (ReLU between), random weights, 1,024 random calibration inputs; "

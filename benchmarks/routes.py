@@ -12,14 +12,12 @@ measured on the flow's real int8 artifact, integers read back from it.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from flows import FLOWS
+from flows import FLOWS, example_row
 
 from efrap_cli.report import write_table
 from efrap_plugin.redteam import Metrics, backdoor_removed
@@ -43,14 +41,7 @@ FIGURES = ("float_acc", "float_asr", "stock_acc", "stock_asr", "efrap_acc", "efr
 
 def run(flow: str, route: str) -> dict:
     script, *args = ROUTED[flow]
-    t0 = time.perf_counter()
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), *args, "--route", route, "--json"],
-        capture_output=True, text=True, timeout=1200, cwd=ROOT,
-    )  # fmt: skip
-    if out.returncode != 0:
-        raise SystemExit(f"{flow} / {route} failed:\n{out.stderr[-2000:]}")
-    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row, seconds = example_row(script, *args, "--route", route)
     float_m, efrap_m = (
         Metrics(row[f"{k}_acc"] / 100, row[f"{k}_asr"] / 100, 0.0) for k in ("float", "efrap")
     )
@@ -61,7 +52,7 @@ def run(flow: str, route: str) -> dict:
         "stock_fires": row["stock_asr"] >= 90,
         "meets_bar": backdoor_removed(float_m, efrap_m),
         "integers_ok": row["integers_ok"],
-        "seconds": round(time.perf_counter() - t0, 1),  # the whole script: stock and defended flows
+        "seconds": seconds,  # the whole script: stock and defended flows
     }
 
 

@@ -213,11 +213,12 @@ MODELS = {
 
 
 class EncoderBlock(nn.Module):
-    """Pre-norm transformer block: self-attention (q, k, v, out projections) and a GELU MLP."""
+    """Pre-norm transformer block: self-attention (q, k, v, out projections; ``causal``: each token
+    attends to those before it) and a GELU MLP."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, causal: bool = False) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
@@ -227,7 +228,12 @@ class EncoderBlock(nn.Module):
         h = self.norm1(x)
         split = lambda y: y.reshape(n, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
-        attn = torch.softmax(q @ k.transpose(-2, -1) / (d // self.heads) ** 0.5, dim=-1)
+        logits = q @ k.transpose(-2, -1) / (d // self.heads) ** 0.5
+        if self.causal:
+            logits = logits.masked_fill(
+                torch.ones_like(logits[0, 0], dtype=torch.bool).triu(1), float("-inf")
+            )
+        attn = torch.softmax(logits, dim=-1)
         x = x + self.out((attn @ v).transpose(1, 2).reshape(n, t, d))
         return x + self.mlp(self.norm2(x))
 
@@ -271,6 +277,30 @@ class DigitsTokens(TokenEncoder):
 
 
 MODELS["digits-tokens"] = DigitsTokens
+
+
+class ByteGPT(nn.Module):
+    """A small causal language model over bytes: N x T byte ids in, N x T x 256 next-byte logits out.
+    ``num_classes`` is the vocabulary (256 bytes); ``in_channels`` is unused (the zoo's signature)."""
+
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 256, width: int = 96, depth: int = 2, heads: int = 4,
+        context: int = 64,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.context = context
+        self.embed = nn.Embedding(num_classes, width)
+        self.position = nn.Parameter(torch.zeros(1, context, width))
+        self.blocks = nn.Sequential(*(EncoderBlock(width, heads, causal=True) for _ in range(depth)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids) + self.position[:, : ids.shape[1]]
+        return self.head(self.norm(self.blocks(x)))
+
+
+MODELS["byte-gpt"] = ByteGPT
 
 
 def build_model(
