@@ -33,7 +33,8 @@ def test_resnets_forward_and_structure(factory, blocks, channels, size):
 def test_unknown_model_name():
     with pytest.raises(
         EFRAPError,
-        match=r"model: expected one of \['digits-cnn', 'mobilenetv2', 'resnet18', 'resnet20', 'resnet8', 'sequence-cnn'\]",
+        match=r"model: expected one of \['byte-gpt', 'digits-cnn', 'digits-mlp', 'digits-tokens', 'mobilenetv2', 'resnet18', "
+        r"'resnet20', 'resnet8', 'sequence-cnn'\]",
     ):
         build_model("vgg16")
 

@@ -201,17 +201,6 @@ class DigitsMLP(nn.Module):
         return self.classifier(self.features(x))
 
 
-MODELS = {
-    "digits-cnn": DigitsCNN,
-    "digits-mlp": DigitsMLP,
-    "resnet8": resnet8,
-    "resnet20": resnet20,
-    "resnet18": resnet18,
-    "mobilenetv2": MobileNetV2,
-    "sequence-cnn": SequenceCNN,
-}
-
-
 class EncoderBlock(nn.Module):
     """Pre-norm transformer block: self-attention (q, k, v, out projections; ``causal``: each token
     attends to those before it) and a GELU MLP."""
@@ -276,9 +265,6 @@ class DigitsTokens(TokenEncoder):
         return super().forward(x.permute(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1))
 
 
-MODELS["digits-tokens"] = DigitsTokens
-
-
 class ByteGPT(nn.Module):
     """A small causal language model over bytes: N x T byte ids in, N x T x 256 next-byte logits out.
     ``num_classes`` is the vocabulary (256 bytes); ``in_channels`` is unused (the zoo's signature)."""
@@ -300,13 +286,23 @@ class ByteGPT(nn.Module):
         return self.head(self.norm(self.blocks(x)))
 
 
-MODELS["byte-gpt"] = ByteGPT
+MODELS = {
+    "digits-cnn": DigitsCNN,
+    "digits-mlp": DigitsMLP,
+    "resnet8": resnet8,
+    "resnet20": resnet20,
+    "resnet18": resnet18,
+    "mobilenetv2": MobileNetV2,
+    "sequence-cnn": SequenceCNN,
+    "digits-tokens": DigitsTokens,
+    "byte-gpt": ByteGPT,
+}
 
 
 def build_model(
     name: str, in_channels: int = 1, num_classes: int = 10, width: int | None = None, **options: Any
 ) -> nn.Module:
-    """A zoo model by name ('digits-cnn', 'resnet8', 'resnet20'); ``options`` go to its constructor
+    """A zoo model by name (``MODELS``: 'digits-cnn', 'digits-mlp', 'resnet8', 'byte-gpt', ...); ``options`` go to its constructor
     (``batchnorm=False`` for 'digits-cnn')."""
     if name not in MODELS:
         raise EFRAPError(f"model: expected one of {sorted(MODELS)} (--model), got {name!r}")
