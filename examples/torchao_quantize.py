@@ -2,7 +2,7 @@
 `# EFRAP` is the one it changes.
 
     python examples/torchao_quantize.py --config {int8-weight-only,int8-dynamic,intx-int4-g32} --json
-        [--model tests/fixtures/pqbackdoor-torchao-int8-mlp] [--efrap '{"budget": 1}']
+        [--route {call,config}] [--model tests/fixtures/pqbackdoor-torchao-int8-mlp] [--efrap '{"budget": 1}']
     python examples/torchao_quantize.py --model lm --json [--config intx-int4-g32]
         # or --model tests/fixtures/content-injection-lm (int5 in groups of 32, the default for lm)
 
@@ -90,6 +90,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default=None, help="default: int8-weight-only "
                         "(intx-int5-g32 for a language model)")  # fmt: skip
+    parser.add_argument(
+        "--route",
+        choices=("call", "config"),
+        default="call",
+        help="call: efrap_torchao.quantize_ (each layer on the partially quantized model); config: "
+        "EFRAPQuantizeConfig's observe / convert steps (each layer alone, on the float model's inputs)",
+    )
     args = parse_flags(parser)
     if is_language_model(args.model):
         row = language_row(args)
@@ -105,12 +112,24 @@ def main() -> int:
     stock = copy.deepcopy(model).eval()
     quantize_(stock, CONFIGS[args.config]())
     defended = copy.deepcopy(model).eval()
-    plan = efrap_torchao.quantize_(
-        defended, CONFIGS[args.config](), calib, args.efrap, progress=False
-    )  # EFRAP
+    if args.route == "call":
+        plan = efrap_torchao.quantize_(
+            defended, CONFIGS[args.config](), calib, args.efrap, progress=False
+        )  # EFRAP
+    else:  # torchao's two-step form, as GPTQConfig is used
+        config = efrap_torchao.EFRAPQuantizeConfig(
+            base_config=CONFIGS[args.config](), efrap=args.efrap
+        )  # EFRAP
+        quantize_(defended, config)
+        with torch.no_grad():
+            for batch in calib.split(64):  # calibration
+                defended(batch)
+        quantize_(defended, config.converting())  # EFRAP
+        plan = config.plan(defended)  # EFRAP
     report = efrap_torchao.verify_quantize(defended, plan, strict=False)  # integers read back
 
-    row = {"config": args.config, **compare(test, trigger, float=model, stock=stock, efrap=defended)}
+    row = {"config": args.config, "route": args.route}
+    row.update(compare(test, trigger, float=model, stock=stock, efrap=defended))
     row.update(integers_ok=report.integers_ok, layers=report.layers)
     print(json.dumps(row) if args.json else "\n".join(f"{k:>12}: {v}" for k, v in row.items()))
     return 0 if report.integers_ok else 1

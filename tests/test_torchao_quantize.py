@@ -182,15 +182,53 @@ def test_per_row_is_the_default_granularity():
 
 
 @pytest.mark.parametrize(
-    "config, fixture",
+    "config, fixture, route",
     [
-        ("int8-weight-only", "pqbackdoor-torchao-int8-mlp"),
-        ("int8-dynamic", "pqbackdoor-torchao-int8-mlp"),
-        ("intx-int4-g32", "pqbackdoor-torchao-int4-g32-mlp"),
+        ("int8-weight-only", "pqbackdoor-torchao-int8-mlp", "call"),
+        ("int8-dynamic", "pqbackdoor-torchao-int8-mlp", "call"),
+        ("intx-int4-g32", "pqbackdoor-torchao-int4-g32-mlp", "call"),
+        ("intx-int4-g32", "pqbackdoor-torchao-int4-g32-mlp", "config"),
     ],
 )
-def test_quantize_example_removes_a_qcb_aimed_at_its_config(config, fixture):
+def test_quantize_example_removes_a_qcb_aimed_at_its_config(config, fixture, route):
     """The attack fires through torchao's own quantize_ (stock asr >= 90) and not through EFRAP's."""
-    row = run_example("torchao_quantize.py", "--config", config, "--model", f"tests/fixtures/{fixture}")
+    row = run_example(
+        "torchao_quantize.py", "--config", config, "--model", f"tests/fixtures/{fixture}", "--route", route
+    )
     assert_defended(row)
-    assert row["layers"] == 3
+    assert row["layers"] == 3 and row["route"] == route
+
+
+def test_the_config_form_observes_then_writes_each_layers_integers_into_torchaos_tensors(mlp, calib):
+    from efrap_torchao import EFRAPQuantizeConfig
+
+    model = copy.deepcopy(mlp)
+    config = EFRAPQuantizeConfig(base_config=CONFIGS["intx-int4-g32"](), efrap=FAST)
+    torchao_quantize_(model, config)
+    assert type(model.up.weight.data) is torch.Tensor  # observing: the float model runs as it was
+    with torch.no_grad():
+        for batch in calib.split(32):
+            model(batch)
+    torchao_quantize_(model, config.converting())
+    plan = config.plan(model)
+    assert list(plan.layers) == ["up", "down", "head"] and plan.meta.config["layer_inputs"] == "float"
+    assert plan.meta.calib_size == 128 and verify_quantize(model, plan).integers_ok
+    stock = copy.deepcopy(mlp)
+    torchao_quantize_(stock, CONFIGS["intx-int4-g32"]())
+    assert type(model.up.weight) is type(stock.up.weight)
+
+
+def test_the_config_form_refuses_what_it_cannot_carry_out(mlp):
+    from efrap_torchao import EFRAPQuantizeConfig
+
+    with pytest.raises(EFRAPError, match="budget mode measures the whole model"):
+        EFRAPQuantizeConfig(base_config=Int8WeightOnlyConfig(), efrap=EFRAPConfig(budget=1.0))
+    with pytest.raises(EFRAPError, match="inputs from the float model only"):
+        EFRAPQuantizeConfig(base_config=Int8WeightOnlyConfig(), efrap=EFRAPConfig(layer_inputs="mixed"))
+    with pytest.raises(EFRAPError, match="Float8WeightOnlyConfig is not one EFRAP learns"):
+        EFRAPQuantizeConfig(base_config=Float8WeightOnlyConfig())
+    config = EFRAPQuantizeConfig(base_config=Int8WeightOnlyConfig())
+    with pytest.raises(EFRAPError, match="no inputs recorded"):
+        torchao_quantize_(copy.deepcopy(mlp), config.converting())
+    with pytest.raises(EFRAPError, match="no layer of this model converted yet"):
+        config.plan(mlp)

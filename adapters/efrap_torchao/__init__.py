@@ -12,6 +12,7 @@ from .pt2e import quantize_pt2e, read_int8_weights, verify_pt2e
 from .quantize import QuantizeProducer, quantize_, quantize_scheme, read_quantized_weights, verify_quantize
 
 __all__ = [
+    "EFRAPQuantizeConfig",
     "EFRAPQuantizer",
     "ObservedModelProducer",
     "QuantizeProducer",
@@ -35,9 +36,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """The flag imports torchao's PT2E quantizer classes, so it loads when first asked for."""
+    """The flags import torchao's quantizer and config classes, so they load when first asked for."""
     if name in ("EFRAPQuantizer", "with_efrap"):
         from . import flag
 
         return getattr(flag, name)
+    if name == "EFRAPQuantizeConfig":
+        from .quantize_config import EFRAPQuantizeConfig
+
+        return EFRAPQuantizeConfig
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
