@@ -3,8 +3,9 @@ against, and what it costs per model size.
 
     python benchmarks/quantize.py --out benchmarks/results [--parts defense,attack,scale] [--device cuda]
 
-defense: ``examples/torchao_quantize.py`` per config on the committed fixture its test uses (accuracy and
-asr in percent on the digits test split, measured on torchao's quantized model, integers read back).
+defense: ``examples/torchao_quantize.py`` per config on the committed fixture its test uses, by each route
+(``call``: ``efrap_torchao.quantize_``; ``config``: ``EFRAPQuantizeConfig``'s two steps); accuracy and
+asr in percent on the digits test split, measured on torchao's quantized model, integers read back.
 attack: PQBackdoor on the digits MLP aimed at torchao's int8 per-row grid, with and without widening
 the rows' grids (``PQBackdoorConfig.widen``), and at int4 in groups of 32; float and stock figures.
 language: a content injection into a small language model (``--model lm``), trained here per config.
@@ -44,11 +45,11 @@ DEPTH = 3
 
 def defense_rows() -> list[dict]:
     rows = []
-    for config, fixture in DEFENSE.items():
-        row, seconds = example_row(
-            "torchao_quantize.py", "--config", config, "--model", f"tests/fixtures/{fixture}"
-        )
-        rows.append({"fixture": fixture, **row, "seconds": seconds})
+    for route in ("call", "config"):
+        for config, fixture in DEFENSE.items():
+            args = ("--config", config, "--model", f"tests/fixtures/{fixture}", "--route", route)
+            row, seconds = example_row("torchao_quantize.py", *args)
+            rows.append({"fixture": fixture, **row, "seconds": seconds})
     return rows
 
 
@@ -160,8 +161,9 @@ def main() -> int:
     out, parts = Path(args.out), args.parts.split(",")
     if "defense" in parts:
         note = (
-            "digits; examples/torchao_quantize.py per config on its committed fixture (the digits MLP, PQBackdoor "
-            "aimed at the config's grid), default EFRAPConfig; accuracy and asr in percent on the test split, "
+            "digits; examples/torchao_quantize.py per config and route (call: efrap_torchao.quantize_; config: "
+            "EFRAPQuantizeConfig's two steps) on its committed fixture (the digits MLP, PQBackdoor aimed at the "
+            "config's grid), default EFRAPConfig; accuracy and asr in percent on the test split, "
             "measured on torchao's quantized model; integers_ok: read back from its quantized weights."
         )
         write_table(out, "quantize", defense_rows(), note)
