@@ -97,6 +97,8 @@ def test_quantize_writes_the_plans_integers_into_torchaos_own_tensors(mlp, calib
     report = verify_quantize(model, plan)
     assert report.integers_ok and report.matching == 3 and report.unplanned == []
     assert verify_quantize(model.state_dict(), plan).integers_ok  # what a saved state dict holds
+    exported = torch.export.export(model, (calib[:2],))  # and what an exported program holds
+    assert verify_quantize(exported, plan).integers_ok
     for layer in ("up", "down", "head"):  # the same tensor subclass and scales torchao's own call makes
         ours, theirs = getattr(model, layer).weight, getattr(stock, layer).weight
         assert type(ours) is type(theirs) and torch.equal(ours.scale, theirs.scale)

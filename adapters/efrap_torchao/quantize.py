@@ -245,11 +245,14 @@ def quantize_(
 
 
 def read_quantized_weights(
-    source: nn.Module | Mapping[str, Any],
+    source: nn.Module | Mapping[str, Any] | torch.export.ExportedProgram,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Integers, scales and zero points of every weight torchao's ``quantize_`` left as a quantized
-    tensor (its ``qdata`` / ``scale`` / ``zero_point``), keyed by module name; from the model or a state
-    dict it saved. Scales per row come back as [C], per group as [C, groups]."""
+    tensor (its ``qdata`` / ``scale`` / ``zero_point``), keyed by module name; from the model, a state
+    dict it saved, or ``torch.export.export`` of it. Scales per row come back as [C], per group as
+    [C, groups]."""
+    if isinstance(source, torch.export.ExportedProgram):
+        source = source.state_dict
     if isinstance(source, nn.Module):
         items = ((name, getattr(m, "weight", None)) for name, m in source.named_modules())
     else:
@@ -269,9 +272,12 @@ def read_quantized_weights(
 
 
 def verify_quantize(
-    source: nn.Module | Mapping[str, Any], plan: RoundingPlan, strict: bool = True
+    source: nn.Module | Mapping[str, Any] | torch.export.ExportedProgram,
+    plan: RoundingPlan,
+    strict: bool = True,
 ) -> IntegerReport:
-    """Compare the integers in ``source`` (the ``quantize_``d model, or its state dict) with ``plan``,
+    """Compare the integers in ``source`` (the ``quantize_``d model, its state dict or its exported
+    program) with ``plan``,
     bit for bit, scales and zero points too; a quantized weight the plan lacks fails."""
     ints, scales, zero_points = read_quantized_weights(source)
     return compare_integers(
