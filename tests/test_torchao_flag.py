@@ -102,6 +102,16 @@ def test_dynamic_activations_are_refused_at_prepare(zoo, digits):
         _prepared(zoo, EFRAPQuantizer(quantizer), digits.train.x[:8])
 
 
+def test_quantization_aware_training_is_refused_at_prepare(zoo, digits):
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_qat=True))
+    exported = torch.export.export(zoo, (digits.train.x[:2],)).module()
+    with pytest.raises(EFRAPError, match="pass it to prepare_pt2e, not prepare_qat_pt2e"):
+        prepare_qat_pt2e(exported, EFRAPQuantizer(quantizer))
+
+
 def test_convert_without_calibration_and_a_model_of_two_inputs_are_refused(zoo, digits):
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao_pt2e import make_quantizer

@@ -182,7 +182,14 @@ def with_efrap(config: Any) -> Any:
     return dataclasses.replace(config, weight=dataclasses.replace(weight, observer_or_fake_quant_ctr=marked))
 
 
-def _refuse_dynamic(observers: list[nn.Module]) -> None:
+def _refuse_unlearnable(observers: list[nn.Module]) -> None:
+    from torchao.quantization.pt2e import FakeQuantizeBase
+
+    if any(isinstance(obs, FakeQuantizeBase) for obs in observers):
+        raise EFRAPError(
+            "EFRAPQuantizer: the model was prepared for quantization-aware training (fake-quantize modules); "
+            "EFRAP learns a post-training rounding: pass it to prepare_pt2e, not prepare_qat_pt2e"
+        )
     dynamic = [type(obs).__name__ for obs in observers if getattr(obs, "is_dynamic", False)]
     if dynamic:
         raise EFRAPError(
@@ -243,7 +250,7 @@ class EFRAPQuantizer(Quantizer):
         observers = [
             obs for obs in {id(o): o for o in edge_or_node_to_obs_or_fq.values()}.values() if obs is not None
         ]
-        _refuse_dynamic(observers)
+        _refuse_unlearnable(observers)
         session = _Session(self.config, self.progress, self)
         for observer in observers:
             own = type(observer).__bases__[1] if isinstance(observer, _FlagObserver) else type(observer)
