@@ -22,7 +22,7 @@ import torch
 
 from .errors import ModelError
 from .objective import truncation_error
-from .schemes import QuantScheme
+from .schemes import QuantScheme, broadcast_qparam
 
 __all__ = ["LayerScan", "scan_weights", "format_scan", "crowded_layers"]
 
@@ -73,7 +73,7 @@ def scan_weights(weights: Mapping[str, torch.Tensor], scheme: QuantScheme) -> li
                 "folds into them); fix or retrain the model before scanning it"
             )
         scale, zp = scheme.qparams(w)
-        s = scale.reshape([-1] + [1] * (w.dim() - 1)) if scale.numel() > 1 else scale.reshape([1] * w.dim())
+        s = broadcast_qparam(w, scale)
         err = truncation_error(w, scheme, scale, zp) / s
         frac = w / s - torch.floor(w / s)
         near = (frac - 0.5).abs() < _BAND
