@@ -123,6 +123,15 @@ class TiedHead(nn.Module):
         return self.out(torch.relu(self.up(x.flatten(1))))
 
 
+def test_the_filter_is_asked_of_the_users_own_modules_as_torchao_asks_it(mlp, calib):
+    model = copy.deepcopy(mlp)
+    plan = quantize_(
+        model, CONFIGS["int8-weight-only"](), calib, FAST, filter_fn=lambda m, fqn: m is model.down
+    )
+    assert list(plan.layers) == ["down"] and verify_quantize(model, plan).integers_ok
+    assert type(model.up.weight.data) is torch.Tensor  # not selected: left in float by torchao too
+
+
 def test_a_weight_tied_to_an_embedding_is_not_written_through(calib):
     torch.manual_seed(0)
     model = TiedHead().eval()

@@ -178,13 +178,15 @@ class QuantizeProducer(TorchModelProducer):
 
     def __init__(self, model: nn.Module, base_config: Any, filter_fn: FilterFn | None = None) -> None:
         scheme, self.activations = quantize_scheme(base_config)
-        self.filter_fn = filter_fn or _default_filter
+        select = filter_fn or _default_filter
+        # asked of the user's own modules, as torchao's quantize_ asks it (a filter may test identity)
+        self.selected = {fqn for fqn, m in model.named_modules() if fqn and select(m, fqn)}
         self.base_config = base_config
         super().__init__(model, scheme)
 
     def find_layers(self, calib: torch.Tensor, config: EFRAPConfig) -> FoundLayers:
         found = super().find_layers(calib, config)
-        selected = {fqn for fqn, m in self.prepared.named_modules() if fqn and self.filter_fn(m, fqn)}
+        selected = self.selected
         skipped = {name: why for name, why in found.skipped.items() if name in selected}
         for name, module in self.layers:
             if name in selected and self.scheme.group_size is not None and not isinstance(module, nn.Linear):
