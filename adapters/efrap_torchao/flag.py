@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchao.quantization.pt2e import ObserverBase
+from torchao.quantization.pt2e import FakeQuantizeBase, ObserverBase
 from torchao.quantization.pt2e.quantizer import Quantizer
 
 from efrap_plugin import RoundingPlan
@@ -183,8 +183,6 @@ def with_efrap(config: Any) -> Any:
 
 
 def _refuse_unlearnable(observers: list[nn.Module]) -> None:
-    from torchao.quantization.pt2e import FakeQuantizeBase
-
     if any(isinstance(obs, FakeQuantizeBase) for obs in observers):
         raise EFRAPError(
             "EFRAPQuantizer: the model was prepared for quantization-aware training (fake-quantize modules); "

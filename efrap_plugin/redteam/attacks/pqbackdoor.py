@@ -184,15 +184,15 @@ def _widen_rows(model: nn.Module, data: LabeledData, trigger: PatchTrigger, fact
 
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     hooks = [m.register_forward_pre_hook(keep) for m in linears]
+    was_training = model.training
+    model.eval()
     try:
-        was_training = model.training
-        model.eval()
         for i in range(0, len(data.x), 256):
             batch = data.x[i : i + 256]
             model(batch)
             model(trigger.apply(batch))
-        model.train(was_training)
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
     for layer in linears:
