@@ -149,6 +149,14 @@ def test_verify_fails_on_changed_integers_and_on_a_layer_the_plan_lacks(mlp, cal
     qdata[0, 0] = 7 if int(qdata[0, 0]) != 7 else 6
     with pytest.raises(PlanMismatchError):
         verify_quantize(model, plan)
+    qdata[0, 0] = plan.layers["up"].integers[0, 0]
+    assert verify_quantize(model, plan).integers_ok
+    for field in ("scale", "zero_point"):  # the integers right, what dequantizes them moved
+        moved = getattr(model.down.weight, field)
+        moved[1, 1] += 1
+        with pytest.raises(PlanMismatchError, match=field.replace("_", " ") + " mismatches"):
+            verify_quantize(model, plan)
+        moved[1, 1] -= 1
     partial = RoundingPlan(
         plan.scheme, {k: v for k, v in plan.layers.items() if k != "down"}, plan.source, plan.meta
     )
